@@ -1,0 +1,180 @@
+"""``edge-appliance``: run the daemon, query it, read its audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, DEFAULT_ENDPOINT, ConfigError, load_config, render_config
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("EDGE_APPLIANCE_CONFIG") or DEFAULT_CONFIG)
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.endpoint:
+        return args.endpoint
+    path = _config_path(args)
+    if args.config or path.exists():
+        return load_config(path).server.endpoints[0]
+    return DEFAULT_ENDPOINT
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon
+    from .logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
+    return run_daemon(load_config(_config_path(args)))
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed, "stop": args.stop or None}
+    with Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries) as client:
+        final: dict = {}
+        for event in client.generate(args.prompt, **params):
+            if event["type"] == "token" and not args.json:
+                print(event["text"], end="", flush=True)
+            final = event
+    if args.json:
+        print(json.dumps(final, indent=2))
+    else:
+        t, u = final["timings"], final["usage"]
+        print(f"\n[{u['completion_tokens']} tokens, {final['finish_reason']}, first token {t['ttft_ms']:.0f} ms, "
+              f"{t.get('tokens_per_s', 0):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_simple(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    with Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries) as client:
+        print(json.dumps(client.call(args.command), indent=2))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_config(args.state_dir, args.trust_dir, args.key_dir, args.audit_db, args.endpoint))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditLog
+
+    config = load_config(_config_path(args))
+    if not config.audit_db.exists():
+        raise ConfigError(f"no audit database at {config.audit_db} (the daemon creates it on first start)")
+    audit = AuditLog(config.audit_db)
+    try:
+        if args.audit_command == "verify":
+            ok, message = audit.verify()
+            print(("OK: " if ok else "TAMPERED: ") + message)
+            return 0 if ok else 1
+        rows = audit.rows(limit=args.limit, status=args.status)
+        if args.json:
+            keys = [c.name for c in type(rows[0]).__table__.columns] if rows else []
+            print(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=2))
+            return 0
+        print(f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'status':8} {'err':12} "
+              f"{'in':>4} {'out':>4} {'total ms':>9} {'prompt sha256':16}")
+        import time as _t
+
+        for r in rows:
+            print(f"{r.seq:>5} {_t.strftime('%Y-%m-%d %H:%M:%S', _t.gmtime(r.ts))} {r.request_id[:12]:12} "
+                  f"{r.client[:12]:12} {r.op[:8]:8} {r.status:8} {(r.error_code or '-')[:12]:12} "
+                  f"{r.prompt_tokens:>4} {r.completion_tokens:>4} {r.total_ms or 0:>9.1f} "
+                  f"{(r.prompt_sha256 or '-')[:16]}")
+        return 0
+    finally:
+        audit.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-appliance", description=__doc__)
+    p.add_argument("--config", help=f"daemon config file (default: $EDGE_APPLIANCE_CONFIG or {DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify aware)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="minimum level logged (default: info)")
+    s.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text for people, json for one object per line (default: text)")
+    s.set_defaults(func=cmd_serve)
+
+    def client_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--endpoint", help=f"daemon address (default: from --config, else {DEFAULT_ENDPOINT})")
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
+        sp.add_argument("--retries", type=int, default=3, help="attempts before giving up (default: 3)")
+
+    a = sub.add_parser("ask", help="send a prompt and stream the answer")
+    a.add_argument("prompt", help="the prompt text")
+    a.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
+    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
+    a.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    a.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this total probability")
+    a.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    a.add_argument("--stop", action="append", help="stop when this text appears (repeatable, up to 4)")
+    a.add_argument("--json", action="store_true", help="print the final reply as JSON instead of streaming text")
+    client_flags(a)
+    a.set_defaults(func=cmd_ask)
+
+    for name, text in (("health", "daemon health: audit store, queue, uptime"),
+                       ("info", "model id, version, engine and limits")):
+        sp = sub.add_parser(name, help=text)
+        client_flags(sp)
+        sp.set_defaults(func=cmd_simple)
+
+    i = sub.add_parser("init", help="write a config file for a device")
+    i.add_argument("--out", required=True, help="config file to write")
+    i.add_argument("--state-dir", default="state", help="installed bundles (relative to the config file)")
+    i.add_argument("--trust-dir", default="trust", help="trusted vendor public keys")
+    i.add_argument("--key-dir", default="credentials", help="device private keys (0600)")
+    i.add_argument("--audit-db", default="state/audit.db", help="SQLite audit database")
+    i.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help="ZeroMQ endpoint to bind")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+    i.set_defaults(func=cmd_init)
+
+    au = sub.add_parser("audit", help="read the audit log (needs --config)")
+    asub = au.add_subparsers(dest="audit_command", required=True)
+    al = asub.add_parser("list", help="one line per audited request")
+    al.add_argument("--limit", type=int, default=None, help="only the newest N rows")
+    al.add_argument("--status", choices=["ok", "error", "rejected"], help="only rows with this status")
+    al.add_argument("--json", action="store_true", help="JSON instead of a table")
+    al.set_defaults(func=cmd_audit)
+    av = asub.add_parser("verify", help="check the hash chain; names the first broken row")
+    av.set_defaults(func=cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from provisioning.errors import ProvisioningError
+
+    from .audit import AuditError
+    from .client import ClientError
+    from .engine import EngineError
+    from .loader import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ClientError, AuditError, EngineError, ModelLoadError, ProvisioningError) as exc:
+        print(f"edge-appliance: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Daemon configuration (TOML). Relative paths are resolved against the config file's directory."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Jetson JetPack 6 ships Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/edge-appliance/appliance.toml")
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
+    max_message_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: str = "onnxruntime"
+    threads: int = 0
+    max_batch: int = 4
+    max_queued: int = 64
+    max_seq_len: int = 512
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path
+    trust_dir: Path
+    key_dir: Path | None
+    audit_db: Path
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    source: Path | None = None
+
+
+_SECTIONS = {"server": ServerConfig, "engine": EngineConfig}
+_TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
+
+
+def load_config(path: Path) -> Config:
+    """Parse and validate ``path``; unknown keys are errors (a typo must not silently change behaviour)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    base = path.parent.resolve()
+    paths = data.get("paths", {})
+    unknown = set(paths) - _TOP
+    if unknown or set(data) - {"paths", *_SECTIONS}:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown | (set(data) - {'paths', *_SECTIONS}))}")
+    for required in ("state_dir", "trust_dir", "audit_db"):
+        if required not in paths:
+            raise ConfigError(f"{path}: [paths] {required} is required")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(data.get(name, {}))
+        bad = set(values) - set(cls.__dataclass_fields__)
+        if bad:
+            raise ConfigError(f"{path}: unknown keys in [{name}]: {sorted(bad)}")
+        if "endpoints" in values:
+            values["endpoints"] = tuple(values["endpoints"])
+        sections[name] = cls(**values)
+
+    def resolve(p: str | None) -> Path | None:
+        return None if p is None else (base / p).resolve()
+
+    return Config(state_dir=resolve(paths["state_dir"]), trust_dir=resolve(paths["trust_dir"]),
+                  key_dir=resolve(paths.get("key_dir")), audit_db=resolve(paths["audit_db"]),
+                  server=sections["server"], engine=sections["engine"], source=path)
+
+
+def render_config(state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT,
+                  max_batch: int = 4) -> str:
+    """A commented config file for a new device (what ``edge-appliance init`` writes)."""
+    return f"""# edge-appliance daemon configuration. Relative paths are relative to this file.
+[paths]
+state_dir = "{state_dir}"   # installed bundles: slots/a, slots/b, current -> slots/X
+trust_dir = "{trust_dir}"   # trusted vendor public keys (*.pub)
+key_dir = "{key_dir}"       # device private keys (0600); $CREDENTIALS_DIRECTORY is tried first
+audit_db = "{audit_db}"     # SQLite audit log
+
+[server]
+endpoints = ["{endpoint}"]
+max_message_bytes = 1048576
+
+[engine]
+kind = "onnxruntime"
+threads = 0                 # 0 = ONNX Runtime's default (one per physical core)
+max_batch = {max_batch}     # sequences decoded together
+max_queued = 64             # waiting requests before answering 'busy'
+max_seq_len = 512           # prompt + generated tokens per sequence
+max_new_tokens = 256        # upper bound a request may ask for
+"""

@@ -1,0 +1,56 @@
+"""``edge-appliance serve``: load, warm up, announce READY=1, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+from .audit import AuditLog
+from .config import Config
+from .loader import LoadedModel, load_model
+from .notify import Notifier
+from .server import Server
+
+log = logging.getLogger("appliance.daemon")
+
+
+def warm_up(model: LoadedModel) -> float:
+    """One prefill and one decode step so the first real request does not pay allocation costs."""
+    start = time.monotonic()
+    engine = model.engine
+    engine.prefill([(0, [model.spec.bos_token_id] * 8)])
+    engine.decode([(0, model.spec.bos_token_id)])
+    engine.release(0)
+    return time.monotonic() - start
+
+
+def run_daemon(config: Config) -> int:
+    notifier = Notifier()
+    notifier.status("opening audit log")
+    audit = AuditLog(config.audit_db)
+    notifier.status("decrypting model")
+    t0 = time.monotonic()
+    model = load_model(config)
+    log.info("loaded model %s v%d (%s, engine %s) in %.2fs", model.model_id, model.version,
+             model.spec.architecture, model.engine.kind, time.monotonic() - t0)
+    log.info("warm-up took %.3fs", warm_up(model))
+    server = Server(config, model, audit, notifier)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        server.stop_event.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    endpoints = ", ".join(config.server.endpoints)
+    notifier.ready(f"serving {model.model_id} v{model.version} on {endpoints}")
+    log.info("ready: listening on %s", endpoints)
+    log.info("query it with: edge-appliance ask \"How do I reset the conveyor?\" --endpoint %s",
+             config.server.endpoints[0])
+    try:
+        server.serve_forever()
+    finally:
+        audit.close()
+    log.info("stopped cleanly")
+    return 0

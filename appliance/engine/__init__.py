@@ -1,0 +1,20 @@
+"""Inference engines: one interface (``base.Engine``), several backends."""
+
+from .base import Engine, EngineError
+from .spec import DecoderSpec
+
+__all__ = ["DecoderSpec", "Engine", "EngineError", "create_engine"]
+
+
+def create_engine(kind: str, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int,
+                  threads: int = 0) -> Engine:
+    """Build the backend named ``kind`` from an in-memory model (never a path to plaintext)."""
+    if kind == "onnxruntime":
+        from .ort_engine import OrtEngine
+
+        return OrtEngine(model, spec, num_slots=num_slots, max_seq_len=max_seq_len, threads=threads)
+    if kind == "tensorrt":
+        from .trt_engine import TrtEngine
+
+        return TrtEngine(model, spec, num_slots=num_slots, max_seq_len=max_seq_len)
+    raise EngineError(f"unknown engine kind {kind!r}; use 'onnxruntime' or 'tensorrt'")

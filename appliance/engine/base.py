@@ -1,0 +1,40 @@
+"""The engine interface: batched prefill and decode over a fixed set of sequence slots.
+
+The scheduler decides which slots run; the engine executes and returns logits. A backend owns
+the KV cache of every slot, so callers pass only token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .spec import DecoderSpec
+
+
+class EngineError(Exception):
+    """The engine cannot be created or cannot run a step."""
+
+
+class Engine(Protocol):
+    kind: str
+    spec: DecoderSpec
+    num_slots: int
+    max_seq_len: int
+
+    def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
+        """Start each ``(slot, prompt_ids)`` afresh; returns next-token logits ``[len(batch), vocab]``."""
+        ...
+
+    def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
+        """Append one ``(slot, token_id)`` per row; returns next-token logits ``[len(batch), vocab]``."""
+        ...
+
+    def length(self, slot: int) -> int:
+        """Tokens currently cached for ``slot``."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """Forget the slot's cache."""
+        ...

@@ -1,0 +1,50 @@
+"""``decoder.json``: what the runtime must know about an exported decoder graph.
+
+Written by ``edge_models.export`` next to ``model.onnx`` and sealed into the bundle with it.
+Graph inputs: ``input_ids [B,S]``, ``attention_mask [B,P+S]``, ``position_ids [B,S]`` and per
+layer ``past.i.key [B,Hk,P,Dk]`` / ``past.i.value [B,Hv,P,Dv]``; outputs ``logits [B,S,V]`` and
+``present.i.key`` / ``present.i.value`` with ``P+S`` positions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+DECODER_FORMAT = 1
+
+
+def input_names(num_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    architecture: str
+    num_layers: int
+    key_shape: tuple[int, int]  # (heads, dim) of each cached key tensor
+    value_shape: tuple[int, int]
+    vocab_size: int
+    max_positions: int
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    weight_bytes: int = 0  # bytes of weights read per decode step (for bandwidth accounting)
+    format: int = DECODER_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DecoderSpec:
+        data = json.loads(text)
+        if data.get("format") != DECODER_FORMAT:
+            raise ValueError(f"decoder.json format {data.get('format')!r} is not supported (expected {DECODER_FORMAT})")
+        data["key_shape"] = tuple(data["key_shape"])
+        data["value_shape"] = tuple(data["value_shape"])
+        return cls(**data)

@@ -1,0 +1,64 @@
+"""Load the installed model: verify the bundle, unwrap its key, decrypt into memory, build the engine.
+
+Nothing decrypted touches the disk. The data key lives in a bytearray that is overwritten as soon
+as the payload is decrypted; the plaintext model buffer is overwritten once the engine holds its
+own copy. (Best effort: immutable copies inside OpenSSL, ONNX Runtime or Python's allocator are
+beyond reach.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from provisioning.bundle import Bundle
+from provisioning.install import current_bundle
+from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
+
+from .config import Config
+from .engine import DecoderSpec, Engine, create_engine
+
+MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer.json"
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    version: int
+    bundle_id: str
+    engine: Engine
+    tokenizer: Tokenizer
+    spec: DecoderSpec
+
+
+def installed_bundle(config: Config) -> Bundle:
+    bundle = current_bundle(config.state_dir, load_trusted_vendors(config.trust_dir))
+    if bundle is None:
+        raise ModelLoadError(f"no model installed under {config.state_dir}; install one with "
+                             "'edge-provision install BUNDLE --state DIR'")
+    return bundle
+
+
+def load_model(config: Config) -> LoadedModel:
+    bundle = installed_bundle(config)
+    device_key = load_x25519(DEVICE_X25519, config.key_dir)
+    data_key = bundle.unwrap_key(device_key)
+    del device_key
+    try:
+        model = bundle.decrypt_into(MODEL_FILE, data_key)
+        spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(SPEC_FILE, data_key)))
+        tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
+    finally:
+        wipe(data_key)
+    try:
+        engine = create_engine(config.engine.kind, bytes(model), spec, num_slots=config.engine.max_batch,
+                               max_seq_len=config.engine.max_seq_len, threads=config.engine.threads)
+    finally:
+        wipe(model)
+    return LoadedModel(model_id=bundle.model_id, version=bundle.version, bundle_id=bundle.manifest["bundle_id"],
+                       engine=engine, tokenizer=tokenizer, spec=spec)

@@ -1,0 +1,198 @@
+"""Wire protocol v1: the single source of truth (specified for third parties in docs/PROTOCOL.md).
+
+Transport: a ZeroMQ ROUTER socket on the daemon. A client sends one multipart message whose last
+frame is a msgpack map (the request); a DEALER client sends just that frame, a REQ client also
+has its empty delimiter. Every reply carries the same envelope back, and its last frame is a
+msgpack map with ``v``, ``id`` and ``type`` (``token``, ``done``, ``result`` or ``error``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+
+# Ops a client may send.
+OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL)
+
+# Reply types.
+T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"
+
+# Error codes: stable strings clients branch on.
+E_MALFORMED = "malformed"  # frame is not a msgpack map
+E_VERSION = "unsupported_version"
+E_UNKNOWN_OP = "unknown_op"
+E_BAD_REQUEST = "bad_request"  # a field is missing, of the wrong type or out of range
+E_TOO_LARGE = "too_large"  # prompt longer than the model's context allows
+E_BUSY = "busy"  # waiting queue full; retry after ``retry_after_ms``
+E_UNAUTHORIZED = "unauthorized"
+E_AUDIT = "audit_unavailable"  # the audit store cannot write; the daemon fails closed
+E_DEADLINE = "deadline_exceeded"
+E_CANCELLED = "cancelled"
+E_SHUTTING_DOWN = "shutting_down"
+E_INTERNAL = "internal"
+ERROR_CODES = (E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_BAD_REQUEST, E_TOO_LARGE, E_BUSY, E_UNAUTHORIZED,
+               E_AUDIT, E_DEADLINE, E_CANCELLED, E_SHUTTING_DOWN, E_INTERNAL)
+
+# Limits enforced on every request, independent of the model.
+MAX_ID_LEN = 64
+MAX_PROMPT_CHARS = 32_768
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
+DEFAULT_MAX_TOKENS = 128
+
+
+class ProtocolError(Exception):
+    """A request the daemon refuses; ``code`` is one of ``ERROR_CODES``."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    id: str
+    prompt: str = ""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    stream: bool = True
+    deadline_ms: int | None = None
+    target: str | None = None  # the id a ``cancel`` refers to
+
+
+def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
+    value = msg.get(name, default)
+    # bool is an int in Python; a JSON-ish client sending true for a count is a bug worth reporting.
+    if value is not default and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind))):
+        raise ProtocolError(E_BAD_REQUEST, f"field {name!r} must be {_names(kind)}, got {type(value).__name__}", rid)
+    return value
+
+
+def _tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _tuple(kind))
+
+
+def _check(ok: bool, message: str, rid: str | None) -> None:
+    if not ok:
+        raise ProtocolError(E_BAD_REQUEST, message, rid)
+
+
+def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
+    """Decode and validate one request frame; raises ``ProtocolError`` with a specific code."""
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(E_MALFORMED, f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(E_MALFORMED, f"request must be a msgpack map, got {type(msg).__name__}")
+    rid = msg.get("id")
+    if rid is None:
+        rid = uuid.uuid4().hex
+    elif not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:
+        raise ProtocolError(E_BAD_REQUEST, f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
+    version = msg.get("v")
+    if version != VERSION:
+        raise ProtocolError(E_VERSION, f"protocol version {version!r} not supported; this daemon speaks v{VERSION}",
+                            rid)
+    op = msg.get("op")
+    if op not in OPS:
+        raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
+    if op == OP_CANCEL:
+        target = _get(msg, "target", str, None, rid)
+        _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)
+        return Request(op=op, id=rid, target=target)
+    if op != OP_GENERATE:
+        return Request(op=op, id=rid)
+    return _parse_generate(msg, rid, max_tokens_limit)
+
+
+def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
+    prompt = _get(msg, "prompt", str, None, rid)
+    _check(prompt is not None, "generate needs field 'prompt' (a string)", rid)
+    _check(len(prompt) > 0, "field 'prompt' must not be empty", rid)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ProtocolError(E_TOO_LARGE, f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}", rid)
+    max_tokens = _get(msg, "max_tokens", int, DEFAULT_MAX_TOKENS, rid)
+    _check(1 <= max_tokens <= max_tokens_limit, f"field 'max_tokens' must be 1..{max_tokens_limit}", rid)
+    temperature = float(_get(msg, "temperature", (int, float), 0.0, rid))
+    _check(0.0 <= temperature <= 5.0, "field 'temperature' must be 0..5 (0 = greedy)", rid)
+    top_k = _get(msg, "top_k", int, 0, rid)
+    _check(top_k >= 0, "field 'top_k' must be >= 0", rid)
+    top_p = float(_get(msg, "top_p", (int, float), 1.0, rid))
+    _check(0.0 < top_p <= 1.0, "field 'top_p' must be in (0, 1]", rid)
+    penalty = float(_get(msg, "repetition_penalty", (int, float), 1.0, rid))
+    _check(0.5 <= penalty <= 2.0, "field 'repetition_penalty' must be 0.5..2", rid)
+    seed = _get(msg, "seed", int, None, rid)
+    _check(seed is None or 0 <= seed < 2**63, "field 'seed' must be 0..2^63-1", rid)
+    stop = _get(msg, "stop", list, [], rid)
+    _check(len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
+           f"field 'stop' must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings of <= {MAX_STOP_CHARS} "
+           "characters", rid)
+    stream = _get(msg, "stream", bool, True, rid)
+    deadline = _get(msg, "deadline_ms", int, None, rid)
+    _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
+    return Request(op=OP_GENERATE, id=rid, prompt=prompt, max_tokens=max_tokens,
+                   sampling=Sampling(temperature, top_k, top_p, penalty, seed), stop=tuple(stop), stream=stream,
+                   deadline_ms=deadline)
+
+
+def _pack(obj: dict) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def token_reply(rid: str, index: int, text: str, token_id: int) -> bytes:
+    return _pack({"v": VERSION, "id": rid, "type": T_TOKEN, "index": index, "text": text, "token": token_id})
+
+
+def done_reply(rid: str, text: str, finish_reason: str, usage: dict, timings: dict) -> bytes:
+    return _pack({"v": VERSION, "id": rid, "type": T_DONE, "text": text, "finish_reason": finish_reason,
+                  "usage": usage, "timings": timings})
+
+
+def result_reply(rid: str, result: dict) -> bytes:
+    return _pack({"v": VERSION, "id": rid, "type": T_RESULT, "result": result})
+
+
+def error_reply(rid: str | None, code: str, message: str, **extra: Any) -> bytes:
+    return _pack({"v": VERSION, "id": rid, "type": T_ERROR, "code": code, "message": message, **extra})
+
+
+def request(op: str, rid: str | None = None, **fields: Any) -> bytes:
+    """Encode a request (used by the client library; any msgpack implementation can do the same)."""
+    msg = {"v": VERSION, "op": op, "id": rid or uuid.uuid4().hex}
+    msg.update({k: v for k, v in fields.items() if v is not None})
+    return _pack(msg)
+
+
+def decode_reply(frame: bytes) -> dict:
+    msg = msgpack.unpackb(frame, raw=False)
+    if not isinstance(msg, dict) or msg.get("v") != VERSION or "type" not in msg:
+        raise ProtocolError(E_MALFORMED, f"not a v{VERSION} reply: {msg!r:.200}")
+    return msg

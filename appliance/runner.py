@@ -1,0 +1,202 @@
+"""The engine thread: runs scheduler plans on the engine, samples, detokenizes, audits, and hands
+encoded replies back to the ZeroMQ loop (which never waits on the engine)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import protocol as P
+from .audit import AuditError, AuditLog, Entry
+from .loader import LoadedModel
+from .sampling import sample
+from .scheduler import Finish, Scheduler, Sequence
+
+log = logging.getLogger("appliance.runner")
+
+_FINISH_ERRORS = {Finish.DEADLINE: P.E_DEADLINE, Finish.CANCELLED: P.E_CANCELLED}
+
+
+@dataclass(eq=False)
+class Job:
+    """A generate request in flight: the scheduler's sequence plus what the reply needs."""
+
+    seq: Sequence
+    request: P.Request
+    client: str
+    role: str
+    sent_text: str = ""
+    index: int = field(default=0)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    key: str
+    frame: bytes
+    final: bool
+
+
+class EngineRunner(threading.Thread):
+    def __init__(self, model: LoadedModel, scheduler: Scheduler, audit: AuditLog | None,
+                 wake: Callable[[], None]):
+        super().__init__(name="engine", daemon=True)
+        self.model = model
+        self.scheduler = scheduler
+        self.audit = audit
+        self.audit_ok = True
+        self.outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._jobs: dict[str, Job] = {}
+        self._stopping = False
+        self.tokens_generated = 0
+        self.steps = 0
+
+    # -- called from the server thread ---------------------------------------------------------
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the waiting queue is full."""
+        with self._work:
+            if not self.scheduler.add(job.seq):
+                return False
+            self._jobs[job.seq.key] = job
+            self._work.notify()
+            return True
+
+    def cancel(self, key: str) -> bool:
+        with self._work:
+            found = self.scheduler.cancel(key) is not None
+            self._work.notify()
+            return found
+
+    def load(self) -> dict[str, int]:
+        with self._lock:
+            return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)}
+
+    def stop(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify()
+
+    # -- engine thread -------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            with self._work:
+                while self.scheduler.idle and not self._stopping:
+                    self._work.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                plan = self.scheduler.schedule()
+            try:
+                self._step(plan)
+            except Exception as exc:  # an engine fault must not kill the daemon: fail the requests in the step
+                log.exception("engine step failed")
+                with self._work:
+                    for seq in plan.prefill + plan.decode:
+                        self.scheduler.cancel(seq.key)
+                    failed = self.scheduler.take_finished()
+                for seq in failed:
+                    self._finalize(seq, error=(P.E_INTERNAL, f"engine step failed: {exc}"))
+            if self.outbox.qsize():
+                self._wake()
+
+    def _step(self, plan) -> None:
+        for seq in plan.finished:
+            self._finalize(seq)
+        engine = self.model.engine
+        if plan.prefill:
+            logits = engine.prefill([(s.slot, s.prompt_ids) for s in plan.prefill])
+            self._advance(plan.prefill, logits)
+        if plan.decode:
+            logits = engine.decode([(s.slot, s.output_ids[-1]) for s in plan.decode])
+            self._advance(plan.decode, logits)
+        with self._lock:
+            finished = self.scheduler.take_finished()
+        for seq in finished:
+            engine.release(seq.slot)
+            self._finalize(seq)
+        self.steps += 1
+
+    def _advance(self, seqs: list[Sequence], logits) -> None:
+        now = time.monotonic()
+        for row, seq in enumerate(seqs):
+            if seq.finish is not None:  # cancelled while the step ran
+                continue
+            token = sample(logits[row], seq.sampling, seq.prompt_ids + seq.output_ids, seq.rng)
+            with self._lock:
+                self.scheduler.on_token(seq, token, now)
+            self.tokens_generated += 1
+            self._emit_text(self._jobs[seq.key])
+
+    def _emit_text(self, job: Job) -> None:
+        """Stream the newly completed text; hold back a partial UTF-8 character; honour stop strings."""
+        text = self.model.tokenizer.decode(job.seq.output_ids)
+        if text.endswith("\ufffd") and job.seq.finish is None:
+            return
+        for stop in job.request.stop:
+            at = text.find(stop, max(0, len(job.sent_text) - len(stop)))
+            if at >= 0:
+                text = text[:at]
+                with self._lock:
+                    self.scheduler.stop(job.seq)
+                break
+        delta = text[len(job.sent_text):]
+        if delta and job.request.stream:
+            token_id = job.seq.output_ids[-1] if job.seq.output_ids else -1
+            self.outbox.put(Outgoing(job.seq.key, P.token_reply(job.request.id, job.index, delta, token_id), False))
+            job.index += 1
+        job.sent_text = text
+
+    def _finalize(self, seq: Sequence, error: tuple[str, str] | None = None) -> None:
+        job = self._jobs.pop(seq.key)
+        if error is None and seq.finish in _FINISH_ERRORS:
+            error = (_FINISH_ERRORS[seq.finish], f"request {seq.finish.value}")
+        end = seq.finished_at or time.monotonic()
+        timings = {
+            "queue_ms": _ms((seq.started_at or end) - seq.arrival),
+            "ttft_ms": _ms(seq.first_token_at - seq.arrival) if seq.first_token_at else None,
+            "total_ms": _ms(end - seq.arrival),
+        }
+        n_out = len(seq.output_ids)
+        if seq.first_token_at and n_out > 1:
+            timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
+        entry = Entry(request_id=job.request.id, op=P.OP_GENERATE, client=job.client, role=job.role,
+                      status="ok" if error is None else "error", model_id=self.model.model_id,
+                      model_version=self.model.version, prompt=job.request.prompt, output=job.sent_text,
+                      prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out,
+                      queue_ms=(seq.started_at or end) - seq.arrival,
+                      ttft_ms=(seq.first_token_at - seq.arrival) if seq.first_token_at else None,
+                      total_ms=end - seq.arrival, error_code=error[0] if error else None,
+                      finish_reason=seq.finish.value if seq.finish else None)
+        if not self.write_audit(entry):
+            error = (P.E_AUDIT, "the audit record could not be written; the result is withheld")
+        if error is None:
+            usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": n_out}
+            frame = P.done_reply(job.request.id, job.sent_text, seq.finish.value, usage, timings)
+        else:
+            frame = P.error_reply(job.request.id, error[0], error[1])
+        self.outbox.put(Outgoing(seq.key, frame, True))
+
+    def write_audit(self, entry: Entry) -> bool:
+        """Durably record ``entry``; on failure mark the audit store unavailable (fail closed)."""
+        if self.audit is None:
+            return True
+        try:
+            self.audit.record(entry)
+        except AuditError as exc:
+            if self.audit_ok:
+                log.error("audit store unavailable: %s", exc)
+            self.audit_ok = False
+            return False
+        if not self.audit_ok:
+            log.warning("audit store writable again")
+        self.audit_ok = True
+        return True
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

@@ -1,0 +1,147 @@
+"""Iteration-level scheduler: decides which sequences prefill and decode at each step.
+
+Pure Python, no tensors: it emits a plain ``StepPlan`` that the engine runner executes, then is
+told each new token (``on_token``). Requests join between steps when a slot is free and leave as
+soon as they finish, so no request waits for another to complete.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .protocol import Sampling
+
+
+class State(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Finish(str, enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"  # max_tokens reached
+    CONTEXT = "context"  # max_seq_len reached
+    STOP = "stop"  # a stop sequence appeared
+    DEADLINE = "deadline"
+    CANCELLED = "cancelled"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generate request as the scheduler tracks it."""
+
+    key: str  # unique inside the daemon
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    deadline: float | None = None  # monotonic seconds
+    arrival: float = field(default_factory=time.monotonic)
+    state: State = State.WAITING
+    slot: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finish: Finish | None = None
+    first_token_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    rng: np.random.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampling.seed is not None:
+            self.rng = np.random.default_rng(self.sampling.seed)
+
+
+@dataclass
+class StepPlan:
+    prefill: list[Sequence] = field(default_factory=list)
+    decode: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # ended without running (deadline, cancel)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode or self.finished)
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int):
+        self.max_queued = max_queued
+        self.max_seq_len = max_seq_len
+        self.eos_token_id = eos_token_id
+        self.free_slots = list(range(num_slots))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pending_finish: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> bool:
+        """Queue a request; False when the waiting queue is full (the caller answers ``busy``)."""
+        if len(self.waiting) >= self.max_queued:
+            return False
+        self.waiting.append(seq)
+        return True
+
+    def cancel(self, key: str) -> Sequence | None:
+        """Mark a waiting or running sequence cancelled; it leaves at the next ``schedule``."""
+        for seq in [*self.waiting, *self.running]:
+            if seq.key == key and seq.state is not State.FINISHED:
+                self._finish(seq, Finish.CANCELLED)
+                return seq
+        return None
+
+    def _finish(self, seq: Sequence, reason: Finish) -> None:
+        seq.state, seq.finish, seq.finished_at = State.FINISHED, reason, time.monotonic()
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            self.free_slots.sort()
+        self._pending_finish.append(seq)
+
+    def schedule(self, now: float | None = None) -> StepPlan:
+        """Expire deadlines, admit waiting requests into free slots (FIFO), list running ones to decode."""
+        now = time.monotonic() if now is None else now
+        for seq in [*self.waiting, *self.running]:
+            if seq.deadline is not None and now >= seq.deadline:
+                self._finish(seq, Finish.DEADLINE)
+        plan = StepPlan(decode=[s for s in self.running if s.output_ids])
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot, seq.state, seq.started_at = self.free_slots.pop(0), State.RUNNING, now
+            self.running.append(seq)
+            plan.prefill.append(seq)
+        plan.finished, self._pending_finish = self._pending_finish, []
+        return plan
+
+    def on_token(self, seq: Sequence, token: int, now: float | None = None) -> bool:
+        """Record a sampled token; returns True when the sequence has just finished."""
+        now = time.monotonic() if now is None else now
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        if token == self.eos_token_id:
+            self._finish(seq, Finish.EOS)
+            return True
+        seq.output_ids.append(token)
+        if len(seq.output_ids) >= seq.max_tokens:
+            self._finish(seq, Finish.LENGTH)
+        elif len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+            self._finish(seq, Finish.CONTEXT)
+        return seq.state is State.FINISHED
+
+    def stop(self, seq: Sequence) -> None:
+        """End a running sequence because its text hit a stop sequence."""
+        if seq.state is not State.FINISHED:
+            self._finish(seq, Finish.STOP)
+
+    def take_finished(self) -> list[Sequence]:
+        done, self._pending_finish = self._pending_finish, []
+        return done
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running or self._pending_finish)

@@ -1,0 +1,194 @@
+"""The daemon's serving loop: one ZeroMQ ROUTER socket, msgpack frames, streamed replies.
+
+The loop owns every socket; the engine runs in its own thread (``runner.EngineRunner``) and wakes
+the loop through an inproc PUSH/PULL pair when replies are ready, so a slow step never blocks
+``health`` or the watchdog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from . import __version__
+from . import protocol as P
+from .audit import AuditLog, Entry
+from .config import Config
+from .loader import LoadedModel
+from .notify import Notifier
+from .runner import EngineRunner, Job
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("appliance.server")
+WAKE = "inproc://engine-wake"
+
+
+class Server:
+    def __init__(self, config: Config, model: LoadedModel, audit: AuditLog | None, notifier: Notifier | None = None):
+        self.config = config
+        self.model = model
+        self.audit = audit
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self.started = time.monotonic()
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, config.server.max_message_bytes)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        for endpoint in config.server.endpoints:
+            self.router.bind(endpoint)
+        self.wake_pull = self.ctx.socket(zmq.PULL)
+        self.wake_pull.bind(WAKE)
+        self._wake_local = threading.local()
+        eng = config.engine
+        scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=eng.max_queued,
+                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id)
+        self.runner = EngineRunner(model, scheduler, audit, wake=self._wake)
+        self._routes: dict[str, list[bytes]] = {}
+
+    def _wake(self) -> None:
+        sock = getattr(self._wake_local, "sock", None)
+        if sock is None:
+            sock = self._wake_local.sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(WAKE)
+        sock.send(b"", zmq.NOBLOCK)
+
+    # -- request handling ----------------------------------------------------------------------
+    def _reply(self, envelope: list[bytes], frame: bytes) -> None:
+        self.router.send_multipart([*envelope, frame])
+
+    def _reject(self, envelope: list[bytes], client: str, exc: P.ProtocolError, op: str = "?", **extra) -> None:
+        self.runner.write_audit(Entry(request_id=exc.request_id or "-", op=op, client=client, status="rejected",
+                                      model_id=self.model.model_id, model_version=self.model.version,
+                                      error_code=exc.code))
+        self._reply(envelope, P.error_reply(exc.request_id, exc.code, exc.message, **extra))
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # no routing envelope: nothing to answer
+        envelope = [f.bytes for f in frames[:-1]]
+        client = _client_identity(frames[-1])
+        try:
+            req = P.parse_request(frames[-1].bytes, self.config.engine.max_new_tokens)
+        except P.ProtocolError as exc:
+            log.info("rejected request from %s: %s %s", client, exc.code, exc.message)
+            self._reject(envelope, client, exc)
+            return
+        if req.op == P.OP_HEALTH:
+            self._reply(envelope, P.result_reply(req.id, self.health()))
+        elif req.op == P.OP_INFO:
+            self._reply(envelope, P.result_reply(req.id, self.info()))
+        elif req.op == P.OP_CANCEL:
+            found = self.runner.cancel(_route_key(envelope, req.target))
+            self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
+        else:
+            self._generate(envelope, client, req)
+
+    def _generate(self, envelope: list[bytes], client: str, req: P.Request) -> None:
+        def refuse(code: str, message: str, **extra) -> None:
+            self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, **extra)
+
+        if self.stop_event.is_set():
+            return refuse(P.E_SHUTTING_DOWN, "the daemon is shutting down; retry against the restarted service")
+        if not self.runner.audit_ok:
+            return refuse(P.E_AUDIT, "the audit store cannot be written; requests are refused until it recovers")
+        key = _route_key(envelope, req.id)
+        if key in self._routes:
+            return refuse(P.E_BAD_REQUEST, f"a request with id {req.id!r} is already in flight on this connection")
+        spec = self.model.spec
+        ids = [spec.bos_token_id, *self.model.tokenizer.encode(req.prompt).ids]
+        room = self.model.engine.max_seq_len - len(ids)
+        if room < 1:
+            return refuse(P.E_TOO_LARGE, f"prompt is {len(ids)} tokens; the context holds "
+                                         f"{self.model.engine.max_seq_len}")
+        deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
+        seq = Sequence(key=key, prompt_ids=ids, max_tokens=min(req.max_tokens, room), sampling=req.sampling,
+                       deadline=deadline)
+        if not self.runner.submit(Job(seq=seq, request=req, client=client, role="infer")):
+            return refuse(P.E_BUSY, "the waiting queue is full", retry_after_ms=250)
+        self._routes[key] = envelope
+
+    def _flush_outbox(self) -> None:
+        while not self.runner.outbox.empty():
+            out = self.runner.outbox.get()
+            envelope = self._routes.get(out.key)
+            if envelope is None:
+                continue
+            self._reply(envelope, out.frame)
+            if out.final:
+                del self._routes[out.key]
+
+    def health(self) -> dict:
+        load = self.runner.load()
+        return {"status": "ok" if self.runner.audit_ok else "degraded",
+                "audit": "ok" if self.runner.audit_ok else "unavailable",
+                "model_id": self.model.model_id, "version": self.model.version,
+                "uptime_s": round(time.monotonic() - self.started, 1), **load,
+                "tokens_generated": self.runner.tokens_generated}
+
+    def info(self) -> dict:
+        eng = self.config.engine
+        return {"protocol": P.VERSION, "software": __version__, "model_id": self.model.model_id,
+                "version": self.model.version, "bundle_id": self.model.bundle_id,
+                "architecture": self.model.spec.architecture, "engine": self.model.engine.kind,
+                "limits": {"max_batch": self.model.engine.num_slots, "max_queued": eng.max_queued,
+                           "max_seq_len": self.model.engine.max_seq_len, "max_new_tokens": eng.max_new_tokens,
+                           "max_message_bytes": self.config.server.max_message_bytes,
+                           "max_prompt_chars": P.MAX_PROMPT_CHARS}}
+
+    # -- loop ----------------------------------------------------------------------------------
+    def serve_forever(self, drain_s: float = 10.0) -> None:
+        self.runner.start()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.wake_pull, zmq.POLLIN)
+        interval = self.notifier.watchdog_interval
+        timeout_ms = 200 if interval is None else min(200, int(interval * 500))
+        drain_until = None
+        try:
+            while True:
+                self.notifier.watchdog()
+                events = dict(poller.poll(timeout_ms))
+                if self.wake_pull in events:
+                    while self.wake_pull.poll(0):
+                        self.wake_pull.recv()
+                self._flush_outbox()
+                if self.router in events:
+                    for _ in range(64):  # bounded so replies and the watchdog are never starved
+                        try:
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                if self.stop_event.is_set():
+                    if drain_until is None:
+                        self.notifier.stopping()
+                        drain_until = time.monotonic() + drain_s
+                        log.info("stopping: draining %d in-flight request(s)", len(self._routes))
+                    if not self._routes or time.monotonic() >= drain_until:
+                        break
+        finally:
+            self.runner.stop()
+            self.runner.join(timeout=5)
+            self._flush_outbox()
+            self.router.close(linger=500)
+            self.wake_pull.close(linger=0)
+            self.ctx.term()
+
+
+def _route_key(envelope: list[bytes], rid: str | None) -> str:
+    return f"{envelope[0].hex()}:{rid}"
+
+
+def _client_identity(frame: zmq.Frame) -> str:
+    """The CURVE public key (``User-Id`` set by ZAP) when authenticated, else 'anonymous'."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        user = None
+    return user or "anonymous"

@@ -1,0 +1,1 @@
+"""Build side: local checkpoint → (prune → distill) → ONNX decoder with KV cache → quantize → plan."""

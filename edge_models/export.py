@@ -1,0 +1,131 @@
+"""ONNX export of a causal decoder with its KV cache as plain tensors.
+
+One graph serves prefill (empty past) and decode (one new token per row). Inputs:
+``input_ids [B,S]``, ``attention_mask [B,P+S]``, ``position_ids [B,S]`` and, per layer ``i``,
+``past.i.key`` / ``past.i.value`` ``[B,H,P,D]``. Outputs: ``logits [B,S,V]`` and ``present.i.key`` /
+``present.i.value`` ``[B,H,P+S,D]``. For DeepSeek (MLA) the cached "key" is the compressed latent
+and the "value" the shared rotary key, so the cache is a few hundred floats per token.
+
+The layout is recorded in ``decoder.json`` (``appliance.engine.spec``) next to the graph; the
+runtime reads it from there and never needs torch or transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.engine.spec import DecoderSpec, input_names, output_names
+
+
+def _cache_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Run one token through the model and read the per-layer cache tensor shapes."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    layer = out.past_key_values.layers[0]
+    return (tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:4]),
+            tuple(layer.values.shape[1:2]) + tuple(layer.values.shape[3:4]))
+
+
+def decoder_spec(model) -> DecoderSpec:
+    cfg = model.config
+    key_shape, value_shape = _cache_shapes(model)
+    return DecoderSpec(
+        architecture=cfg.architectures[0] if cfg.architectures else type(model).__name__,
+        num_layers=cfg.num_hidden_layers,
+        key_shape=key_shape,
+        value_shape=value_shape,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.max_position_embeddings,
+        pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id),
+        bos_token_id=int(cfg.bos_token_id),
+        eos_token_id=int(cfg.eos_token_id),
+        weight_bytes=_active_weight_bytes(model),
+    )
+
+
+def _active_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all dense weights, only the routed experts a token uses."""
+    cfg = model.config
+    total = 0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        if ".experts." in name and getattr(cfg, "n_routed_experts", None):
+            size = size * cfg.num_experts_per_tok // cfg.n_routed_experts
+        if name.endswith("embed_tokens.weight"):
+            size = param.shape[-1] * param.element_size()  # a lookup reads one row
+        total += size
+    return total
+
+
+def _wrapper(model, num_layers: int):
+    import torch
+    from transformers import DynamicCache
+
+    class FlatCacheDecoder(torch.nn.Module):
+        """Takes and returns the KV cache as flat tensors so the ONNX graph has plain inputs."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(num_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            present = []
+            for layer in out.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (out.logits, *present)
+
+    return FlatCacheDecoder().eval()
+
+
+def _sample_inputs(spec: DecoderSpec):
+    """Batch 2 with a left-padded row (else attention_mask is folded away) and a non-empty past."""
+    import torch
+
+    batch, seq, past = 2, 5, 3
+    ids = torch.randint(3, spec.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask[1, :2] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
+    cache = []
+    for _ in range(spec.num_layers):
+        cache += [torch.randn(batch, spec.key_shape[0], past, spec.key_shape[1]),
+                  torch.randn(batch, spec.value_shape[0], past, spec.value_shape[1])]
+    return (ids, mask, positions, *cache)
+
+
+def export_decoder(model, out_dir: Path) -> DecoderSpec:
+    """Export ``model`` to ``out_dir/model.onnx`` and write ``decoder.json``; returns the spec."""
+    import torch
+    from transformers.exporters import exporter_onnx
+
+    model = model.eval()
+    spec = decoder_spec(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
+    cache_dims = tuple({0: batch, 2: past} for _ in range(2 * spec.num_layers))
+    # DeepSeek MoE experts run through a grouped matmul that has no stock ONNX translation.
+    translations = {
+        torch.ops.transformers.grouped_mm_fallback.default: exporter_onnx._aten_grouped_mm,
+        torch.ops.aten._grouped_mm.default: exporter_onnx._aten_grouped_mm,
+    }
+    program = torch.onnx.export(
+        _wrapper(model, spec.num_layers),
+        _sample_inputs(spec),
+        input_names=input_names(spec.num_layers),
+        output_names=output_names(spec.num_layers),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims),
+        dynamo=True,
+        custom_translation_table=translations,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(out_dir / "model.onnx"))
+    (out_dir / "decoder.json").write_text(spec.to_json())
+    return spec

@@ -1,0 +1,1 @@
+"""Signed, encrypted model bundles; device identity; install into A/B slots."""

@@ -1,0 +1,268 @@
+"""The sealed model bundle format (single source of truth; specified in docs/BUNDLE.md).
+
+A bundle is a directory::
+
+    manifest.json   what is inside, who may open it; the exact bytes are signed
+    manifest.sig    64-byte Ed25519 signature over manifest.json by a vendor key
+    payload/NNN.enc each payload file, AES-256-GCM in fixed chunks (STREAM construction)
+
+Chunk ``i`` of file ``f`` is sealed with nonce ``prefix_f (7 B) || i (u32 BE) || last (u8)`` and
+AAD ``MAGIC || bundle_id || len(file_id) (u16 BE) || file_id || i (u32 BE) || last (u8)``, so
+truncation, reordering and splicing chunks across files or bundles all fail authentication.
+The 32-byte data key is wrapped per recipient: ephemeral X25519 → HKDF-SHA256 → AES-256-GCM.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import BundleFormatError, IntegrityError, RecipientError, SignatureError
+from .keys import fingerprint, public_bytes, wipe
+
+FORMAT_VERSION = 1
+MAGIC = b"edge-appliance/bundle/v1"
+WRAP_INFO = b"edge-appliance/bundle/v1/key-wrap"
+DEFAULT_CHUNK = 1 << 20
+TAG = 16
+MANIFEST, SIGNATURE, PAYLOAD_DIR = "manifest.json", "manifest.sig", "payload"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def chunk_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    return prefix + struct.pack(">IB", index, int(last))
+
+
+def chunk_aad(bundle_id: bytes, file_id: str, index: int, last: bool) -> bytes:
+    fid = file_id.encode()
+    return MAGIC + bundle_id + struct.pack(">H", len(fid)) + fid + struct.pack(">IB", index, int(last))
+
+
+def _kek(shared: bytes, ephemeral_pub: bytes, recipient_pub: bytes) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=ephemeral_pub + recipient_pub, info=WRAP_INFO).derive(shared)
+
+
+def wrap_key(data_key: bytes, recipient: X25519PublicKey, bundle_id: bytes) -> dict:
+    """Wrap ``data_key`` for one device: its manifest entry."""
+    eph = X25519PrivateKey.generate()
+    eph_pub, rcpt_pub = public_bytes(eph.public_key()), public_bytes(recipient)
+    nonce = secrets.token_bytes(12)
+    wrapped = AESGCM(_kek(eph.exchange(recipient), eph_pub, rcpt_pub)).encrypt(nonce, data_key, MAGIC + bundle_id)
+    return {"fingerprint": fingerprint(rcpt_pub), "ephemeral": _b64(eph_pub), "nonce": _b64(nonce),
+            "wrapped_key": _b64(wrapped)}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    id: str
+    path: str
+    size: int
+    chunk_size: int
+    chunks: int
+    nonce_prefix: bytes
+    ciphertext_sha256: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FileEntry:
+        return cls(id=d["id"], path=d["path"], size=int(d["size"]), chunk_size=int(d["chunk_size"]),
+                   chunks=int(d["chunks"]), nonce_prefix=bytes.fromhex(d["nonce_prefix"]),
+                   ciphertext_sha256=d["ciphertext_sha256"])
+
+
+def _chunk_count(size: int, chunk_size: int) -> int:
+    return max(1, -(-size // chunk_size))  # an empty file still has one (empty, final) chunk
+
+
+def _seal_file(src: Path, dst: Path, key: AESGCM, bundle_id: bytes, file_id: str, chunk_size: int) -> dict:
+    size = src.stat().st_size
+    chunks = _chunk_count(size, chunk_size)
+    prefix = secrets.token_bytes(7)
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for i in range(chunks):
+            last = i == chunks - 1
+            aad = chunk_aad(bundle_id, file_id, i, last)
+            sealed = key.encrypt(chunk_nonce(prefix, i, last), fin.read(chunk_size), aad)
+            digest.update(sealed)
+            fout.write(sealed)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return {"id": file_id, "path": f"{PAYLOAD_DIR}/{dst.name}", "size": size, "chunk_size": chunk_size,
+            "chunks": chunks, "nonce_prefix": prefix.hex(), "ciphertext_sha256": digest.hexdigest()}
+
+
+def seal(files: dict[str, Path], out_dir: Path, *, model_id: str, version: int, architecture: str,
+         engines: list[dict], signing_key: Ed25519PrivateKey, recipients: Iterable[X25519PublicKey],
+         chunk_size: int = DEFAULT_CHUNK, extra: dict | None = None) -> dict:
+    """Encrypt ``files`` (file id → plaintext path) into a new bundle directory; returns the manifest."""
+    recipients = list(recipients)
+    if not recipients:
+        raise RecipientError("a bundle needs at least one recipient device (--recipient device-identity.json)")
+    if not 1 << 16 <= chunk_size <= 1 << 26:
+        raise BundleFormatError(f"chunk size {chunk_size} outside 64 KiB..64 MiB")
+    out_dir = Path(out_dir)
+    (out_dir / PAYLOAD_DIR).mkdir(parents=True, exist_ok=False)
+    bundle_id = secrets.token_bytes(16)
+    data_key = bytearray(AESGCM.generate_key(256))
+    try:
+        aead = AESGCM(bytes(data_key))
+        entries = [_seal_file(Path(src), out_dir / PAYLOAD_DIR / f"{n:03d}.enc", aead, bundle_id, fid, chunk_size)
+                   for n, (fid, src) in enumerate(sorted(files.items()))]
+        wrapped = [wrap_key(bytes(data_key), r, bundle_id) for r in recipients]
+    finally:
+        wipe(data_key)
+    manifest = {
+        "format": FORMAT_VERSION, "bundle_id": bundle_id.hex(), "model_id": model_id, "version": int(version),
+        "architecture": architecture, "engines": engines, "created": int(time.time()),
+        "vendor_key": fingerprint(public_bytes(signing_key.public_key())),
+        "files": entries, "recipients": wrapped, **(extra or {}),
+    }
+    raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (out_dir / MANIFEST).write_bytes(raw)
+    (out_dir / SIGNATURE).write_bytes(signing_key.sign(raw))
+    return manifest
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle whose manifest signature has been verified against a trusted vendor key."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def bundle_id(self) -> bytes:
+        return bytes.fromhex(self.manifest["bundle_id"])
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    def files(self) -> list[FileEntry]:
+        return [FileEntry.from_dict(f) for f in self.manifest["files"]]
+
+    def file(self, file_id: str) -> FileEntry:
+        for entry in self.files():
+            if entry.id == file_id:
+                return entry
+        raise BundleFormatError(f"bundle {self.root} has no file {file_id!r}; it holds "
+                                f"{[f.id for f in self.files()]}")
+
+    def unwrap_key(self, device_key: X25519PrivateKey) -> bytearray:
+        """Find this device's recipient entry and unwrap the data key (caller wipes it)."""
+        own_pub = public_bytes(device_key.public_key())
+        fp = fingerprint(own_pub)
+        for entry in self.manifest["recipients"]:
+            if not secrets.compare_digest(entry["fingerprint"], fp):
+                continue
+            eph_pub = base64.b64decode(entry["ephemeral"])
+            kek = _kek(device_key.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, own_pub)
+            try:
+                return bytearray(AESGCM(kek).decrypt(base64.b64decode(entry["nonce"]),
+                                                     base64.b64decode(entry["wrapped_key"]), MAGIC + self.bundle_id))
+            except InvalidTag:
+                raise RecipientError(f"bundle {self.root}: the key entry for device {fp} does not unwrap; "
+                                     "the bundle was altered or sealed for a different key") from None
+        raise RecipientError(f"bundle {self.root} is not addressed to this device (fingerprint {fp}); "
+                             "ask the vendor to seal it with this device's identity file")
+
+    def decrypt_into(self, file_id: str, data_key: bytes | bytearray, out: bytearray | None = None) -> bytearray:
+        """Authenticate and decrypt one payload file into a preallocated buffer (never to disk)."""
+        entry = self.file(file_id)
+        buf = out if out is not None else bytearray(entry.size)
+        if len(buf) != entry.size:
+            raise ValueError(f"buffer of {len(buf)} bytes for {file_id} of {entry.size} bytes")
+        self._decrypt_chunks(entry, AESGCM(bytes(data_key)), memoryview(buf), scratch=False)
+        return buf
+
+    def verify_chunks(self, data_key: bytes | bytearray) -> None:
+        """Authenticate every chunk of every file through one chunk-sized scratch buffer (nothing kept)."""
+        aead = AESGCM(bytes(data_key))
+        for entry in self.files():
+            scratch = bytearray(min(entry.chunk_size, entry.size))
+            self._decrypt_chunks(entry, aead, memoryview(scratch), scratch=True)
+            wipe(scratch)
+
+    def _decrypt_chunks(self, entry: FileEntry, aead: AESGCM, view: memoryview, scratch: bool) -> None:
+        path = self.root / entry.path
+        with open(path, "rb") as f:
+            for i in range(entry.chunks):
+                last = i == entry.chunks - 1
+                start = i * entry.chunk_size
+                plain_len = min(entry.chunk_size, entry.size - start)
+                sealed = f.read(plain_len + TAG)
+                target = view[:plain_len] if scratch else view[start: start + plain_len]
+                try:
+                    aead.decrypt_into(chunk_nonce(entry.nonce_prefix, i, last), sealed,
+                                      chunk_aad(self.bundle_id, entry.id, i, last), target)
+                except (InvalidTag, ValueError):
+                    raise IntegrityError(f"{path}: chunk {i} of {entry.chunks} fails authentication (tampered, "
+                                         "truncated or from another bundle); re-copy the bundle from the vendor "
+                                         "media") from None
+            if f.read(1):
+                raise IntegrityError(f"{path}: trailing data after the last chunk; re-copy the bundle")
+
+    def check_ciphertext(self) -> None:
+        """Check every payload file's size and SHA-256 against the signed manifest (no key needed)."""
+        for entry in self.files():
+            path = self.root / entry.path
+            if not path.is_file():
+                raise IntegrityError(f"{path}: payload file {entry.id!r} is missing; re-copy the bundle")
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+            if not secrets.compare_digest(digest.hexdigest(), entry.ciphertext_sha256):
+                raise IntegrityError(f"{path}: SHA-256 differs from the signed manifest (file {entry.id!r} "
+                                     "altered or truncated); re-copy the bundle")
+
+
+def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
+    """Read and verify ``root/manifest.json`` against the trusted vendor keys; nothing else is trusted before."""
+    root = Path(root)
+    try:
+        raw = (root / MANIFEST).read_bytes()
+        sig = (root / SIGNATURE).read_bytes()
+    except OSError as exc:
+        raise BundleFormatError(f"{root}: not a bundle ({exc.strerror}: {exc.filename})") from None
+    if not any(_verifies(key, sig, raw) for key in trusted.values()):
+        raise SignatureError(f"{root}/{SIGNATURE}: signature does not verify with any trusted vendor key "
+                             f"({', '.join(trusted)}); the manifest was altered or signed by an unknown vendor")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise BundleFormatError(f"{root}/{MANIFEST}: not JSON ({exc})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise BundleFormatError(f"{root}: bundle format {manifest.get('format')!r}, this software reads "
+                                f"{FORMAT_VERSION}; upgrade the appliance software first")
+    return Bundle(root=root, manifest=manifest)
+
+
+def _verifies(key: Ed25519PublicKey, sig: bytes, data: bytes) -> bool:
+    try:
+        key.verify(sig, data)
+        return True
+    except InvalidSignature:
+        return False

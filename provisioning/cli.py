@@ -1,0 +1,151 @@
+"""``edge-provision``: vendor keys, device enrollment, sealing, verification, install, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from .bundle import open_bundle, seal
+from .errors import ProvisioningError
+from .install import current_bundle, install, rollback, verify_fully
+from .keys import (
+    DEVICE_X25519,
+    VENDOR_SIGNING,
+    DeviceIdentity,
+    enroll,
+    load_ed25519,
+    load_trusted_vendors,
+    load_x25519,
+    vendor_keygen,
+)
+
+MODEL_FILES = ("model.onnx", "decoder.json", "tokenizer.json")
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    fp = vendor_keygen(Path(args.vendor))
+    print(f"vendor key {fp} written to {args.vendor} (keep vendor-ed25519.key offline; give devices "
+          "vendor-ed25519.pub for their trust store)")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    identity = enroll(Path(args.keys), args.device_id or socket.gethostname())
+    Path(args.out).write_text(identity.to_json())
+    print(f"device {identity.device_id} enrolled: fingerprint {identity.fingerprint}; carry {args.out} to the vendor")
+    return 0
+
+
+def cmd_seal(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model)
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise ProvisioningError(f"{model_dir} lacks {', '.join(missing)}; export the model with 'edge-models export'")
+    key_path = Path(args.signing_key)
+    signing = (load_ed25519(key_path.name, key_path.parent) if key_path.is_file()
+               else load_ed25519(VENDOR_SIGNING, key_path))
+    recipients = [X25519PublicKey.from_public_bytes(DeviceIdentity.load(Path(r)).x25519) for r in args.recipient]
+    spec = json.loads((model_dir / "decoder.json").read_text())
+    manifest = seal({f: model_dir / f for f in MODEL_FILES}, Path(args.out), model_id=args.model_id,
+                    version=args.version, architecture=spec["architecture"],
+                    engines=[{"kind": "onnxruntime", "file": "model.onnx"}], signing_key=signing,
+                    recipients=recipients, chunk_size=args.chunk_size)
+    print(f"sealed {args.model_id} v{args.version} → {args.out} (bundle {manifest['bundle_id']}, "
+          f"{len(recipients)} recipient(s))")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    bundle = open_bundle(Path(args.bundle), load_trusted_vendors(Path(args.trust)))
+    key = load_x25519(DEVICE_X25519, Path(args.keys)) if args.keys else None
+    verify_fully(bundle, key)
+    scope = "signature, hashes, recipient entry and every chunk" if key else "signature and payload hashes"
+    print(f"OK: {bundle.model_id} v{bundle.version} ({scope} verified)")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    result = install(Path(args.bundle), Path(args.state), load_trusted_vendors(Path(args.trust)),
+                     load_x25519(DEVICE_X25519, Path(args.keys)), allow_downgrade=args.allow_downgrade)
+    if result.changed:
+        print(f"installed {result.model_id} v{result.version} into slot {result.slot}; restart or reload the "
+              "daemon: systemctl reload edge-appliance")
+    else:
+        print(f"{result.model_id} v{result.version} is already installed (slot {result.slot}); nothing to do")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    print(f"current slot is now {rollback(Path(args.state))}; restart the daemon to load it")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    bundle = current_bundle(Path(args.state), load_trusted_vendors(Path(args.trust)))
+    if bundle is None:
+        print("no model installed")
+        return 1
+    print(json.dumps({"slot": bundle.root.name, "model_id": bundle.model_id, "version": bundle.version,
+                      "bundle_id": bundle.manifest["bundle_id"], "vendor_key": bundle.manifest["vendor_key"]},
+                     indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-provision", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="create a vendor signing key pair")
+    k.add_argument("--vendor", required=True, help="directory for vendor-ed25519.key (0600) and .pub")
+    k.set_defaults(func=cmd_keygen)
+    e = sub.add_parser("enroll", help="create this device's identity (X25519, Ed25519, CURVE keys)")
+    e.add_argument("--keys", required=True, help="directory for the device's private keys (0600)")
+    e.add_argument("--out", required=True, help="public identity file to carry to the vendor")
+    e.add_argument("--device-id", help="device name recorded in the identity (default: hostname)")
+    e.set_defaults(func=cmd_enroll)
+    s = sub.add_parser("seal", help="encrypt and sign an exported model into a bundle")
+    s.add_argument("--model", required=True, help="directory with model.onnx, decoder.json, tokenizer.json")
+    s.add_argument("--model-id", required=True, help="model name devices report")
+    s.add_argument("--version", required=True, type=int, help="monotonically increasing model version")
+    s.add_argument("--signing-key", required=True, help="vendor signing key file or its directory")
+    s.add_argument("--recipient", required=True, action="append", help="device identity file (repeatable)")
+    s.add_argument("--out", required=True, help="bundle directory to create (must not exist)")
+    s.add_argument("--chunk-size", type=int, default=1 << 20, help="plaintext bytes per AES-GCM chunk (default 1 MiB)")
+    s.set_defaults(func=cmd_seal)
+    v = sub.add_parser("verify", help="check a bundle without installing it (writes nothing)")
+    v.add_argument("bundle", help="bundle directory")
+    v.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    v.add_argument("--keys", help="device key directory: also check the recipient entry and every chunk's tag")
+    v.set_defaults(func=cmd_verify)
+    i = sub.add_parser("install", help="verify, copy into the inactive A/B slot, switch atomically")
+    i.add_argument("bundle", help="bundle directory (e.g. on the USB stick)")
+    i.add_argument("--state", required=True, help="device state directory")
+    i.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    i.add_argument("--keys", required=True, help="device private key directory")
+    i.add_argument("--allow-downgrade", action="store_true", help="install even if not newer than the installed one")
+    i.set_defaults(func=cmd_install)
+    r = sub.add_parser("rollback", help="switch back to the previously installed slot")
+    r.add_argument("--state", required=True, help="device state directory")
+    r.set_defaults(func=cmd_rollback)
+    st = sub.add_parser("status", help="show the installed model")
+    st.add_argument("--state", required=True, help="device state directory")
+    st.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ProvisioningError as exc:
+        print(f"edge-provision: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Shared fixtures: a tiny DeepSeek-V3 demo built in seconds, a provisioned device, a running daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from appliance.config import render_config
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> Path:
+    """The demo pipeline with the TINY shape and a few training steps (same code path as `make run`)."""
+    from edge_models.demo import build_demo
+    from edge_models.teacher import TINY
+    from edge_models.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("build") / "demo"
+    build_demo(out, TINY, TrainConfig(steps=40, batch_size=8, seq_len=64), vocab_size=1024)
+    return out
+
+
+@dataclass
+class Device:
+    root: Path
+    config: Path
+    state: Path
+    keys: Path
+    trust: Path
+    vendor: Path
+    identity: Path
+    bundle: Path
+    endpoint: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def provision_device(tiny_build: Path, root: Path, version: int = 1) -> Device:
+    """Vendor keygen, device enroll, seal, install: the same commands `make run` uses."""
+    vendor, keys, trust, state = root / "vendor", root / "device" / "credentials", root / "device" / "trust", \
+        root / "device" / "state"
+    identity, bundle = root / "device-identity.json", root / f"bundle-v{version}"
+    run_cli("edge-provision", "keygen", "--vendor", str(vendor))
+    run_cli("edge-provision", "enroll", "--keys", str(keys), "--out", str(identity), "--device-id", "test-device")
+    trust.mkdir(parents=True)
+    (trust / "vendor.pub").write_bytes((vendor / "vendor-ed25519.pub").read_bytes())
+    run_cli("edge-provision", "seal", "--model", str(tiny_build / "onnx"), "--model-id", "tiny", "--version",
+            str(version), "--signing-key", str(vendor / "vendor-ed25519.key"), "--recipient", str(identity),
+            "--out", str(bundle), "--chunk-size", str(1 << 16))
+    run_cli("edge-provision", "install", str(bundle), "--state", str(state), "--trust", str(trust), "--keys", str(keys))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = root / "device" / "appliance.toml"
+    config.write_text(render_config("state", "trust", "credentials", "state/audit.db", endpoint, max_batch=4))
+    return Device(root, config, state, keys, trust, vendor, identity, bundle, endpoint)
+
+
+@pytest.fixture(scope="session")
+def device(tiny_build, tmp_path_factory) -> Device:
+    return provision_device(tiny_build, tmp_path_factory.mktemp("site"))
+
+
+class Daemon:
+    """`edge-appliance serve` as a real subprocess, with a NOTIFY_SOCKET the test owns."""
+
+    def __init__(self, device: Device, tmp: Path, watchdog_usec: int = 200_000):
+        self.notify_path = tmp / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.settimeout(0.5)
+        self.messages: list[str] = []
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC=str(watchdog_usec))
+        env.pop("WATCHDOG_PID", None)
+        self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(device.config), "serve"],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.endpoint = device.endpoint
+
+    def wait_for(self, needle: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in self.messages:
+                if needle in msg:
+                    return msg
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.notify.recv(4096).decode())
+        raise AssertionError(f"no {needle!r} from the daemon in {timeout}s; got {self.messages}\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.notify.close()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def daemon(device, tmp_path_factory):
+    d = Daemon(device, tmp_path_factory.mktemp("daemon"))
+    d.wait_for("READY=1")
+    yield d
+    d.stop()
