@@ -6,9 +6,18 @@ Uses systemd-python when installed, else speaks the ``NOTIFY_SOCKET`` datagram p
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
+
+log = logging.getLogger("appliance.notify")
+
+
+try:  # systemd-python, when installed (extra "systemd"); the fallback below speaks the same protocol
+    from systemd.daemon import notify as _sd_notify  # type: ignore[import-not-found]
+except ImportError:
+    _sd_notify = None
 
 
 class Notifier:
@@ -27,17 +36,16 @@ class Notifier:
     def send(self, message: str) -> None:
         if not self.address:
             return
-        try:
-            from systemd import daemon  # type: ignore[import-not-found]
-
-            daemon.notify(message)
+        if _sd_notify is not None:
+            _sd_notify(message)
             return
-        except ImportError:
-            pass
         addr = "\0" + self.address[1:] if self.address.startswith("@") else self.address
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(addr)
-            sock.sendall(message.encode())
+        # Never block the serving loop on a slow or absent reader: a dropped ping is retried next interval.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+            try:
+                sock.sendto(message.encode(), addr)
+            except (BlockingIOError, ConnectionRefusedError, FileNotFoundError) as exc:
+                log.debug("sd_notify %r not delivered: %s", message.split("\n")[0], exc)
 
     def ready(self, status: str) -> None:
         self.send(f"READY=1\nSTATUS={status}")

@@ -7,6 +7,7 @@ the loop through an inproc PUSH/PULL pair when replies are ready, so a slow step
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -56,7 +57,8 @@ class Server:
             sock = self._wake_local.sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(WAKE)
-        sock.send(b"", zmq.NOBLOCK)
+        with contextlib.suppress(zmq.Again):  # wake-ups already queued: the loop will flush everything
+            sock.send(b"", zmq.NOBLOCK)
 
     # -- request handling ----------------------------------------------------------------------
     def _reply(self, envelope: list[bytes], frame: bytes) -> None:

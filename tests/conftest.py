@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +89,9 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.5)
         self.messages: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read_notify, daemon=True)
+        self._reader.start()
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC=str(watchdog_usec))
         env.pop("WATCHDOG_PID", None)
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
@@ -96,16 +99,32 @@ class Daemon:
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.endpoint = device.endpoint
 
+    def _read_notify(self) -> None:
+        """Drain the notify socket like systemd does (a full datagram queue would block the sender)."""
+        while True:
+            try:
+                msg = self.notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(msg)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.messages.clear()
+
     def wait_for(self, needle: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for msg in self.messages:
-                if needle in msg:
-                    return msg
+            with self._lock:
+                found = [m for m in self.messages if needle in m]
+            if found:
+                return found[0]
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(TimeoutError):
-                self.messages.append(self.notify.recv(4096).decode())
+            time.sleep(0.05)
         raise AssertionError(f"no {needle!r} from the daemon in {timeout}s; got {self.messages}\n{self.output()}")
 
     def output(self) -> str:

@@ -33,7 +33,7 @@ def in_process_greedy(config_path, prompt: str, max_tokens: int) -> str:
 
 def test_ready_and_watchdog_arrive_on_notify_socket(daemon):
     assert "STATUS=serving tiny v1" in daemon.wait_for("READY=1")
-    daemon.messages.clear()
+    daemon.clear()
     daemon.wait_for("WATCHDOG=1", timeout=5)
 
 

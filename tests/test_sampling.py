@@ -16,7 +16,8 @@ def test_greedy_is_argmax():
 
 def test_same_seed_same_tokens():
     params = Sampling(temperature=1.0, seed=7)
-    draws = [[sample(LOGITS, params, [], np.random.default_rng(7)) for _ in range(20)] for _ in range(2)]
+    rngs = [np.random.default_rng(params.seed), np.random.default_rng(params.seed)]
+    draws = [[sample(LOGITS, params, [], rng) for _ in range(20)] for rng in rngs]
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 1
 

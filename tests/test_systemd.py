@@ -55,3 +55,19 @@ def test_notifier_ignores_watchdog_meant_for_another_pid(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert Notifier().watchdog_interval is None
+
+
+def test_notifier_never_blocks_when_nobody_reads(tmp_path, monkeypatch):
+    """A full datagram queue must not stall the serving loop (pings are dropped, not waited on)."""
+    import time
+
+    path = tmp_path / "unread.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    n = Notifier()
+    start = time.monotonic()
+    for _ in range(500):
+        n.send("WATCHDOG=1")
+    assert time.monotonic() - start < 5
+    sock.close()
