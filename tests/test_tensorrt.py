@@ -1,0 +1,33 @@
+"""TensorRT backend: runs only where TensorRT and a CUDA GPU exist (never in this project's CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from appliance.engine import EngineError, create_engine
+from appliance.engine.spec import DecoderSpec
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the missing-TensorRT path cannot be shown")
+def test_missing_tensorrt_is_a_clear_error(tiny_build):
+    spec = DecoderSpec.from_json((tiny_build / "onnx" / "decoder.json").read_text())
+    with pytest.raises(EngineError, match="onnxruntime"):
+        create_engine("tensorrt", b"not-a-plan", spec, num_slots=1, max_seq_len=64)
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installable on this machine (PyPI wheels fetch from "
+                                         "NVIDIA's site); run `python -m appliance.engine.trt_selftest` on a GPU")
+def test_tensorrt_plan_matches_onnxruntime(tiny_build):
+    from appliance.engine.trt_selftest import main
+
+    assert main(["--onnx", str(tiny_build / "onnx"), "--fp32"]) == 0
+
+
+def test_unknown_engine_kind_is_refused(tiny_build):
+    spec = DecoderSpec.from_json((tiny_build / "onnx" / "decoder.json").read_text())
+    with pytest.raises(EngineError, match="unknown engine kind"):
+        create_engine("cuda-magic", b"", spec, num_slots=1, max_seq_len=64)
