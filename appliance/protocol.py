@@ -79,6 +79,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     stream: bool = True
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
     deadline_ms: int | None = None
     target: str | None = None  # the id a ``cancel`` refers to
 
@@ -156,11 +157,12 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
            f"field 'stop' must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings of <= {MAX_STOP_CHARS} "
            "characters", rid)
     stream = _get(msg, "stream", bool, True, rid)
+    ignore_eos = _get(msg, "ignore_eos", bool, False, rid)
     deadline = _get(msg, "deadline_ms", int, None, rid)
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
     return Request(op=OP_GENERATE, id=rid, prompt=prompt, max_tokens=max_tokens,
                    sampling=Sampling(temperature, top_k, top_p, penalty, seed), stop=tuple(stop), stream=stream,
-                   deadline_ms=deadline)
+                   ignore_eos=ignore_eos, deadline_ms=deadline)
 
 
 def _pack(obj: dict) -> bytes:

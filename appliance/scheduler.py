@@ -41,6 +41,7 @@ class Sequence:
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     deadline: float | None = None  # monotonic seconds
+    ignore_eos: bool = False
     arrival: float = field(default_factory=time.monotonic)
     state: State = State.WAITING
     slot: int | None = None
@@ -123,7 +124,7 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         if seq.first_token_at is None:
             seq.first_token_at = now
-        if token == self.eos_token_id:
+        if token == self.eos_token_id and not seq.ignore_eos:
             self._finish(seq, Finish.EOS)
             return True
         seq.output_ids.append(token)

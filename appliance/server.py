@@ -110,7 +110,7 @@ class Server:
                                          f"{self.model.engine.max_seq_len}")
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(key=key, prompt_ids=ids, max_tokens=min(req.max_tokens, room), sampling=req.sampling,
-                       deadline=deadline)
+                       deadline=deadline, ignore_eos=req.ignore_eos)
         if not self.runner.submit(Job(seq=seq, request=req, client=client, role="infer")):
             return refuse(P.E_BUSY, "the waiting queue is full", retry_after_ms=250)
         self._routes[key] = envelope

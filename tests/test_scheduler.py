@@ -57,6 +57,15 @@ def test_eos_finishes_without_adding_the_token():
     assert a.finish is Finish.EOS and a.output_ids == [] and s.free_slots == [0]
 
 
+def test_ignore_eos_keeps_generating():
+    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=EOS)
+    a = Sequence(key="a", prompt_ids=[1], max_tokens=2, ignore_eos=True)
+    s.add(a)
+    s.schedule(now=0.0)
+    assert not s.on_token(a, EOS, now=0.1)
+    assert s.on_token(a, EOS, now=0.2) and a.finish is Finish.LENGTH and a.output_ids == [EOS, EOS]
+
+
 def test_context_limit_finishes_the_sequence():
     s = Scheduler(num_slots=1, max_queued=2, max_seq_len=5, eos_token_id=EOS)
     a = seq("a", prompt_len=3, max_tokens=100)
