@@ -20,6 +20,7 @@ from .config import Config
 from .engine import DecoderSpec, Engine, create_engine
 
 MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer.json"
+EXTERNAL_DATA_FILE = "model.onnx.data"  # weights of models past the 2 GB protobuf limit
 
 
 class ModelLoadError(Exception):
@@ -49,16 +50,22 @@ def load_model(config: Config) -> LoadedModel:
     device_key = load_x25519(DEVICE_X25519, config.key_dir)
     data_key = bundle.unwrap_key(device_key)
     del device_key
+    external: dict[str, bytearray] = {}
     try:
         model = bundle.decrypt_into(MODEL_FILE, data_key)
+        if any(f.id == EXTERNAL_DATA_FILE for f in bundle.files()):
+            external[EXTERNAL_DATA_FILE] = bundle.decrypt_into(EXTERNAL_DATA_FILE, data_key)
         spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(SPEC_FILE, data_key)))
         tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
     finally:
         wipe(data_key)
     try:
         engine = create_engine(config.engine.kind, bytes(model), spec, num_slots=config.engine.max_batch,
-                               max_seq_len=config.engine.max_seq_len, threads=config.engine.threads)
+                               max_seq_len=config.engine.max_seq_len, threads=config.engine.threads,
+                               external=external)
     finally:
         wipe(model)
+        for buf in external.values():
+            wipe(buf)
     return LoadedModel(model_id=bundle.model_id, version=bundle.version, bundle_id=bundle.manifest["bundle_id"],
                        engine=engine, tokenizer=tokenizer, spec=spec)

@@ -100,8 +100,16 @@ def _sample_inputs(spec: DecoderSpec):
     return (ids, mask, positions, *cache)
 
 
-def export_decoder(model, out_dir: Path) -> DecoderSpec:
-    """Export ``model`` to ``out_dir/model.onnx`` and write ``decoder.json``; returns the spec."""
+EXTERNAL_DATA = "model.onnx.data"
+PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
+
+
+def export_decoder(model, out_dir: Path, external_data: bool | None = None) -> DecoderSpec:
+    """Export ``model`` to ``out_dir/model.onnx`` and write ``decoder.json``; returns the spec.
+
+    Weights go to ``model.onnx.data`` beside the graph when ``external_data`` is True, or when left
+    as None and the weights would exceed the 2 GB protobuf limit (any 7B model).
+    """
     import torch
     from transformers.exporters import exporter_onnx
 
@@ -126,6 +134,10 @@ def export_decoder(model, out_dir: Path) -> DecoderSpec:
         optimize=True,
         verbose=False,
     )
-    program.save(str(out_dir / "model.onnx"))
+    if external_data is None:
+        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT
+    program.save(str(out_dir / "model.onnx"), external_data=external_data)
+    if external_data and not (out_dir / EXTERNAL_DATA).exists():
+        raise RuntimeError(f"exporter did not write {EXTERNAL_DATA}; the runtime expects that name")
     (out_dir / "decoder.json").write_text(spec.to_json())
     return spec

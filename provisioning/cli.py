@@ -25,6 +25,7 @@ from .keys import (
 )
 
 MODEL_FILES = ("model.onnx", "decoder.json", "tokenizer.json")
+OPTIONAL_FILES = ("model.onnx.data",)  # external weights of models past 2 GB
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -51,7 +52,8 @@ def cmd_seal(args: argparse.Namespace) -> int:
                else load_ed25519(VENDOR_SIGNING, key_path))
     recipients = [X25519PublicKey.from_public_bytes(DeviceIdentity.load(Path(r)).x25519) for r in args.recipient]
     spec = json.loads((model_dir / "decoder.json").read_text())
-    manifest = seal({f: model_dir / f for f in MODEL_FILES}, Path(args.out), model_id=args.model_id,
+    files = {f: model_dir / f for f in MODEL_FILES + OPTIONAL_FILES if (model_dir / f).is_file()}
+    manifest = seal(files, Path(args.out), model_id=args.model_id,
                     version=args.version, architecture=spec["architecture"],
                     engines=[{"kind": "onnxruntime", "file": "model.onnx"}], signing_key=signing,
                     recipients=recipients, chunk_size=args.chunk_size)

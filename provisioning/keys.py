@@ -9,6 +9,7 @@ others is refused rather than used.
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import json
 import os
@@ -81,9 +82,12 @@ def read_private(name: str, fallback_dir: Path | None) -> bytearray:
 
 
 def wipe(buf: bytearray) -> None:
-    """Overwrite key material in place. Best effort: copies made inside OpenSSL or by Python are out of reach."""
-    for i in range(len(buf)):
-        buf[i] = 0
+    """Overwrite secret bytes in place (memset, fast for multi-GB model buffers).
+
+    Best effort: copies made inside OpenSSL, ONNX Runtime or by Python itself are out of reach.
+    """
+    if len(buf):
+        ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
 
 
 def load_x25519(name: str, key_dir: Path | None) -> X25519PrivateKey:

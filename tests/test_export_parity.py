@@ -45,3 +45,26 @@ def test_demo_report_records_quality_and_parity(tiny_build):
     assert report["parity"]["identical"] is True
     assert report["heldout_perplexity"] > 1
     assert report["corpus"]["heldout_docs"] > 0
+
+
+def test_external_data_model_loads_from_memory_and_matches(tiny_build, tmp_path):
+    """The >2 GB path (weights in model.onnx.data), forced on the tiny model: same tokens, no temp file."""
+    from edge_models.export import export_decoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
+    spec = export_decoder(model, tmp_path, external_data=True)
+    graph = (tmp_path / "model.onnx").read_bytes()
+    weights = bytearray((tmp_path / "model.onnx.data").read_bytes())
+    assert len(weights) > 100_000  # the large weight tensors live outside the graph
+    (tmp_path / "model.onnx.data").unlink()  # prove nothing is read from disk
+    engine = OrtEngine(graph, spec, num_slots=1, max_seq_len=128, external={"model.onnx.data": weights})
+    prompts = [[spec.bos_token_id, 40, 41, 42]]
+    assert engine_greedy(engine, prompts, 12, spec.eos_token_id) == hf_greedy(model, prompts, 12, spec.pad_token_id)
+
+
+def test_wipe_zeroes_buffers():
+    from provisioning.keys import wipe
+
+    buf = bytearray(b"secret" * 1000)
+    wipe(buf)
+    assert buf == bytearray(6000)

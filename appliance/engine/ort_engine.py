@@ -12,7 +12,8 @@ from .spec import DecoderSpec, input_names
 class OrtEngine(PaddedKVEngine):
     kind = "onnxruntime"
 
-    def __init__(self, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int, threads: int = 0):
+    def __init__(self, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int, threads: int = 0,
+                 external: dict[str, bytearray] | None = None):
         import onnxruntime as ort
 
         super().__init__(spec, num_slots, max_seq_len)
@@ -21,6 +22,11 @@ class OrtEngine(PaddedKVEngine):
         if threads:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        if external:
+            # ONNX Runtime copies what it needs while the session is created; the caller wipes after.
+            names = list(external)
+            opts.add_external_initializers_from_files_in_memory(
+                names, [external[n] for n in names], [len(external[n]) for n in names])
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
