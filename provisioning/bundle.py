@@ -18,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import struct
 import time
@@ -111,8 +112,13 @@ def _seal_file(src: Path, dst: Path, key: AESGCM, bundle_id: bytes, file_id: str
 
 def seal(files: dict[str, Path], out_dir: Path, *, model_id: str, version: int, architecture: str,
          engines: list[dict], signing_key: Ed25519PrivateKey, recipients: Iterable[X25519PublicKey],
-         chunk_size: int = DEFAULT_CHUNK, extra: dict | None = None) -> dict:
-    """Encrypt ``files`` (file id → plaintext path) into a new bundle directory; returns the manifest."""
+         chunk_size: int = DEFAULT_CHUNK, extra: dict | None = None, bundle_id: bytes | None = None,
+         data_key: bytes | None = None) -> dict:
+    """Encrypt ``files`` (file id → plaintext path) into a new bundle directory; returns the manifest.
+
+    ``bundle_id`` and ``data_key`` are fresh random values unless given (re-sealing the same
+    payload for another set of devices); per-file nonce prefixes are always fresh.
+    """
     recipients = list(recipients)
     if not recipients:
         raise RecipientError("a bundle needs at least one recipient device (--recipient device-identity.json)")
@@ -120,8 +126,8 @@ def seal(files: dict[str, Path], out_dir: Path, *, model_id: str, version: int, 
         raise BundleFormatError(f"chunk size {chunk_size} outside 64 KiB..64 MiB")
     out_dir = Path(out_dir)
     (out_dir / PAYLOAD_DIR).mkdir(parents=True, exist_ok=False)
-    bundle_id = secrets.token_bytes(16)
-    data_key = bytearray(AESGCM.generate_key(256))
+    bundle_id = bundle_id or secrets.token_bytes(16)
+    data_key = bytearray(data_key or AESGCM.generate_key(256))
     try:
         aead = AESGCM(bytes(data_key))
         entries = [_seal_file(Path(src), out_dir / PAYLOAD_DIR / f"{n:03d}.enc", aead, bundle_id, fid, chunk_size)
@@ -177,12 +183,13 @@ class Bundle:
         for entry in self.manifest["recipients"]:
             if not secrets.compare_digest(entry["fingerprint"], fp):
                 continue
-            eph_pub = base64.b64decode(entry["ephemeral"])
-            kek = _kek(device_key.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, own_pub)
             try:
-                return bytearray(AESGCM(kek).decrypt(base64.b64decode(entry["nonce"]),
-                                                     base64.b64decode(entry["wrapped_key"]), MAGIC + self.bundle_id))
-            except InvalidTag:
+                eph_pub = base64.b64decode(entry["ephemeral"], validate=True)
+                kek = _kek(device_key.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, own_pub)
+                return bytearray(AESGCM(kek).decrypt(base64.b64decode(entry["nonce"], validate=True),
+                                                     base64.b64decode(entry["wrapped_key"], validate=True),
+                                                     MAGIC + self.bundle_id))
+            except (InvalidTag, ValueError):
                 raise RecipientError(f"bundle {self.root}: the key entry for device {fp} does not unwrap; "
                                      "the bundle was altered or sealed for a different key") from None
         raise RecipientError(f"bundle {self.root} is not addressed to this device (fingerprint {fp}); "
@@ -207,6 +214,8 @@ class Bundle:
 
     def _decrypt_chunks(self, entry: FileEntry, aead: AESGCM, view: memoryview, scratch: bool) -> None:
         path = self.root / entry.path
+        if not path.is_file():
+            raise IntegrityError(f"{path}: payload file {entry.id!r} is missing; re-copy the bundle")
         with open(path, "rb") as f:
             for i in range(entry.chunks):
                 last = i == entry.chunks - 1
@@ -254,10 +263,63 @@ def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
         manifest = json.loads(raw)
     except ValueError as exc:
         raise BundleFormatError(f"{root}/{MANIFEST}: not JSON ({exc})") from None
+    validate_manifest(manifest, root)
+    return Bundle(root=root, manifest=manifest)
+
+
+_PAYLOAD_PATH = re.compile(r"^payload/[0-9]{3,6}\.enc$")
+_HEX = re.compile(r"^[0-9a-f]*$")
+
+
+def validate_manifest(manifest: object, root: Path) -> None:
+    """Strict schema check of a signed manifest, so no later step meets an unexpected type or path.
+
+    Even a vendor-signed manifest is not allowed to point outside the bundle (``../``), to declare
+    impossible sizes, or to omit fields.
+    """
+    def bad(why: str) -> BundleFormatError:
+        return BundleFormatError(f"{root}/{MANIFEST}: {why}; the bundle is malformed, ask the vendor to re-seal it")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
         raise BundleFormatError(f"{root}: bundle format {manifest.get('format')!r}, this software reads "
                                 f"{FORMAT_VERSION}; upgrade the appliance software first")
-    return Bundle(root=root, manifest=manifest)
+    for name, kind in (("bundle_id", str), ("model_id", str), ("version", int), ("architecture", str),
+                       ("engines", list), ("files", list), ("recipients", list), ("created", int)):
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            raise bad(f"field {name!r} missing or not {kind.__name__}")
+    if not _is_hex(manifest["bundle_id"], 16):
+        raise bad("bundle_id must be 32 hex digits")
+    if manifest["version"] < 0:
+        raise bad("version must be >= 0")
+    seen_ids, seen_paths = set(), set()
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            raise bad("a files[] entry is not an object")
+        ints = [entry.get(k) for k in ("size", "chunk_size", "chunks")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise bad(f"file {entry.get('id')!r}: size, chunk_size and chunks must be non-negative integers")
+        size, chunk_size, chunks = ints
+        if not isinstance(entry.get("id"), str) or not entry["id"] or entry["id"] in seen_ids:
+            raise bad("file ids must be unique non-empty strings")
+        if not isinstance(entry.get("path"), str) or not _PAYLOAD_PATH.match(entry["path"]) \
+                or entry["path"] in seen_paths:
+            raise bad(f"file {entry['id']!r}: path {entry.get('path')!r} is not a unique payload/NNN.enc")
+        if not (1 << 16 <= chunk_size <= 1 << 26) or chunks != _chunk_count(size, chunk_size):
+            raise bad(f"file {entry['id']!r}: chunk_size/chunks inconsistent with size")
+        if not _is_hex(entry.get("nonce_prefix"), 7) or not _is_hex(entry.get("ciphertext_sha256"), 32):
+            raise bad(f"file {entry['id']!r}: nonce_prefix or ciphertext_sha256 malformed")
+        seen_ids.add(entry["id"])
+        seen_paths.add(entry["path"])
+    for entry in manifest["recipients"]:
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in
+                                                  ("fingerprint", "ephemeral", "nonce", "wrapped_key")):
+            raise bad("a recipients[] entry lacks fingerprint/ephemeral/nonce/wrapped_key strings")
+
+
+def _is_hex(value: object, nbytes: int) -> bool:
+    return isinstance(value, str) and len(value) == 2 * nbytes and bool(_HEX.match(value))
 
 
 def _verifies(key: Ed25519PublicKey, sig: bytes, data: bytes) -> bool:
