@@ -25,6 +25,7 @@ from .keys import (
 )
 
 MODEL_FILES = ("model.onnx", "decoder.json", "tokenizer.json")
+DEFAULT_TRUST = "/etc/edge-appliance/trusted-vendors"
 OPTIONAL_FILES = ("model.onnx.data",)  # external weights of models past 2 GB
 
 
@@ -87,6 +88,15 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wheelhouse(args: argparse.Namespace) -> int:
+    from .wheelhouse import build_wheelhouse
+
+    wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version)
+    print(f"{len(wheels)} wheels, SHA256SUMS and install-offline.sh written to {args.out}; on the device run: "
+          f"sh {args.out}/install-offline.sh")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     bundle = current_bundle(Path(args.state), load_trusted_vendors(Path(args.trust)))
     if bundle is None:
@@ -96,6 +106,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "bundle_id": bundle.manifest["bundle_id"], "vendor_key": bundle.manifest["vendor_key"]},
                      indent=2))
     return 0
+
+
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust", default=DEFAULT_TRUST,
+                        help=f"directory of trusted vendor public keys, *.pub (default: {DEFAULT_TRUST})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_seal)
     v = sub.add_parser("verify", help="check a bundle without installing it (writes nothing)")
     v.add_argument("bundle", help="bundle directory")
-    v.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    _trust_flag(v)
     v.add_argument("--keys", help="device key directory: also check the recipient entry and every chunk's tag")
     v.set_defaults(func=cmd_verify)
     i = sub.add_parser("install", help="verify, copy into the inactive A/B slot, switch atomically")
     i.add_argument("bundle", help="bundle directory (e.g. on the USB stick)")
     i.add_argument("--state", required=True, help="device state directory")
-    i.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    _trust_flag(i)
     i.add_argument("--keys", required=True, help="device private key directory")
     i.add_argument("--allow-downgrade", action="store_true", help="install even if not newer than the installed one")
     i.set_defaults(func=cmd_install)
@@ -135,8 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_rollback)
     st = sub.add_parser("status", help="show the installed model")
     st.add_argument("--state", required=True, help="device state directory")
-    st.add_argument("--trust", required=True, help="directory of trusted vendor public keys (*.pub)")
+    _trust_flag(st)
     st.set_defaults(func=cmd_status)
+    w = sub.add_parser("wheelhouse", help="download the software's wheels for an offline install (connected machine)")
+    w.add_argument("--out", required=True, help="directory to fill (e.g. the USB stick)")
+    w.add_argument("--platform", help="target wheel platform, e.g. manylinux_2_28_x86_64 or manylinux_2_35_aarch64 "
+                                      "(Jetson, JetPack 6); default: this machine")
+    w.add_argument("--python-version", help="target Python, e.g. 3.10 (JetPack 6); default: this interpreter")
+    w.set_defaults(func=cmd_wheelhouse)
     return p
 
 
@@ -146,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ProvisioningError as exc:
         print(f"edge-provision: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a missing stick, a full or read-only disk: say which file and why
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"edge-provision: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
 
 
