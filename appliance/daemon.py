@@ -41,8 +41,12 @@ def run_daemon(config: Config) -> int:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         server.stop_event.set()
 
+    def on_reload(_signum: int, _frame: object) -> None:
+        server.reload_event.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_reload)
     endpoints = ", ".join(config.server.endpoints)
     notifier.ready(f"serving {model.model_id} v{model.version} on {endpoints}")
     log.info("ready: listening on %s", endpoints)

@@ -77,6 +77,11 @@ class EngineRunner(threading.Thread):
         with self._lock:
             return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running)}
 
+    def idle(self) -> bool:
+        """No request waiting, running or awaiting its final reply."""
+        with self._lock:
+            return not self._jobs and self.scheduler.idle and self.outbox.empty()
+
     def stop(self) -> None:
         with self._work:
             self._stopping = True

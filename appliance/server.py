@@ -18,7 +18,7 @@ from . import __version__
 from . import protocol as P
 from .audit import AuditLog, Entry
 from .config import Config
-from .loader import LoadedModel
+from .loader import LoadedModel, load_model
 from .notify import Notifier
 from .runner import EngineRunner, Job
 from .scheduler import Scheduler, Sequence
@@ -45,11 +45,58 @@ class Server:
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()
-        eng = config.engine
-        scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=eng.max_queued,
-                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id)
-        self.runner = EngineRunner(model, scheduler, audit, wake=self._wake)
+        self.runner = self._make_runner(model)
+        self._retiring: list[EngineRunner] = []  # previous models finishing their in-flight requests
         self._routes: dict[str, list[bytes]] = {}
+        self.reload_event = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._loaded: LoadedModel | Exception | None = None
+
+    def _make_runner(self, model: LoadedModel) -> EngineRunner:
+        scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=self.config.engine.max_queued,
+                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id)
+        return EngineRunner(model, scheduler, self.audit, wake=self._wake)
+
+    # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
+    def _start_reload(self) -> None:
+        self.reload_event.clear()
+        if self._loader is not None:
+            return  # one reload at a time; a second SIGHUP during loading is folded into it
+        self.notifier.status("reloading model")
+        log.info("reload requested: loading the installed bundle beside the serving model")
+
+        def load() -> None:
+            try:
+                self._loaded = load_model(self.config)
+            except Exception as exc:  # any failure keeps the old model serving
+                self._loaded = exc
+            self._wake()
+
+        self._loader = threading.Thread(target=load, name="reload", daemon=True)
+        self._loader.start()
+
+    def _finish_reload(self) -> None:
+        if self._loader is None or self._loader.is_alive():
+            return
+        loaded, self._loader, self._loaded = self._loaded, None, None
+        if isinstance(loaded, Exception):
+            log.error("reload failed, still serving %s v%d: %s", self.model.model_id, self.model.version, loaded)
+            self.notifier.status(f"reload failed; serving {self.model.model_id} v{self.model.version}")
+            return
+        old = self.runner
+        self.runner = self._make_runner(loaded)
+        self.runner.start()
+        self.model = loaded
+        self._retiring.append(old)
+        log.info("reloaded: now serving %s v%d; %d request(s) finish on the previous model", loaded.model_id,
+                 loaded.version, sum(old.load().values()))
+        self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
+
+    def _reap_retired(self) -> None:
+        for old in [r for r in self._retiring if r.idle()]:
+            old.stop()
+            old.join(timeout=5)
+            self._retiring.remove(old)
 
     def _wake(self) -> None:
         sock = getattr(self._wake_local, "sock", None)
@@ -86,7 +133,8 @@ class Server:
         elif req.op == P.OP_INFO:
             self._reply(envelope, P.result_reply(req.id, self.info()))
         elif req.op == P.OP_CANCEL:
-            found = self.runner.cancel(_route_key(envelope, req.target))
+            key = _route_key(envelope, req.target)
+            found = any(r.cancel(key) for r in (self.runner, *self._retiring))
             self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
         else:
             self._generate(envelope, client, req)
@@ -116,14 +164,15 @@ class Server:
         self._routes[key] = envelope
 
     def _flush_outbox(self) -> None:
-        while not self.runner.outbox.empty():
-            out = self.runner.outbox.get()
-            envelope = self._routes.get(out.key)
-            if envelope is None:
-                continue
-            self._reply(envelope, out.frame)
-            if out.final:
-                del self._routes[out.key]
+        for runner in (*self._retiring, self.runner):
+            while not runner.outbox.empty():
+                out = runner.outbox.get()
+                envelope = self._routes.get(out.key)
+                if envelope is None:
+                    continue
+                self._reply(envelope, out.frame)
+                if out.final:
+                    del self._routes[out.key]
 
     def health(self) -> dict:
         load = self.runner.load()
@@ -160,6 +209,10 @@ class Server:
                     while self.wake_pull.poll(0):
                         self.wake_pull.recv()
                 self._flush_outbox()
+                if self.reload_event.is_set():
+                    self._start_reload()
+                self._finish_reload()
+                self._reap_retired()
                 if self.router in events:
                     for _ in range(64):  # bounded so replies and the watchdog are never starved
                         try:
@@ -175,8 +228,9 @@ class Server:
                     if not self._routes or time.monotonic() >= drain_until:
                         break
         finally:
-            self.runner.stop()
-            self.runner.join(timeout=5)
+            for runner in (self.runner, *self._retiring):
+                runner.stop()
+                runner.join(timeout=5)
             self._flush_outbox()
             self.router.close(linger=500)
             self.wake_pull.close(linger=0)

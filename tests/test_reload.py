@@ -1,0 +1,70 @@
+"""SIGHUP reload: a newly installed bundle replaces the served model; in-flight requests finish."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from appliance.client import Client
+from tests.conftest import Daemon, provision_device, run_cli
+
+
+def wait_for_version(endpoint: str, version: int, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    with Client(endpoint, timeout_s=5) as client:
+        while time.monotonic() < deadline:
+            info = client.info()
+            if info["version"] == version:
+                return info
+            time.sleep(0.1)
+    raise AssertionError(f"daemon never reported version {version}")
+
+
+def test_sighup_swaps_model_without_dropping_in_flight_requests(tiny_build, tmp_path):
+    device = provision_device(tiny_build, tmp_path / "site", version=1)
+    daemon = Daemon(device, tmp_path)
+    try:
+        daemon.wait_for("READY=1")
+        v2 = tmp_path / "bundle-v2"
+        run_cli("edge-provision", "seal", "--model", str(tiny_build / "onnx"), "--model-id", "tiny", "--version", "2",
+                "--signing-key", str(device.vendor / "vendor-ed25519.key"), "--recipient", str(device.identity),
+                "--out", str(v2))
+        run_cli("edge-provision", "install", str(v2), "--state", str(device.state), "--trust", str(device.trust),
+                "--keys", str(device.keys))
+        result: dict = {}
+
+        def long_request() -> None:
+            with Client(device.endpoint, timeout_s=60) as client:
+                result["final"] = client.complete("Return the", max_tokens=200, ignore_eos=True)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(0.2)  # the request is running on v1
+        daemon.clear()
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert wait_for_version(device.endpoint, 2)["model_id"] == "tiny"
+        daemon.wait_for("READY=1\nSTATUS=serving tiny v2")
+        worker.join(timeout=120)
+        assert result["final"]["type"] == "done" and result["final"]["usage"]["completion_tokens"] == 200
+        with Client(device.endpoint) as client:
+            assert client.complete("Return the", max_tokens=4)["type"] == "done"
+    finally:
+        daemon.stop()
+
+
+def test_failed_reload_keeps_serving_the_old_model(tiny_build, tmp_path):
+    device = provision_device(tiny_build, tmp_path / "site", version=1)
+    daemon = Daemon(device, tmp_path)
+    try:
+        daemon.wait_for("READY=1")
+        for pub in device.trust.glob("*.pub"):
+            pub.unlink()  # the new load cannot verify anything now
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_for("STATUS=reload failed")
+        with Client(device.endpoint) as client:
+            assert client.info()["version"] == 1
+            assert client.complete("Return the", max_tokens=4)["type"] == "done"
+        assert "reload failed" in daemon.output()
+    finally:
+        daemon.stop()
