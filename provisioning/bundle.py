@@ -216,12 +216,13 @@ class Bundle:
         path = self.root / entry.path
         if not path.is_file():
             raise IntegrityError(f"{path}: payload file {entry.id!r} is missing; re-copy the bundle")
-        with open(path, "rb") as f:
+        inbuf = memoryview(bytearray(min(entry.chunk_size, entry.size) + TAG))  # reused: no per-chunk allocation
+        with open(path, "rb", buffering=0) as f:
             for i in range(entry.chunks):
                 last = i == entry.chunks - 1
                 start = i * entry.chunk_size
                 plain_len = min(entry.chunk_size, entry.size - start)
-                sealed = f.read(plain_len + TAG)
+                sealed = inbuf[: f.readinto(inbuf[: plain_len + TAG])]
                 target = view[:plain_len] if scratch else view[start: start + plain_len]
                 try:
                     aead.decrypt_into(chunk_nonce(entry.nonce_prefix, i, last), sealed,
