@@ -37,7 +37,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    identity = enroll(Path(args.keys), args.device_id or socket.gethostname())
+    credstore = Path(args.credstore) if args.credstore else None
+    identity = enroll(Path(args.keys), args.device_id or socket.gethostname(), credstore)
     Path(args.out).write_text(identity.to_json())
     print(f"device {identity.device_id} enrolled: fingerprint {identity.fingerprint}; carry {args.out} to the vendor")
     return 0
@@ -120,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--vendor", required=True, help="directory for vendor-ed25519.key (0600) and .pub")
     k.set_defaults(func=cmd_keygen)
     e = sub.add_parser("enroll", help="create this device's identity (X25519, Ed25519, CURVE keys)")
-    e.add_argument("--keys", required=True, help="directory for the device's private keys (0600)")
+    e.add_argument("--keys", required=True, help="directory for the private keys (0600) and the public identity")
     e.add_argument("--out", required=True, help="public identity file to carry to the vendor")
     e.add_argument("--device-id", help="device name recorded in the identity (default: hostname)")
+    e.add_argument("--credstore", help="seal the private keys with systemd-creds into this directory (e.g. "
+                                       "/etc/credstore.encrypted) instead of 0600 files in --keys")
     e.set_defaults(func=cmd_enroll)
     s = sub.add_parser("seal", help="encrypt and sign an exported model into a bundle")
     s.add_argument("--model", required=True, help="directory with model.onnx, decoder.json, tokenizer.json")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,16 +142,43 @@ class DeviceIdentity:
                             "'edge-provision enroll'") from None
 
 
-def enroll(key_dir: Path, device_id: str) -> DeviceIdentity:
-    """Create the device's three key pairs under ``key_dir`` (0600) and write its public identity."""
+def seal_credential(credstore: Path, name: str, data: bytes) -> None:
+    """Encrypt ``data`` with ``systemd-creds`` (TPM2 and/or host key) straight from memory to
+    ``credstore/name``; the plaintext never touches the disk. The unit's ``LoadCredentialEncrypted=``
+    hands it to the daemon in ``$CREDENTIALS_DIRECTORY``."""
+    credstore.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = credstore / name
+    if target.exists():
+        raise KeyMaterialError(f"{target} already exists; refusing to overwrite a sealed credential")
+    try:
+        proc = subprocess.run(["systemd-creds", "encrypt", f"--name={name}", "-", str(target)], input=data,
+                              capture_output=True, timeout=60)
+    except FileNotFoundError:
+        raise KeyMaterialError("systemd-creds is not installed; enroll with --keys DIR (0600 files) instead") from None
+    if proc.returncode != 0:
+        raise KeyMaterialError(f"systemd-creds encrypt failed for {name}: "
+                               f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+
+
+def enroll(key_dir: Path, device_id: str, credstore: Path | None = None) -> DeviceIdentity:
+    """Create the device's three key pairs and write its public identity into ``key_dir``.
+
+    Private keys go to ``credstore`` as systemd credentials when given, else to ``key_dir`` (0600).
+    """
     import zmq
 
     x = X25519PrivateKey.generate()
     e = Ed25519PrivateKey.generate()
     curve_public, curve_secret = zmq.curve_keypair()
-    write_private(key_dir / DEVICE_X25519, x.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()))
-    write_private(key_dir / DEVICE_ED25519, e.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()))
-    write_private(key_dir / DEVICE_CURVE, curve_secret)
+    secrets_ = {DEVICE_X25519: x.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
+                DEVICE_ED25519: e.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
+                DEVICE_CURVE: curve_secret}
+    for name, data in secrets_.items():
+        if credstore is not None:
+            seal_credential(credstore, name, data)
+        else:
+            write_private(key_dir / name, data)
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = DeviceIdentity(device_id=device_id, x25519=public_bytes(x.public_key()),
                               ed25519=public_bytes(e.public_key()), curve_public=curve_public.decode())
     (key_dir / IDENTITY_FILE).write_text(identity.to_json())

@@ -84,3 +84,26 @@ def test_install_refuses_a_key_file_readable_by_others(site, tmp_path):
     os.chmod(keys / DEVICE_X25519, 0o644)
     proc = subprocess.run([*install_cmd(site, "v1")[:-1], str(keys)], capture_output=True, text=True)
     assert proc.returncode == 1 and "chmod 600" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v systemd-creds"], capture_output=True).returncode != 0,
+                    reason="systemd-creds not installed")
+def test_enroll_into_systemd_credentials_never_writes_plaintext(tmp_path, monkeypatch):
+    from provisioning.keys import DeviceIdentity, public_bytes
+
+    store, keys = tmp_path / "credstore.encrypted", tmp_path / "keys"
+    run_cli("edge-provision", "enroll", "--keys", str(keys), "--out", str(tmp_path / "id.json"), "--credstore",
+            str(store))
+    assert not (keys / DEVICE_X25519).exists()
+    sealed = (store / DEVICE_X25519).read_bytes()
+    # What systemd does for LoadCredentialEncrypted=: decrypt into a private $CREDENTIALS_DIRECTORY.
+    creds = tmp_path / "run-credentials"
+    creds.mkdir(mode=0o700)
+    subprocess.run(["systemd-creds", "decrypt", f"--name={DEVICE_X25519}", str(store / DEVICE_X25519),
+                    str(creds / DEVICE_X25519)], check=True, capture_output=True)
+    os.chmod(creds / DEVICE_X25519, 0o600)
+    raw = (creds / DEVICE_X25519).read_bytes()
+    assert raw not in sealed and len(raw) == 32
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    key = load_x25519(DEVICE_X25519, None)
+    assert public_bytes(key.public_key()) == DeviceIdentity.load(tmp_path / "id.json").x25519
