@@ -1,26 +1,39 @@
-"""The audit log: one row per request in SQLite (WAL) through SQLAlchemy 2. Schema: docs/AUDIT.md.
+"""The audit log: schema (single source of truth, see docs/AUDIT.md), writer, query and verification.
 
-Rows are hash-chained: ``row_hash = SHA-256(prev_hash || canonical JSON of the row's fields)``,
-so editing, deleting, inserting or reordering rows breaks the chain at that row. Prompts and
-outputs are stored only as SHA-256 digests. A row is committed (fsync'd, ``synchronous=FULL``)
-before the request's final reply is sent.
+SQLAlchemy 2 over SQLite in WAL mode with ``synchronous=FULL``: a row is on disk before the
+request's final reply is sent. Rows are hash-chained (``row_hash = SHA-256(prev_hash ||
+canonical JSON)``), and every ``checkpoint_every`` rows the device's Ed25519 key signs the chain
+head, so editing, deleting, inserting, reordering or truncating rows is detected and located.
+Prompts and outputs are stored per the content policy: ``hash`` (digests only, default),
+``encrypted`` (AES-256-GCM under a per-run audit key wrapped for the export recipient; the device
+keeps no key that opens them) or ``none`` (nothing about content).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import Float, Integer, String, create_engine, event, select
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-SCHEMA_VERSION = 1
+from .audit_content import ContentSealer
+
+log = logging.getLogger("appliance.audit")
+
+SCHEMA_VERSION = 2
 GENESIS = "0" * 64
+CHECKPOINT_CONTEXT = b"edge-appliance/audit-checkpoint/v1"
+POLICIES = ("hash", "encrypted", "none")
 
 
 class AuditError(Exception):
@@ -42,11 +55,11 @@ class AuditRecord(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
     request_id: Mapped[str] = mapped_column(String(64), index=True)
-    client: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(64), index=True)
     role: Mapped[str] = mapped_column(String(16))
     op: Mapped[str] = mapped_column(String(16))
     model_id: Mapped[str | None] = mapped_column(String(128))
-    model_version: Mapped[int | None] = mapped_column(Integer)
+    model_version: Mapped[int | None] = mapped_column(Integer, index=True)
     prompt_sha256: Mapped[str | None] = mapped_column(String(64))
     output_sha256: Mapped[str | None] = mapped_column(String(64))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -57,22 +70,71 @@ class AuditRecord(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     error_code: Mapped[str | None] = mapped_column(String(32))
     finish_reason: Mapped[str | None] = mapped_column(String(16))
+    # schema 2: sealed content (policy "encrypted") and the key it is sealed under
+    content_key_id: Mapped[int | None] = mapped_column(Integer)
+    prompt_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    output_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+class ContentKey(Base):
+    """Per-run content keys, stored only wrapped for the export recipient."""
+
+    __tablename__ = "audit_content_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created: Mapped[float] = mapped_column(Float)
+    recipient: Mapped[str] = mapped_column(String(64))
+    wrapped: Mapped[str] = mapped_column(String(512))
+
+
+class Checkpoint(Base):
+    __tablename__ = "audit_checkpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    upto_seq: Mapped[int] = mapped_column(Integer, index=True)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[float] = mapped_column(Float)
+    signature: Mapped[str] = mapped_column(String(128))
+
+
+class Export(Base):
+    __tablename__ = "audit_exports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    from_seq: Mapped[int] = mapped_column(Integer)
+    to_seq: Mapped[int] = mapped_column(Integer)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[float] = mapped_column(Float)
+    name: Mapped[str] = mapped_column(String(128))
+
+
+# Schema-1 fields are always part of the canonical encoding; schema-2 fields only when set, so
+# rows written before a migration keep the hashes they were written with.
 CHAINED_FIELDS = ("seq", "ts", "request_id", "client", "role", "op", "model_id", "model_version", "prompt_sha256",
                   "output_sha256", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "status",
                   "error_code", "finish_reason")
+OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed")
+ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
 
 def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def canonical(fields: dict) -> bytes:
+    data = {k: fields.get(k) for k in CHAINED_FIELDS}
+    for k in OPTIONAL_CHAINED:
+        value = fields.get(k)
+        if value is not None:
+            data[k] = hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else value
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
 def row_hash(prev_hash: str, fields: dict) -> str:
-    canonical = json.dumps({k: fields.get(k) for k in CHAINED_FIELDS}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical.encode()).hexdigest()
+    return hashlib.sha256(bytes.fromhex(prev_hash) + canonical(fields)).hexdigest()
+
+
+def checkpoint_message(upto_seq: int, head_hash: str, ts: float) -> bytes:
+    return CHECKPOINT_CONTEXT + json.dumps([upto_seq, head_hash, ts], separators=(",", ":")).encode()
 
 
 @dataclass
@@ -97,77 +159,219 @@ class Entry:
     finish_reason: str | None = None
 
 
+@dataclass
+class Filters:
+    since: float | None = None
+    until: float | None = None
+    client: str | None = None
+    status: str | None = None
+    model_version: int | None = None
+    limit: int | None = None
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    message: str
+    rows: int = 0
+    checkpoints: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
 class AuditLog:
     """Append-only writer and reader of the audit database. Thread-safe (one writer lock)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, content: str = "hash", recipient: X25519PublicKey | None = None,
+                 signing_key: Ed25519PrivateKey | None = None, checkpoint_every: int = 100):
+        if content not in POLICIES:
+            raise AuditError(f"audit content policy {content!r} unknown; use one of {', '.join(POLICIES)}")
+        if content == "encrypted" and recipient is None:
+            raise AuditError("audit content policy 'encrypted' needs [audit] recipient (the reviewer's X25519 key)")
         self.path = Path(path)
+        self.content = content
+        self.signing_key = signing_key
+        self.checkpoint_every = checkpoint_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(f"sqlite:///{self.path}", connect_args={"check_same_thread": False})
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._lock = threading.Lock()
         try:
-            Base.metadata.create_all(self.engine)
-            with Session(self.engine) as s, s.begin():
-                if s.get(Meta, "schema_version") is None:
-                    s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            from .audit_migrations import upgrade
+
+            upgrade(self.engine)
             self._head = self._load_head()
+            self._sealer = ContentSealer.start(self.engine, recipient) if content == "encrypted" else None
         except SQLAlchemyError as exc:
             raise AuditError(f"cannot open audit database {self.path}: {exc.orig or exc}") from None
 
     def _load_head(self) -> tuple[int, str]:
         with Session(self.engine) as s:
             last = s.scalars(select(AuditRecord).order_by(AuditRecord.seq.desc()).limit(1)).first()
-            return (last.seq, last.row_hash) if last else (0, GENESIS)
+            if last:
+                return last.seq, last.row_hash
+            anchor = self.anchor(s)
+            return anchor if anchor else (0, GENESIS)
 
-    def record(self, entry: Entry) -> AuditRecord:
-        """Append one chained row and commit it durably before returning."""
+    @staticmethod
+    def anchor(s: Session) -> tuple[int, str] | None:
+        """After pruning: the seq and hash of the last removed row, where verification starts."""
+        seq, digest = s.get(Meta, "anchor_seq"), s.get(Meta, "anchor_hash")
+        return (int(seq.value), digest.value) if seq and digest else None
+
+    # -- writing -------------------------------------------------------------------------------
+    def _fields(self, entry: Entry) -> dict:
         fields = {
             "ts": round(time.time(), 6), "request_id": entry.request_id, "client": entry.client, "role": entry.role,
             "op": entry.op, "model_id": entry.model_id, "model_version": entry.model_version,
-            "prompt_sha256": sha256_text(entry.prompt), "output_sha256": sha256_text(entry.output),
             "prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens,
             "queue_ms": _ms(entry.queue_ms), "ttft_ms": _ms(entry.ttft_ms), "total_ms": _ms(entry.total_ms),
             "status": entry.status, "error_code": entry.error_code, "finish_reason": entry.finish_reason,
+            "prompt_sha256": None, "output_sha256": None,
         }
+        if self.content != "none":
+            fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
+        return fields
+
+    def record(self, entry: Entry) -> AuditRecord:
+        return self.record_many([entry])[0]
+
+    def record_many(self, entries: list[Entry]) -> list[AuditRecord]:
+        """Append chained rows in one transaction (group commit) and make them durable before returning."""
         with self._lock:
             seq, prev = self._head
-            fields["seq"] = seq + 1
-            row = AuditRecord(**fields, prev_hash=prev, row_hash=row_hash(prev, fields))
+            rows = []
+            for entry in entries:
+                fields = self._fields(entry)
+                seq += 1
+                fields["seq"] = seq
+                if self._sealer is not None:
+                    fields.update(self._sealer.seal(seq, entry.prompt, entry.output))
+                digest = row_hash(prev, fields)
+                rows.append(AuditRecord(**fields, prev_hash=prev, row_hash=digest))
+                prev = digest
+            checkpoint = None
+            if self.signing_key is not None and seq // self.checkpoint_every > self._head[0] // self.checkpoint_every:
+                checkpoint = self._checkpoint(seq, prev)
             try:
                 with Session(self.engine, expire_on_commit=False) as s, s.begin():
-                    s.add(row)
+                    s.add_all(rows + ([checkpoint] if checkpoint else []))
             except SQLAlchemyError as exc:
                 raise AuditError(f"audit write failed ({exc.orig or exc})") from None
-            self._head = (row.seq, row.row_hash)
-        return row
+            self._head = (seq, prev)
+        return rows
 
-    def rows(self, limit: int | None = None, status: str | None = None) -> list[AuditRecord]:
+    def _checkpoint(self, seq: int, head: str) -> Checkpoint:
+        ts = round(time.time(), 6)
+        signature = self.signing_key.sign(checkpoint_message(seq, head, ts)).hex()
+        return Checkpoint(upto_seq=seq, head_hash=head, ts=ts, signature=signature)
+
+    def checkpoint_now(self) -> None:
+        """Sign the current head (at shutdown, before export) unless it is already signed."""
+        if self.signing_key is None:
+            return
+        with self._lock:
+            seq, head = self._head
+            with Session(self.engine) as s, s.begin():
+                last = s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq.desc()).limit(1)).first()
+                if seq and (last is None or last.upto_seq < seq):
+                    s.add(self._checkpoint(seq, head))
+
+    def probe(self) -> bool:
+        """Can the store write right now? (Used to leave the fail-closed state by itself.)"""
+        try:
+            with self._lock, Session(self.engine) as s, s.begin():
+                s.merge(Meta(key="last_probe", value=str(time.time())))
+            return True
+        except SQLAlchemyError:
+            return False
+
+    # -- reading -------------------------------------------------------------------------------
+    def rows(self, filters: Filters | None = None) -> list[AuditRecord]:
+        f = filters or Filters()
+        query = select(AuditRecord)
+        for column, value, op in ((AuditRecord.ts, f.since, ">="), (AuditRecord.ts, f.until, "<"),
+                                  (AuditRecord.client, f.client, "=="), (AuditRecord.status, f.status, "=="),
+                                  (AuditRecord.model_version, f.model_version, "==")):
+            if value is not None:
+                query = query.where(column >= value if op == ">=" else column < value if op == "<" else column == value)
+        query = query.order_by(AuditRecord.seq.desc() if f.limit else AuditRecord.seq)
+        if f.limit:
+            query = query.limit(f.limit)
         with Session(self.engine) as s:
-            query = select(AuditRecord).order_by(AuditRecord.seq)
-            if status:
-                query = query.where(AuditRecord.status == status)
-            if limit:
-                query = query.order_by(None).order_by(AuditRecord.seq.desc()).limit(limit)
             rows = list(s.scalars(query))
         return sorted(rows, key=lambda r: r.seq)
 
-    def verify(self) -> tuple[bool, str]:
-        """Walk the chain from the first row; returns (ok, message naming the first bad row)."""
-        prev, expected_seq = GENESIS, 1
-        for row in self.rows():
-            fields = {k: getattr(row, k) for k in CHAINED_FIELDS}
-            if row.seq != expected_seq:
-                return False, f"row {expected_seq} is missing (next present row is {row.seq}): deleted"
-            if row.prev_hash != prev:
-                return False, f"row {row.seq}: prev_hash does not match row {row.seq - 1}: inserted or reordered"
-            if row.row_hash != row_hash(prev, fields):
-                return False, f"row {row.seq}: contents do not match its hash: edited"
-            prev, expected_seq = row.row_hash, expected_seq + 1
-        return True, f"{expected_seq - 1} rows, chain intact, head {prev[:16]}"
+    def verify(self, device_key: Ed25519PublicKey | None = None) -> VerifyResult:
+        """Walk the chain from genesis (or the prune anchor); check signed checkpoints against it."""
+        with Session(self.engine) as s:
+            start = self.anchor(s) or (0, GENESIS)
+            checkpoints = list(s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq)))
+            rows = [{k: getattr(r, k) for k in ROW_FIELDS}
+                    for r in s.scalars(select(AuditRecord).order_by(AuditRecord.seq))]
+        return verify_rows(rows, start, checkpoints=[_cp_dict(c) for c in checkpoints], device_key=device_key)
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _cp_dict(c: Checkpoint) -> dict:
+    return {"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
+
+
+def verify_rows(rows: list[dict], start: tuple[int, str], *, checkpoints: list[dict],
+                device_key: Ed25519PublicKey | None, expected_end: tuple[int, str] | None = None) -> VerifyResult:
+    """Check a sequence of rows (from the database or an export) and name the first problem.
+
+    ``rows`` are in storage order (SQLite rowid order, or line order of an export), which is how a
+    swap of two rows shows up as reordering rather than as two edits.
+    """
+    expected_seq, prev = start[0] + 1, start[1]
+    hashes = {start[0]: start[1]}
+    seq_of_hash = {r["row_hash"]: r["seq"] for r in rows}
+    for row in rows:
+        seq = row["seq"]
+        if seq < expected_seq:
+            why = "reordered" if seq in hashes else "inserted"
+            return VerifyResult(False, f"row {seq}: appears after row {expected_seq - 1}: {why}", len(hashes) - 1)
+        if seq > expected_seq:
+            missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
+            later = any(r["seq"] == expected_seq for r in rows)
+            what = "reordered" if later else "deleted"
+            return VerifyResult(False, f"row {missing} missing before row {seq}: {what}", len(hashes) - 1)
+        if row["prev_hash"] != prev:
+            other = seq_of_hash.get(row["prev_hash"])
+            why = f"reordered (it follows row {other})" if other is not None else "a row was inserted or replaced"
+            return VerifyResult(False, f"row {seq}: prev_hash does not match row {seq - 1}: {why}", len(hashes) - 1)
+        if row["row_hash"] != row_hash(prev, row):
+            return VerifyResult(False, f"row {seq}: contents do not match its hash: edited", len(hashes) - 1)
+        prev = row["row_hash"]
+        hashes[seq] = prev
+        expected_seq += 1
+    last_seq = expected_seq - 1
+    if expected_end is not None and (last_seq, prev) != expected_end:
+        return VerifyResult(False, f"rows end at {last_seq}, manifest says {expected_end[0]}: truncated",
+                            len(hashes) - 1)
+    good = 0
+    for cp in checkpoints:
+        if cp["upto_seq"] <= start[0]:
+            continue
+        if cp["upto_seq"] > last_seq:
+            return VerifyResult(False, f"rows {last_seq + 1}..{cp['upto_seq']} missing: a signed checkpoint covers "
+                                       f"row {cp['upto_seq']} but the log ends at {last_seq}: truncated",
+                                last_seq - start[0])
+        if hashes.get(cp["upto_seq"]) != cp["head_hash"]:
+            return VerifyResult(False, f"checkpoint at row {cp['upto_seq']} does not match the chain: rows rewritten",
+                                last_seq - start[0])
+        if device_key is not None:
+            try:
+                device_key.verify(bytes.fromhex(cp["signature"]), checkpoint_message(cp["upto_seq"], cp["head_hash"],
+                                                                                       cp["ts"]))
+            except (InvalidSignature, ValueError):
+                return VerifyResult(False, f"checkpoint at row {cp['upto_seq']}: bad signature", last_seq - start[0])
+        good += 1
+    count = last_seq - start[0]
+    return VerifyResult(True, f"{count} rows (seq {start[0] + 1}..{last_seq}), chain intact, {good} signed "
+                              f"checkpoint(s) valid, head {prev[:16]}", count, good)
 
 
 def _ms(seconds: float | None) -> float | None:

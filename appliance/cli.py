@@ -70,37 +70,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import AuditLog
-
-    config = load_config(_config_path(args))
-    if not config.audit_db.exists():
-        raise ConfigError(f"no audit database at {config.audit_db} (the daemon creates it on first start)")
-    audit = AuditLog(config.audit_db)
-    try:
-        if args.audit_command == "verify":
-            ok, message = audit.verify()
-            print(("OK: " if ok else "TAMPERED: ") + message)
-            return 0 if ok else 1
-        rows = audit.rows(limit=args.limit, status=args.status)
-        if args.json:
-            keys = [c.name for c in type(rows[0]).__table__.columns] if rows else []
-            print(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=2))
-            return 0
-        print(f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'status':8} {'err':12} "
-              f"{'in':>4} {'out':>4} {'total ms':>9} {'prompt sha256':16}")
-        import time as _t
-
-        for r in rows:
-            print(f"{r.seq:>5} {_t.strftime('%Y-%m-%d %H:%M:%S', _t.gmtime(r.ts))} {r.request_id[:12]:12} "
-                  f"{r.client[:12]:12} {r.op[:8]:8} {r.status:8} {(r.error_code or '-')[:12]:12} "
-                  f"{r.prompt_tokens:>4} {r.completion_tokens:>4} {r.total_ms or 0:>9.1f} "
-                  f"{(r.prompt_sha256 or '-')[:16]}")
-        return 0
-    finally:
-        audit.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-appliance", description=__doc__)
     p.add_argument("--config", help=f"daemon config file (default: $EDGE_APPLIANCE_CONFIG or {DEFAULT_CONFIG})")
@@ -146,15 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     i.set_defaults(func=cmd_init)
 
-    au = sub.add_parser("audit", help="read the audit log (needs --config)")
-    asub = au.add_subparsers(dest="audit_command", required=True)
-    al = asub.add_parser("list", help="one line per audited request")
-    al.add_argument("--limit", type=int, default=None, help="only the newest N rows")
-    al.add_argument("--status", choices=["ok", "error", "rejected"], help="only rows with this status")
-    al.add_argument("--json", action="store_true", help="JSON instead of a table")
-    al.set_defaults(func=cmd_audit)
-    av = asub.add_parser("verify", help="check the hash chain; names the first broken row")
-    av.set_defaults(func=cmd_audit)
+    from .audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return p
 
 

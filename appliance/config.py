@@ -36,6 +36,14 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    store: str = "sqlite"  # "none" only for benchmarks: nothing is audited
+    content: str = "hash"  # hash | encrypted | none
+    recipient: str | None = None  # reviewer's identity file or raw X25519 key, for content = "encrypted"
+    checkpoint_every: int = 100  # rows between signed checkpoints
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     trust_dir: Path
@@ -43,10 +51,11 @@ class Config:
     audit_db: Path
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = None
 
 
-_SECTIONS = {"server": ServerConfig, "engine": EngineConfig}
+_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig}
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
 
@@ -80,9 +89,14 @@ def load_config(path: Path) -> Config:
     def resolve(p: str | None) -> Path | None:
         return None if p is None else (base / p).resolve()
 
+    audit = sections["audit"]
+    if audit.recipient:
+        audit = AuditConfig(**{**audit.__dict__, "recipient": str(resolve(audit.recipient))})
+    if audit.store not in ("sqlite", "none") or audit.content not in ("hash", "encrypted", "none"):
+        raise ConfigError(f"{path}: [audit] store must be sqlite|none and content hash|encrypted|none")
     return Config(state_dir=resolve(paths["state_dir"]), trust_dir=resolve(paths["trust_dir"]),
                   key_dir=resolve(paths.get("key_dir")), audit_db=resolve(paths["audit_db"]),
-                  server=sections["server"], engine=sections["engine"], source=path)
+                  server=sections["server"], engine=sections["engine"], audit=audit, source=path)
 
 
 def render_config(state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT,
@@ -106,4 +120,9 @@ max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'
 max_seq_len = 512           # prompt + generated tokens per sequence
 max_new_tokens = 256        # upper bound a request may ask for
+
+[audit]
+content = "hash"            # hash (digests only) | encrypted (sealed for `recipient`) | none
+# recipient = "reviewer-identity.json"   # the hospital reviewer's key, needed for content = "encrypted"
+checkpoint_every = 100      # rows between checkpoints signed with the device's Ed25519 key
 """

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
+
+from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
 
 from .audit import AuditLog
 from .config import Config
@@ -25,10 +28,23 @@ def warm_up(model: LoadedModel) -> float:
     return time.monotonic() - start
 
 
+def open_audit(config: Config, *, for_writing: bool = True) -> AuditLog | None:
+    """The configured audit store, with the device's signing key and the content policy."""
+    cfg = config.audit
+    if cfg.store == "none":
+        if for_writing:
+            log.warning("AUDIT DISABLED ([audit] store = \"none\"): requests are not recorded; for benchmarks only")
+        return None
+    recipient = load_public_x25519(Path(cfg.recipient)) if cfg.recipient else None
+    signing = load_ed25519(DEVICE_ED25519, config.key_dir) if for_writing else None
+    return AuditLog(config.audit_db, content=cfg.content, recipient=recipient, signing_key=signing,
+                    checkpoint_every=cfg.checkpoint_every)
+
+
 def run_daemon(config: Config) -> int:
     notifier = Notifier()
     notifier.status("opening audit log")
-    audit = AuditLog(config.audit_db)
+    audit = open_audit(config)
     notifier.status("decrypting model")
     t0 = time.monotonic()
     model = load_model(config)
@@ -55,6 +71,8 @@ def run_daemon(config: Config) -> int:
     try:
         server.serve_forever()
     finally:
-        audit.close()
+        if audit is not None:
+            audit.checkpoint_now()
+            audit.close()
     log.info("stopped cleanly")
     return 0

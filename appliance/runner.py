@@ -104,14 +104,12 @@ class EngineRunner(threading.Thread):
                     for seq in plan.prefill + plan.decode:
                         self.scheduler.cancel(seq.key)
                     failed = self.scheduler.take_finished()
-                for seq in failed:
-                    self._finalize(seq, error=(P.E_INTERNAL, f"engine step failed: {exc}"))
+                self._finalize([(seq, (P.E_INTERNAL, f"engine step failed: {exc}")) for seq in failed])
             if self.outbox.qsize():
                 self._wake()
 
     def _step(self, plan) -> None:
-        for seq in plan.finished:
-            self._finalize(seq)
+        self._finalize([(seq, None) for seq in plan.finished])
         engine = self.model.engine
         if plan.prefill:
             logits = engine.prefill([(s.slot, s.prompt_ids) for s in plan.prefill])
@@ -123,7 +121,7 @@ class EngineRunner(threading.Thread):
             finished = self.scheduler.take_finished()
         for seq in finished:
             engine.release(seq.slot)
-            self._finalize(seq)
+        self._finalize([(seq, None) for seq in finished])
         self.steps += 1
 
     def _advance(self, seqs: list[Sequence], logits) -> None:
@@ -156,42 +154,50 @@ class EngineRunner(threading.Thread):
             job.index += 1
         job.sent_text = text
 
-    def _finalize(self, seq: Sequence, error: tuple[str, str] | None = None) -> None:
-        job = self._jobs.pop(seq.key)
+    def _finalize(self, items: list[tuple[Sequence, tuple[str, str] | None]]) -> None:
+        """Audit every sequence that ended this step in one commit, then queue their final replies."""
+        if not items:
+            return
+        finals = [self._final_entry(seq, error) for seq, error in items]
+        audited = self.write_audit(*[entry for entry, _, _ in finals])
+        for (seq, _), (entry, timings, message) in zip(items, finals, strict=True):
+            job = self._jobs.pop(seq.key)
+            usage = {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens}
+            if not audited:
+                frame = P.error_reply(job.request.id, P.E_AUDIT,
+                                      "the audit record could not be written; the result is withheld")
+            elif entry.error_code is None:
+                frame = P.done_reply(job.request.id, job.sent_text, seq.finish.value, usage, timings)
+            else:
+                frame = P.error_reply(job.request.id, entry.error_code, message)
+            self.outbox.put(Outgoing(seq.key, frame, True))
+
+    def _final_entry(self, seq: Sequence, error: tuple[str, str] | None) -> tuple[Entry, dict, str]:
+        job = self._jobs[seq.key]
         if error is None and seq.finish in _FINISH_ERRORS:
             error = (_FINISH_ERRORS[seq.finish], f"request {seq.finish.value}")
         end = seq.finished_at or time.monotonic()
-        timings = {
-            "queue_ms": _ms((seq.started_at or end) - seq.arrival),
-            "ttft_ms": _ms(seq.first_token_at - seq.arrival) if seq.first_token_at else None,
-            "total_ms": _ms(end - seq.arrival),
-        }
+        queued = (seq.started_at or end) - seq.arrival
+        ttft = (seq.first_token_at - seq.arrival) if seq.first_token_at else None
         n_out = len(seq.output_ids)
+        timings = {"queue_ms": _ms(queued), "ttft_ms": _ms(ttft) if ttft is not None else None,
+                   "total_ms": _ms(end - seq.arrival)}
         if seq.first_token_at and n_out > 1:
             timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
         entry = Entry(request_id=job.request.id, op=P.OP_GENERATE, client=job.client, role=job.role,
                       status="ok" if error is None else "error", model_id=self.model.model_id,
                       model_version=self.model.version, prompt=job.request.prompt, output=job.sent_text,
-                      prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out,
-                      queue_ms=(seq.started_at or end) - seq.arrival,
-                      ttft_ms=(seq.first_token_at - seq.arrival) if seq.first_token_at else None,
+                      prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out, queue_ms=queued, ttft_ms=ttft,
                       total_ms=end - seq.arrival, error_code=error[0] if error else None,
                       finish_reason=seq.finish.value if seq.finish else None)
-        if not self.write_audit(entry):
-            error = (P.E_AUDIT, "the audit record could not be written; the result is withheld")
-        if error is None:
-            usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": n_out}
-            frame = P.done_reply(job.request.id, job.sent_text, seq.finish.value, usage, timings)
-        else:
-            frame = P.error_reply(job.request.id, error[0], error[1])
-        self.outbox.put(Outgoing(seq.key, frame, True))
+        return entry, timings, error[1] if error else ""
 
-    def write_audit(self, entry: Entry) -> bool:
-        """Durably record ``entry``; on failure mark the audit store unavailable (fail closed)."""
+    def write_audit(self, *entries: Entry) -> bool:
+        """Durably record ``entries`` (one commit); on failure mark the audit store unavailable (fail closed)."""
         if self.audit is None:
             return True
         try:
-            self.audit.record(entry)
+            self.audit.record_many(list(entries))
         except AuditError as exc:
             if self.audit_ok:
                 log.error("audit store unavailable: %s", exc)

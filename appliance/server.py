@@ -50,6 +50,7 @@ class Server:
         self._routes: dict[str, list[bytes]] = {}
         self.reload_event = threading.Event()
         self._loader: threading.Thread | None = None
+        self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
 
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
@@ -91,6 +92,16 @@ class Server:
         log.info("reloaded: now serving %s v%d; %d request(s) finish on the previous model", loaded.model_id,
                  loaded.version, sum(old.load().values()))
         self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
+
+    def _probe_audit(self) -> None:
+        """Leave the fail-closed state by itself once the audit store can write again."""
+        now = time.monotonic()
+        if self.runner.audit_ok or self.audit is None or now - self._last_probe < 1.0:
+            return
+        self._last_probe = now
+        if self.audit.probe():
+            log.warning("audit store writable again; accepting requests")
+            self.runner.audit_ok = True
 
     def _reap_retired(self) -> None:
         for old in [r for r in self._retiring if r.idle()]:
@@ -209,6 +220,7 @@ class Server:
                     while self.wake_pull.poll(0):
                         self.wake_pull.recv()
                 self._flush_outbox()
+                self._probe_audit()
                 if self.reload_event.is_set():
                     self._start_reload()
                 self._finish_reload()

@@ -27,18 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from . import keywrap
 from .errors import BundleFormatError, IntegrityError, RecipientError, SignatureError
 from .keys import fingerprint, public_bytes, wipe
 
 FORMAT_VERSION = 1
 MAGIC = b"edge-appliance/bundle/v1"
-WRAP_INFO = b"edge-appliance/bundle/v1/key-wrap"
 DEFAULT_CHUNK = 1 << 20
 TAG = 16
 MANIFEST, SIGNATURE, PAYLOAD_DIR = "manifest.json", "manifest.sig", "payload"
@@ -57,18 +55,9 @@ def chunk_aad(bundle_id: bytes, file_id: str, index: int, last: bool) -> bytes:
     return MAGIC + bundle_id + struct.pack(">H", len(fid)) + fid + struct.pack(">IB", index, int(last))
 
 
-def _kek(shared: bytes, ephemeral_pub: bytes, recipient_pub: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=ephemeral_pub + recipient_pub, info=WRAP_INFO).derive(shared)
-
-
 def wrap_key(data_key: bytes, recipient: X25519PublicKey, bundle_id: bytes) -> dict:
     """Wrap ``data_key`` for one device: its manifest entry."""
-    eph = X25519PrivateKey.generate()
-    eph_pub, rcpt_pub = public_bytes(eph.public_key()), public_bytes(recipient)
-    nonce = secrets.token_bytes(12)
-    wrapped = AESGCM(_kek(eph.exchange(recipient), eph_pub, rcpt_pub)).encrypt(nonce, data_key, MAGIC + bundle_id)
-    return {"fingerprint": fingerprint(rcpt_pub), "ephemeral": _b64(eph_pub), "nonce": _b64(nonce),
-            "wrapped_key": _b64(wrapped)}
+    return keywrap.wrap(data_key, recipient, MAGIC + bundle_id)
 
 
 @dataclass(frozen=True)
@@ -178,22 +167,7 @@ class Bundle:
 
     def unwrap_key(self, device_key: X25519PrivateKey) -> bytearray:
         """Find this device's recipient entry and unwrap the data key (caller wipes it)."""
-        own_pub = public_bytes(device_key.public_key())
-        fp = fingerprint(own_pub)
-        for entry in self.manifest["recipients"]:
-            if not secrets.compare_digest(entry["fingerprint"], fp):
-                continue
-            try:
-                eph_pub = base64.b64decode(entry["ephemeral"], validate=True)
-                kek = _kek(device_key.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, own_pub)
-                return bytearray(AESGCM(kek).decrypt(base64.b64decode(entry["nonce"], validate=True),
-                                                     base64.b64decode(entry["wrapped_key"], validate=True),
-                                                     MAGIC + self.bundle_id))
-            except (InvalidTag, ValueError):
-                raise RecipientError(f"bundle {self.root}: the key entry for device {fp} does not unwrap; "
-                                     "the bundle was altered or sealed for a different key") from None
-        raise RecipientError(f"bundle {self.root} is not addressed to this device (fingerprint {fp}); "
-                             "ask the vendor to seal it with this device's identity file")
+        return keywrap.unwrap(self.manifest["recipients"], device_key, MAGIC + self.bundle_id, f"bundle {self.root}")
 
     def decrypt_into(self, file_id: str, data_key: bytes | bytearray, out: bytearray | None = None) -> bytearray:
         """Authenticate and decrypt one payload file into a preallocated buffer (never to disk)."""

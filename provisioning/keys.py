@@ -185,6 +185,22 @@ def enroll(key_dir: Path, device_id: str, credstore: Path | None = None) -> Devi
     return identity
 
 
+def load_public_x25519(path: Path) -> X25519PublicKey:
+    """A recipient's X25519 public key: a device identity file, or 32 raw bytes."""
+    raw = Path(path).read_bytes()
+    if len(raw) != 32:
+        raw = DeviceIdentity.load(path).x25519
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def load_public_ed25519(path: Path) -> Ed25519PublicKey:
+    """A device's Ed25519 public key (audit signatures): its identity file, or 32 raw bytes."""
+    raw = Path(path).read_bytes()
+    if len(raw) != 32:
+        raw = DeviceIdentity.load(path).ed25519
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def vendor_keygen(out_dir: Path) -> str:
     """Create a vendor signing key pair; returns the public key's fingerprint."""
     key = Ed25519PrivateKey.generate()

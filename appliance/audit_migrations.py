@@ -1,0 +1,51 @@
+"""Schema versions of the audit database and the in-place upgrades between them.
+
+The version lives in ``audit_meta.schema_version``. Each step runs in one transaction, so a
+failed upgrade leaves the database at the previous version with every row intact. Rows keep the
+hashes they were written with (the chain encoding only adds fields that are set).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import inspect, text
+
+log = logging.getLogger("appliance.audit")
+
+
+def _v1_to_v2(conn) -> None:
+    """Sealed content columns, indexes for list filters; new tables are created by ``create_all``."""
+    for column, kind in (("content_key_id", "INTEGER"), ("prompt_sealed", "BLOB"), ("output_sealed", "BLOB")):
+        conn.execute(text(f"ALTER TABLE audit_log ADD COLUMN {column} {kind}"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_log_client ON audit_log (client)"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_log_model_version ON audit_log (model_version)"))
+
+
+STEPS = {1: _v1_to_v2}
+
+
+def upgrade(engine) -> None:
+    """Create a new database at the current version, or upgrade an existing one step by step."""
+    from .audit import SCHEMA_VERSION, AuditError, Base, Meta  # noqa: F401 - Meta registers the table
+
+    with engine.begin() as conn:
+        tables = set(inspect(conn).get_table_names())
+        if "audit_log" not in tables:
+            Base.metadata.create_all(conn)
+            conn.execute(text("INSERT INTO audit_meta (key, value) VALUES ('schema_version', :v)"),
+                         {"v": str(SCHEMA_VERSION)})
+            return
+        row = conn.execute(text("SELECT value FROM audit_meta WHERE key = 'schema_version'")).first()
+        version = int(row[0]) if row else 1
+    if version > SCHEMA_VERSION:
+        raise AuditError(f"audit database schema {version} is newer than this software understands "
+                         f"({SCHEMA_VERSION}); upgrade the appliance software")
+    while version < SCHEMA_VERSION:
+        with engine.begin() as conn:
+            STEPS[version](conn)
+            Base.metadata.create_all(conn)
+            conn.execute(text("UPDATE audit_meta SET value = :v WHERE key = 'schema_version'"),
+                         {"v": str(version + 1)})
+        log.info("audit database upgraded from schema %d to %d", version, version + 1)
+        version += 1
