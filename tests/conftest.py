@@ -84,6 +84,7 @@ class Daemon:
     """`edge-appliance serve` as a real subprocess, with a NOTIFY_SOCKET the test owns."""
 
     def __init__(self, device: Device, tmp: Path, watchdog_usec: int = 200_000):
+        tmp.mkdir(parents=True, exist_ok=True)
         self.notify_path = tmp / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(self.notify_path))
