@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, event, select
+from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, event, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -232,10 +232,10 @@ class AuditLog:
             fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
         return fields
 
-    def record(self, entry: Entry) -> AuditRecord:
+    def record(self, entry: Entry) -> dict:
         return self.record_many([entry])[0]
 
-    def record_many(self, entries: list[Entry]) -> list[AuditRecord]:
+    def record_many(self, entries: list[Entry]) -> list[dict]:
         """Append chained rows in one transaction (group commit) and make them durable before returning."""
         with self._lock:
             seq, prev = self._head
@@ -247,14 +247,16 @@ class AuditLog:
                 if self._sealer is not None:
                     fields.update(self._sealer.seal(seq, entry.prompt, entry.output))
                 digest = row_hash(prev, fields)
-                rows.append(AuditRecord(**fields, prev_hash=prev, row_hash=digest))
+                rows.append({**dict.fromkeys(OPTIONAL_CHAINED), **fields, "prev_hash": prev, "row_hash": digest})
                 prev = digest
             checkpoint = None
             if self.signing_key is not None and seq // self.checkpoint_every > self._head[0] // self.checkpoint_every:
                 checkpoint = self._checkpoint(seq, prev)
             try:
-                with Session(self.engine, expire_on_commit=False) as s, s.begin():
-                    s.add_all(rows + ([checkpoint] if checkpoint else []))
+                with Session(self.engine) as s, s.begin():
+                    s.execute(insert(AuditRecord), rows)  # Core bulk insert: no ORM unit of work per row
+                    if checkpoint is not None:
+                        s.add(checkpoint)
             except SQLAlchemyError as exc:
                 raise AuditError(f"audit write failed ({exc.orig or exc})") from None
             self._head = (seq, prev)

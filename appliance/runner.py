@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from . import protocol as P
 from .audit import AuditError, AuditLog, Entry
+from .audit_writer import AuditWriter
 from .loader import LoadedModel
 from .sampling import sample
 from .scheduler import Finish, Scheduler, Sequence
@@ -42,12 +43,14 @@ class Outgoing:
 
 class EngineRunner(threading.Thread):
     def __init__(self, model: LoadedModel, scheduler: Scheduler, audit: AuditLog | None,
-                 wake: Callable[[], None]):
+                 wake: Callable[[], None], writer: AuditWriter | None = None):
         super().__init__(name="engine", daemon=True)
         self.model = model
         self.scheduler = scheduler
         self.audit = audit
+        self.writer = writer
         self.audit_ok = True
+        self._unpublished = 0
         self.outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
         self._wake = wake
         self._lock = threading.Lock()
@@ -80,7 +83,7 @@ class EngineRunner(threading.Thread):
     def idle(self) -> bool:
         """No request waiting, running or awaiting its final reply."""
         with self._lock:
-            return not self._jobs and self.scheduler.idle and self.outbox.empty()
+            return not self._jobs and not self._unpublished and self.scheduler.idle and self.outbox.empty()
 
     def stop(self) -> None:
         with self._work:
@@ -159,18 +162,33 @@ class EngineRunner(threading.Thread):
         if not items:
             return
         finals = [self._final_entry(seq, error) for seq, error in items]
-        audited = self.write_audit(*[entry for entry, _, _ in finals])
+        replies = []
         for (seq, _), (entry, timings, message) in zip(items, finals, strict=True):
             job = self._jobs.pop(seq.key)
             usage = {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens}
-            if not audited:
-                frame = P.error_reply(job.request.id, P.E_AUDIT,
-                                      "the audit record could not be written; the result is withheld")
-            elif entry.error_code is None:
+            if entry.error_code is None:
                 frame = P.done_reply(job.request.id, job.sent_text, seq.finish.value, usage, timings)
             else:
                 frame = P.error_reply(job.request.id, entry.error_code, message)
-            self.outbox.put(Outgoing(seq.key, frame, True))
+            withheld = P.error_reply(job.request.id, P.E_AUDIT,
+                                     "the audit record could not be written; the result is withheld")
+            replies.append((seq.key, frame, withheld))
+
+        def publish(audited: bool) -> None:
+            for key, frame, withheld in replies:
+                self.outbox.put(Outgoing(key, frame if audited else withheld, True))
+            self._note_audit(audited)
+            with self._lock:
+                self._unpublished -= len(replies)
+            self._wake()
+
+        entries = [entry for entry, _, _ in finals]
+        with self._lock:
+            self._unpublished += len(replies)
+        if self.writer is not None:
+            self.writer.submit(entries, publish)  # the engine goes on; the reply leaves once the row is durable
+        else:
+            publish(self.write_audit(*entries))
 
     def _final_entry(self, seq: Sequence, error: tuple[str, str] | None) -> tuple[Entry, dict, str]:
         job = self._jobs[seq.key]
@@ -193,7 +211,7 @@ class EngineRunner(threading.Thread):
         return entry, timings, error[1] if error else ""
 
     def write_audit(self, *entries: Entry) -> bool:
-        """Durably record ``entries`` (one commit); on failure mark the audit store unavailable (fail closed)."""
+        """Durably record ``entries`` now (one commit); on failure mark the audit store unavailable."""
         if self.audit is None:
             return True
         try:
@@ -201,12 +219,16 @@ class EngineRunner(threading.Thread):
         except AuditError as exc:
             if self.audit_ok:
                 log.error("audit store unavailable: %s", exc)
-            self.audit_ok = False
+            self._note_audit(False)
             return False
-        if not self.audit_ok:
-            log.warning("audit store writable again")
-        self.audit_ok = True
+        self._note_audit(True)
         return True
+
+    def _note_audit(self, ok: bool) -> None:
+        """Fail closed while the store cannot write; reopen as soon as a write succeeds."""
+        if ok and not self.audit_ok:
+            log.warning("audit store writable again")
+        self.audit_ok = ok
 
 
 def _ms(seconds: float) -> float:

@@ -17,6 +17,7 @@ import zmq
 from . import __version__
 from . import protocol as P
 from .audit import AuditLog, Entry
+from .audit_writer import AuditWriter
 from .config import Config
 from .loader import LoadedModel, load_model
 from .notify import Notifier
@@ -45,6 +46,7 @@ class Server:
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()
+        self.writer = AuditWriter(audit) if audit is not None else None
         self.runner = self._make_runner(model)
         self._retiring: list[EngineRunner] = []  # previous models finishing their in-flight requests
         self._routes: dict[str, list[bytes]] = {}
@@ -56,7 +58,7 @@ class Server:
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
         scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=self.config.engine.max_queued,
                               max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id)
-        return EngineRunner(model, scheduler, self.audit, wake=self._wake)
+        return EngineRunner(model, scheduler, self.audit, wake=self._wake, writer=self.writer)
 
     # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
     def _start_reload(self) -> None:
@@ -191,7 +193,9 @@ class Server:
                 "audit": "ok" if self.runner.audit_ok else "unavailable",
                 "model_id": self.model.model_id, "version": self.model.version,
                 "uptime_s": round(time.monotonic() - self.started, 1), **load,
-                "tokens_generated": self.runner.tokens_generated}
+                "tokens_generated": self.runner.tokens_generated,
+                "audit_commits": self.writer.commits if self.writer else 0,
+                "audit_rows": self.writer.rows if self.writer else 0}
 
     def info(self) -> dict:
         eng = self.config.engine
@@ -205,6 +209,8 @@ class Server:
 
     # -- loop ----------------------------------------------------------------------------------
     def serve_forever(self, drain_s: float = 10.0) -> None:
+        if self.writer is not None:
+            self.writer.start()
         self.runner.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -243,6 +249,8 @@ class Server:
             for runner in (self.runner, *self._retiring):
                 runner.stop()
                 runner.join(timeout=5)
+            if self.writer is not None:
+                self.writer.stop()  # commits what is queued; their replies are flushed below
             self._flush_outbox()
             self.router.close(linger=500)
             self.wake_pull.close(linger=0)

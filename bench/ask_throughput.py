@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from appliance.client import Client  # noqa: E402
 from appliance.config import load_config  # noqa: E402
 from appliance.loader import load_model  # noqa: E402
+from bench.common import daemon  # noqa: E402
 
 PROMPTS = ["How do I reset the conveyor?", "Return the number of", "The socket module provides",
            "Raise ValueError if the"]
@@ -62,25 +61,6 @@ def in_process(config, new_tokens: int, rounds: int) -> dict:
         rates.append((new_tokens - 1) / (t2 - t1))
     return {"tokens_per_s": statistics.median(rates), "ttft_ms": statistics.median(ttft),
             "weight_bytes": spec.weight_bytes}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_daemon(config_path: Path) -> tuple[subprocess.Popen, str, Path]:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    text = config_path.read_text()
-    bench_cfg = config_path.with_name("bench-appliance.toml")
-    original = load_config(config_path).server.endpoints[0]
-    bench_cfg.write_text(text.replace(original, endpoint))
-    exe = Path(sys.executable).parent / "edge-appliance"
-    proc = subprocess.Popen([str(exe), "--config", str(bench_cfg), "serve"], stderr=subprocess.DEVNULL)
-    with Client(endpoint, timeout_s=2, retries=30) as c:
-        c.health()
-    return proc, endpoint, bench_cfg
 
 
 def through_daemon(endpoint: str, new_tokens: int, rounds: int) -> dict:
@@ -132,14 +112,9 @@ def main() -> int:
     config = load_config(config_path)
     bandwidth = memory_read_bandwidth()
     local = in_process(config, args.new_tokens, args.rounds)
-    proc, endpoint, bench_cfg = start_daemon(config_path)
-    try:
+    with daemon(config_path) as endpoint:
         remote = through_daemon(endpoint, args.new_tokens, args.rounds)
         loads = [concurrent(endpoint, n, 2, args.new_tokens) for n in args.clients]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        bench_cfg.unlink()
     wb = local["weight_bytes"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks: start a daemon on a free port from a device's config."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from appliance.client import Client  # noqa: E402
+from appliance.config import load_config  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def daemon(config_path: Path, name: str = "bench", audit_store: str | None = None):
+    """Run `edge-appliance serve` from a copy of ``config_path`` on a free port.
+
+    ``audit_store="none"`` turns the audit store off in the copy (benchmark baseline only).
+    """
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    original = load_config(config_path).server.endpoints[0]
+    text = config_path.read_text().replace(original, endpoint)
+    if audit_store:
+        line = f'store = "{audit_store}"\n'
+        text = text.replace("[audit]\n", "[audit]\n" + line, 1) if "[audit]\n" in text else text + "\n[audit]\n" + line
+    cfg = config_path.with_name(f"{name}-appliance.toml")
+    cfg.write_text(text)
+    exe = Path(sys.executable).parent / "edge-appliance"
+    proc = subprocess.Popen([str(exe), "--config", str(cfg), "serve"], stderr=subprocess.DEVNULL)
+    try:
+        with Client(endpoint, timeout_s=2, retries=60) as c:
+            c.health()
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        cfg.unlink()
