@@ -24,6 +24,44 @@ def _endpoint(args: argparse.Namespace) -> str:
     return DEFAULT_ENDPOINT
 
 
+def _client(args: argparse.Namespace):
+    """A client from the common flags, with CURVE when --server-key and --client-key are given."""
+    from .client import Client
+
+    server_key = keypair = None
+    if args.server_key or args.client_key:
+        import zmq
+
+        from provisioning.keys import read_private
+
+        if not (args.server_key and args.client_key):
+            raise ConfigError("CURVE needs both --server-key and --client-key")
+        server_key = _server_key(args.server_key)
+        path = Path(args.client_key)
+        secret = bytes(read_private(path.name, path.parent)).strip()
+        keypair = (zmq.curve_public(secret), secret)
+    return Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries, curve_server_key=server_key,
+                  curve_keypair=keypair)
+
+
+def _server_key(value: str) -> bytes:
+    """A Z85 server key, or a device identity file carrying ``curve_public``."""
+    if len(value) == 40 and not Path(value).exists():
+        return value.encode()
+    from provisioning.keys import DeviceIdentity
+
+    return DeviceIdentity.load(Path(value)).curve_public.encode()
+
+
+def cmd_client_keygen(args: argparse.Namespace) -> int:
+    from .auth import client_keygen
+
+    entry = client_keygen(Path(args.out), args.name)
+    print(f"wrote {args.out}/client.key (0600) and client.pub; add to the daemon's allow-list:\n\n"
+          f"[[client]]\nname = \"{entry.name}\"\nkey = \"{entry.key}\"\nrole = \"infer\"")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import run_daemon
     from .logs import setup_logging
@@ -33,11 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .client import Client
-
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
               "top_p": args.top_p, "seed": args.seed, "stop": args.stop or None}
-    with Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries) as client:
+    with _client(args) as client:
         final: dict = {}
         for event in client.generate(args.prompt, **params):
             if event["type"] == "token" and not args.json:
@@ -53,9 +89,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_simple(args: argparse.Namespace) -> int:
-    from .client import Client
-
-    with Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries) as client:
+    with _client(args) as client:
         print(json.dumps(client.call(args.command), indent=2))
     return 0
 
@@ -86,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--endpoint", help=f"daemon address (default: from --config, else {DEFAULT_ENDPOINT})")
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
         sp.add_argument("--retries", type=int, default=3, help="attempts before giving up (default: 3)")
+        sp.add_argument("--server-key", help="CURVE: the daemon's public key (Z85) or its device-identity.json")
+        sp.add_argument("--client-key", help="CURVE: this client's secret key file (from client-keygen)")
 
     a = sub.add_parser("ask", help="send a prompt and stream the answer")
     a.add_argument("prompt", help="the prompt text")
@@ -104,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         client_flags(sp)
         sp.set_defaults(func=cmd_simple)
+
+    k = sub.add_parser("client-keygen", help="make a CURVE key pair for a client and print its allow-list entry")
+    k.add_argument("--out", required=True, help="directory for client.key (0600) and client.pub")
+    k.add_argument("--name", required=True, help="the client's name in the allow-list and the audit log")
+    k.set_defaults(func=cmd_client_keygen)
 
     i = sub.add_parser("init", help="write a config file for a device")
     i.add_argument("--out", required=True, help="config file to write")
@@ -125,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from provisioning.errors import ProvisioningError
 
     from .audit import AuditError
+    from .auth import AuthConfigError
     from .client import ClientError
     from .engine import EngineError
     from .loader import ModelLoadError
@@ -132,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ClientError, AuditError, EngineError, ModelLoadError, ProvisioningError) as exc:
+    except (ConfigError, ClientError, AuditError, AuthConfigError, EngineError, ModelLoadError,
+            ProvisioningError) as exc:
         print(f"edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

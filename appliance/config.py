@@ -44,6 +44,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    curve: bool = False  # CurveZMQ encryption + client allow-list on every endpoint
+    clients: str | None = None  # allow-list TOML (relative to the config file)
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     trust_dir: Path
@@ -52,10 +58,11 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: Path | None = None
 
 
-_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig}
+_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig, "auth": AuthConfig}
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
 
@@ -94,9 +101,14 @@ def load_config(path: Path) -> Config:
         audit = AuditConfig(**{**audit.__dict__, "recipient": str(resolve(audit.recipient))})
     if audit.store not in ("sqlite", "none") or audit.content not in ("hash", "encrypted", "none"):
         raise ConfigError(f"{path}: [audit] store must be sqlite|none and content hash|encrypted|none")
+    auth = sections["auth"]
+    if auth.curve and not auth.clients:
+        raise ConfigError(f"{path}: [auth] curve = true needs clients = \"<allow-list file>\"")
+    if auth.clients:
+        auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)))
     return Config(state_dir=resolve(paths["state_dir"]), trust_dir=resolve(paths["trust_dir"]),
                   key_dir=resolve(paths.get("key_dir")), audit_db=resolve(paths["audit_db"]),
-                  server=sections["server"], engine=sections["engine"], audit=audit, source=path)
+                  server=sections["server"], engine=sections["engine"], audit=audit, auth=auth, source=path)
 
 
 def render_config(state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT,
@@ -125,4 +137,8 @@ max_new_tokens = 256        # upper bound a request may ask for
 content = "hash"            # hash (digests only) | encrypted (sealed for `recipient`) | none
 # recipient = "reviewer-identity.json"   # the hospital reviewer's key, needed for content = "encrypted"
 checkpoint_every = 100      # rows between checkpoints signed with the device's Ed25519 key
+
+[auth]
+curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served
+# clients = "clients.toml"  # [[client]] name = "...", key = "<Z85 public key>", role = "infer" | "admin"
 """

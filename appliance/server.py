@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 
 import zmq
 
@@ -41,6 +42,10 @@ class Server:
         self.router.setsockopt(zmq.MAXMSGSIZE, config.server.max_message_bytes)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.authenticator = None
+        self.clients: dict = {}
+        if config.auth.curve:
+            self._secure()
         for endpoint in config.server.endpoints:
             self.router.bind(endpoint)
         self.wake_pull = self.ctx.socket(zmq.PULL)
@@ -54,6 +59,30 @@ class Server:
         self._loader: threading.Thread | None = None
         self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
+
+    def _secure(self) -> None:
+        from provisioning.keys import DEVICE_CURVE, read_private, wipe
+
+        from .auth import load_clients, secure_server, start_authenticator
+
+        self.clients = {e.user_id: e for e in load_clients(Path(self.config.auth.clients)).values()}
+        secret = read_private(DEVICE_CURVE, self.config.key_dir)
+        try:
+            public = secure_server(self.router, bytes(secret).strip())
+        finally:
+            wipe(secret)
+        self.authenticator = start_authenticator(self.ctx, {e.key: e for e in self.clients.values()},
+                                                 self._audit_denied)
+        log.info("CURVE on: server key %s, %d allowed client(s)", public, len(self.clients))
+
+    def _audit_denied(self, z85_key: str) -> None:
+        """Runs in the ZAP thread: an unknown key tried to connect."""
+        from .auth import key_fingerprint
+
+        log.warning("refused CURVE client %s (not in the allow-list)", key_fingerprint(z85_key))
+        self.runner.write_audit(Entry(request_id="-", op="connect", client=f"unknown:{key_fingerprint(z85_key)}",
+                                      role="-", status="rejected", error_code=P.E_UNAUTHORIZED,
+                                      model_id=self.model.model_id, model_version=self.model.version))
 
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
         scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=self.config.engine.max_queued,
@@ -135,6 +164,7 @@ class Server:
             return  # no routing envelope: nothing to answer
         envelope = [f.bytes for f in frames[:-1]]
         client = _client_identity(frames[-1])
+        role = self.clients[client].role if client in self.clients else "infer"
         try:
             req = P.parse_request(frames[-1].bytes, self.config.engine.max_new_tokens)
         except P.ProtocolError as exc:
@@ -150,9 +180,9 @@ class Server:
             found = any(r.cancel(key) for r in (self.runner, *self._retiring))
             self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
         else:
-            self._generate(envelope, client, req)
+            self._generate(envelope, client, role, req)
 
-    def _generate(self, envelope: list[bytes], client: str, req: P.Request) -> None:
+    def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request) -> None:
         def refuse(code: str, message: str, **extra) -> None:
             self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, **extra)
 
@@ -172,7 +202,7 @@ class Server:
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(key=key, prompt_ids=ids, max_tokens=min(req.max_tokens, room), sampling=req.sampling,
                        deadline=deadline, ignore_eos=req.ignore_eos)
-        if not self.runner.submit(Job(seq=seq, request=req, client=client, role="infer")):
+        if not self.runner.submit(Job(seq=seq, request=req, client=client, role=role)):
             return refuse(P.E_BUSY, "the waiting queue is full", retry_after_ms=250)
         self._routes[key] = envelope
 
@@ -254,6 +284,8 @@ class Server:
             self._flush_outbox()
             self.router.close(linger=500)
             self.wake_pull.close(linger=0)
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.ctx.term()
 
 
