@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from provisioning.install import fsync_path
 from provisioning.keys import fingerprint, public_bytes, wipe
 
 from .audit import (
@@ -63,14 +64,6 @@ def _decode(line: dict) -> dict:
     for k in BINARY:
         row[k] = base64.b64decode(row[k]) if row.get(k) is not None else None
     return row
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -121,11 +114,11 @@ def export(audit: AuditLog, to: Path, signing_key: Ed25519PrivateKey, device_id:
     (partial / MANIFEST).write_bytes(raw)
     (partial / SIGNATURE).write_bytes(signing_key.sign(raw))
     for f in (ROWS, MANIFEST, SIGNATURE):
-        _fsync(partial / f)
+        fsync_path(partial / f)
     final = to / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    _fsync(to)
+    fsync_path(to)
     with Session(audit.engine) as s, s.begin():
         s.add(Export(from_seq=start, to_seq=end, head_hash=rows[-1].row_hash, ts=time.time(), name=name))
     return ExportResult(final, start, end, len(rows))

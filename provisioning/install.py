@@ -40,7 +40,8 @@ def _link_target(state: Path, name: str) -> Path | None:
     return (state / os.readlink(link)) if link.is_symlink() else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,7 +56,7 @@ def _point(state: Path, name: str, slot: str) -> None:
         tmp.unlink()
     os.symlink(f"slots/{slot}", tmp)
     os.replace(tmp, state / name)
-    _fsync_dir(state)
+    fsync_path(state)
 
 
 def current_bundle(state: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle | None:
@@ -100,7 +101,7 @@ def install(source: Path, state: Path, trusted: dict[str, Ed25519PublicKey], dev
                 os.fsync(f.fileno())
     shutil.rmtree(slots / slot, ignore_errors=True)
     os.replace(staging, slots / slot)
-    _fsync_dir(slots)
+    fsync_path(slots)
     if active:
         _point(state, "previous", active)
     _point(state, "current", slot)

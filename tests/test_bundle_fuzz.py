@@ -29,6 +29,15 @@ def write_signed(root: Path, manifest_bytes: bytes) -> None:
     (root / "manifest.sig").write_bytes(VENDOR.sign(manifest_bytes))
 
 
+def real_bundle(root: Path) -> Path:
+    """A genuine two-chunk bundle under ``root/b`` for the tests to damage; returns ``root``."""
+    src = root / "plain"
+    src.write_bytes(b"y" * 70000)
+    seal({"model.onnx": src}, root / "b", model_id="m", version=1, architecture="X", engines=[], signing_key=VENDOR,
+         recipients=[DEVICE.public_key()], chunk_size=1 << 16)
+    return root
+
+
 def exercise(root: Path) -> None:
     try:
         bundle = open_bundle(root, TRUSTED)
@@ -61,11 +70,7 @@ def test_signed_structured_manifest(tmp_path_factory, manifest):
 @given(field=st.sampled_from(["id", "path", "size", "chunk_size", "chunks", "nonce_prefix", "ciphertext_sha256"]),
        value=json_values)
 def test_one_bad_file_field_in_a_real_manifest(tmp_path_factory, field, value):
-    root = tmp_path_factory.mktemp("f")
-    src = root / "plain"
-    src.write_bytes(b"x" * 70000)
-    seal({"model.onnx": src}, root / "b", model_id="m", version=1, architecture="X", engines=[], signing_key=VENDOR,
-         recipients=[DEVICE.public_key()], chunk_size=1 << 16)
+    root = real_bundle(tmp_path_factory.mktemp("f"))
     manifest = json.loads((root / "b" / "manifest.json").read_text())
     manifest["files"][0][field] = value
     write_signed(root / "b", json.dumps(manifest).encode())
@@ -75,11 +80,7 @@ def test_one_bad_file_field_in_a_real_manifest(tmp_path_factory, field, value):
 @SETTINGS
 @given(payload=st.binary(max_size=70000), cut=st.integers(min_value=0, max_value=70100))
 def test_hostile_payload_bytes(tmp_path_factory, payload, cut):
-    root = tmp_path_factory.mktemp("p")
-    src = root / "plain"
-    src.write_bytes(b"y" * 70000)
-    seal({"model.onnx": src}, root / "b", model_id="m", version=1, architecture="X", engines=[], signing_key=VENDOR,
-         recipients=[DEVICE.public_key()], chunk_size=1 << 16)
+    root = real_bundle(tmp_path_factory.mktemp("p"))
     enc = root / "b" / "payload" / "000.enc"
     enc.write_bytes((payload + enc.read_bytes())[:cut])
     exercise(root / "b")
