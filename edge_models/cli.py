@@ -39,6 +39,111 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(args: argparse.Namespace):
+    from .prune import PruneTarget
+
+    if any(v is not None for v in (args.heads, args.ffn, args.experts, args.layers)):
+        return PruneTarget(ffn=args.ffn, heads=args.heads, experts=args.experts, layers=args.layers)
+    return None
+
+
+def _distill_cfg(args: argparse.Namespace):
+    from .distill import DistillConfig
+
+    return DistillConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                         temperature=args.temperature, alpha=args.alpha, eval_every=args.eval_every,
+                         patience=args.patience, seed=args.seed, device=args.device)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress, summary_table
+
+    report = compress(Path(args.teacher), Path(args.out), target=args.target, shape=_shape(args),
+                      data=[Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                      stride=args.stride, distill_cfg=_distill_cfg(args), export=not args.no_export)
+    print(summary_table(report))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .compress import calibration_batches, load_checkpoint, save_checkpoint
+    from .data import build_dataset
+    from .prune import describe, measure_importance, non_embedding_parameters, prune, target_for_budget
+
+    teacher, tok = load_checkpoint(Path(args.model))
+    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                       stride=args.stride)
+    target = _shape(args) or target_for_budget(teacher, args.target or 0.5)
+    student = prune(teacher, measure_importance(teacher, calibration_batches(ds.train)), target)
+    save_checkpoint(student, Path(args.model), Path(args.out))
+    print(f"pruned to {describe(target)}: {non_embedding_parameters(student):,} of "
+          f"{non_embedding_parameters(teacher):,} non-embedding parameters → {args.out}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .compress import load_checkpoint, save_checkpoint
+    from .data import build_dataset
+    from .distill import distill
+
+    teacher, tok = load_checkpoint(Path(args.teacher))
+    student, _ = load_checkpoint(Path(args.student))
+    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                       stride=args.stride)
+    history = distill(student, teacher, ds.train, ds.heldout, _distill_cfg(args), out_dir=Path(args.out),
+                      resume=args.resume, run_steps=args.run_steps)
+    save_checkpoint(student, Path(args.student), Path(args.out))
+    print(f"distilled: best held-out perplexity {2.718281828 ** history['best_heldout_loss']:.2f} "
+          f"({history['stopped']}) → {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .compress import PROMPTS, load_checkpoint
+    from .data import build_dataset
+    from .evaluate import evaluate
+
+    model, tok = load_checkpoint(Path(args.model))
+    teacher = load_checkpoint(Path(args.teacher))[0] if args.teacher else None
+    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                       stride=args.stride)
+    prompts = [[tok.token_to_id("<|bos|>"), *tok.encode(p).ids] for p in PROMPTS]
+    report = evaluate(model, teacher, ds.heldout, prompts, Path(args.model))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", help="text/markdown/JSONL files or directories (default: the Python "
+                                             "standard library's docstrings)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")
+    p.add_argument("--stride", type=int, default=64, help="tokens between training windows (default: 64)")
+
+
+def _shape_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", type=float, help="fraction of non-embedding parameters to keep (default 0.5)")
+    p.add_argument("--heads", type=int, help="attention heads to keep (GQA: multiple of the group size)")
+    p.add_argument("--ffn", type=int, help="dense MLP channels to keep")
+    p.add_argument("--experts", type=int, help="routed experts to keep per MoE layer")
+    p.add_argument("--layers", type=int, help="decoder layers to keep")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (default: 16)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: 1)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T (default: 2)")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term; 0 = plain fine-tuning (0.9)")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations (default: 50)")
+    p.add_argument("--patience", type=int, default=4, help="evaluations without improvement before stopping (4)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-models", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,6 +161,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="checkpoint directory (config.json + weights; never a hub id)")
     e.add_argument("--out", required=True, help="output directory for model.onnx and decoder.json")
     e.set_defaults(func=cmd_export)
+    c = sub.add_parser("compress", help="prune → distill → evaluate → export, with a summary table")
+    c.add_argument("--teacher", required=True, help="teacher checkpoint directory (local; never a hub id)")
+    c.add_argument("--out", required=True, help="output directory (pruned/, student/, onnx/, report.json)")
+    c.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    _shape_flags(c)
+    _data_flags(c)
+    _train_flags(c)
+    c.set_defaults(func=cmd_compress)
+    pr = sub.add_parser("prune", help="structured pruning from calibration activations")
+    pr.add_argument("--model", required=True, help="checkpoint directory to prune")
+    pr.add_argument("--out", required=True, help="directory for the pruned checkpoint")
+    _shape_flags(pr)
+    _data_flags(pr)
+    pr.set_defaults(func=cmd_prune)
+    di = sub.add_parser("distill", help="train a student on the teacher's distributions (KL + CE)")
+    di.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    di.add_argument("--student", required=True, help="student checkpoint directory (e.g. from prune)")
+    di.add_argument("--out", required=True, help="directory for the distilled checkpoint and its checkpoints")
+    di.add_argument("--resume", action="store_true", help="continue from OUT/distill-checkpoint.pt")
+    di.add_argument("--run-steps", type=int, help="pause (checkpointed) after this many steps; --resume continues")
+    _data_flags(di)
+    _train_flags(di)
+    di.set_defaults(func=cmd_distill)
+    ev = sub.add_parser("eval", help="perplexity, agreement/KL with a teacher, distinct-n, size (JSON)")
+    ev.add_argument("--model", required=True, help="checkpoint directory to evaluate")
+    ev.add_argument("--teacher", help="teacher checkpoint to compare with")
+    ev.add_argument("--out", help="write the JSON report here too")
+    _data_flags(ev)
+    ev.set_defaults(func=cmd_eval)
     return p
 
 

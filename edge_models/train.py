@@ -23,11 +23,13 @@ class TrainConfig:
 DEFAULT_TRAIN = TrainConfig()
 
 
-def pack_windows(token_docs: list[list[int]], seq_len: int) -> np.ndarray:
-    """Concatenate tokenized documents and cut the stream into ``seq_len + 1`` windows (input + shifted target)."""
+def pack_windows(token_docs: list[list[int]], seq_len: int, stride: int | None = None) -> np.ndarray:
+    """Concatenate tokenized documents and cut the stream into ``seq_len + 1`` windows (input + shifted
+    target), one every ``stride`` tokens (default ``seq_len``: no overlap)."""
+    stride = stride or seq_len
     stream = np.fromiter((t for doc in token_docs for t in doc), dtype=np.int64)
-    n = (len(stream) - 1) // seq_len
-    return np.stack([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
+    starts = range(0, len(stream) - seq_len, stride)
+    return np.stack([stream[s: s + seq_len + 1] for s in starts])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

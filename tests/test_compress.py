@@ -1,0 +1,172 @@
+"""Compression pipeline: pruning keeps valid, exportable checkpoints (DeepSeek MLA+MoE and Qwen2 GQA),
+distillation trains and resumes deterministically, data never leaks across the split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from appliance.engine import DecoderSpec
+from appliance.engine.ort_engine import OrtEngine
+from edge_models.data import DataError, build_dataset, clean, read_documents
+from edge_models.distill import DistillConfig, distill
+from edge_models.export import export_decoder
+from edge_models.parity import engine_greedy, hf_greedy
+from edge_models.prune import (
+    Importance,
+    PruneTarget,
+    measure_importance,
+    non_embedding_parameters,
+    prune,
+    target_for_budget,
+)
+
+
+def batches(vocab: int, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (4, 32), generator=g) for _ in range(n)]
+
+
+def exports_and_matches(model, tmp_path) -> None:
+    """The pruned model exports, and ONNX Runtime greedy equals transformers (batch 1 and padded 2)."""
+    spec = export_decoder(model, tmp_path / "onnx")
+    engine = OrtEngine((tmp_path / "onnx" / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=128)
+    prompts = [[spec.bos_token_id, 40, 41, 42, 43, 44], [spec.bos_token_id, 300, 301]]
+    assert engine_greedy(engine, prompts, 10, spec.eos_token_id) == hf_greedy(model, prompts, 10, spec.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_build):
+    return AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
+
+
+def test_prune_deepseek_mla_heads_experts_and_ffn(teacher, tmp_path):
+    imp = measure_importance(teacher, batches(teacher.config.vocab_size))
+    student = prune(teacher, imp, PruneTarget(heads=2, experts=2, ffn=64))
+    cfg = student.config
+    assert (cfg.num_attention_heads, cfg.n_routed_experts, cfg.intermediate_size) == (2, 2, 64)
+    assert teacher.config.num_attention_heads == 4  # the teacher is untouched
+    assert non_embedding_parameters(student) < 0.7 * non_embedding_parameters(teacher)
+    student.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    ids = batches(cfg.vocab_size, 1)[0]
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+    exports_and_matches(reloaded, tmp_path)
+
+
+def test_prune_layers_updates_dense_prefix(teacher):
+    imp = measure_importance(teacher, batches(teacher.config.vocab_size))
+    student = prune(teacher, imp, PruneTarget(layers=1))
+    assert student.config.num_hidden_layers == 1 and len(student.model.layers) == 1
+    kept_dense = int(np.argmax(imp.layers)) == 0
+    assert student.config.first_k_dense_replace == (1 if kept_dense else 0)
+    with torch.no_grad():
+        student(input_ids=batches(teacher.config.vocab_size, 1)[0])
+
+
+def qwen2(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_prune_qwen2_respects_gqa_groups_and_exports(tmp_path):
+    model = qwen2(tmp_path)
+    imp = measure_importance(model, batches(512))
+    assert imp.heads[0].shape == (2,)  # scored per key/value group
+    student = prune(model, imp, PruneTarget(heads=2, layers=2, ffn=64))
+    cfg = student.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (2, 1, 2)
+    exports_and_matches(student, tmp_path)
+    with pytest.raises(ValueError, match="multiple of the query group size"):
+        prune(model, imp, PruneTarget(heads=3))
+
+
+def test_pruning_keeps_the_most_important_channels(teacher):
+    n = teacher.config.intermediate_size
+    scores = np.zeros(n)
+    scores[[5, 17, 60]] = 1.0
+    imp = Importance(ffn={0: scores}, heads={}, experts={}, layers=np.zeros(2))
+    student = prune(teacher, imp, PruneTarget(ffn=3))
+    kept = student.model.layers[0].mlp.gate_proj.weight
+    assert torch.equal(kept, teacher.model.layers[0].mlp.gate_proj.weight[[5, 17, 60]])
+
+
+def test_budget_target_lands_under_the_fraction(teacher):
+    target = target_for_budget(teacher, 0.5)
+    imp = measure_importance(teacher, batches(teacher.config.vocab_size))
+    student = prune(teacher, imp, target)
+    assert non_embedding_parameters(student) <= 0.5 * non_embedding_parameters(teacher)
+
+
+def test_distillation_improves_and_resumes_exactly(teacher, tiny_build, tmp_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
+    ds = build_dataset(tok, seq_len=32, stride=32)
+    imp = measure_importance(teacher, batches(teacher.config.vocab_size))
+    cfg = DistillConfig(steps=12, batch_size=4, eval_every=6, save_every=6, patience=10, warmup=2)
+    straight = prune(teacher, imp, PruneTarget(ffn=32, experts=2))
+    hist = distill(straight, teacher, ds.train, ds.heldout[:8], cfg)
+    assert [e["step"] for e in hist["evals"]] == [6, 12]
+    assert hist["evals"][1]["heldout_loss"] < hist["evals"][0]["heldout_loss"]
+    interrupted = prune(teacher, imp, PruneTarget(ffn=32, experts=2))
+    first = distill(interrupted, teacher, ds.train, ds.heldout[:8], cfg, out_dir=tmp_path / "run", run_steps=6)
+    assert first["stopped"] == "paused after step 6"
+    resumed = prune(teacher, imp, PruneTarget(ffn=32, experts=2))
+    distill(resumed, teacher, ds.train, ds.heldout[:8], cfg, out_dir=tmp_path / "run", resume=True)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_plain_finetuning_arm_needs_no_teacher(teacher, tiny_build):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
+    ds = build_dataset(tok, seq_len=32, stride=32)
+    student = prune(teacher, measure_importance(teacher, batches(teacher.config.vocab_size)), PruneTarget(ffn=32))
+    hist = distill(student, None, ds.train, ds.heldout[:8], DistillConfig(steps=4, batch_size=4, eval_every=2,
+                                                                          alpha=0.0))
+    assert len(hist["evals"]) == 2
+
+
+def test_data_files_are_cleaned_deduplicated_and_split_without_leaks(tmp_path, tiny_build):
+    from tokenizers import Tokenizer
+
+    docs = [f"Procedure {i}: press the green button, wait {i} seconds, then release the lever." for i in range(200)]
+    (tmp_path / "manual.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs + docs[:20]) + "\n"
+                                           + json.dumps({"input_text": "Q: reset?", "target_text": "A: hold reset "
+                                                         "for five seconds."}) + "\n")
+    (tmp_path / "sop.txt").write_text("Short.\n\n\nA longer standard operating procedure paragraph here.\x07")
+    raw = read_documents([tmp_path])
+    cleaned = clean(raw)
+    assert len(raw) == 223 and len(cleaned) == 202  # 20 repeats and one too-short section dropped
+    assert all("\x07" not in d for d in cleaned)
+    tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
+    ds = build_dataset(tok, [tmp_path], seq_len=16, stride=8)
+    assert ds.stats["train_docs"] + ds.stats["heldout_docs"] == 202 and ds.stats["heldout_docs"] > 0
+    train_set = {tuple(w) for w in ds.train}
+    assert not any(tuple(w) in train_set for w in ds.heldout)
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        read_documents([tmp_path / "bad.jsonl"])
+
+
+def test_compress_command_end_to_end(tiny_build, tmp_path):
+    from tests.conftest import run_cli
+
+    out = run_cli("edge-models", "compress", "--teacher", str(tiny_build / "teacher"), "--out", str(tmp_path / "c"),
+                  "--target", "0.6", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--seq-len", "32",
+                  "--stride", "32").stdout
+    assert "pruned + distilled" in out
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["student"]["non_embedding_fraction"] <= 0.6
+    spec = DecoderSpec.from_json((tmp_path / "c" / "onnx" / "decoder.json").read_text())
+    assert spec.architecture == "DeepseekV3ForCausalLM" and (tmp_path / "c" / "onnx" / "tokenizer.json").exists()
