@@ -170,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     from .client import ClientError
     from .engine import EngineError
     from .loader import ModelLoadError
+    from .server import BindError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ClientError, AuditError, AuthConfigError, EngineError, ModelLoadError,
+    except (ConfigError, ClientError, AuditError, AuthConfigError, BindError, EngineError, ModelLoadError,
             ProvisioningError) as exc:
         print(f"edge-appliance: error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,10 @@ from .runner import EngineRunner, Job
 from .scheduler import Scheduler, Sequence
 
 log = logging.getLogger("appliance.server")
+
+
+class BindError(Exception):
+    """An endpoint cannot be bound (in use, bad address, no permission)."""
 WAKE = "inproc://engine-wake"
 
 
@@ -47,7 +51,13 @@ class Server:
         if config.auth.curve:
             self._secure()
         for endpoint in config.server.endpoints:
-            self.router.bind(endpoint)
+            try:
+                self.router.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self.router.close(linger=0)
+                self.ctx.term()
+                raise BindError(f"cannot listen on {endpoint}: {exc.strerror} (is another edge-appliance running? "
+                                "change [server] endpoints)") from None
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()

@@ -85,6 +85,7 @@ def distill(student, teacher, train: np.ndarray, heldout: np.ndarray, cfg: Disti
     schedule = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup)
     history = {"config": asdict(cfg), "train_loss": [], "evals": [], "stopped": "steps"}
     start, best, bad_evals, best_state = 0, math.inf, 0, None
+    rng = np.random.default_rng(cfg.seed)
     ckpt = out_dir / "distill-checkpoint.pt" if out_dir else None
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -92,8 +93,7 @@ def distill(student, teacher, train: np.ndarray, heldout: np.ndarray, cfg: Disti
         opt.load_state_dict(state["optim"])
         start, history, best, bad_evals = state["step"], state["history"], state["best"], state["bad_evals"]
         best_state = state.get("best_state")
-    rng = np.random.default_rng(cfg.seed)
-    rng.integers(0, len(train), (start * cfg.grad_accum, cfg.batch_size))  # same batches after a resume
+        rng.bit_generator.state = state["rng"]  # the same batches as an uninterrupted run
     bar = tqdm(range(start, cfg.steps), desc=desc, unit="step", initial=start, total=cfg.steps)
     for step in bar:
         student.train()
@@ -127,7 +127,8 @@ def distill(student, teacher, train: np.ndarray, heldout: np.ndarray, cfg: Disti
         if ckpt is not None and (done % cfg.save_every == 0 or pause):
             out_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"model": student.state_dict(), "optim": opt.state_dict(), "step": done, "history": history,
-                        "best": best, "bad_evals": bad_evals, "best_state": best_state}, ckpt)
+                        "best": best, "bad_evals": bad_evals, "best_state": best_state,
+                        "rng": rng.bit_generator.state}, ckpt)
         if pause:
             history["stopped"] = f"paused after step {done}"
             return history

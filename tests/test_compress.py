@@ -138,9 +138,11 @@ def test_plain_finetuning_arm_needs_no_teacher(teacher, tiny_build):
 
 
 def test_data_files_are_cleaned_deduplicated_and_split_without_leaks(tmp_path, tiny_build):
+
     from tokenizers import Tokenizer
 
-    docs = [f"Procedure {i}: press the green button, wait {i} seconds, then release the lever." for i in range(200)]
+    rng = np.random.default_rng(0)  # random text: any shared window could only come from a leaked document
+    docs = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz  "), 90)) for _ in range(200)]
     (tmp_path / "manual.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs + docs[:20]) + "\n"
                                            + json.dumps({"input_text": "Q: reset?", "target_text": "A: hold reset "
                                                          "for five seconds."}) + "\n")
