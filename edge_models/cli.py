@@ -116,6 +116,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tokenizers import Tokenizer
+
+    from .data import build_dataset
+    from .quantize import MODES, compare_modes
+
+    tok = Tokenizer.from_file(str(Path(args.onnx) / "tokenizer.json"))
+    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                       stride=args.stride)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    report = compare_modes(Path(args.onnx), Path(args.out), ds.heldout, modes)
+    (Path(args.out) / "quantize-report.json").write_text(json.dumps(report, indent=2))
+    print(f"{'variant':8} {'MB':>7} {'perplexity':>10} {'drift':>7} {'tok/s':>7} {'speed-up':>8}")
+    for name, r in report.items():
+        print(f"{name:8} {r['bytes'] / 1e6:7.1f} {r['perplexity']:10.2f} {r['perplexity_drift']:+7.1%} "
+              f"{r['tokens_per_s']:7.1f} {r['speedup']:8.2f}")
+    return 0
+
+
 def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", help="text/markdown/JSONL files or directories (default: the Python "
                                              "standard library's docstrings)")
@@ -190,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="write the JSON report here too")
     _data_flags(ev)
     ev.set_defaults(func=cmd_eval)
+    q = sub.add_parser("quantize", help="weight-only 4/8-bit (MatMulNBits) or dynamic int8, with drift and speed")
+    q.add_argument("--onnx", required=True, help="exported decoder directory (model.onnx + decoder.json + tokenizer)")
+    q.add_argument("--out", required=True, help="directory for one subdirectory per variant and the report")
+    q.add_argument("--mode", default="all", choices=["q4", "q8", "int8", "all"], help="variant(s) to build (all)")
+    _data_flags(q)
+    q.set_defaults(func=cmd_quantize)
     return p
 
 

@@ -172,3 +172,20 @@ def test_compress_command_end_to_end(tiny_build, tmp_path):
     assert report["student"]["non_embedding_fraction"] <= 0.6
     spec = DecoderSpec.from_json((tmp_path / "c" / "onnx" / "decoder.json").read_text())
     assert spec.architecture == "DeepseekV3ForCausalLM" and (tmp_path / "c" / "onnx" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["q4", "q8", "int8"])
+def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_path, mode):
+    from tokenizers import Tokenizer
+
+    from edge_models.quantize import onnx_perplexity, quantize
+
+    out = quantize(tiny_build / "onnx", tmp_path / mode, mode)
+    tok = Tokenizer.from_file(str(tiny_build / "onnx" / "tokenizer.json"))
+    windows = build_dataset(tok, seq_len=32, stride=32).heldout
+    base, quant = onnx_perplexity(tiny_build / "onnx", windows, 16), onnx_perplexity(out, windows, 16)
+    assert abs(quant / base - 1) < 0.15, (base, quant)
+    spec = DecoderSpec.from_json((out / "decoder.json").read_text())
+    engine = OrtEngine((out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)
+    outputs = engine_greedy(engine, [[spec.bos_token_id, 40, 41], [spec.bos_token_id, 50]], 8, spec.eos_token_id)
+    assert all(len(o) == 8 for o in outputs)

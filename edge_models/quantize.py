@@ -1,0 +1,118 @@
+"""Weight-only and dynamic quantization of the exported decoder, with drift and speed measured.
+
+Modes: ``q4`` / ``q8`` — ONNX Runtime ``MatMulNBits`` (weights in 4 or 8 bits, blocks of 32,
+int8 compute on CPU, ``accuracy_level=4``); ``int8`` — dynamic int8 quantization of every MatMul.
+The routed experts' 3-D weight tensors (DeepSeek MoE) and the embedding stay in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from appliance.engine.ort_engine import OrtEngine
+from appliance.engine.spec import DecoderSpec
+
+MODES = ("q4", "q8", "int8")
+COMPANIONS = ("decoder.json", "tokenizer.json")
+
+
+def quantize(onnx_dir: Path, out_dir: Path, mode: str) -> Path:
+    """Write a quantized copy of ``onnx_dir`` (graph + decoder.json + tokenizer.json) to ``out_dir``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src, dst = Path(onnx_dir) / "model.onnx", out_dir / "model.onnx"
+    with _quiet():
+        _run(mode, src, dst)
+    for name in COMPANIONS:
+        shutil.copy(Path(onnx_dir) / name, out_dir / name)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizers log one INFO line per node, on the root logger too."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
+def _run(mode: str, src: Path, dst: Path) -> None:
+    import onnx
+
+    if mode == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4 if mode == "q4" else 8, block_size=32,
+                                         is_symmetric=True, accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def _engine(onnx_dir: Path, slots: int = 1) -> OrtEngine:
+    spec = DecoderSpec.from_json((Path(onnx_dir) / "decoder.json").read_text())
+    return OrtEngine((Path(onnx_dir) / "model.onnx").read_bytes(), spec, num_slots=slots, max_seq_len=1024)
+
+
+def onnx_perplexity(onnx_dir: Path, windows: np.ndarray, limit: int = 64) -> float:
+    """Perplexity of the ONNX graph itself (what the appliance runs) on held-out windows."""
+    engine = _engine(onnx_dir)
+    names = engine._names
+    total, count = 0.0, 0
+    for window in windows[:limit]:
+        ids = window[None, :-1]
+        mask = np.ones_like(ids)
+        feeds = dict(zip(names, [ids, mask, np.arange(ids.shape[1])[None], *engine._empty_cache(1)], strict=True))
+        logits = engine.session.run(["logits"], feeds)[0][0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return math.exp(total / count)
+
+
+def decode_speed(onnx_dir: Path, new_tokens: int = 64, rounds: int = 3) -> float:
+    """Median batch-1 greedy decode tokens/s through the appliance engine."""
+    engine = _engine(onnx_dir)
+    bos = engine.spec.bos_token_id
+    rates = []
+    for _ in range(rounds):
+        logits = engine.prefill([(0, [bos, 40, 41, 42, 43, 44, 45, 46])])
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = engine.decode([(0, int(np.argmax(logits[0])))])
+        rates.append(new_tokens / (time.perf_counter() - start))
+        engine.release(0)
+    return float(np.median(rates))
+
+
+def compare_modes(onnx_dir: Path, out_root: Path, windows: np.ndarray, modes=MODES) -> dict:
+    """fp32 and each quantized variant: perplexity, drift, decode speed, bytes. Same run, same windows."""
+    rows = {"fp32": Path(onnx_dir)}
+    for mode in modes:
+        rows[mode] = quantize(onnx_dir, Path(out_root) / mode, mode)
+    report = {}
+    for name, path in rows.items():
+        report[name] = {"perplexity": onnx_perplexity(path, windows), "tokens_per_s": decode_speed(path),
+                        "bytes": (path / "model.onnx").stat().st_size}
+    base = report["fp32"]
+    for r in report.values():
+        r["perplexity_drift"] = r["perplexity"] / base["perplexity"] - 1
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return report
