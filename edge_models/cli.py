@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -67,12 +68,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .compress import calibration_batches, load_checkpoint, save_checkpoint
-    from .data import build_dataset
     from .prune import describe, measure_importance, non_embedding_parameters, prune, target_for_budget
 
     teacher, tok = load_checkpoint(Path(args.model))
-    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                       stride=args.stride)
+    ds = _dataset(args, tok)
     target = _shape(args) or target_for_budget(teacher, args.target or 0.5)
     student = prune(teacher, measure_importance(teacher, calibration_batches(ds.train)), target)
     save_checkpoint(student, Path(args.model), Path(args.out))
@@ -83,32 +82,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .compress import load_checkpoint, save_checkpoint
-    from .data import build_dataset
     from .distill import distill
 
     teacher, tok = load_checkpoint(Path(args.teacher))
     student, _ = load_checkpoint(Path(args.student))
-    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                       stride=args.stride)
+    ds = _dataset(args, tok)
     history = distill(student, teacher, ds.train, ds.heldout, _distill_cfg(args), out_dir=Path(args.out),
                       resume=args.resume, run_steps=args.run_steps)
     save_checkpoint(student, Path(args.student), Path(args.out))
-    print(f"distilled: best held-out perplexity {2.718281828 ** history['best_heldout_loss']:.2f} "
+    print(f"distilled: best held-out perplexity {math.exp(history['best_heldout_loss']):.2f} "
           f"({history['stopped']}) → {args.out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .compress import PROMPTS, load_checkpoint
-    from .data import build_dataset
+    from .compress import encode_prompts, load_checkpoint
     from .evaluate import evaluate
 
     model, tok = load_checkpoint(Path(args.model))
     teacher = load_checkpoint(Path(args.teacher))[0] if args.teacher else None
-    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                       stride=args.stride)
-    prompts = [[tok.token_to_id("<|bos|>"), *tok.encode(p).ids] for p in PROMPTS]
-    report = evaluate(model, teacher, ds.heldout, prompts, Path(args.model))
+    ds = _dataset(args, tok)
+    report = evaluate(model, teacher, ds.heldout, encode_prompts(tok), Path(args.model))
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
@@ -119,12 +113,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
-    from .data import build_dataset
     from .quantize import MODES, compare_modes
 
     tok = Tokenizer.from_file(str(Path(args.onnx) / "tokenizer.json"))
-    ds = build_dataset(tok, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                       stride=args.stride)
+    ds = _dataset(args, tok)
     modes = MODES if args.mode == "all" else (args.mode,)
     report = compare_modes(Path(args.onnx), Path(args.out), ds.heldout, modes)
     (Path(args.out) / "quantize-report.json").write_text(json.dumps(report, indent=2))
@@ -133,6 +125,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"{name:8} {r['bytes'] / 1e6:7.1f} {r['perplexity']:10.2f} {r['perplexity_drift']:+7.1%} "
               f"{r['tokens_per_s']:7.1f} {r['speedup']:8.2f}")
     return 0
+
+
+def _dataset(args: argparse.Namespace, tokenizer):
+    from .data import build_dataset
+
+    return build_dataset(tokenizer, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
+                         stride=args.stride)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:

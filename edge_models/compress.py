@@ -22,6 +22,11 @@ log = logging.getLogger("edge_models.compress")
 PROMPTS = ["Return the", "Raise ValueError if", "The socket module"]
 
 
+def encode_prompts(tokenizer) -> list[list[int]]:
+    bos = tokenizer.token_to_id("<|bos|>")
+    return [[bos, *tokenizer.encode(p).ids] for p in PROMPTS]
+
+
 def load_checkpoint(path: Path):
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -54,7 +59,7 @@ def compress(teacher_dir: Path, out: Path, *, target: float | None = None, shape
     out.mkdir(parents=True, exist_ok=True)
     teacher, tok = load_checkpoint(teacher_dir)
     ds = build_dataset(tok, data, seq_len=seq_len, stride=stride)
-    prompts = [[tok.token_to_id("<|bos|>"), *tok.encode(p).ids] for p in PROMPTS]
+    prompts = encode_prompts(tok)
     importance = measure_importance(teacher, calibration_batches(ds.train))
     chosen = shape or target_for_budget(teacher, target or 0.5)
     student = prune(teacher, importance, chosen)
