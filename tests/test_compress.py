@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from appliance.engine import DecoderSpec
 from appliance.engine.ort_engine import OrtEngine
 from edge_models.data import DataError, build_dataset, clean, read_documents
-from edge_models.distill import DistillConfig, distill
+from edge_models.distill import DistillConfig, distill, heldout_loss
 from edge_models.export import export_decoder
 from edge_models.parity import engine_greedy, hf_greedy
 from edge_models.prune import (
@@ -114,9 +114,11 @@ def test_distillation_improves_and_resumes_exactly(teacher, tiny_build, tmp_path
     imp = measure_importance(teacher, batches(teacher.config.vocab_size))
     cfg = DistillConfig(steps=12, batch_size=4, eval_every=6, save_every=6, patience=10, warmup=2)
     straight = prune(teacher, imp, PruneTarget(ffn=32, experts=2))
+    untrained = heldout_loss(straight, ds.heldout[:8], "cpu")
     hist = distill(straight, teacher, ds.train, ds.heldout[:8], cfg)
     assert [e["step"] for e in hist["evals"]] == [6, 12]
-    assert hist["evals"][1]["heldout_loss"] < hist["evals"][0]["heldout_loss"]
+    assert hist["best_heldout_loss"] < untrained  # better than the pruned student it started from
+    assert heldout_loss(straight, ds.heldout[:8], "cpu") == pytest.approx(hist["best_heldout_loss"])  # best kept
     interrupted = prune(teacher, imp, PruneTarget(ffn=32, experts=2))
     first = distill(interrupted, teacher, ds.train, ds.heldout[:8], cfg, out_dir=tmp_path / "run", run_steps=6)
     assert first["stopped"] == "paused after step 6"
