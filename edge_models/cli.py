@@ -61,7 +61,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     report = compress(Path(args.teacher), Path(args.out), target=args.target, shape=_shape(args),
                       data=[Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                      stride=args.stride, distill_cfg=_distill_cfg(args), export=not args.no_export)
+                      stride=args.stride, distill_cfg=_distill_cfg(args), export=not args.no_export,
+                      quantize_modes=tuple(args.quantize))
     print(summary_table(report))
     return 0
 
@@ -182,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="prune → distill → evaluate → export, with a summary table")
     c.add_argument("--teacher", required=True, help="teacher checkpoint directory (local; never a hub id)")
     c.add_argument("--out", required=True, help="output directory (pruned/, student/, onnx/, report.json)")
-    c.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    c.add_argument("--no-export", action="store_true", help="skip the ONNX export (and quantization)")
+    c.add_argument("--quantize", nargs="*", default=["q4"], choices=["q4", "q8", "int8"],
+                   help="quantized variants to build and measure after export (default: q4; none: --quantize)")
     _shape_flags(c)
     _data_flags(c)
     _train_flags(c)

@@ -1,7 +1,8 @@
-"""The whole recipe in one call: calibrate → prune → distill → evaluate → export to ONNX.
+"""The whole recipe in one call: calibrate → prune → distill → evaluate → export → quantize.
 
 Each stage writes into ``out``: ``pruned/`` (checkpoint before training), ``student/`` (after
-distillation), ``onnx/`` (sealable export) and ``report.json`` with the summary table.
+distillation), ``onnx/`` (sealable export), ``quantized/<mode>/`` (sealable too) and
+``report.json`` with the summary table.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def calibration_batches(windows, count: int = 8, batch: int = 8):
 
 def compress(teacher_dir: Path, out: Path, *, target: float | None = None, shape: PruneTarget | None = None,
              data: list[Path] | None = None, seq_len: int = 128, stride: int = 64,
-             distill_cfg: DistillConfig = DistillConfig(), export: bool = True) -> dict:  # noqa: B008 - frozen
+             distill_cfg: DistillConfig = DistillConfig(), export: bool = True,  # noqa: B008 - frozen
+             quantize_modes: tuple[str, ...] = ("q4",)) -> dict:
     from .export import export_decoder
 
     started = time.monotonic()
@@ -76,7 +78,12 @@ def compress(teacher_dir: Path, out: Path, *, target: float | None = None, shape
               "pruned": {**before, "shape": shape_of(student)},
               "student": {**after, "shape": shape_of(student)},
               "prune_target": describe(chosen), "data": ds.stats, "distill": asdict(distill_cfg),
-              "distill_stopped": history["stopped"], "seconds": round(time.monotonic() - started, 1)}
+              "distill_stopped": history["stopped"]}
+    if export and quantize_modes:
+        from .quantize import compare_modes
+
+        report["quantized"] = compare_modes(out / "onnx", out / "quantized", ds.heldout, quantize_modes)
+    report["seconds"] = round(time.monotonic() - started, 1)
     report["student"]["non_embedding_fraction"] = (after["non_embedding_parameters"]
                                                    / teacher_eval["non_embedding_parameters"])
     report["student"]["perplexity_ratio"] = after["perplexity"] / teacher_eval["perplexity"]
@@ -93,6 +100,9 @@ def summary_table(report: dict) -> str:
         kl = f"{r['kl_teacher_student']:.3f}" if "kl_teacher_student" in r else "-"
         lines.append(f"{name:20} {r['non_embedding_parameters']:>14,} {r['perplexity']:>10.2f} {agree:>11} {kl:>7} "
                      f"{r['distinct_2']:>10.3f}")
+    for mode, q in report.get("quantized", {}).items():
+        lines.append(f"{'student ' + mode:20} {'':>14} {q['perplexity']:>10.2f} (ONNX, drift "
+                     f"{q['perplexity_drift']:+.1%}, {q['tokens_per_s']:.0f} tok/s, {q['bytes'] / 1e6:.1f} MB)")
     s = report["student"]
     lines.append(f"student keeps {s['non_embedding_fraction']:.1%} of the teacher's non-embedding parameters at "
                  f"{s['perplexity_ratio']:.2f}x its perplexity ({report['distill_stopped']})")

@@ -172,6 +172,7 @@ def test_compress_command_end_to_end(tiny_build, tmp_path):
     assert "pruned + distilled" in out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["student"]["non_embedding_fraction"] <= 0.6
+    assert abs(report["quantized"]["q4"]["perplexity_drift"]) < 0.2 and (tmp_path / "c" / "quantized" / "q4").is_dir()
     spec = DecoderSpec.from_json((tmp_path / "c" / "onnx" / "decoder.json").read_text())
     assert spec.architecture == "DeepseekV3ForCausalLM" and (tmp_path / "c" / "onnx" / "tokenizer.json").exists()
 
@@ -191,3 +192,44 @@ def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_pat
     engine = OrtEngine((out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)
     outputs = engine_greedy(engine, [[spec.bos_token_id, 40, 41], [spec.bos_token_id, 50]], 8, spec.eos_token_id)
     assert all(len(o) == 8 for o in outputs)
+
+
+def test_pruning_to_the_full_shape_is_the_identity(teacher):
+    cfg = teacher.config
+    imp = measure_importance(teacher, batches(cfg.vocab_size))
+    same = prune(teacher, imp, PruneTarget(ffn=cfg.intermediate_size, heads=cfg.num_attention_heads,
+                                           experts=cfg.n_routed_experts, layers=cfg.num_hidden_layers))
+    ids = batches(cfg.vocab_size, 1)[0]
+    with torch.no_grad():
+        assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+def test_prune_llama_loads_and_exports(tmp_path):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)).eval()
+    student = prune(model, measure_importance(model, batches(512)), PruneTarget(heads=2, ffn=48, layers=2))
+    student.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.num_key_value_heads == 1
+    exports_and_matches(reloaded, tmp_path)
+
+
+def test_distillation_lowers_kl_to_the_teacher(teacher, tiny_build):
+    from tokenizers import Tokenizer
+
+    from edge_models.evaluate import compare
+
+    tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
+    ds = build_dataset(tok, seq_len=32, stride=32)
+    student = prune(teacher, measure_importance(teacher, batches(teacher.config.vocab_size)),
+                    PruneTarget(ffn=32, experts=2, heads=2))
+    before = compare(student, teacher, ds.heldout[:16])["kl_teacher_student"]
+    distill(student, teacher, ds.train, ds.heldout[:8], DistillConfig(steps=20, batch_size=4, eval_every=10,
+                                                                       warmup=2, alpha=1.0))
+    after = compare(student, teacher, ds.heldout[:16])["kl_teacher_student"]
+    assert after < before, (before, after)
