@@ -57,8 +57,16 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# Every benchmark, each measuring its comparison side by side in one run (~25 min on 2 cores);
+# results in bench/results/*.json.
 bench: provision
 	$(BIN)/python bench/ask_throughput.py --config $(DEMO)/appliance.toml
+	$(BIN)/python bench/audit_overhead.py --config $(DEMO)/appliance.toml
+	$(BIN)/python bench/bundle_throughput.py
+	$(BIN)/edge-models quantize --onnx $(BUILD)/onnx --out build/quant
+	cp build/quant/quantize-report.json bench/results/quantize_demo.json
+	$(BIN)/python bench/compression.py --teacher $(BUILD)/teacher
+	$(BIN)/python bench/prune_realistic.py
 
 clean:
 	rm -rf $(DEMO) build
