@@ -30,8 +30,12 @@ class Job:
     request: P.Request
     client: str
     role: str
-    sent_text: str = ""
+    text: str = ""  # output so far, stop strings already cut
+    sent: int = 0  # characters of ``text`` already streamed
     index: int = field(default=0)
+    # Incremental detokenization (as in vLLM): only tokens after ``prefix_offset`` are decoded per step.
+    prefix_offset: int = 0
+    read_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,23 +143,35 @@ class EngineRunner(threading.Thread):
             self._emit_text(self._jobs[seq.key])
 
     def _emit_text(self, job: Job) -> None:
-        """Stream the newly completed text; hold back a partial UTF-8 character; honour stop strings."""
-        text = self.model.tokenizer.decode(job.seq.output_ids)
-        if text.endswith("\ufffd") and job.seq.finish is None:
+        """Stream newly completed text, holding back a partial UTF-8 character and any tail that could
+        still become a stop string (so nothing streamed is ever retracted).
+
+        Decodes only the last few tokens each step (constant work per token, not the whole output):
+        the offsets advance only at a completed character, so each window starts on a clean boundary.
+        """
+        ids, decode, stops = job.seq.output_ids, self.model.tokenizer.decode, job.request.stop
+        prefix = decode(ids[job.prefix_offset: job.read_offset])
+        window = decode(ids[job.prefix_offset:])
+        finished = job.seq.finish is not None
+        if (window.endswith("\ufffd") or len(window) <= len(prefix)) and not finished:
             return
-        for stop in job.request.stop:
-            at = text.find(stop, max(0, len(job.sent_text) - len(stop)))
+        job.prefix_offset, job.read_offset = job.read_offset, len(ids)
+        text = job.text + window[len(prefix):]
+        for stop in stops:
+            at = text.find(stop, max(0, len(job.text) - len(stop) + 1))
             if at >= 0:
-                text = text[:at]
+                text, finished = text[:at], True
                 with self._lock:
                     self.scheduler.stop(job.seq)
                 break
-        delta = text[len(job.sent_text):]
-        if delta and job.request.stream:
-            token_id = job.seq.output_ids[-1] if job.seq.output_ids else -1
-            self.outbox.put(Outgoing(job.seq.key, P.token_reply(job.request.id, job.index, delta, token_id), False))
+        job.text = text
+        upto = len(text) if finished else len(text) - _stop_prefix_len(text, stops)
+        if upto > job.sent and job.request.stream:
+            token_id = ids[-1] if ids else -1
+            frame = P.token_reply(job.request.id, job.index, text[job.sent: upto], token_id)
+            self.outbox.put(Outgoing(job.seq.key, frame, False))
             job.index += 1
-        job.sent_text = text
+        job.sent = max(job.sent, upto)
 
     def _finalize(self, items: list[tuple[Sequence, tuple[str, str] | None]]) -> None:
         """Audit every sequence that ended this step in one commit, then queue their final replies."""
@@ -167,7 +183,7 @@ class EngineRunner(threading.Thread):
             job = self._jobs.pop(seq.key)
             usage = {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens}
             if entry.error_code is None:
-                frame = P.done_reply(job.request.id, job.sent_text, seq.finish.value, usage, timings)
+                frame = P.done_reply(job.request.id, job.text, seq.finish.value, usage, timings)
             else:
                 frame = P.error_reply(job.request.id, entry.error_code, message)
             withheld = P.error_reply(job.request.id, P.E_AUDIT,
@@ -204,7 +220,7 @@ class EngineRunner(threading.Thread):
             timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
         entry = Entry(request_id=job.request.id, op=P.OP_GENERATE, client=job.client, role=job.role,
                       status="ok" if error is None else "error", model_id=self.model.model_id,
-                      model_version=self.model.version, prompt=job.request.prompt, output=job.sent_text,
+                      model_version=self.model.version, prompt=job.request.prompt, output=job.text,
                       prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out, queue_ms=queued, ttft_ms=ttft,
                       total_ms=end - seq.arrival, error_code=error[0] if error else None,
                       finish_reason=seq.finish.value if seq.finish else None)
@@ -229,6 +245,11 @@ class EngineRunner(threading.Thread):
         if ok and not self.audit_ok:
             log.warning("audit store writable again")
         self.audit_ok = ok
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
 
 
 def _ms(seconds: float) -> float:

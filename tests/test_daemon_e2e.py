@@ -142,3 +142,15 @@ def test_concurrent_clients_each_get_their_own_stream(daemon, device):
         t.join()
     expected = in_process_greedy(device.config, PROMPT, 12)
     assert results == {i: expected for i in range(6)}
+
+
+def test_stop_string_truncates_and_finishes_with_reason_stop(daemon, device):
+    expected = in_process_greedy(device.config, PROMPT, 24)
+    stop = expected[2:4]  # whatever the model says, a 2-character stop string from inside its answer
+    assert len(stop) == 2, expected
+    with Client(daemon.endpoint) as client:
+        events = list(client.generate(PROMPT, max_tokens=24, stop=[stop]))
+    final = events[-1]
+    assert final["finish_reason"] == "stop"
+    assert final["text"] == expected[: expected.find(stop)]
+    assert "".join(e["text"] for e in events[:-1]) == final["text"]
