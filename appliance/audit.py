@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -175,7 +175,6 @@ class VerifyResult:
     message: str
     rows: int = 0
     checkpoints: int = 0
-    problems: list[str] = field(default_factory=list)
 
 
 class AuditLog:

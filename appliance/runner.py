@@ -136,7 +136,9 @@ class EngineRunner(threading.Thread):
         for row, seq in enumerate(seqs):
             if seq.finish is not None:  # cancelled while the step ran
                 continue
-            token = sample(logits[row], seq.sampling, seq.prompt_ids + seq.output_ids, seq.rng)
+            # Only the repetition penalty needs the history; skip the per-token copy when it is off.
+            seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
+            token = sample(logits[row], seq.sampling, seen, seq.rng)
             with self._lock:
                 self.scheduler.on_token(seq, token, now)
             self.tokens_generated += 1
