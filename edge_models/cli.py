@@ -12,15 +12,17 @@ from pathlib import Path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import build_demo
+    from .demo import DEMO_STUDENT, TINY_STUDENT, build_demo
     from .teacher import TINY, TeacherShape
     from .train import TrainConfig
 
     shape = TINY if args.tiny else TeacherShape()
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
-    report = build_demo(Path(args.out), shape, train, vocab_size=args.vocab_size, force=args.force)
-    print(json.dumps({k: report[k] for k in ("parameters", "heldout_perplexity", "build_seconds", "parity",
-                                              "sample")}, indent=2))
+    student = TINY_STUDENT if args.tiny else DEMO_STUDENT
+    report = build_demo(Path(args.out), shape, train, vocab_size=args.vocab_size, force=args.force, student=student)
+    print(json.dumps({k: report[k] for k in ("parameters", "non_embedding_fraction", "heldout_perplexity",
+                                              "perplexity_ratio", "served", "build_seconds", "parity", "sample")},
+                     indent=2))
     return 0
 
 
@@ -43,8 +45,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _shape(args: argparse.Namespace):
     from .prune import PruneTarget
 
-    if any(v is not None for v in (args.heads, args.ffn, args.experts, args.layers)):
-        return PruneTarget(ffn=args.ffn, heads=args.heads, experts=args.experts, layers=args.layers)
+    if any(v is not None for v in (args.heads, args.ffn, args.experts, args.layers, args.hidden)):
+        return PruneTarget(ffn=args.ffn, heads=args.heads, experts=args.experts, layers=args.layers,
+                           hidden=args.hidden)
     return None
 
 
@@ -148,6 +151,8 @@ def _shape_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, help="dense MLP channels to keep")
     p.add_argument("--experts", type=int, help="routed experts to keep per MoE layer")
     p.add_argument("--layers", type=int, help="decoder layers to keep")
+    p.add_argument("--hidden", type=int, help="hidden (embedding) channels to keep; shrinks the embedding, every "
+                   "projection reading or writing the residual stream, and the norms")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,14 @@
-"""Build the embedded demo model: corpus → tokenizer → DeepSeek-V3 teacher → ONNX → parity check.
+"""Build the embedded demo model in two cached stages.
 
-The result is cached: a finished build leaves ``report.json`` recording the recipe it was built
-with; a later call with the same recipe returns at once.
+1. **Teacher**: corpus → tokenizer → DeepSeek-V3 teacher → ``teacher/`` (+ ``teacher-onnx/``, its
+   export, checked token for token against transformers).
+2. **Student** (the model the appliance serves): ``edge_models.compress`` — prune the teacher to
+   about half its non-embedding parameters, distil, evaluate, export, quantize 4-bit — then
+   ``onnx/`` receives the variant to serve: 4-bit where it measured no slower and within the drift
+   limit of fp32, fp32 otherwise.
+
+Each stage records the recipe it was built with (``teacher.json``, ``report.json``); a later call
+with the same recipe reuses it.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .teacher import DEMO, TeacherShape
@@ -19,16 +26,99 @@ from .train import DEFAULT_TRAIN, TrainConfig
 
 log = logging.getLogger("edge_models.demo")
 PROBE_PROMPTS = ["Return the", "How do I reset the conveyor?"]
+MAX_SERVED_DRIFT = 0.02  # a quantized variant may cost at most 2% held-out perplexity to be served
 
 
-def recipe_hash(shape: TeacherShape, train: TrainConfig, vocab_size: int) -> str:
-    blob = json.dumps({"shape": asdict(shape), "train": asdict(train), "vocab": vocab_size}, sort_keys=True)
+@dataclass(frozen=True)
+class StudentRecipe:
+    target: float = 0.5  # fraction of the teacher's non-embedding parameters
+    steps: int = 150  # distillation steps (bench/compression.py: 300 steps reach 0.89x the teacher's perplexity)
+    batch_size: int = 8
+    eval_every: int = 50
+    quantize: str = "q4"
+    serve: str = "auto"  # "auto" (quantized where it wins), "fp32" or the quantized mode
+
+
+DEMO_STUDENT = StudentRecipe()
+# The test suite's: seconds to build, and it always serves the 4-bit variant so tests cover MatMulNBits.
+TINY_STUDENT = StudentRecipe(steps=8, batch_size=8, eval_every=4, serve="q4")
+
+
+def recipe_hash(*parts) -> str:
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAULT_TRAIN,
-               vocab_size: int = 4096, force: bool = False) -> dict:
+               vocab_size: int = 4096, force: bool = False, student: StudentRecipe = DEMO_STUDENT) -> dict:
     """Build (or reuse) the demo under ``out``; returns the report. ``out/onnx`` is what gets sealed."""
+    out = Path(out)
+    recipe = recipe_hash(shape, train, vocab_size, student)
+    report_path = out / "report.json"
+    if report_path.exists() and not force:
+        report = json.loads(report_path.read_text())
+        if report.get("recipe") == recipe:
+            log.info("demo model cached in %s (recipe %s)", out, recipe)
+            return report
+    started = time.monotonic()
+    teacher = build_teacher(out, shape, train, vocab_size, force)
+    student_report = build_student(out, student)
+    report = {"recipe": recipe, **student_report, "teacher": teacher,
+              "build_seconds": round(time.monotonic() - started, 1)}
+    report_path.write_text(json.dumps(report, indent=2))
+    log.info("demo student: %d non-embedding parameters (%.0f%% of the teacher), held-out perplexity %.2f, "
+             "serving %s", report["non_embedding_parameters"], 100 * report["non_embedding_fraction"],
+             report["heldout_perplexity"], report["served"])
+    return report
+
+
+def build_student(out: Path, recipe: StudentRecipe) -> dict:
+    """Compress ``out/teacher`` and place the variant to serve in ``out/onnx``."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from .compress import compress
+    from .distill import DistillConfig
+
+    work = out / "student"
+    shutil.rmtree(work, ignore_errors=True)
+    cfg = DistillConfig(steps=recipe.steps, batch_size=recipe.batch_size, eval_every=recipe.eval_every,
+                        warmup=min(20, recipe.steps // 5))
+    c = compress(out / "teacher", work, target=recipe.target, distill_cfg=cfg, quantize_modes=(recipe.quantize,))
+    served = _choose_served(c, recipe)
+    shutil.rmtree(out / "onnx", ignore_errors=True)
+    shutil.copytree(work / "onnx" if served == "fp32" else work / "quantized" / served, out / "onnx")
+    tok = Tokenizer.from_file(str(out / "teacher" / "tokenizer.json"))
+    bos = tok.token_to_id("<|bos|>")
+    model = AutoModelForCausalLM.from_pretrained(work / "student", local_files_only=True).eval()
+    parity = check_parity(model, work / "onnx", [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS],
+                          tok.token_to_id("<|eos|>"))
+    with torch.no_grad():
+        ids = model.generate(input_ids=torch.tensor([[bos, *tok.encode(PROBE_PROMPTS[0]).ids]]), max_new_tokens=24,
+                             do_sample=False)[0].tolist()
+    s = c["student"]
+    return {"architecture": model.config.architectures[0], "parameters": s["parameters"],
+            "non_embedding_parameters": s["non_embedding_parameters"],
+            "non_embedding_fraction": round(s["non_embedding_fraction"], 4),
+            "heldout_perplexity": round(s["perplexity"], 2), "perplexity_ratio": round(s["perplexity_ratio"], 4),
+            "shape": c["student"]["shape"], "prune_target": c["prune_target"], "served": served,
+            "quantized": c.get("quantized", {}), "onnx_bytes": (out / "onnx" / "model.onnx").stat().st_size,
+            "parity": parity, "sample": {"prompt": PROBE_PROMPTS[0], "greedy": tok.decode(ids)},
+            "student_recipe": asdict(recipe), "compress_seconds": c["seconds"]}
+
+
+def _choose_served(report: dict, recipe: StudentRecipe) -> str:
+    if recipe.serve != "auto":
+        return recipe.serve
+    q = report.get("quantized", {}).get(recipe.quantize)
+    if q and q["perplexity_drift"] <= MAX_SERVED_DRIFT and q["speedup"] >= 1.0:
+        return recipe.quantize
+    return "fp32"
+
+
+def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size: int, force: bool) -> dict:
+    """Train the teacher into ``out/teacher`` (cached by its own recipe); returns its report."""
     import torch
 
     from .corpus import build_corpus
@@ -37,13 +127,12 @@ def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAU
     from .tokenizer import save_tokenizer, special_ids, train_tokenizer
     from .train import pack_windows, perplexity, train_causal_lm
 
-    out = Path(out)
     recipe = recipe_hash(shape, train, vocab_size)
-    report_path = out / "report.json"
+    report_path = out / "teacher.json"
     if report_path.exists() and not force:
         report = json.loads(report_path.read_text())
         if report.get("recipe") == recipe:
-            log.info("demo model cached in %s (recipe %s)", out, recipe)
+            log.info("demo teacher cached in %s (recipe %s)", out, recipe)
             return report
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -67,7 +156,7 @@ def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAU
     model.save_pretrained(teacher_dir)
     save_tokenizer(tok, teacher_dir)
 
-    onnx_dir = out / "onnx"
+    onnx_dir = out / "teacher-onnx"
     spec = export_decoder(model, onnx_dir)
     shutil.copy(teacher_dir / "tokenizer.json", onnx_dir / "tokenizer.json")
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)

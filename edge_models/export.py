@@ -12,6 +12,7 @@ runtime reads it from there and never needs torch or transformers.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from appliance.engine.spec import DecoderSpec, input_names, output_names
@@ -100,6 +101,40 @@ def _sample_inputs(spec: DecoderSpec):
     return (ids, mask, positions, *cache)
 
 
+@contextlib.contextmanager
+def _real_valued_rope(model):
+    """DeepSeek-V2 computes rotary embeddings with complex tensors, which ONNX cannot express. While
+    exporting, swap in the same rotation written with real (cos, sin) pairs; other families untouched."""
+    if type(model).__name__ != "DeepseekV2ForCausalLM":
+        yield
+        return
+    import torch
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
+
+    rotary = model.model.rotary_emb
+
+    def rope_forward(x, position_ids):
+        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        return torch.stack([freqs.cos(), freqs.sin()], -1) * rotary.attention_scaling
+
+    def apply_rotary_emb(xq, xk, rope):
+        cos, sin = rope[..., 0].unsqueeze(1), rope[..., 1].unsqueeze(1)
+
+        def rotate(x):
+            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+            re, im = pairs[..., 0], pairs[..., 1]
+            return torch.stack([re * cos - im * sin, re * sin + im * cos], -1).flatten(3).type_as(x)
+        return rotate(xq), rotate(xk)
+
+    original = v2.apply_rotary_emb
+    rotary.forward, v2.apply_rotary_emb = rope_forward, apply_rotary_emb
+    try:
+        yield
+    finally:
+        del rotary.forward
+        v2.apply_rotary_emb = original
+
+
 EXTERNAL_DATA = "model.onnx.data"
 PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
 
@@ -123,17 +158,18 @@ def export_decoder(model, out_dir: Path, external_data: bool | None = None) -> D
         torch.ops.transformers.grouped_mm_fallback.default: exporter_onnx._aten_grouped_mm,
         torch.ops.aten._grouped_mm.default: exporter_onnx._aten_grouped_mm,
     }
-    program = torch.onnx.export(
-        _wrapper(model, spec.num_layers),
-        _sample_inputs(spec),
-        input_names=input_names(spec.num_layers),
-        output_names=output_names(spec.num_layers),
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims),
-        dynamo=True,
-        custom_translation_table=translations,
-        optimize=True,
-        verbose=False,
-    )
+    with _real_valued_rope(model):
+        program = torch.onnx.export(
+            _wrapper(model, spec.num_layers),
+            _sample_inputs(spec),
+            input_names=input_names(spec.num_layers),
+            output_names=output_names(spec.num_layers),
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, cache_dims),
+            dynamo=True,
+            custom_translation_table=translations,
+            optimize=True,
+            verbose=False,
+        )
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT
     program.save(str(out_dir / "model.onnx"), external_data=external_data)

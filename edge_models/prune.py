@@ -5,12 +5,14 @@ Importance is measured on a small calibration set with forward hooks:
 - attention heads: L2 norm of each head's output entering ``o_proj`` (MLA: per head; GQA: per
   key/value group, so grouped-query structure survives);
 - routed experts (DeepSeek MoE): total routing weight the router gives each expert;
-- layers: block importance, 1 − cos(hidden in, hidden out) of each decoder layer.
+- layers: block importance, 1 − cos(hidden in, hidden out) of each decoder layer;
+- hidden (embedding) channels: mean |activation| leaving every RMSNorm of hidden width (each
+  layer's two norms and the final norm), summed — Minitron's embedding-channel importance.
 The least important units are removed by slicing weights, and the config is updated so the result
 is an ordinary checkpoint that ``from_pretrained`` loads and the ONNX exporter exports.
 
-Not pruned here: the hidden (embedding) width, the routed experts' own intermediate width and the
-shared experts (their width is tied to ``moe_intermediate_size``).
+Not pruned here: the routed experts' own intermediate width and the shared experts' width (both
+tied to ``moe_intermediate_size``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PruneTarget:
     heads: int | None = None  # attention heads (GQA: a multiple of the group size)
     experts: int | None = None  # routed experts per MoE layer
     layers: int | None = None  # decoder layers
+    hidden: int | None = None  # hidden (embedding) width
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Importance:
     heads: dict[int, np.ndarray]
     experts: dict[int, np.ndarray]
     layers: np.ndarray
+    hidden: np.ndarray | None = None
 
 
 def _attn_dims(cfg) -> tuple[int, int, int]:
@@ -56,8 +60,12 @@ def measure_importance(model, batches) -> Importance:
     heads, groups, vdim = _attn_dims(cfg)
     ffn, head, experts = {}, {}, {}
     cos_sum = np.zeros(cfg.num_hidden_layers)
+    hidden = {}
     n_batches = 0
     hooks = []
+    for norm in _hidden_norms(model):
+        hooks.append(norm.register_forward_hook(
+            lambda _m, _a, out: add(hidden, 0, out.abs().reshape(-1, out.shape[-1]).mean(0))))
 
     def add(store, i, value):
         store[i] = store.get(i, 0) + value.detach().double().cpu().numpy()
@@ -94,7 +102,13 @@ def measure_importance(model, batches) -> Importance:
     finally:
         for h in hooks:
             h.remove()
-    return Importance(ffn=ffn, heads=head, experts=experts, layers=1.0 - cos_sum / max(n_batches, 1))
+    return Importance(ffn=ffn, heads=head, experts=experts, layers=1.0 - cos_sum / max(n_batches, 1),
+                      hidden=hidden.get(0))
+
+
+def _hidden_norms(model) -> list:
+    layers = model.model.layers
+    return [model.model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
 
 
 def _top(scores: np.ndarray, keep: int) -> list[int]:
@@ -144,8 +158,46 @@ def _prune_experts(mlp, keep: list[int]) -> None:
     mlp.experts.down_proj = torch.nn.Parameter(mlp.experts.down_proj.data[idx].contiguous())
     mlp.experts.num_experts = len(keep)
     mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight.data[idx].contiguous())
-    mlp.gate.e_score_correction_bias = mlp.gate.e_score_correction_bias[idx].clone()
+    if getattr(mlp.gate, "e_score_correction_bias", None) is not None:  # DeepSeek-V3 only
+        mlp.gate.e_score_correction_bias = mlp.gate.e_score_correction_bias[idx].clone()
     mlp.gate.num_experts = len(keep)
+
+
+def _prune_hidden(model, keep: list[int]) -> None:
+    """Keep hidden channels ``keep`` everywhere the residual stream is read or written."""
+    import torch
+
+    idx = torch.tensor(keep)
+    cfg = model.config
+    emb = model.model.embed_tokens
+    emb.weight = torch.nn.Parameter(emb.weight.data[:, idx].contiguous())
+    emb.embedding_dim = len(keep)
+    head = model.lm_head
+    if head.weight is not emb.weight:
+        _slice_linear(head, cols=keep)
+    for norm in _hidden_norms(model):
+        norm.weight = torch.nn.Parameter(norm.weight.data[idx].contiguous())
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "q_a_proj", "k_proj", "v_proj", "kv_a_proj_with_mqa"):
+            if getattr(attn, name, None) is not None:
+                _slice_linear(getattr(attn, name), cols=keep)
+        _slice_linear(attn.o_proj, rows=keep)
+        if hasattr(attn, "hidden_size"):
+            attn.hidden_size = len(keep)
+        mlp = layer.mlp
+        for dense in (mlp, getattr(mlp, "shared_experts", None)):
+            if dense is not None and hasattr(dense, "down_proj") and isinstance(dense.down_proj, torch.nn.Linear):
+                _slice_linear(dense.gate_proj, cols=keep)
+                _slice_linear(dense.up_proj, cols=keep)
+                _slice_linear(dense.down_proj, rows=keep)
+        if hasattr(mlp, "experts"):  # [E, 2I, H] and [E, H, I]
+            mlp.experts.gate_up_proj = torch.nn.Parameter(mlp.experts.gate_up_proj.data[:, :, idx].contiguous())
+            mlp.experts.down_proj = torch.nn.Parameter(mlp.experts.down_proj.data[:, idx, :].contiguous())
+            mlp.experts.hidden_dim = len(keep)
+            mlp.gate.weight = torch.nn.Parameter(mlp.gate.weight.data[:, idx].contiguous())
+            mlp.gate.hidden_dim = len(keep)
+    cfg.hidden_size = len(keep)
 
 
 def prune(model, importance: Importance, target: PruneTarget):
@@ -154,13 +206,17 @@ def prune(model, importance: Importance, target: PruneTarget):
 
     model = copy.deepcopy(model)
     cfg = model.config
-    heads, groups, _ = _attn_dims(cfg)
+    heads, groups, head_dim = _attn_dims(cfg)
+    if not hasattr(cfg, "kv_lora_rank"):  # GQA derives head_dim from hidden/heads unless it is explicit
+        cfg.head_dim = head_dim
     if target.heads is not None and target.heads % (heads // groups):
         raise ValueError(f"--heads {target.heads} must be a multiple of the query group size {heads // groups}")
     moe = hasattr(cfg, "n_routed_experts") and target.experts is not None
-    if moe and (target.experts < cfg.num_experts_per_tok or target.experts % cfg.n_group):
+    if moe and (target.experts < cfg.num_experts_per_tok or target.experts % (cfg.n_group or 1)):
         raise ValueError(f"--experts {target.experts} must be >= num_experts_per_tok ({cfg.num_experts_per_tok}) "
                          f"and a multiple of n_group ({cfg.n_group})")
+    if target.hidden is not None and importance.hidden is None:
+        raise ValueError("--hidden needs hidden-channel importance (measure it with this version)")
     for i, layer in enumerate(model.model.layers):
         if target.heads is not None and target.heads < heads:
             _prune_heads(layer, cfg, _top(importance.heads[i], target.heads // (heads // groups)))
@@ -189,6 +245,8 @@ def prune(model, importance: Importance, target: PruneTarget):
         for new, layer in enumerate(model.model.layers):
             layer.self_attn.layer_idx = new
         cfg.num_hidden_layers = len(keep)
+    if target.hidden is not None and target.hidden < cfg.hidden_size:
+        _prune_hidden(model, _top(importance.hidden, target.hidden))
     return model
 
 
@@ -198,7 +256,8 @@ def non_embedding_parameters(model) -> int:
 
 def shape_of(model) -> dict:
     cfg = model.config
-    shape = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "ffn": cfg.intermediate_size}
+    shape = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "ffn": cfg.intermediate_size,
+             "hidden": cfg.hidden_size}
     if hasattr(cfg, "n_routed_experts"):
         shape["experts"] = cfg.n_routed_experts
     return shape
@@ -226,7 +285,8 @@ def _expert_count(cfg, r: float) -> int | None:
     if not hasattr(cfg, "n_routed_experts"):
         return None
     k = max(cfg.num_experts_per_tok, int(round(cfg.n_routed_experts * r)))
-    return k - k % cfg.n_group if k % cfg.n_group else k
+    group = cfg.n_group or 1
+    return k - k % group if k % group else k
 
 
 def _estimate(model, target: PruneTarget) -> int:
@@ -243,6 +303,10 @@ def _estimate(model, target: PruneTarget) -> int:
         cfg.intermediate_size = target.ffn
     if target.experts:
         cfg.n_routed_experts = target.experts
+    if target.hidden:
+        if not hasattr(cfg, "kv_lora_rank"):
+            cfg.head_dim = _attn_dims(model.config)[2]
+        cfg.hidden_size = target.hidden
     with torch.device("meta"):
         return non_embedding_parameters(AutoModelForCausalLM.from_config(cfg))
 

@@ -78,7 +78,7 @@ def onnx_perplexity(onnx_dir: Path, windows: np.ndarray, limit: int = 64) -> flo
     for window in windows[:limit]:
         ids = window[None, :-1]
         mask = np.ones_like(ids)
-        feeds = dict(zip(names, [ids, mask, np.arange(ids.shape[1])[None], *engine._empty_cache(1)], strict=True))
+        feeds = dict(zip(names, [ids, mask, np.arange(ids.shape[1])[None], *engine.empty_cache(1)], strict=True))
         logits = engine.session.run(["logits"], feeds)[0][0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

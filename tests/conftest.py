@@ -21,12 +21,12 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> Path:
     """The demo pipeline with the TINY shape and a few training steps (same code path as `make run`)."""
-    from edge_models.demo import build_demo
+    from edge_models.demo import TINY_STUDENT, build_demo
     from edge_models.teacher import TINY
     from edge_models.train import TrainConfig
 
     out = tmp_path_factory.mktemp("build") / "demo"
-    build_demo(out, TINY, TrainConfig(steps=40, batch_size=8, seq_len=64), vocab_size=1024)
+    build_demo(out, TINY, TrainConfig(steps=40, batch_size=8, seq_len=64), vocab_size=1024, student=TINY_STUDENT)
     return out
 
 

@@ -183,10 +183,10 @@ def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_pat
 
     from edge_models.quantize import onnx_perplexity, quantize
 
-    out = quantize(tiny_build / "onnx", tmp_path / mode, mode)
-    tok = Tokenizer.from_file(str(tiny_build / "onnx" / "tokenizer.json"))
+    out = quantize(tiny_build / "teacher-onnx", tmp_path / mode, mode)
+    tok = Tokenizer.from_file(str(tiny_build / "teacher-onnx" / "tokenizer.json"))
     windows = build_dataset(tok, seq_len=32, stride=32).heldout
-    base, quant = onnx_perplexity(tiny_build / "onnx", windows, 16), onnx_perplexity(out, windows, 16)
+    base, quant = onnx_perplexity(tiny_build / "teacher-onnx", windows, 16), onnx_perplexity(out, windows, 16)
     assert abs(quant / base - 1) < 0.15, (base, quant)
     spec = DecoderSpec.from_json((out / "decoder.json").read_text())
     engine = OrtEngine((out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)
@@ -198,7 +198,8 @@ def test_pruning_to_the_full_shape_is_the_identity(teacher):
     cfg = teacher.config
     imp = measure_importance(teacher, batches(cfg.vocab_size))
     same = prune(teacher, imp, PruneTarget(ffn=cfg.intermediate_size, heads=cfg.num_attention_heads,
-                                           experts=cfg.n_routed_experts, layers=cfg.num_hidden_layers))
+                                           experts=cfg.n_routed_experts, layers=cfg.num_hidden_layers,
+                                           hidden=cfg.hidden_size))
     ids = batches(cfg.vocab_size, 1)[0]
     with torch.no_grad():
         assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
@@ -233,3 +234,57 @@ def test_distillation_lowers_kl_to_the_teacher(teacher, tiny_build):
                                                                        warmup=2, alpha=1.0))
     after = compare(student, teacher, ds.heldout[:16])["kl_teacher_student"]
     assert after < before, (before, after)
+
+
+def test_prune_hidden_width_of_deepseek_v3_reloads_and_exports(teacher, tmp_path):
+    imp = measure_importance(teacher, batches(teacher.config.vocab_size))
+    assert imp.hidden.shape == (teacher.config.hidden_size,)
+    student = prune(teacher, imp, PruneTarget(hidden=48, experts=2))
+    student.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    assert reloaded.config.hidden_size == 48 and reloaded.model.embed_tokens.weight.shape[1] == 48
+    assert non_embedding_parameters(reloaded) < non_embedding_parameters(teacher)
+    exports_and_matches(reloaded, tmp_path)
+
+
+def test_hidden_pruning_keeps_the_most_active_channels(teacher):
+    n = teacher.config.hidden_size
+    scores = np.zeros(n)
+    scores[[3, 9, 40, 41]] = 1.0
+    imp = Importance(ffn={}, heads={}, experts={}, layers=np.zeros(2), hidden=scores)
+    student = prune(teacher, imp, PruneTarget(hidden=4))
+    assert torch.equal(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, [3, 9, 40, 41]])
+    assert torch.equal(student.model.norm.weight, teacher.model.norm.weight[[3, 9, 40, 41]])
+
+
+def test_prune_qwen2_hidden_width_with_tied_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True)).eval()
+    student = prune(model, measure_importance(model, batches(512)), PruneTarget(hidden=40, heads=2))
+    student.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    # head_dim stays 16 (it is written explicitly) although hidden/heads is now 20
+    assert (reloaded.config.hidden_size, reloaded.config.head_dim, reloaded.config.num_attention_heads) == (40, 16, 2)
+    exports_and_matches(reloaded, tmp_path)
+
+
+def test_prune_deepseek_v2_mla_moe_and_export(tmp_path):
+    """DeepSeek-V2 (greedy router, no score-correction bias, complex-valued RoPE) prunes and exports."""
+    from transformers import DeepseekV2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(DeepseekV2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    imp = measure_importance(model, batches(512))
+    student = prune(model, imp, PruneTarget(heads=2, ffn=64, experts=2, hidden=48))
+    student.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    assert type(reloaded).__name__ == "DeepseekV2ForCausalLM"
+    assert (reloaded.config.n_routed_experts, reloaded.config.hidden_size) == (2, 48)
+    exports_and_matches(reloaded, tmp_path)

@@ -13,8 +13,9 @@ from edge_models.parity import engine_greedy, hf_greedy
 @pytest.fixture(scope="module")
 def pair(tiny_build):
     model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
-    spec = DecoderSpec.from_json((tiny_build / "onnx" / "decoder.json").read_text())
-    engine = OrtEngine((tiny_build / "onnx" / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=256)
+    spec = DecoderSpec.from_json((tiny_build / "teacher-onnx" / "decoder.json").read_text())
+    engine = OrtEngine((tiny_build / "teacher-onnx" / "model.onnx").read_bytes(), spec, num_slots=2,
+                       max_seq_len=256)
     return model, engine, spec
 
 
@@ -42,9 +43,20 @@ def test_demo_report_records_quality_and_parity(tiny_build):
     import json
 
     report = json.loads((tiny_build / "report.json").read_text())
-    assert report["parity"]["identical"] is True
-    assert report["heldout_perplexity"] > 1
-    assert report["corpus"]["heldout_docs"] > 0
+    assert report["parity"]["identical"] is True and report["teacher"]["parity"]["identical"] is True
+    assert report["heldout_perplexity"] > 1 and report["teacher"]["heldout_perplexity"] > 1
+    assert report["teacher"]["corpus"]["heldout_docs"] > 0
+
+
+def test_demo_serves_the_pruned_distilled_quantized_student(tiny_build):
+    """What `make run` seals is the compressed student, not the teacher."""
+    import json
+
+    report = json.loads((tiny_build / "report.json").read_text())
+    spec = DecoderSpec.from_json((tiny_build / "onnx" / "decoder.json").read_text())
+    assert report["served"] == "q4" and b"MatMulNBits" in (tiny_build / "onnx" / "model.onnx").read_bytes()
+    assert report["non_embedding_parameters"] < 0.6 * report["teacher"]["non_embedding_parameters"]
+    assert spec.architecture == "DeepseekV3ForCausalLM" and spec.weight_bytes > 0
 
 
 def test_external_data_model_loads_from_memory_and_matches(tiny_build, tmp_path):

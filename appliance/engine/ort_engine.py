@@ -6,22 +6,30 @@ import numpy as np
 
 from .base import EngineError
 from .padded import PaddedKVEngine
-from .spec import DecoderSpec, input_names
+from .spec import DecoderSpec, input_names, output_names
 
 
 class OrtEngine(PaddedKVEngine):
     kind = "onnxruntime"
 
     def __init__(self, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int, threads: int = 0,
-                 external: dict[str, bytearray] | None = None):
+                 external: dict[str, bytearray] | None = None, spin: bool = True, affinity: str = "",
+                 keep_resident: bool = True):
         import onnxruntime as ort
 
-        super().__init__(spec, num_slots, max_seq_len)
+        super().__init__(spec, num_slots, max_seq_len, keep_resident=keep_resident)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # One graph runs at a time (the engine thread); parallelism is inside operators.
         opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning workers cut per-op wake-up latency (decode runs many small ops) at the cost of busy
+        # cores between steps; turn it off on machines shared with other work (bench/threads.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        if affinity:  # e.g. "1;2" pins the intra-op workers (threads-1 entries); see ONNX Runtime's docs
+            opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)
         if external:
             # ONNX Runtime copies what it needs while the session is created; the caller wipes after.
             names = list(external)
@@ -36,13 +44,23 @@ class OrtEngine(PaddedKVEngine):
         if got != self._names:
             raise EngineError(f"model inputs {got[:4]}... do not match decoder.json ({self._names[:4]}...)")
 
-    def _zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        self._outputs = output_names(spec.num_layers)
+
+    def _empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, np.float32)
 
-    def _keep(self, tensor: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(tensor)
-
-    def _run(self, ids, mask, positions, past):
-        feeds = dict(zip(self._names, [ids, mask, positions, *past], strict=True))
-        logits, *present = self.session.run(None, feeds)
-        return logits[:, -1, :], present
+    def _run(self, ids, mask, positions, past, out=None):
+        if out is None:
+            feeds = dict(zip(self._names, [ids, mask, positions, *past], strict=True))
+            logits, *present = self.session.run(None, feeds)
+            return logits, present
+        # I/O binding: inputs are read where they lie and the present tensors are written straight
+        # into ``out`` (the other decode arena); nothing is allocated or copied per step.
+        io = self.session.io_binding()
+        for name, array in zip(self._names, [ids, mask, positions, *past], strict=True):
+            io.bind_cpu_input(name, array)
+        io.bind_output("logits", "cpu")
+        for name, buf in zip(self._outputs[1:], out, strict=True):
+            io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy(), out

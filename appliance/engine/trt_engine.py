@@ -55,13 +55,13 @@ class TrtEngine(PaddedKVEngine):
         self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
         self._stream = torch.cuda.Stream()
 
-    def _zeros(self, shape: tuple[int, ...]) -> Any:
+    def _empty(self, shape: tuple[int, ...]) -> Any:
         return self._torch.zeros(shape, dtype=self._dtypes["past.0.key"], device="cuda")
 
-    def _keep(self, tensor: Any) -> Any:
-        return tensor.contiguous().clone()
+    def _host(self, logits: Any) -> np.ndarray:
+        return logits.float().cpu().numpy()
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any]):
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any], out=None):
         torch = self._torch
         feeds = [torch.from_numpy(a).to("cuda", dtype=self._dtypes[n])
                  for n, a in zip(self._inputs[:3], (ids, mask, positions), strict=True)]
@@ -72,16 +72,19 @@ class TrtEngine(PaddedKVEngine):
                                   "rebuild the plan with larger limits")
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
-        for name in self._outputs:
+        for i, name in enumerate(self._outputs):
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
-            outputs.append(out)
+            if out is not None and i > 0:  # the decode arena: present is written where the next step reads it
+                buf = out[i - 1]
+            else:
+                buf = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
+            self.context.set_tensor_address(name, buf.data_ptr())
+            outputs.append(buf)
         if not self.context.execute_async_v3(self._stream.cuda_stream):
             raise EngineError("TensorRT execution failed (see the TensorRT log above)")
         self._stream.synchronize()
         logits, *present = outputs
-        return logits[:, -1, :].float().cpu().numpy(), present
+        return logits, present
 
 
 def _torch_dtype(trt, torch, dtype):
