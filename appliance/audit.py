@@ -30,7 +30,7 @@ from .audit_content import ContentSealer
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS = "0" * 64
 CHECKPOINT_CONTEXT = b"edge-appliance/audit-checkpoint/v1"
 POLICIES = ("hash", "encrypted", "none")
@@ -74,6 +74,8 @@ class AuditRecord(Base):
     content_key_id: Mapped[int | None] = mapped_column(Integer)
     prompt_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     output_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # schema 3: 1 when the reply came from the response cache (NULL otherwise)
+    cache_hit: Mapped[int | None] = mapped_column(Integer)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
@@ -112,7 +114,7 @@ class Export(Base):
 CHAINED_FIELDS = ("seq", "ts", "request_id", "client", "role", "op", "model_id", "model_version", "prompt_sha256",
                   "output_sha256", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "status",
                   "error_code", "finish_reason")
-OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed")
+OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed", "cache_hit")
 ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
 
@@ -157,6 +159,7 @@ class Entry:
     total_ms: float | None = None
     error_code: str | None = None
     finish_reason: str | None = None
+    cache_hit: bool = False  # answered from the response cache, no model run
 
 
 @dataclass
@@ -227,6 +230,8 @@ class AuditLog:
             "status": entry.status, "error_code": entry.error_code, "finish_reason": entry.finish_reason,
             "prompt_sha256": None, "output_sha256": None,
         }
+        if entry.cache_hit:
+            fields["cache_hit"] = 1
         if self.content != "none":
             fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
         return fields

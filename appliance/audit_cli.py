@@ -58,7 +58,7 @@ def cmd_list(args, config) -> int:
         out = [{k: getattr(r, k) for k in ("seq", "ts", "request_id", "client", "role", "op", "model_id",
                                             "model_version", "prompt_sha256", "output_sha256", "prompt_tokens",
                                             "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "status",
-                                            "error_code", "finish_reason", "row_hash")} for r in rows]
+                                            "error_code", "finish_reason", "cache_hit", "row_hash")} for r in rows]
         print(json.dumps(out, indent=2))
         return 0
     print(f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'model':>6} {'status':8} "

@@ -22,7 +22,12 @@ def _v1_to_v2(conn) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_log_model_version ON audit_log (model_version)"))
 
 
-STEPS = {1: _v1_to_v2}
+def _v2_to_v3(conn) -> None:
+    """Response-cache hits are marked (NULL on every earlier row, so their hashes are unchanged)."""
+    conn.execute(text("ALTER TABLE audit_log ADD COLUMN cache_hit INTEGER"))
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def upgrade(engine) -> None:

@@ -144,3 +144,7 @@ class Client:
 
     def cancel(self, target: str) -> dict:
         return self.call(P.OP_CANCEL, target=target)
+
+    def end_session(self, session: str) -> dict:
+        """Forget a conversation's kept cache (``generate`` with ``session=`` starts or continues one)."""
+        return self.call(P.OP_END_SESSION, session=session)

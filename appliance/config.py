@@ -33,6 +33,17 @@ class EngineConfig:
     max_queued: int = 64
     max_seq_len: int = 512
     max_new_tokens: int = 256
+    prefill_chunk: int = 256  # prompt tokens fed per step at most, so long prompts never stall decodes
+    spin: bool = True  # ONNX Runtime worker threads spin between ops (lower latency, busier cores)
+    affinity: str = ""  # ONNX Runtime intra-op thread affinities, e.g. "1;2" (empty: not pinned)
+    response_cache: int = 256  # identical deterministic requests answered from memory (0 disables)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    max_mb: int = 256  # total KV cache kept for conversations
+    ttl_s: float = 600.0  # a conversation idle this long is forgotten
+    max_sessions: int = 1024
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,12 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    sessions: SessionConfig = field(default_factory=SessionConfig)
     source: Path | None = None
 
 
-_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig, "auth": AuthConfig}
+_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig, "auth": AuthConfig,
+             "sessions": SessionConfig}
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
 
@@ -108,7 +121,8 @@ def load_config(path: Path) -> Config:
         auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)))
     return Config(state_dir=resolve(paths["state_dir"]), trust_dir=resolve(paths["trust_dir"]),
                   key_dir=resolve(paths.get("key_dir")), audit_db=resolve(paths["audit_db"]),
-                  server=sections["server"], engine=sections["engine"], audit=audit, auth=auth, source=path)
+                  server=sections["server"], engine=sections["engine"], audit=audit, auth=auth,
+                  sessions=sections["sessions"], source=path)
 
 
 def render_config(state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT,
@@ -132,6 +146,15 @@ max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'
 max_seq_len = 512           # prompt + generated tokens per sequence
 max_new_tokens = 256        # upper bound a request may ask for
+prefill_chunk = 256         # prompt tokens per step at most: long prompts never stall running decodes
+spin = true                 # ONNX Runtime workers spin between ops: lower latency, busier cores
+# affinity = "1;2"          # pin ONNX Runtime's intra-op workers (threads - 1 entries)
+response_cache = 256        # identical greedy/seeded requests answered from memory (0 = off)
+
+[sessions]
+max_mb = 256                # KV cache kept for conversations (`session` field), least recently used evicted
+ttl_s = 600                 # idle conversations are forgotten after this
+max_sessions = 1024
 
 [audit]
 content = "hash"            # hash (digests only) | encrypted (sealed for `recipient`) | none

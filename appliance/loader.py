@@ -62,7 +62,7 @@ def load_model(config: Config) -> LoadedModel:
     try:
         engine = create_engine(config.engine.kind, bytes(model), spec, num_slots=config.engine.max_batch,
                                max_seq_len=config.engine.max_seq_len, threads=config.engine.threads,
-                               external=external)
+                               external=external, spin=config.engine.spin, affinity=config.engine.affinity)
     finally:
         wipe(model)
         for buf in external.values():

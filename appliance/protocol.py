@@ -18,7 +18,8 @@ VERSION = 1
 
 # Ops a client may send.
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
-OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL)
+OP_END_SESSION = "end_session"
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION)
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"
@@ -36,11 +37,13 @@ E_DEADLINE = "deadline_exceeded"
 E_CANCELLED = "cancelled"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
+E_SESSION_BUSY = "session_busy"  # another request of the same session is in flight
 ERROR_CODES = (E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_BAD_REQUEST, E_TOO_LARGE, E_BUSY, E_UNAUTHORIZED,
-               E_AUDIT, E_DEADLINE, E_CANCELLED, E_SHUTTING_DOWN, E_INTERNAL)
+               E_AUDIT, E_DEADLINE, E_CANCELLED, E_SHUTTING_DOWN, E_INTERNAL, E_SESSION_BUSY)
 
 # Limits enforced on every request, independent of the model.
 MAX_ID_LEN = 64
+MAX_SESSION_LEN = 64
 MAX_PROMPT_CHARS = 32_768
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
@@ -82,6 +85,7 @@ class Request:
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
     deadline_ms: int | None = None
     target: str | None = None  # the id a ``cancel`` refers to
+    session: str | None = None  # conversation to continue (generate) or forget (end_session)
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -129,9 +133,19 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
         target = _get(msg, "target", str, None, rid)
         _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)
         return Request(op=op, id=rid, target=target)
+    if op == OP_END_SESSION:
+        return Request(op=op, id=rid, session=_session(msg, rid, required=True))
     if op != OP_GENERATE:
         return Request(op=op, id=rid)
     return _parse_generate(msg, rid, max_tokens_limit)
+
+
+def _session(msg: dict, rid: str, required: bool = False) -> str | None:
+    session = _get(msg, "session", str, None, rid)
+    _check(session is not None or not required, "end_session needs field 'session' (the conversation id)", rid)
+    _check(session is None or 0 < len(session) <= MAX_SESSION_LEN,
+           f"field 'session' must be a string of 1..{MAX_SESSION_LEN} characters", rid)
+    return session
 
 
 def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
@@ -162,7 +176,7 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
     return Request(op=OP_GENERATE, id=rid, prompt=prompt, max_tokens=max_tokens,
                    sampling=Sampling(temperature, top_k, top_p, penalty, seed), stop=tuple(stop), stream=stream,
-                   ignore_eos=ignore_eos, deadline_ms=deadline)
+                   ignore_eos=ignore_eos, deadline_ms=deadline, session=_session(msg, rid))
 
 
 def _pack(obj: dict) -> bytes:

@@ -14,12 +14,15 @@ from . import protocol as P
 from .audit import AuditError, AuditLog, Entry
 from .audit_writer import AuditWriter
 from .loader import LoadedModel
+from .response_cache import CachedResponse, ResponseCache
 from .sampling import sample
 from .scheduler import Finish, Scheduler, Sequence
+from .sessions import Session, SessionStore
 
 log = logging.getLogger("appliance.runner")
 
 _FINISH_ERRORS = {Finish.DEADLINE: P.E_DEADLINE, Finish.CANCELLED: P.E_CANCELLED}
+_COMPLETED = (Finish.EOS, Finish.LENGTH, Finish.STOP, Finish.CONTEXT)
 
 
 @dataclass(eq=False)
@@ -36,6 +39,10 @@ class Job:
     # Incremental detokenization (as in vLLM): only tokens after ``prefix_offset`` are decoded per step.
     prefix_offset: int = 0
     read_offset: int = 0
+    restore: Session | None = None  # the session state this turn continues (its cache is loaded at admission)
+    history: list[int] = field(default_factory=list)  # conversation tokens already in the restored cache
+    cache_key: str | None = None  # response-cache key when the request is deterministic
+    cache_hit: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,12 @@ class Outgoing:
 
 class EngineRunner(threading.Thread):
     def __init__(self, model: LoadedModel, scheduler: Scheduler, audit: AuditLog | None,
-                 wake: Callable[[], None], writer: AuditWriter | None = None):
+                 wake: Callable[[], None], writer: AuditWriter | None = None, sessions: SessionStore | None = None,
+                 responses: ResponseCache | None = None):
         super().__init__(name="engine", daemon=True)
         self.model = model
+        self.sessions = sessions
+        self.responses = responses
         self.scheduler = scheduler
         self.audit = audit
         self.writer = writer
@@ -67,8 +77,13 @@ class EngineRunner(threading.Thread):
     # -- called from the server thread ---------------------------------------------------------
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the waiting queue is full."""
+        hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
         with self._work:
-            if not self.scheduler.add(job.seq):
+            if hit is not None:  # answered from memory: finished at once, audited like any other request
+                job.seq.output_ids, job.text, job.cache_hit = list(hit.output_ids), hit.text, True
+                job.seq.first_token_at = job.seq.started_at = job.seq.arrival
+                self.scheduler.finish_now(job.seq, Finish(hit.finish))
+            elif not self.scheduler.add(job.seq):
                 return False
             self._jobs[job.seq.key] = job
             self._work.notify()
@@ -111,25 +126,63 @@ class EngineRunner(threading.Thread):
                     for seq in plan.prefill + plan.decode:
                         self.scheduler.cancel(seq.key)
                     failed = self.scheduler.take_finished()
-                self._finalize([(seq, (P.E_INTERNAL, f"engine step failed: {exc}")) for seq in failed])
+                self._retire(failed, (P.E_INTERNAL, f"engine step failed: {exc}"))
             if self.outbox.qsize():
                 self._wake()
 
     def _step(self, plan) -> None:
-        self._finalize([(seq, None) for seq in plan.finished])
+        self._retire(plan.finished)
         engine = self.model.engine
         if plan.prefill:
-            logits = engine.prefill([(s.slot, s.prompt_ids) for s in plan.prefill])
-            self._advance(plan.prefill, logits)
+            for seq in plan.prefill:
+                if seq.chunk[0] == 0:
+                    self._begin(seq)
+            logits = engine.prefill([(s.slot, s.feed_ids[s.chunk[0]: s.chunk[1]]) for s in plan.prefill])
+            done = [row for row, s in enumerate(plan.prefill) if s.prefill_done]  # the rest wait for more chunks
+            if done:
+                self._advance([plan.prefill[row] for row in done], logits[done])
         if plan.decode:
             logits = engine.decode([(s.slot, s.output_ids[-1]) for s in plan.decode])
             self._advance(plan.decode, logits)
         with self._lock:
             finished = self.scheduler.take_finished()
-        for seq in finished:
-            engine.release(seq.slot)
-        self._finalize([(seq, None) for seq in finished])
+        self._retire(finished)
         self.steps += 1
+
+    def _begin(self, seq: Sequence) -> None:
+        """First chunk of a request: restore its conversation's cache into the slot."""
+        job = self._jobs[seq.key]
+        if job.restore is not None:
+            self.model.engine.load(seq.slot, job.restore.cache)
+
+    def _retire(self, seqs: list[Sequence], error: tuple[str, str] | None = None) -> None:
+        """Sequences that ended: keep their conversation, remember deterministic answers, free the
+        engine slot (before it can be handed out again), then audit and reply."""
+        if not seqs:
+            return
+        engine = self.model.engine
+        for seq in seqs:
+            job = self._jobs[seq.key]
+            completed = error is None and seq.finish in _COMPLETED and seq.prefill_done
+            if seq.session is not None and self.sessions is not None:
+                self.sessions.release(seq.session, self._saved_session(seq, job) if completed else job.restore)
+            if completed and job.cache_key and not job.cache_hit and self.responses is not None:
+                self.responses.put(job.cache_key, CachedResponse(job.text, tuple(seq.output_ids), seq.finish.value,
+                                                                 len(seq.prompt_ids)))
+            if job.cache_hit and job.request.stream and job.text:
+                self.outbox.put(Outgoing(seq.key, P.token_reply(job.request.id, 0, job.text, seq.output_ids[-1]),
+                                         False))
+            if seq.slot is not None and not job.cache_hit:
+                engine.release(seq.slot)
+        self._finalize([(seq, error) for seq in seqs])
+
+    def _saved_session(self, seq: Sequence, job: Job) -> Session | None:
+        engine = self.model.engine
+        if engine.length(seq.slot) == 0:
+            return job.restore
+        cache = engine.save(seq.slot)
+        return Session(tokens=job.history + seq.feed_ids + seq.output_ids, cache=cache, cached=engine.length(seq.slot),
+                       nbytes=sum(int(t.nbytes) for t in cache), model_version=str(self.model.version))
 
     def _advance(self, seqs: list[Sequence], logits) -> None:
         now = time.monotonic()
@@ -225,7 +278,7 @@ class EngineRunner(threading.Thread):
                       model_version=self.model.version, prompt=job.request.prompt, output=job.text,
                       prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out, queue_ms=queued, ttft_ms=ttft,
                       total_ms=end - seq.arrival, error_code=error[0] if error else None,
-                      finish_reason=seq.finish.value if seq.finish else None)
+                      finish_reason=seq.finish.value if seq.finish else None, cache_hit=job.cache_hit)
         return entry, timings, error[1] if error else ""
 
     def write_audit(self, *entries: Entry) -> bool:

@@ -3,6 +3,10 @@
 Pure Python, no tensors: it emits a plain ``StepPlan`` that the engine runner executes, then is
 told each new token (``on_token``). Requests join between steps when a slot is free and leave as
 soon as they finish, so no request waits for another to complete.
+
+Prefill is chunked: each step feeds at most ``prefill_chunk`` prompt tokens in total (oldest
+request first), so a long prompt is spread over several steps and the running decodes advance at
+every one of them instead of stalling behind it.
 """
 
 from __future__ import annotations
@@ -51,10 +55,25 @@ class Sequence:
     started_at: float | None = None
     finished_at: float | None = None
     rng: np.random.Generator | None = None
+    session: str | None = None  # conversation whose cache this request continues
+    feed_ids: list[int] = field(default_factory=list)  # tokens to prefill (default: the prompt)
+    base_len: int = 0  # tokens already in the slot's cache before the first chunk (a restored session)
+    prefilled: int = 0  # tokens of ``feed_ids`` planned so far
+    chunk: tuple[int, int] = (0, 0)  # the slice of ``feed_ids`` this step feeds
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:
             self.rng = np.random.default_rng(self.sampling.seed)
+        if not self.feed_ids:
+            self.feed_ids = list(self.prompt_ids)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= len(self.feed_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.base_len + len(self.feed_ids) + len(self.output_ids)
 
 
 @dataclass
@@ -69,7 +88,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int):
+    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int,
+                 prefill_chunk: int = 256):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.prefill_chunk = prefill_chunk
         self.max_queued = max_queued
         self.max_seq_len = max_seq_len
         self.eos_token_id = eos_token_id
@@ -111,13 +134,25 @@ class Scheduler:
             if seq.deadline is not None and now >= seq.deadline:
                 self._finish(seq, Finish.DEADLINE)
         plan = StepPlan(decode=[s for s in self.running if s.output_ids])
-        while self.waiting and self.free_slots:
+        budget = self.prefill_chunk
+        for seq in self.running:  # prompts part-way through prefill go first, oldest first
+            if budget and not seq.prefill_done:
+                budget -= self._plan_chunk(seq, budget, plan)
+        while self.waiting and self.free_slots and budget:
             seq = self.waiting.popleft()
             seq.slot, seq.state, seq.started_at = self.free_slots.pop(0), State.RUNNING, now
             self.running.append(seq)
-            plan.prefill.append(seq)
+            budget -= self._plan_chunk(seq, budget, plan)
         plan.finished, self._pending_finish = self._pending_finish, []
         return plan
+
+    @staticmethod
+    def _plan_chunk(seq: Sequence, budget: int, plan: StepPlan) -> int:
+        start = seq.prefilled
+        end = min(len(seq.feed_ids), start + budget)
+        seq.chunk, seq.prefilled = (start, end), end
+        plan.prefill.append(seq)
+        return end - start
 
     def on_token(self, seq: Sequence, token: int, now: float | None = None) -> bool:
         """Record a sampled token; returns True when the sequence has just finished."""
@@ -130,9 +165,13 @@ class Scheduler:
         seq.output_ids.append(token)
         if len(seq.output_ids) >= seq.max_tokens:
             self._finish(seq, Finish.LENGTH)
-        elif len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+        elif seq.context_len >= self.max_seq_len:
             self._finish(seq, Finish.CONTEXT)
         return seq.state is State.FINISHED
+
+    def finish_now(self, seq: Sequence, reason: Finish) -> None:
+        """End a request that never needs the engine (a response-cache hit); it leaves at ``schedule``."""
+        self._finish(seq, reason)
 
     def stop(self, seq: Sequence) -> None:
         """End a running sequence because its text hit a stop sequence."""

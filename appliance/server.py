@@ -22,8 +22,10 @@ from .audit_writer import AuditWriter
 from .config import Config
 from .loader import LoadedModel, load_model
 from .notify import Notifier
+from .response_cache import ResponseCache, cache_key
 from .runner import EngineRunner, Job
 from .scheduler import Scheduler, Sequence
+from .sessions import SessionBusy, SessionStore
 
 log = logging.getLogger("appliance.server")
 
@@ -58,10 +60,20 @@ class Server:
                 self.ctx.term()
                 raise BindError(f"cannot listen on {endpoint}: {exc.strerror} (is another edge-appliance running? "
                                 "change [server] endpoints)") from None
+        # Client disconnects: the monitor reports the closed connection's file descriptor, and every
+        # request remembers the descriptor it arrived on (SRCFD), so a vanished client's requests are
+        # cancelled at once and free their slots within one engine step.
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._fd_keys: dict[int, set[str]] = {}
+        self._key_fd: dict[str, int] = {}
+        self.disconnect_cancels = 0
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()
         self.writer = AuditWriter(audit) if audit is not None else None
+        sc = config.sessions
+        self.sessions = SessionStore(sc.max_mb << 20, sc.ttl_s, sc.max_sessions)
+        self.responses = ResponseCache(config.engine.response_cache) if config.engine.response_cache else None
         self.runner = self._make_runner(model)
         self._retiring: list[EngineRunner] = []  # previous models finishing their in-flight requests
         self._routes: dict[str, list[bytes]] = {}
@@ -96,8 +108,10 @@ class Server:
 
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
         scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=self.config.engine.max_queued,
-                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id)
-        return EngineRunner(model, scheduler, self.audit, wake=self._wake, writer=self.writer)
+                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id,
+                              prefill_chunk=self.config.engine.prefill_chunk)
+        return EngineRunner(model, scheduler, self.audit, wake=self._wake, writer=self.writer, sessions=self.sessions,
+                            responses=self.responses)
 
     # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
     def _start_reload(self) -> None:
@@ -189,10 +203,13 @@ class Server:
             key = _route_key(envelope, req.target)
             found = any(r.cancel(key) for r in (self.runner, *self._retiring))
             self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
+        elif req.op == P.OP_END_SESSION:
+            self._reply(envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session),
+                                                          "session": req.session}))
         else:
-            self._generate(envelope, client, role, req)
+            self._generate(envelope, client, role, req, frames[-1])
 
-    def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request) -> None:
+    def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
         def refuse(code: str, message: str, **extra) -> None:
             self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, **extra)
 
@@ -203,18 +220,64 @@ class Server:
         key = _route_key(envelope, req.id)
         if key in self._routes:
             return refuse(P.E_BAD_REQUEST, f"a request with id {req.id!r} is already in flight on this connection")
-        spec = self.model.spec
+        spec, version = self.model.spec, self.model.version
         ids = [spec.bos_token_id, *self.model.tokenizer.encode(req.prompt).ids]
-        room = self.model.engine.max_seq_len - len(ids)
+        restore, history, feed = None, [], ids
+        if req.session is not None:
+            try:
+                restore = self.sessions.acquire(req.session, str(version))
+            except SessionBusy:
+                return refuse(P.E_SESSION_BUSY, f"session {req.session!r} has a request in flight; send the next "
+                                                "turn after its reply")
+            if restore is not None:  # a later turn: no BOS, and only what the cache lacks is prefilled
+                history, feed = restore.tokens[:restore.cached], restore.tokens[restore.cached:] + ids[1:]
+        context = len(history) + len(feed)
+        room = self.model.engine.max_seq_len - context
         if room < 1:
-            return refuse(P.E_TOO_LARGE, f"prompt is {len(ids)} tokens; the context holds "
-                                         f"{self.model.engine.max_seq_len}")
+            if req.session is not None:
+                self.sessions.release(req.session, restore)
+            what = "conversation" if restore is not None else "prompt"
+            return refuse(P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds "
+                                         f"{self.model.engine.max_seq_len}" +
+                          ("; end the session and start a new one" if restore is not None else ""))
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(key=key, prompt_ids=ids, max_tokens=min(req.max_tokens, room), sampling=req.sampling,
-                       deadline=deadline, ignore_eos=req.ignore_eos)
-        if not self.runner.submit(Job(seq=seq, request=req, client=client, role=role)):
+                       deadline=deadline, ignore_eos=req.ignore_eos, session=req.session, feed_ids=feed,
+                       base_len=len(history))
+        job = Job(seq=seq, request=req, client=client, role=role, restore=restore, history=history,
+                  cache_key=cache_key(req, version) if self.responses is not None else None)
+        if not self.runner.submit(job):
+            if req.session is not None:
+                self.sessions.release(req.session, restore)
             return refuse(P.E_BUSY, "the waiting queue is full", retry_after_ms=250)
         self._routes[key] = envelope
+        fd = _source_fd(frame)
+        if fd is not None:
+            self._fd_keys.setdefault(fd, set()).add(key)
+            self._key_fd[key] = fd
+
+    def _forget(self, key: str) -> None:
+        self._routes.pop(key, None)
+        fd = self._key_fd.pop(key, None)
+        if fd is not None:
+            keys = self._fd_keys.get(fd, set())
+            keys.discard(key)
+            if not keys:
+                self._fd_keys.pop(fd, None)
+
+    def _on_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            for key in list(self._fd_keys.get(int(event["value"]), ())):
+                for runner in (self.runner, *self._retiring):
+                    if runner.cancel(key):
+                        self.disconnect_cancels += 1
+                        log.info("client disconnected: cancelled %s", key)
+                self._forget(key)  # nobody is left to receive the reply
 
     def _flush_outbox(self) -> None:
         for runner in (*self._retiring, self.runner):
@@ -225,7 +288,7 @@ class Server:
                     continue
                 self._reply(envelope, out.frame)
                 if out.final:
-                    del self._routes[out.key]
+                    self._forget(out.key)
 
     def health(self) -> dict:
         load = self.runner.load()
@@ -235,7 +298,9 @@ class Server:
                 "uptime_s": round(time.monotonic() - self.started, 1), **load,
                 "tokens_generated": self.runner.tokens_generated,
                 "audit_commits": self.writer.commits if self.writer else 0,
-                "audit_rows": self.writer.rows if self.writer else 0}
+                "audit_rows": self.writer.rows if self.writer else 0, "disconnect_cancels": self.disconnect_cancels,
+                **self.sessions.stats(),
+                **(self.responses.stats() if self.responses else {}), **_engine_stats(self.model.engine)}
 
     def info(self) -> dict:
         eng = self.config.engine
@@ -255,6 +320,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         interval = self.notifier.watchdog_interval
         timeout_ms = 200 if interval is None else min(200, int(interval * 500))
         drain_until = None
@@ -265,6 +331,8 @@ class Server:
                 if self.wake_pull in events:
                     while self.wake_pull.poll(0):
                         self.wake_pull.recv()
+                if self.monitor in events:
+                    self._on_monitor()
                 self._flush_outbox()
                 self._probe_audit()
                 if self.reload_event.is_set():
@@ -292,6 +360,8 @@ class Server:
             if self.writer is not None:
                 self.writer.stop()  # commits what is queued; their replies are flushed below
             self._flush_outbox()
+            self.router.disable_monitor()
+            self.monitor.close(linger=0)
             self.router.close(linger=500)
             self.wake_pull.close(linger=0)
             if self.authenticator is not None:
@@ -299,8 +369,25 @@ class Server:
             self.ctx.term()
 
 
+def _engine_stats(engine) -> dict:
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return {}
+    return {"decode_steps": stats.decode_steps, "resident_steps": stats.resident_steps,
+            "regathers": stats.regathers, "cache_bytes_copied": stats.copied_bytes,
+            "prefill_tokens": stats.prefill_tokens}
+
+
 def _route_key(envelope: list[bytes], rid: str | None) -> str:
     return f"{envelope[0].hex()}:{rid}"
+
+
+def _source_fd(frame: zmq.Frame) -> int | None:
+    try:
+        fd = frame.get(zmq.SRCFD)
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
 
 
 def _client_identity(frame: zmq.Frame) -> str:

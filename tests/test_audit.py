@@ -191,7 +191,7 @@ def test_schema_1_database_upgrades_in_place_with_rows_intact(tmp_path):
     con.commit()
     con.close()
     log = AuditLog(path, signing_key=DEVICE)
-    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == ("3",)
     assert [r.request_id for r in log.rows()] == [f"old{i}" for i in range(1, 6)]
     log.record(Entry(request_id="new", op="generate", status="ok", prompt="p"))
     assert log.verify(PUBLIC).ok and log.rows()[-1].prev_hash == prev

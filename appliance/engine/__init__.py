@@ -7,7 +7,8 @@ __all__ = ["DecoderSpec", "Engine", "EngineError", "create_engine"]
 
 
 def create_engine(kind: str, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int,
-                  threads: int = 0, external: dict[str, bytearray] | None = None) -> Engine:
+                  threads: int = 0, external: dict[str, bytearray] | None = None, spin: bool = True,
+                  affinity: str = "") -> Engine:
     """Build the backend named ``kind`` from an in-memory model (never a path to plaintext).
 
     ``external`` maps external-data file names the graph refers to (``model.onnx.data``) to their
@@ -17,7 +18,7 @@ def create_engine(kind: str, model: bytes, spec: DecoderSpec, *, num_slots: int,
         from .ort_engine import OrtEngine
 
         return OrtEngine(model, spec, num_slots=num_slots, max_seq_len=max_seq_len, threads=threads,
-                         external=external)
+                         external=external, spin=spin, affinity=affinity)
     if kind == "tensorrt":
         from .trt_engine import TrtEngine
 
