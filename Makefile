@@ -57,10 +57,11 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Every benchmark, each measuring its comparison side by side in one run (~25 min on 2 cores);
-# results in bench/results/*.json.
+# Every benchmark, each measuring its comparison side by side in one run (~45 min on 2 cores);
+# results in bench/results/*.json. The '.[bench]' extra adds onnxruntime-genai, the comparison runtime.
 bench: provision
-	$(BIN)/python bench/ask_throughput.py --config $(DEMO)/appliance.toml
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/audit_overhead.py --config $(DEMO)/appliance.toml
 	$(BIN)/python bench/bundle_throughput.py
 	$(BIN)/edge-models quantize --onnx $(BUILD)/onnx --out build/quant

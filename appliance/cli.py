@@ -72,8 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ask(args: argparse.Namespace) -> int:
     params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "stop": args.stop or None}
+              "top_p": args.top_p, "seed": args.seed, "stop": args.stop or None, "session": args.session}
     with _client(args) as client:
+        if args.end_session:
+            print(json.dumps(client.end_session(args.end_session)))
+            return 0
+        if not args.prompt:
+            print("edge-appliance ask: a prompt is required", file=sys.stderr)
+            return 2
         final: dict = {}
         for event in client.generate(args.prompt, **params):
             if event["type"] == "token" and not args.json:
@@ -124,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--client-key", help="CURVE: this client's secret key file (from client-keygen)")
 
     a = sub.add_parser("ask", help="send a prompt and stream the answer")
-    a.add_argument("prompt", help="the prompt text")
+    a.add_argument("prompt", nargs="?", help="the prompt text (required unless --end-session)")
     a.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
     a.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
@@ -132,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     a.add_argument("--stop", action="append", help="stop when this text appears (repeatable, up to 4)")
     a.add_argument("--json", action="store_true", help="print the final reply as JSON instead of streaming text")
+    a.add_argument("--session", help="conversation id: the daemon keeps its context between turns, so each "
+                   "`ask --session ID` continues it and prefills only the new text")
+    a.add_argument("--end-session", metavar="ID", help="forget conversation ID instead of asking (prompt ignored)")
     client_flags(a)
     a.set_defaults(func=cmd_ask)
 

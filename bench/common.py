@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -21,10 +22,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def daemon(config_path: Path, name: str = "bench", audit_store: str | None = None):
+def daemon(config_path: Path, name: str = "bench", audit_store: str | None = None, response_cache: int = 0):
     """Run `edge-appliance serve` from a copy of ``config_path`` on a free port.
 
-    ``audit_store="none"`` turns the audit store off in the copy (benchmark baseline only).
+    ``audit_store="none"`` turns the audit store off in the copy (benchmark baseline only). The
+    response cache is off unless asked for: benchmarks repeat identical requests, which must run.
     """
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     original = load_config(config_path).server.endpoints[0]
@@ -32,6 +34,9 @@ def daemon(config_path: Path, name: str = "bench", audit_store: str | None = Non
     if audit_store:
         line = f'store = "{audit_store}"\n'
         text = text.replace("[audit]\n", "[audit]\n" + line, 1) if "[audit]\n" in text else text + "\n[audit]\n" + line
+    text = re.sub(r"(?m)^response_cache\s*=.*\n", "", text)
+    text = text.replace("[engine]\n", f"[engine]\nresponse_cache = {response_cache}\n", 1) if "[engine]\n" in text \
+        else text + f"\n[engine]\nresponse_cache = {response_cache}\n"
     cfg = config_path.with_name(f"{name}-appliance.toml")
     cfg.write_text(text)
     exe = Path(sys.executable).parent / "edge-appliance"

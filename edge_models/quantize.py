@@ -34,7 +34,27 @@ def quantize(onnx_dir: Path, out_dir: Path, mode: str) -> Path:
         _run(mode, src, dst)
     for name in COMPANIONS:
         shutil.copy(Path(onnx_dir) / name, out_dir / name)
+    _update_weight_bytes(src, dst, out_dir / "decoder.json")
     return out_dir
+
+
+def _update_weight_bytes(src: Path, dst: Path, spec_path: Path) -> None:
+    """decoder.json's bytes-read-per-token, corrected for the weights the quantizer replaced (for
+    honest "bandwidth achieved" figures): minus the fp32 tensors removed, plus what replaced them."""
+    import dataclasses
+
+    import onnx
+
+    def sizes(path: Path) -> dict[str, int]:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                for t in graph.initializer}
+
+    before, after = sizes(src), sizes(dst)
+    removed = sum(v for k, v in before.items() if k not in after)
+    added = sum(v for k, v in after.items() if k not in before)
+    spec = DecoderSpec.from_json(spec_path.read_text())
+    spec_path.write_text(dataclasses.replace(spec, weight_bytes=max(1, spec.weight_bytes - removed + added)).to_json())
 
 
 @contextlib.contextmanager

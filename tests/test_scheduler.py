@@ -97,3 +97,54 @@ def test_cancel_frees_the_slot_for_the_next_request():
     plan = s.schedule(now=0.1)
     assert plan.finished == [a] and plan.prefill == [b]
     assert s.cancel("unknown") is None
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding():
+    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=1024, eos_token_id=EOS, prefill_chunk=64)
+    short = seq("short", prompt_len=4, max_tokens=50)
+    s.add(short)
+    s.schedule(now=0.0)
+    s.on_token(short, 7, now=0.1)
+    long = seq("long", prompt_len=150, max_tokens=5)
+    s.add(long)
+    chunks = []
+    for step in range(4):
+        plan = s.schedule(now=1.0 + step)
+        assert plan.decode == [short]  # the running request advances at every step
+        if plan.prefill:
+            assert plan.prefill == [long]
+            chunks.append(long.chunk)
+        s.on_token(short, 7, now=1.0 + step)
+    assert chunks == [(0, 64), (64, 128), (128, 150)]
+    assert long.prefill_done and not long.output_ids
+
+
+def test_prefill_budget_is_shared_oldest_first_and_admission_waits_for_budget():
+    s = Scheduler(num_slots=3, max_queued=10, max_seq_len=1024, eos_token_id=EOS, prefill_chunk=100)
+    a, b, c = seq("a", prompt_len=130), seq("b", prompt_len=50), seq("c", prompt_len=10)
+    for x in (a, b, c):
+        s.add(x)
+    plan = s.schedule(now=0.0)
+    assert plan.prefill == [a] and a.chunk == (0, 100)  # the budget is spent: b and c wait for the next step
+    assert (b.state, c.state) == (State.WAITING, State.WAITING)
+    plan = s.schedule(now=1.0)
+    # a finishes its prompt first (oldest), then b and c are admitted in arrival order with what is left
+    assert plan.prefill == [a, b, c] and (a.chunk, b.chunk, c.chunk) == ((100, 130), (0, 50), (0, 10))
+
+
+def test_context_limit_counts_restored_session_tokens():
+    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=20, eos_token_id=EOS)
+    turn = Sequence(key="t2", prompt_ids=[1, 5, 6], max_tokens=50, feed_ids=[9, 5, 6], base_len=15, arrival=0.0)
+    s.add(turn)
+    s.schedule(now=0.0)
+    assert turn.context_len == 18
+    assert not s.on_token(turn, 7)
+    assert s.on_token(turn, 7) and turn.finish is Finish.CONTEXT
+
+
+def test_a_cache_hit_finishes_without_a_slot():
+    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=64, eos_token_id=EOS)
+    hit = seq("hit")
+    s.finish_now(hit, Finish.LENGTH)
+    plan = s.schedule(now=0.0)
+    assert plan.finished == [hit] and hit.slot is None and s.free_slots == [0]
