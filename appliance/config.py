@@ -141,7 +141,7 @@ max_message_bytes = 1048576
 
 [engine]
 kind = "onnxruntime"
-threads = 0                 # 0 = ONNX Runtime's default (one per physical core)
+threads = 0                 # 0 = automatic: one per 16 MB of weights read per token, at most the cores
 max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'
 max_seq_len = 512           # prompt + generated tokens per sequence
