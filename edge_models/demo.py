@@ -53,7 +53,9 @@ def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAU
                vocab_size: int = 4096, force: bool = False, student: StudentRecipe = DEMO_STUDENT) -> dict:
     """Build (or reuse) the demo under ``out``; returns the report. ``out/onnx`` is what gets sealed."""
     out = Path(out)
-    recipe = recipe_hash(shape, train, vocab_size, student)
+    from .export import EXPORT_REVISION
+
+    recipe = recipe_hash(shape, train, vocab_size, student, EXPORT_REVISION)
     report_path = out / "report.json"
     if report_path.exists() and not force:
         report = json.loads(report_path.read_text())

@@ -135,7 +135,66 @@ def _real_valued_rope(model):
         v2.apply_rotary_emb = original
 
 
+@contextlib.contextmanager
+def _absorbed_mla(model):
+    """DeepSeek-V3 MLA with the latent up-projection absorbed (as DeepSeek's own inference code does).
+
+    The cache holds the compressed latent ``c`` (after ``kv_a_layernorm``) and the rotary key. HF's
+    attention re-expands every cached position through ``kv_b_proj`` into per-head keys and values
+    at every step — work proportional to batch × context (half of a decode step on the demo). The
+    same attention without that expansion: with ``kv_b_proj`` split per head into ``W_uk`` (keys)
+    and ``W_uv`` (values), ``q·(W_uk c) = (W_ukᵀ q)·c`` and ``Σ p·(W_uv c) = W_uv (Σ p·c)``, so
+    queries are projected into the latent space once and the output projected out once. Same
+    cache layout, same results up to float rounding (the parity checks compare greedy tokens).
+    """
+    if type(model).__name__ != "DeepseekV3ForCausalLM":
+        yield
+        return
+    import torch
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        bsz, seq = hidden_states.shape[:-1]
+        heads, dn, dv, rank = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(bsz, seq, heads, self.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [dn, self.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = torch.split(self.kv_a_proj_with_mqa(hidden_states), [rank, self.qk_rope_head_dim], dim=-1)
+        kv_nope = self.kv_a_layernorm(kv_nope).view(bsz, 1, seq, rank)
+        k_rot = k_rot.view(bsz, 1, seq, self.qk_rope_head_dim)
+        cos, sin = position_embeddings
+        rope = v3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else v3.apply_rotary_pos_emb
+        q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
+        if past_key_values is not None:
+            kv_nope, k_rot = past_key_values.update(kv_nope, k_rot, self.layer_idx)
+        w = self.kv_b_proj.weight.view(heads, dn + dv, rank)
+        q_lat = torch.matmul(q_pass, w[:, :dn, :])  # [B, H, S, rank]
+        scores = (torch.matmul(q_lat, kv_nope.transpose(2, 3)) + torch.matmul(q_rot, k_rot.transpose(2, 3)))
+        scores = scores * self.scaling
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(torch.matmul(probs, kv_nope), w[:, dn:, :].transpose(1, 2))  # [B, H, S, dv]
+        out = out.transpose(1, 2).reshape(bsz, seq, heads * dv)
+        return self.o_proj(out), None
+
+    original = v3.DeepseekV3Attention.forward
+    v3.DeepseekV3Attention.forward = forward
+    try:
+        yield
+    finally:
+        v3.DeepseekV3Attention.forward = original
+
+
 EXTERNAL_DATA = "model.onnx.data"
+# Bumped when the exported graph changes for the same checkpoint (builds keyed on it are redone).
+EXPORT_REVISION = 2  # 2: MLA with the latent up-projection absorbed
 PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
 
 
@@ -158,7 +217,7 @@ def export_decoder(model, out_dir: Path, external_data: bool | None = None) -> D
         torch.ops.transformers.grouped_mm_fallback.default: exporter_onnx._aten_grouped_mm,
         torch.ops.aten._grouped_mm.default: exporter_onnx._aten_grouped_mm,
     }
-    with _real_valued_rope(model):
+    with _real_valued_rope(model), _absorbed_mla(model):
         program = torch.onnx.export(
             _wrapper(model, spec.num_layers),
             _sample_inputs(spec),
