@@ -52,16 +52,14 @@ def recipe_hash(*parts) -> str:
 def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAULT_TRAIN,
                vocab_size: int = 4096, force: bool = False, student: StudentRecipe = DEMO_STUDENT) -> dict:
     """Build (or reuse) the demo under ``out``; returns the report. ``out/onnx`` is what gets sealed."""
-    out = Path(out)
     from .export import EXPORT_REVISION
 
+    out = Path(out)
     recipe = recipe_hash(shape, train, vocab_size, student, EXPORT_REVISION)
     report_path = out / "report.json"
-    if report_path.exists() and not force:
-        report = json.loads(report_path.read_text())
-        if report.get("recipe") == recipe:
-            log.info("demo model cached in %s (recipe %s)", out, recipe)
-            return report
+    cached = None if force else _cached(report_path, recipe)
+    if cached is not None:
+        return cached
     started = time.monotonic()
     teacher = build_teacher(out, shape, train, vocab_size, force)
     student_report = build_student(out, student)
@@ -71,6 +69,17 @@ def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAU
     log.info("demo student: %d non-embedding parameters (%.0f%% of the teacher), held-out perplexity %.2f, "
              "serving %s", report["non_embedding_parameters"], 100 * report["non_embedding_fraction"],
              report["heldout_perplexity"], report["served"])
+    return report
+
+
+def _cached(report_path: Path, recipe: str) -> dict | None:
+    """The report of a finished stage built with ``recipe``, or None when it must be (re)built."""
+    if not report_path.exists():
+        return None
+    report = json.loads(report_path.read_text())
+    if report.get("recipe") != recipe:
+        return None
+    log.info("%s: cached (recipe %s)", report_path, recipe)
     return report
 
 
@@ -131,11 +140,9 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
 
     recipe = recipe_hash(shape, train, vocab_size)
     report_path = out / "teacher.json"
-    if report_path.exists() and not force:
-        report = json.loads(report_path.read_text())
-        if report.get("recipe") == recipe:
-            log.info("demo teacher cached in %s (recipe %s)", out, recipe)
-            return report
+    cached = None if force else _cached(report_path, recipe)
+    if cached is not None:
+        return cached
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.monotonic()

@@ -39,6 +39,12 @@ def exports_and_matches(model, tmp_path) -> None:
     assert engine_greedy(engine, prompts, 10, spec.eos_token_id) == hf_greedy(model, prompts, 10, spec.pad_token_id)
 
 
+def save_and_reload(model, tmp_path):
+    """``save_pretrained`` then ``from_pretrained``: a pruned checkpoint must load as an ordinary one."""
+    model.save_pretrained(tmp_path / "ckpt")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+
+
 @pytest.fixture(scope="module")
 def teacher(tiny_build):
     return AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
@@ -51,8 +57,7 @@ def test_prune_deepseek_mla_heads_experts_and_ffn(teacher, tmp_path):
     assert (cfg.num_attention_heads, cfg.n_routed_experts, cfg.intermediate_size) == (2, 2, 64)
     assert teacher.config.num_attention_heads == 4  # the teacher is untouched
     assert non_embedding_parameters(student) < 0.7 * non_embedding_parameters(teacher)
-    student.save_pretrained(tmp_path / "ckpt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    reloaded = save_and_reload(student, tmp_path)
     ids = batches(cfg.vocab_size, 1)[0]
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
@@ -214,8 +219,7 @@ def test_prune_llama_loads_and_exports(tmp_path):
         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=False)).eval()
     student = prune(model, measure_importance(model, batches(512)), PruneTarget(heads=2, ffn=48, layers=2))
-    student.save_pretrained(tmp_path / "ckpt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    reloaded = save_and_reload(student, tmp_path)
     assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.num_key_value_heads == 1
     exports_and_matches(reloaded, tmp_path)
 
@@ -240,8 +244,7 @@ def test_prune_hidden_width_of_deepseek_v3_reloads_and_exports(teacher, tmp_path
     imp = measure_importance(teacher, batches(teacher.config.vocab_size))
     assert imp.hidden.shape == (teacher.config.hidden_size,)
     student = prune(teacher, imp, PruneTarget(hidden=48, experts=2))
-    student.save_pretrained(tmp_path / "ckpt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    reloaded = save_and_reload(student, tmp_path)
     assert reloaded.config.hidden_size == 48 and reloaded.model.embed_tokens.weight.shape[1] == 48
     assert non_embedding_parameters(reloaded) < non_embedding_parameters(teacher)
     exports_and_matches(reloaded, tmp_path)
@@ -264,8 +267,7 @@ def test_prune_qwen2_hidden_width_with_tied_embeddings(tmp_path):
         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=True)).eval()
     student = prune(model, measure_importance(model, batches(512)), PruneTarget(hidden=40, heads=2))
-    student.save_pretrained(tmp_path / "ckpt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    reloaded = save_and_reload(student, tmp_path)
     # head_dim stays 16 (it is written explicitly) although hidden/heads is now 20
     assert (reloaded.config.hidden_size, reloaded.config.head_dim, reloaded.config.num_attention_heads) == (40, 16, 2)
     exports_and_matches(reloaded, tmp_path)
@@ -283,8 +285,7 @@ def test_prune_deepseek_v2_mla_moe_and_export(tmp_path):
         v_head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
     imp = measure_importance(model, batches(512))
     student = prune(model, imp, PruneTarget(heads=2, ffn=64, experts=2, hidden=48))
-    student.save_pretrained(tmp_path / "ckpt")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    reloaded = save_and_reload(student, tmp_path)
     assert type(reloaded).__name__ == "DeepseekV2ForCausalLM"
     assert (reloaded.config.n_routed_experts, reloaded.config.hidden_size) == (2, 48)
     exports_and_matches(reloaded, tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .base import EngineError
@@ -17,8 +19,6 @@ def auto_threads(weight_bytes: int) -> int:
     process may use. Measured with bench/inference.py on 2 cores: a 105 MB-per-token model decodes
     ~1.35x faster on two threads than on one (memory bandwidth); for a 3 MB one, one thread is
     as fast as two within this machine's noise and leaves a core to the server loop and clients."""
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wanted = -(-max(weight_bytes, 1) // BYTES_PER_THREAD)
     return 0 if wanted >= cores else wanted

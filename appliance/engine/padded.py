@@ -84,8 +84,9 @@ class PaddedKVEngine:
         """Zero-length past tensors for a graph run with no history."""
         return [self._empty((batch, h, 0, d)) for h, d in self._tensor_shapes()]
 
-    def _nbytes(self, tensors: list[Any]) -> int:
-        return sum(int(np.prod(t.shape)) * 4 for t in tensors)
+    @staticmethod
+    def _nbytes(tensors: list[Any]) -> int:
+        return sum(int(t.nbytes) for t in tensors)
 
     def _arena_views(self, which: int, batch: int, width: int) -> list[Any]:
         """Views ``[batch, H, width, D]`` over arena ``which``, growing its buffers when too small."""
@@ -218,7 +219,7 @@ class PaddedKVEngine:
                 if length:
                     buf[row, :, width - length:] = s.tensors[t][s.row, :, s.start:s.end]
             if s is not None:
-                self.stats.copied_bytes += self._nbytes([v for v in s.views()])
+                self.stats.copied_bytes += self._nbytes(s.views())
         return into
 
     def _park_arena_slots(self, keep: set[int]) -> None:
