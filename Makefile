@@ -52,9 +52,11 @@ run: provision
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Every benchmark, each measuring its comparison side by side in one run (~45 min on 2 cores);

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG, DEFAULT_ENDPOINT, ConfigError, load_config, render_config
+from appliance.config import DEFAULT_CONFIG, DEFAULT_ENDPOINT, ConfigError, load_config, render_config
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -26,7 +26,7 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _client(args: argparse.Namespace):
     """A client from the common flags, with CURVE when --server-key and --client-key are given."""
-    from .client import Client
+    from appliance.transport.client import Client
 
     server_key = keypair = None
     if args.server_key or args.client_key:
@@ -40,8 +40,13 @@ def _client(args: argparse.Namespace):
         path = Path(args.client_key)
         secret = bytes(read_private(path.name, path.parent)).strip()
         keypair = (zmq.curve_public(secret), secret)
-    return Client(_endpoint(args), timeout_s=args.timeout, retries=args.retries, curve_server_key=server_key,
-                  curve_keypair=keypair)
+    return Client(
+        _endpoint(args),
+        timeout_s=args.timeout,
+        retries=args.retries,
+        curve_server_key=server_key,
+        curve_keypair=keypair,
+    )
 
 
 def _server_key(value: str) -> bytes:
@@ -54,25 +59,34 @@ def _server_key(value: str) -> bytes:
 
 
 def cmd_client_keygen(args: argparse.Namespace) -> int:
-    from .auth import client_keygen
+    from appliance.transport.auth import client_keygen
 
     entry = client_keygen(Path(args.out), args.name)
-    print(f"wrote {args.out}/client.key (0600) and client.pub; add to the daemon's allow-list:\n\n"
-          f"[[client]]\nname = \"{entry.name}\"\nkey = \"{entry.key}\"\nrole = \"infer\"")
+    print(
+        f"wrote {args.out}/client.key (0600) and client.pub; add to the daemon's allow-list:\n\n"
+        f'[[client]]\nname = "{entry.name}"\nkey = "{entry.key}"\nrole = "infer"'
+    )
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import run_daemon
-    from .logs import setup_logging
+    from appliance.daemon import run_daemon
+    from appliance.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)
     return run_daemon(load_config(_config_path(args)))
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "stop": args.stop or None, "session": args.session}
+    params = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop or None,
+        "session": args.session,
+    }
     with _client(args) as client:
         if args.end_session:
             print(json.dumps(client.end_session(args.end_session)))
@@ -89,8 +103,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(json.dumps(final, indent=2))
     else:
         t, u = final["timings"], final["usage"]
-        print(f"\n[{u['completion_tokens']} tokens, {final['finish_reason']}, first token {t['ttft_ms']:.0f} ms, "
-              f"{t.get('tokens_per_s', 0):.1f} tok/s]", file=sys.stderr)
+        print(
+            f"\n[{u['completion_tokens']} tokens, {final['finish_reason']}, first token {t['ttft_ms']:.0f} ms, "
+            f"{t.get('tokens_per_s', 0):.1f} tok/s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -116,10 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify aware)")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="minimum level logged (default: info)")
-    s.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="text for people, json for one object per line (default: text)")
+    s.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="minimum level logged (default: info)",
+    )
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text for people, json for one object per line (default: text)",
+    )
     s.set_defaults(func=cmd_serve)
 
     def client_flags(sp: argparse.ArgumentParser) -> None:
@@ -138,14 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     a.add_argument("--stop", action="append", help="stop when this text appears (repeatable, up to 4)")
     a.add_argument("--json", action="store_true", help="print the final reply as JSON instead of streaming text")
-    a.add_argument("--session", help="conversation id: the daemon keeps its context between turns, so each "
-                   "`ask --session ID` continues it and prefills only the new text")
+    a.add_argument(
+        "--session",
+        help="conversation id: the daemon keeps its context between turns, so each "
+        "`ask --session ID` continues it and prefills only the new text",
+    )
     a.add_argument("--end-session", metavar="ID", help="forget conversation ID instead of asking (prompt ignored)")
     client_flags(a)
     a.set_defaults(func=cmd_ask)
 
-    for name, text in (("health", "daemon health: audit store, queue, uptime"),
-                       ("info", "model id, version, engine and limits")):
+    for name, text in (
+        ("health", "daemon health: audit store, queue, uptime"),
+        ("info", "model id, version, engine and limits"),
+    ):
         sp = sub.add_parser(name, help=text)
         client_flags(sp)
         sp.set_defaults(func=cmd_simple)
@@ -165,27 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     i.set_defaults(func=cmd_init)
 
-    from .audit_cli import add_parser as add_audit_parser
+    from appliance.audit.cli import add_parser as add_audit_parser
 
     add_audit_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from appliance.audit import AuditError
+    from appliance.engine import EngineError
+    from appliance.loader import ModelLoadError
+    from appliance.transport.auth import AuthConfigError
+    from appliance.transport.client import ClientError
+    from appliance.transport.server import BindError
     from provisioning.errors import ProvisioningError
-
-    from .audit import AuditError
-    from .auth import AuthConfigError
-    from .client import ClientError
-    from .engine import EngineError
-    from .loader import ModelLoadError
-    from .server import BindError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ClientError, AuditError, AuthConfigError, BindError, EngineError, ModelLoadError,
-            ProvisioningError) as exc:
+    except (
+        ConfigError,
+        ClientError,
+        AuditError,
+        AuthConfigError,
+        BindError,
+        EngineError,
+        ModelLoadError,
+        ProvisioningError,
+    ) as exc:
         print(f"edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

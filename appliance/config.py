@@ -74,8 +74,13 @@ class Config:
     source: Path | None = None
 
 
-_SECTIONS = {"server": ServerConfig, "engine": EngineConfig, "audit": AuditConfig, "auth": AuthConfig,
-             "sessions": SessionConfig}
+_SECTIONS = {
+    "server": ServerConfig,
+    "engine": EngineConfig,
+    "audit": AuditConfig,
+    "auth": AuthConfig,
+    "sessions": SessionConfig,
+}
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
 
@@ -116,17 +121,26 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: [audit] store must be sqlite|none and content hash|encrypted|none")
     auth = sections["auth"]
     if auth.curve and not auth.clients:
-        raise ConfigError(f"{path}: [auth] curve = true needs clients = \"<allow-list file>\"")
+        raise ConfigError(f'{path}: [auth] curve = true needs clients = "<allow-list file>"')
     if auth.clients:
         auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)))
-    return Config(state_dir=resolve(paths["state_dir"]), trust_dir=resolve(paths["trust_dir"]),
-                  key_dir=resolve(paths.get("key_dir")), audit_db=resolve(paths["audit_db"]),
-                  server=sections["server"], engine=sections["engine"], audit=audit, auth=auth,
-                  sessions=sections["sessions"], source=path)
+    return Config(
+        state_dir=resolve(paths["state_dir"]),
+        trust_dir=resolve(paths["trust_dir"]),
+        key_dir=resolve(paths.get("key_dir")),
+        audit_db=resolve(paths["audit_db"]),
+        server=sections["server"],
+        engine=sections["engine"],
+        audit=audit,
+        auth=auth,
+        sessions=sections["sessions"],
+        source=path,
+    )
 
 
-def render_config(state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT,
-                  max_batch: int = 4) -> str:
+def render_config(
+    state_dir: str, trust_dir: str, key_dir: str, audit_db: str, endpoint: str = DEFAULT_ENDPOINT, max_batch: int = 4
+) -> str:
     """A commented config file for a new device (what ``edge-appliance init`` writes)."""
     return f"""# edge-appliance daemon configuration. Relative paths are relative to this file.
 [paths]

@@ -7,13 +7,12 @@ import signal
 import time
 from pathlib import Path
 
+from appliance.audit import AuditLog
+from appliance.config import Config
+from appliance.loader import LoadedModel, load_model
+from appliance.notify import Notifier
+from appliance.transport.server import Server
 from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
-
-from .audit import AuditLog
-from .config import Config
-from .loader import LoadedModel, load_model
-from .notify import Notifier
-from .server import Server
 
 log = logging.getLogger("appliance.daemon")
 
@@ -33,12 +32,17 @@ def open_audit(config: Config, *, for_writing: bool = True) -> AuditLog | None:
     cfg = config.audit
     if cfg.store == "none":
         if for_writing:
-            log.warning("AUDIT DISABLED ([audit] store = \"none\"): requests are not recorded; for benchmarks only")
+            log.warning('AUDIT DISABLED ([audit] store = "none"): requests are not recorded; for benchmarks only')
         return None
     recipient = load_public_x25519(Path(cfg.recipient)) if cfg.recipient else None
     signing = load_ed25519(DEVICE_ED25519, config.key_dir) if for_writing else None
-    return AuditLog(config.audit_db, content=cfg.content, recipient=recipient, signing_key=signing,
-                    checkpoint_every=cfg.checkpoint_every)
+    return AuditLog(
+        config.audit_db,
+        content=cfg.content,
+        recipient=recipient,
+        signing_key=signing,
+        checkpoint_every=cfg.checkpoint_every,
+    )
 
 
 def run_daemon(config: Config) -> int:
@@ -48,8 +52,14 @@ def run_daemon(config: Config) -> int:
     notifier.status("decrypting model")
     t0 = time.monotonic()
     model = load_model(config)
-    log.info("loaded model %s v%d (%s, engine %s) in %.2fs", model.model_id, model.version,
-             model.spec.architecture, model.engine.kind, time.monotonic() - t0)
+    log.info(
+        "loaded model %s v%d (%s, engine %s) in %.2fs",
+        model.model_id,
+        model.version,
+        model.spec.architecture,
+        model.engine.kind,
+        time.monotonic() - t0,
+    )
     log.info("warm-up took %.3fs", warm_up(model))
     server = Server(config, model, audit, notifier)
 
@@ -66,8 +76,9 @@ def run_daemon(config: Config) -> int:
     endpoints = ", ".join(config.server.endpoints)
     notifier.ready(f"serving {model.model_id} v{model.version} on {endpoints}")
     log.info("ready: listening on %s", endpoints)
-    log.info("query it with: edge-appliance ask \"How do I reset the conveyor?\" --endpoint %s",
-             config.server.endpoints[0])
+    log.info(
+        'query it with: edge-appliance ask "How do I reset the conveyor?" --endpoint %s', config.server.endpoints[0]
+    )
     try:
         server.serve_forever()
     finally:

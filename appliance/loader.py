@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from appliance.config import Config
+from appliance.engine import DecoderSpec, Engine, create_engine
 from provisioning.bundle import Bundle
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
-
-from .config import Config
-from .engine import DecoderSpec, Engine, create_engine
 
 MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer.json"
 EXTERNAL_DATA_FILE = "model.onnx.data"  # weights of models past the 2 GB protobuf limit
@@ -40,8 +39,9 @@ class LoadedModel:
 def installed_bundle(config: Config) -> Bundle:
     bundle = current_bundle(config.state_dir, load_trusted_vendors(config.trust_dir))
     if bundle is None:
-        raise ModelLoadError(f"no model installed under {config.state_dir}; install one with "
-                             "'edge-provision install BUNDLE --state DIR'")
+        raise ModelLoadError(
+            f"no model installed under {config.state_dir}; install one with 'edge-provision install BUNDLE --state DIR'"
+        )
     return bundle
 
 
@@ -60,12 +60,26 @@ def load_model(config: Config) -> LoadedModel:
     finally:
         wipe(data_key)
     try:
-        engine = create_engine(config.engine.kind, bytes(model), spec, num_slots=config.engine.max_batch,
-                               max_seq_len=config.engine.max_seq_len, threads=config.engine.threads,
-                               external=external, spin=config.engine.spin, affinity=config.engine.affinity)
+        engine = create_engine(
+            config.engine.kind,
+            bytes(model),
+            spec,
+            num_slots=config.engine.max_batch,
+            max_seq_len=config.engine.max_seq_len,
+            threads=config.engine.threads,
+            external=external,
+            spin=config.engine.spin,
+            affinity=config.engine.affinity,
+        )
     finally:
         wipe(model)
         for buf in external.values():
             wipe(buf)
-    return LoadedModel(model_id=bundle.model_id, version=bundle.version, bundle_id=bundle.manifest["bundle_id"],
-                       engine=engine, tokenizer=tokenizer, spec=spec)
+    return LoadedModel(
+        model_id=bundle.model_id,
+        version=bundle.version,
+        bundle_id=bundle.manifest["bundle_id"],
+        engine=engine,
+        tokenizer=tokenizer,
+        spec=spec,
+    )

@@ -67,8 +67,16 @@ def main() -> int:
             for _ in range(args.size_mib):
                 f.write(os.urandom(1 << 20))
         t = time.perf_counter()
-        seal({"model.onnx": src}, Path(tmp) / "bundle", model_id="bench", version=1, architecture="X", engines=[],
-             signing_key=vendor, recipients=[device.public_key()])
+        seal(
+            {"model.onnx": src},
+            Path(tmp) / "bundle",
+            model_id="bench",
+            version=1,
+            architecture="X",
+            engines=[],
+            signing_key=vendor,
+            recipients=[device.public_key()],
+        )
         seal_s = time.perf_counter() - t
         src.unlink()
         raw = raw_aes_gcm(size)
@@ -79,16 +87,23 @@ def main() -> int:
         wipe(buf)
         verify_s = best_of(2, lambda: verify_fully(bundle, device))
     result = {
-        "payload_bytes": size, "chunk_bytes": DEFAULT_CHUNK, "cpus": os.cpu_count(),
-        "raw_aes_gcm_GBps": raw / 1e9, "decrypt_and_load_GBps": size / load_s / 1e9,
-        "ratio_load_vs_raw": (size / load_s) / raw, "verify_seconds": verify_s, "seal_seconds": seal_s,
+        "payload_bytes": size,
+        "chunk_bytes": DEFAULT_CHUNK,
+        "cpus": os.cpu_count(),
+        "raw_aes_gcm_GBps": raw / 1e9,
+        "decrypt_and_load_GBps": size / load_s / 1e9,
+        "ratio_load_vs_raw": (size / load_s) / raw,
+        "verify_seconds": verify_s,
+        "seal_seconds": seal_s,
         "note": "load = read sealed files from the page cache, authenticate and decrypt into one preallocated buffer",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"raw AES-256-GCM decrypt_into : {result['raw_aes_gcm_GBps']:.2f} GB/s")
-    print(f"decrypt-and-load from bundle : {result['decrypt_and_load_GBps']:.2f} GB/s "
-          f"({result['ratio_load_vs_raw']:.2f} of raw)")
+    print(
+        f"decrypt-and-load from bundle : {result['decrypt_and_load_GBps']:.2f} GB/s "
+        f"({result['ratio_load_vs_raw']:.2f} of raw)"
+    )
     print(f"full verify (hashes + tags)  : {verify_s:.2f} s for {args.size_mib} MiB; seal took {seal_s:.2f} s")
     print(f"wrote {args.out}")
     return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from appliance.client import Client  # noqa: E402
 from appliance.config import load_config  # noqa: E402
+from appliance.transport.client import Client  # noqa: E402
 
 
 def free_port() -> int:
@@ -35,8 +35,11 @@ def daemon(config_path: Path, name: str = "bench", audit_store: str | None = Non
         line = f'store = "{audit_store}"\n'
         text = text.replace("[audit]\n", "[audit]\n" + line, 1) if "[audit]\n" in text else text + "\n[audit]\n" + line
     text = re.sub(r"(?m)^response_cache\s*=.*\n", "", text)
-    text = text.replace("[engine]\n", f"[engine]\nresponse_cache = {response_cache}\n", 1) if "[engine]\n" in text \
+    text = (
+        text.replace("[engine]\n", f"[engine]\nresponse_cache = {response_cache}\n", 1)
+        if "[engine]\n" in text
         else text + f"\n[engine]\nresponse_cache = {response_cache}\n"
+    )
     cfg = config_path.with_name(f"{name}-appliance.toml")
     cfg.write_text(text)
     exe = Path(sys.executable).parent / "edge-appliance"

@@ -45,38 +45,51 @@ def main() -> int:
     arms = {"1 teacher": (teacher, None), "2 pruned, untrained": (pruned, None)}
     results = {}
     for name, (model, _) in arms.items():
-        results[name] = {"perplexity": math.exp(heldout_loss(model, heldout, "cpu")),
-                         "non_embedding_parameters": non_embedding_parameters(model), "seconds": 0.0}
+        results[name] = {
+            "perplexity": math.exp(heldout_loss(model, heldout, "cpu")),
+            "non_embedding_parameters": non_embedding_parameters(model),
+            "seconds": 0.0,
+        }
     torch.manual_seed(0)
     scratch = AutoModelForCausalLM.from_config(copy.deepcopy(pruned.config))
-    trained = {"3 pruned + distilled": (copy.deepcopy(pruned), teacher, base),
-               "4 pruned + cross-entropy fine-tuning": (copy.deepcopy(pruned), None,
-                                                        DistillConfig(**{**base.__dict__, "alpha": 0.0})),
-               "5 same shape from random init": (scratch, None, DistillConfig(**{**base.__dict__, "alpha": 0.0,
-                                                                               "lr": 3e-3}))}
+    trained = {
+        "3 pruned + distilled": (copy.deepcopy(pruned), teacher, base),
+        "4 pruned + cross-entropy fine-tuning": (
+            copy.deepcopy(pruned),
+            None,
+            DistillConfig(**{**base.__dict__, "alpha": 0.0}),
+        ),
+        "5 same shape from random init": (scratch, None, DistillConfig(**{**base.__dict__, "alpha": 0.0, "lr": 3e-3})),
+    }
     for name, (student, t, cfg) in trained.items():
         start = time.monotonic()
         distill(student, t, ds.train, heldout, cfg, desc=name)
-        results[name] = {"perplexity": math.exp(heldout_loss(student, heldout, "cpu")),
-                         "non_embedding_parameters": non_embedding_parameters(student),
-                         "seconds": round(time.monotonic() - start, 1)}
+        results[name] = {
+            "perplexity": math.exp(heldout_loss(student, heldout, "cpu")),
+            "non_embedding_parameters": non_embedding_parameters(student),
+            "seconds": round(time.monotonic() - start, 1),
+        }
     t_ppl, t_par = results["1 teacher"]["perplexity"], results["1 teacher"]["non_embedding_parameters"]
     for r in results.values():
         r["perplexity_ratio"] = r["perplexity"] / t_ppl
         r["parameter_fraction"] = r["non_embedding_parameters"] / t_par
     product = results["3 pruned + distilled"]
     finetuned, scratch_arm = results["4 pruned + cross-entropy fine-tuning"], results["5 same shape from random init"]
-    verdict = {"target_fraction_met": product["parameter_fraction"] <= 0.55,
-               "target_perplexity_met": product["perplexity_ratio"] <= 1.15,
-               "beats_finetuning": product["perplexity"] < finetuned["perplexity"],
-               "beats_scratch": product["perplexity"] < scratch_arm["perplexity"]}
+    verdict = {
+        "target_fraction_met": product["parameter_fraction"] <= 0.55,
+        "target_perplexity_met": product["perplexity_ratio"] <= 1.15,
+        "beats_finetuning": product["perplexity"] < finetuned["perplexity"],
+        "beats_scratch": product["perplexity"] < scratch_arm["perplexity"],
+    }
     out = {"prune_target": target.__dict__, "steps_per_arm": args.steps, "arms": results, "verdict": verdict}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"{'arm':40} {'params':>10} {'fraction':>8} {'perplexity':>10} {'x teacher':>9}")
     for name, r in results.items():
-        print(f"{name:40} {r['non_embedding_parameters']:>10,} {r['parameter_fraction']:>8.2f} "
-              f"{r['perplexity']:>10.2f} {r['perplexity_ratio']:>9.2f}")
+        print(
+            f"{name:40} {r['non_embedding_parameters']:>10,} {r['parameter_fraction']:>8.2f} "
+            f"{r['perplexity']:>10.2f} {r['perplexity_ratio']:>9.2f}"
+        )
     print(json.dumps(verdict))
     return 0
 

@@ -38,17 +38,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.client import Client  # noqa: E402
 from appliance.config import render_config  # noqa: E402
 from appliance.engine import DecoderSpec  # noqa: E402
 from appliance.engine.ort_engine import OrtEngine  # noqa: E402
+from appliance.transport.client import Client  # noqa: E402
 from bench.common import daemon  # noqa: E402
 
-TEXT = ("Return the number of bytes in the buffer. Raise ValueError if the socket is closed or the "
-        "argument is not a string; the optional timeout gives the number of seconds to wait before")
+TEXT = (
+    "Return the number of bytes in the buffer. Raise ValueError if the socket is closed or the "
+    "argument is not a string; the optional timeout gives the number of seconds to wait before"
+)
 PRECISIONS = ("fp32", "q8", "q4")
-QWEN2_SHAPE = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
-                   intermediate_size=2816, vocab_size=32000)
+QWEN2_SHAPE = dict(
+    hidden_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=2816,
+    vocab_size=32000,
+)
 
 
 def memory_read_bandwidth(size_mb: int = 1024, repeats: int = 5) -> dict:
@@ -82,8 +90,9 @@ def build_qwen2(root: Path, demo_tokenizer: Path) -> Path:
     from edge_models.tokenizer import save_tokenizer, special_ids
 
     tok = Tokenizer.from_file(str(demo_tokenizer))
-    tok.add_tokens([AddedToken(f"<|x{i}|>", special=False) for i in range(QWEN2_SHAPE["vocab_size"]
-                                                                         - tok.get_vocab_size())])
+    tok.add_tokens(
+        [AddedToken(f"<|x{i}|>", special=False) for i in range(QWEN2_SHAPE["vocab_size"] - tok.get_vocab_size())]
+    )
     torch.manual_seed(0)
     cfg = Qwen2Config(**QWEN2_SHAPE, max_position_embeddings=2048, tie_word_embeddings=False, **special_ids(tok))
     model = AutoModelForCausalLM.from_config(cfg).eval()
@@ -116,9 +125,25 @@ def genai_variants(hf: Path, root: Path) -> dict[str, Path]:
     for precision in ("fp32", "int4"):
         target = root / f"genai-{precision}"
         if not (target / "genai_config.json").exists():
-            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(target),
-                            "-p", precision, "-e", "cpu", "-c", str(root / "genai-cache")], check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "onnxruntime_genai.models.builder",
+                    "-i",
+                    str(hf),
+                    "-o",
+                    str(target),
+                    "-p",
+                    precision,
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(root / "genai-cache"),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         out[precision] = target
     return out
 
@@ -138,8 +163,11 @@ def prompt_ids(tokenizer_path: Path, bos: int, n: int = 32) -> tuple[str, list[i
 
 # -- runners -----------------------------------------------------------------------------------
 def _summary(ttft: list[float], rates: list[float], weight_bytes: int | None) -> dict:
-    r = {"tokens_per_s": statistics.median(rates), "ttft_ms": statistics.median(ttft) * 1000,
-         "runs": [round(x, 2) for x in rates]}
+    r = {
+        "tokens_per_s": statistics.median(rates),
+        "ttft_ms": statistics.median(ttft) * 1000,
+        "runs": [round(x, 2) for x in rates],
+    }
     if weight_bytes:
         r["weight_bytes_per_token"] = weight_bytes
         r["bandwidth_achieved_GBps"] = weight_bytes * r["tokens_per_s"] / 1e9
@@ -192,8 +220,9 @@ def run_genai(path: Path, ids: list[int], new: int, rounds: int, weight_bytes: i
 
 def make_engine(onnx_dir: Path, ids: list[int], new: int, **engine_kw) -> OrtEngine:
     spec = DecoderSpec.from_json((onnx_dir / "decoder.json").read_text())
-    return OrtEngine((onnx_dir / "model.onnx").read_bytes(), spec, num_slots=1, max_seq_len=len(ids) + new + 1,
-                     **engine_kw)
+    return OrtEngine(
+        (onnx_dir / "model.onnx").read_bytes(), spec, num_slots=1, max_seq_len=len(ids) + new + 1, **engine_kw
+    )
 
 
 def engine_round(eng: OrtEngine, ids: list[int], new: int) -> tuple[float, float]:
@@ -230,15 +259,50 @@ def provision(onnx_dir: Path, root: Path, name: str, max_batch: int) -> Path:
     bundle = root / f"bundle-{name}"
     if not (site / "state" / "current").exists():
         shutil.rmtree(bundle, ignore_errors=True)
-        subprocess.run([str(exe / "edge-provision"), "seal", "--model", str(onnx_dir), "--model-id",
-                        f"bench-{name}", "--version", "1", "--signing-key", str(vendor / "vendor-ed25519.key"),
-                        "--recipient", str(demo / "device-identity.json"), "--out", str(bundle)], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run([str(exe / "edge-provision"), "install", str(bundle), "--state", str(site / "state"),
-                        "--trust", str(demo / "trust"), "--keys", str(demo / "credentials")], check=True,
-                       stdout=subprocess.DEVNULL)
-    config.write_text(render_config(str(site / "state"), str(demo / "trust"), str(demo / "credentials"),
-                                    str(site / "audit.db"), max_batch=max_batch))
+        subprocess.run(
+            [
+                str(exe / "edge-provision"),
+                "seal",
+                "--model",
+                str(onnx_dir),
+                "--model-id",
+                f"bench-{name}",
+                "--version",
+                "1",
+                "--signing-key",
+                str(vendor / "vendor-ed25519.key"),
+                "--recipient",
+                str(demo / "device-identity.json"),
+                "--out",
+                str(bundle),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [
+                str(exe / "edge-provision"),
+                "install",
+                str(bundle),
+                "--state",
+                str(site / "state"),
+                "--trust",
+                str(demo / "trust"),
+                "--keys",
+                str(demo / "credentials"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    config.write_text(
+        render_config(
+            str(site / "state"),
+            str(demo / "trust"),
+            str(demo / "credentials"),
+            str(site / "audit.db"),
+            max_batch=max_batch,
+        )
+    )
     return config
 
 
@@ -254,8 +318,9 @@ def daemon_round(client: Client, prompt: str, new: int) -> tuple[float, float, f
     return first - t0, (final["usage"]["completion_tokens"] - 1) / (t2 - first), final["timings"]["tokens_per_s"]
 
 
-def engine_vs_daemon(onnx_dir: Path, endpoint: str, prompt: str, ids: list[int], new: int,
-                     rounds: int) -> tuple[dict, dict]:
+def engine_vs_daemon(
+    onnx_dir: Path, endpoint: str, prompt: str, ids: list[int], new: int, rounds: int
+) -> tuple[dict, dict]:
     """Alternate in-process and daemon rounds (ABAB…) so machine noise hits both alike."""
     eng = make_engine(onnx_dir, ids, new)
     e_ttft, e_rates, d_ttft, d_rates, server = [], [], [], [], []
@@ -312,13 +377,20 @@ def load_test(endpoint: str, prompt: str, clients: int, per_client: int, new: in
     def pct(values: list[float]) -> dict:
         return {p: float(np.percentile(values, int(p[1:]))) * 1000 for p in ("p50", "p90", "p99")}
 
-    return {"clients": clients, "requests": len(latencies), "one_at_a_time": one_at_a_time,
-            "aggregate_tokens_per_s": tokens[0] / wall, "latency_ms": pct(latencies), "ttft_ms": pct(ttfts)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "one_at_a_time": one_at_a_time,
+        "aggregate_tokens_per_s": tokens[0] / wall,
+        "latency_ms": pct(latencies),
+        "ttft_ms": pct(ttfts),
+    }
 
 
 # -- the suite ---------------------------------------------------------------------------------
-def bench_model(name: str, hf: Path, variants: dict[str, Path], genai: dict[str, Path] | None, root: Path,
-                args) -> dict:
+def bench_model(
+    name: str, hf: Path, variants: dict[str, Path], genai: dict[str, Path] | None, root: Path, args
+) -> dict:
     spec = {p: DecoderSpec.from_json((d / "decoder.json").read_text()) for p, d in variants.items()}
     prompt, ids = prompt_ids(variants["fp32"] / "tokenizer.json", spec["fp32"].bos_token_id)
     new, rounds = args.new_tokens, args.rounds
@@ -337,16 +409,19 @@ def bench_model(name: str, hf: Path, variants: dict[str, Path], genai: dict[str,
             for spin in (True, False):
                 key = f"threads={threads} spin={'on' if spin else 'off'}"
                 print(f"[{name}] engine {precision_for_threads} {key}", flush=True)
-                res["threads"][key] = run_engine(variants[precision_for_threads], ids, new, rounds, threads=threads,
-                                                 spin=spin)
-        res["threads"]["copy each step (residency off)"] = run_engine(variants[precision_for_threads], ids, new,
-                                                                      rounds, keep_resident=False)
+                res["threads"][key] = run_engine(
+                    variants[precision_for_threads], ids, new, rounds, threads=threads, spin=spin
+                )
+        res["threads"]["copy each step (residency off)"] = run_engine(
+            variants[precision_for_threads], ids, new, rounds, keep_resident=False
+        )
     for precision, path in variants.items():
         config = provision(path, root, f"{name}-{precision}", max_batch=max(args.clients))
         with daemon(config, name=f"bench-{name}-{precision}") as endpoint:
             print(f"[{name}] engine and daemon {precision}, alternating", flush=True)
-            b1[f"engine {precision}"], b1[f"daemon {precision}"] = engine_vs_daemon(path, endpoint, prompt, ids, new,
-                                                                                   rounds)
+            b1[f"engine {precision}"], b1[f"daemon {precision}"] = engine_vs_daemon(
+                path, endpoint, prompt, ids, new, rounds
+            )
             if precision in args.load_precisions:
                 res.setdefault("load", {})[precision] = load = []
                 for clients in args.clients:
@@ -386,33 +461,51 @@ def print_table(name: str, model: dict, bandwidth: float) -> None:
     for key, r in {**model["batch1"], **{f"  {k}": v for k, v in model.get("threads", {}).items()}}.items():
         bw = r.get("bandwidth_achieved_GBps")
         mb = r.get("weight_bytes_per_token", 0) / 1e6
-        print(f"{key:30} {r['tokens_per_s']:8.1f} {r['ttft_ms']:8.1f} {mb:9.1f} {bw or 0:6.2f} "
-              f"{100 * (bw or 0) * 1e9 / bandwidth:10.1f}%")
+        print(
+            f"{key:30} {r['tokens_per_s']:8.1f} {r['ttft_ms']:8.1f} {mb:9.1f} {bw or 0:6.2f} "
+            f"{100 * (bw or 0) * 1e9 / bandwidth:10.1f}%"
+        )
     for precision, runs in model.get("load", {}).items():
         for r in runs:
             lat, ttft = r["latency_ms"], r["ttft_ms"]
             how = "one at a time" if r["one_at_a_time"] else "concurrent"
-            print(f"daemon {precision:4} {r['clients']:2d} clients {how:13} {r['aggregate_tokens_per_s']:8.1f} tok/s  "
-                  f"latency p50/p90/p99 {lat['p50']:.0f}/{lat['p90']:.0f}/{lat['p99']:.0f} ms  "
-                  f"TTFT p50/p99 {ttft['p50']:.0f}/{ttft['p99']:.0f} ms")
+            print(
+                f"daemon {precision:4} {r['clients']:2d} clients {how:13} {r['aggregate_tokens_per_s']:8.1f} tok/s  "
+                f"latency p50/p90/p99 {lat['p50']:.0f}/{lat['p90']:.0f}/{lat['p99']:.0f} ms  "
+                f"TTFT p50/p99 {ttft['p50']:.0f}/{ttft['p99']:.0f} ms"
+            )
     for k, v in model["targets"].items():
         print(f"target {k}: {'MET' if v['met'] else 'MISSED'} ({v.get('value', v.get('value_ms'))})")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["demo", "qwen2"], choices=["demo", "qwen2"],
-                   help="models to measure (default: both)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo", "qwen2"],
+        choices=["demo", "qwen2"],
+        help="models to measure (default: both)",
+    )
     p.add_argument("--demo", default="build/demo", help="demo build directory (default: build/demo)")
     p.add_argument("--work", default="build/bench", help="where benchmark models and bundles are built")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default: 128)")
     p.add_argument("--rounds", type=int, default=5, help="repetitions; medians are reported (default: 5)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels")
     p.add_argument("--per-client", type=int, default=2, help="requests each concurrent client sends (default: 2)")
-    p.add_argument("--one-at-a-time", type=int, default=8,
-                   help="also serve this concurrency level's load one request at a time (default: 8)")
-    p.add_argument("--load-precisions", nargs="+", default=["q4", "fp32"], choices=PRECISIONS,
-                   help="daemon precisions put under concurrent load (default: q4 fp32)")
+    p.add_argument(
+        "--one-at-a-time",
+        type=int,
+        default=8,
+        help="also serve this concurrency level's load one request at a time (default: 8)",
+    )
+    p.add_argument(
+        "--load-precisions",
+        nargs="+",
+        default=["q4", "fp32"],
+        choices=PRECISIONS,
+        help="daemon precisions put under concurrent load (default: q4 fp32)",
+    )
     p.add_argument("--threads-precision", default="q4", help="precision for the thread-setting sweep ('' skips)")
     p.add_argument("--out", default="bench/results/inference.json", help="results file")
     args = p.parse_args()
@@ -427,10 +520,18 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     measured = memory_read_bandwidth()
     bandwidth = max(measured.values())
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-              "memory_read_bandwidth_GBps": bandwidth / 1e9,
-              "memory_read_bandwidth_detail_GBps": {k: v / 1e9 for k, v in measured.items()}, "models": {}}
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "memory_read_bandwidth_GBps": bandwidth / 1e9,
+        "memory_read_bandwidth_detail_GBps": {k: v / 1e9 for k, v in measured.items()},
+        "models": {},
+    }
     try:
         import onnxruntime_genai
 

@@ -20,9 +20,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     student = TINY_STUDENT if args.tiny else DEMO_STUDENT
     report = build_demo(Path(args.out), shape, train, vocab_size=args.vocab_size, force=args.force, student=student)
-    print(json.dumps({k: report[k] for k in ("parameters", "non_embedding_fraction", "heldout_perplexity",
-                                              "perplexity_ratio", "served", "build_seconds", "parity", "sample")},
-                     indent=2))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "parameters",
+                    "non_embedding_fraction",
+                    "heldout_perplexity",
+                    "perplexity_ratio",
+                    "served",
+                    "build_seconds",
+                    "parity",
+                    "sample",
+                )
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -46,26 +61,42 @@ def _shape(args: argparse.Namespace):
     from .prune import PruneTarget
 
     if any(v is not None for v in (args.heads, args.ffn, args.experts, args.layers, args.hidden)):
-        return PruneTarget(ffn=args.ffn, heads=args.heads, experts=args.experts, layers=args.layers,
-                           hidden=args.hidden)
+        return PruneTarget(ffn=args.ffn, heads=args.heads, experts=args.experts, layers=args.layers, hidden=args.hidden)
     return None
 
 
 def _distill_cfg(args: argparse.Namespace):
     from .distill import DistillConfig
 
-    return DistillConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                         temperature=args.temperature, alpha=args.alpha, eval_every=args.eval_every,
-                         patience=args.patience, seed=args.seed, device=args.device)
+    return DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from .compress import compress, summary_table
 
-    report = compress(Path(args.teacher), Path(args.out), target=args.target, shape=_shape(args),
-                      data=[Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                      stride=args.stride, distill_cfg=_distill_cfg(args), export=not args.no_export,
-                      quantize_modes=tuple(args.quantize))
+    report = compress(
+        Path(args.teacher),
+        Path(args.out),
+        target=args.target,
+        shape=_shape(args),
+        data=[Path(p) for p in args.data] if args.data else None,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        distill_cfg=_distill_cfg(args),
+        export=not args.no_export,
+        quantize_modes=tuple(args.quantize),
+    )
     print(summary_table(report))
     return 0
 
@@ -79,8 +110,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     target = _shape(args) or target_for_budget(teacher, args.target or 0.5)
     student = prune(teacher, measure_importance(teacher, calibration_batches(ds.train)), target)
     save_checkpoint(student, Path(args.model), Path(args.out))
-    print(f"pruned to {describe(target)}: {non_embedding_parameters(student):,} of "
-          f"{non_embedding_parameters(teacher):,} non-embedding parameters → {args.out}")
+    print(
+        f"pruned to {describe(target)}: {non_embedding_parameters(student):,} of "
+        f"{non_embedding_parameters(teacher):,} non-embedding parameters → {args.out}"
+    )
     return 0
 
 
@@ -91,11 +124,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     teacher, tok = load_checkpoint(Path(args.teacher))
     student, _ = load_checkpoint(Path(args.student))
     ds = _dataset(args, tok)
-    history = distill(student, teacher, ds.train, ds.heldout, _distill_cfg(args), out_dir=Path(args.out),
-                      resume=args.resume, run_steps=args.run_steps)
+    history = distill(
+        student,
+        teacher,
+        ds.train,
+        ds.heldout,
+        _distill_cfg(args),
+        out_dir=Path(args.out),
+        resume=args.resume,
+        run_steps=args.run_steps,
+    )
     save_checkpoint(student, Path(args.student), Path(args.out))
-    print(f"distilled: best held-out perplexity {math.exp(history['best_heldout_loss']):.2f} "
-          f"({history['stopped']}) → {args.out}")
+    print(
+        f"distilled: best held-out perplexity {math.exp(history['best_heldout_loss']):.2f} "
+        f"({history['stopped']}) → {args.out}"
+    )
     return 0
 
 
@@ -126,21 +169,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     (Path(args.out) / "quantize-report.json").write_text(json.dumps(report, indent=2))
     print(f"{'variant':8} {'MB':>7} {'perplexity':>10} {'drift':>7} {'tok/s':>7} {'speed-up':>8}")
     for name, r in report.items():
-        print(f"{name:8} {r['bytes'] / 1e6:7.1f} {r['perplexity']:10.2f} {r['perplexity_drift']:+7.1%} "
-              f"{r['tokens_per_s']:7.1f} {r['speedup']:8.2f}")
+        print(
+            f"{name:8} {r['bytes'] / 1e6:7.1f} {r['perplexity']:10.2f} {r['perplexity_drift']:+7.1%} "
+            f"{r['tokens_per_s']:7.1f} {r['speedup']:8.2f}"
+        )
     return 0
 
 
 def _dataset(args: argparse.Namespace, tokenizer):
     from .data import build_dataset
 
-    return build_dataset(tokenizer, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len,
-                         stride=args.stride)
+    return build_dataset(
+        tokenizer, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len, stride=args.stride
+    )
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", help="text/markdown/JSONL files or directories (default: the Python "
-                                             "standard library's docstrings)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="text/markdown/JSONL files or directories (default: the Python standard library's docstrings)",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default: 128)")
     p.add_argument("--stride", type=int, default=64, help="tokens between training windows (default: 64)")
 
@@ -151,8 +200,12 @@ def _shape_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=int, help="dense MLP channels to keep")
     p.add_argument("--experts", type=int, help="routed experts to keep per MoE layer")
     p.add_argument("--layers", type=int, help="decoder layers to keep")
-    p.add_argument("--hidden", type=int, help="hidden (embedding) channels to keep; shrinks the embedding, every "
-                   "projection reading or writing the residual stream, and the norms")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        help="hidden (embedding) channels to keep; shrinks the embedding, every "
+        "projection reading or writing the residual stream, and the norms",
+    )
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -189,8 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", required=True, help="teacher checkpoint directory (local; never a hub id)")
     c.add_argument("--out", required=True, help="output directory (pruned/, student/, onnx/, report.json)")
     c.add_argument("--no-export", action="store_true", help="skip the ONNX export (and quantization)")
-    c.add_argument("--quantize", nargs="*", default=["q4"], choices=["q4", "q8", "int8"],
-                   help="quantized variants to build and measure after export (default: q4; none: --quantize)")
+    c.add_argument(
+        "--quantize",
+        nargs="*",
+        default=["q4"],
+        choices=["q4", "q8", "int8"],
+        help="quantized variants to build and measure after export (default: q4; none: --quantize)",
+    )
     _shape_flags(c)
     _data_flags(c)
     _train_flags(c)

@@ -47,13 +47,22 @@ def calibration_batches(windows, count: int = 8, batch: int = 8):
     import torch
 
     n = min(count, len(windows) // batch)
-    return [torch.from_numpy(windows[i * batch: (i + 1) * batch, :-1]) for i in range(n)]
+    return [torch.from_numpy(windows[i * batch : (i + 1) * batch, :-1]) for i in range(n)]
 
 
-def compress(teacher_dir: Path, out: Path, *, target: float | None = None, shape: PruneTarget | None = None,
-             data: list[Path] | None = None, seq_len: int = 128, stride: int = 64,
-             distill_cfg: DistillConfig = DistillConfig(), export: bool = True,  # noqa: B008 - frozen
-             quantize_modes: tuple[str, ...] = ("q4",)) -> dict:
+def compress(
+    teacher_dir: Path,
+    out: Path,
+    *,
+    target: float | None = None,
+    shape: PruneTarget | None = None,
+    data: list[Path] | None = None,
+    seq_len: int = 128,
+    stride: int = 64,
+    distill_cfg: DistillConfig = DistillConfig(),  # noqa: B008 - frozen dataclass
+    export: bool = True,
+    quantize_modes: tuple[str, ...] = ("q4",),
+) -> dict:
     from .export import export_decoder
 
     started = time.monotonic()
@@ -74,36 +83,50 @@ def compress(teacher_dir: Path, out: Path, *, target: float | None = None, shape
     if export:
         export_decoder(student, out / "onnx")
         shutil.copy(Path(teacher_dir) / "tokenizer.json", out / "onnx" / "tokenizer.json")
-    report = {"teacher": {**teacher_eval, "shape": shape_of(teacher)},
-              "pruned": {**before, "shape": shape_of(student)},
-              "student": {**after, "shape": shape_of(student)},
-              "prune_target": describe(chosen), "data": ds.stats, "distill": asdict(distill_cfg),
-              "distill_stopped": history["stopped"]}
+    report = {
+        "teacher": {**teacher_eval, "shape": shape_of(teacher)},
+        "pruned": {**before, "shape": shape_of(student)},
+        "student": {**after, "shape": shape_of(student)},
+        "prune_target": describe(chosen),
+        "data": ds.stats,
+        "distill": asdict(distill_cfg),
+        "distill_stopped": history["stopped"],
+    }
     if export and quantize_modes:
         from .quantize import compare_modes
 
         report["quantized"] = compare_modes(out / "onnx", out / "quantized", ds.heldout, quantize_modes)
     report["seconds"] = round(time.monotonic() - started, 1)
-    report["student"]["non_embedding_fraction"] = (after["non_embedding_parameters"]
-                                                   / teacher_eval["non_embedding_parameters"])
+    report["student"]["non_embedding_fraction"] = (
+        after["non_embedding_parameters"] / teacher_eval["non_embedding_parameters"]
+    )
     report["student"]["perplexity_ratio"] = after["perplexity"] / teacher_eval["perplexity"]
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def summary_table(report: dict) -> str:
-    rows = [("teacher", report["teacher"]), ("pruned, untrained", report["pruned"]),
-            ("pruned + distilled", report["student"])]
+    rows = [
+        ("teacher", report["teacher"]),
+        ("pruned, untrained", report["pruned"]),
+        ("pruned + distilled", report["student"]),
+    ]
     lines = [f"{'model':20} {'non-emb params':>14} {'perplexity':>10} {'top-1 agree':>11} {'KL':>7} {'distinct-2':>10}"]
     for name, r in rows:
         agree = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "-"
         kl = f"{r['kl_teacher_student']:.3f}" if "kl_teacher_student" in r else "-"
-        lines.append(f"{name:20} {r['non_embedding_parameters']:>14,} {r['perplexity']:>10.2f} {agree:>11} {kl:>7} "
-                     f"{r['distinct_2']:>10.3f}")
+        lines.append(
+            f"{name:20} {r['non_embedding_parameters']:>14,} {r['perplexity']:>10.2f} {agree:>11} {kl:>7} "
+            f"{r['distinct_2']:>10.3f}"
+        )
     for mode, q in report.get("quantized", {}).items():
-        lines.append(f"{'student ' + mode:20} {'':>14} {q['perplexity']:>10.2f} (ONNX, drift "
-                     f"{q['perplexity_drift']:+.1%}, {q['tokens_per_s']:.0f} tok/s, {q['bytes'] / 1e6:.1f} MB)")
+        lines.append(
+            f"{'student ' + mode:20} {'':>14} {q['perplexity']:>10.2f} (ONNX, drift "
+            f"{q['perplexity_drift']:+.1%}, {q['tokens_per_s']:.0f} tok/s, {q['bytes'] / 1e6:.1f} MB)"
+        )
     s = report["student"]
-    lines.append(f"student keeps {s['non_embedding_fraction']:.1%} of the teacher's non-embedding parameters at "
-                 f"{s['perplexity_ratio']:.2f}x its perplexity ({report['distill_stopped']})")
+    lines.append(
+        f"student keeps {s['non_embedding_fraction']:.1%} of the teacher's non-embedding parameters at "
+        f"{s['perplexity_ratio']:.2f}x its perplexity ({report['distill_stopped']})"
+    )
     return "\n".join(lines)

@@ -41,8 +41,11 @@ def read_documents(paths: list[Path]) -> list[str]:
                     raise DataError(f"{path}:{n}: not JSON ({exc})") from None
                 if isinstance(item, dict) and isinstance(item.get("text"), str):
                     docs.append(item["text"])
-                elif isinstance(item, dict) and isinstance(item.get("input_text"), str) \
-                        and isinstance(item.get("target_text"), str):
+                elif (
+                    isinstance(item, dict)
+                    and isinstance(item.get("input_text"), str)
+                    and isinstance(item.get("target_text"), str)
+                ):
                     docs.append(item["input_text"] + "\n" + item["target_text"])
                 else:
                     raise DataError(f"{path}:{n}: expected a 'text' string or 'input_text'/'target_text' strings")
@@ -70,8 +73,9 @@ class Dataset:
     stats: dict
 
 
-def build_dataset(tokenizer, paths: list[Path] | None = None, seq_len: int = 512, stride: int = 128,
-                  heldout_percent: int = 5) -> Dataset:
+def build_dataset(
+    tokenizer, paths: list[Path] | None = None, seq_len: int = 512, stride: int = 128, heldout_percent: int = 5
+) -> Dataset:
     """Tokenize documents (bos … eos each) into training windows every ``stride`` tokens."""
     if paths:
         docs = clean(read_documents(paths))
@@ -81,8 +85,10 @@ def build_dataset(tokenizer, paths: list[Path] | None = None, seq_len: int = 512
         corpus = build_corpus(heldout_percent=heldout_percent)
         train_docs, heldout_docs = corpus.train, corpus.heldout
     if not train_docs or not heldout_docs:
-        raise DataError(f"need documents on both sides of the split; got {len(train_docs)} train, "
-                        f"{len(heldout_docs)} held-out (add data or raise --heldout-percent)")
+        raise DataError(
+            f"need documents on both sides of the split; got {len(train_docs)} train, "
+            f"{len(heldout_docs)} held-out (add data or raise --heldout-percent)"
+        )
     bos, eos = tokenizer.token_to_id("<|bos|>"), tokenizer.token_to_id("<|eos|>")
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -90,6 +96,15 @@ def build_dataset(tokenizer, paths: list[Path] | None = None, seq_len: int = 512
 
     train = pack_windows(encode(train_docs), seq_len, stride)
     heldout = pack_windows(encode(heldout_docs), seq_len)
-    return Dataset(train, heldout, {"train_docs": len(train_docs), "heldout_docs": len(heldout_docs),
-                                    "train_windows": len(train), "heldout_windows": len(heldout),
-                                    "seq_len": seq_len, "stride": stride})
+    return Dataset(
+        train,
+        heldout,
+        {
+            "train_docs": len(train_docs),
+            "heldout_docs": len(heldout_docs),
+            "train_windows": len(train),
+            "heldout_windows": len(heldout),
+            "seq_len": seq_len,
+            "stride": stride,
+        },
+    )

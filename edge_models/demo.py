@@ -49,8 +49,14 @@ def recipe_hash(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAULT_TRAIN,
-               vocab_size: int = 4096, force: bool = False, student: StudentRecipe = DEMO_STUDENT) -> dict:
+def build_demo(
+    out: Path,
+    shape: TeacherShape = DEMO,
+    train: TrainConfig = DEFAULT_TRAIN,
+    vocab_size: int = 4096,
+    force: bool = False,
+    student: StudentRecipe = DEMO_STUDENT,
+) -> dict:
     """Build (or reuse) the demo under ``out``; returns the report. ``out/onnx`` is what gets sealed."""
     from .export import EXPORT_REVISION
 
@@ -63,12 +69,20 @@ def build_demo(out: Path, shape: TeacherShape = DEMO, train: TrainConfig = DEFAU
     started = time.monotonic()
     teacher = build_teacher(out, shape, train, vocab_size, force)
     student_report = build_student(out, student)
-    report = {"recipe": recipe, **student_report, "teacher": teacher,
-              "build_seconds": round(time.monotonic() - started, 1)}
+    report = {
+        "recipe": recipe,
+        **student_report,
+        "teacher": teacher,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
     report_path.write_text(json.dumps(report, indent=2))
-    log.info("demo student: %d non-embedding parameters (%.0f%% of the teacher), held-out perplexity %.2f, "
-             "serving %s", report["non_embedding_parameters"], 100 * report["non_embedding_fraction"],
-             report["heldout_perplexity"], report["served"])
+    log.info(
+        "demo student: %d non-embedding parameters (%.0f%% of the teacher), held-out perplexity %.2f, serving %s",
+        report["non_embedding_parameters"],
+        100 * report["non_embedding_fraction"],
+        report["heldout_perplexity"],
+        report["served"],
+    )
     return report
 
 
@@ -94,8 +108,12 @@ def build_student(out: Path, recipe: StudentRecipe) -> dict:
 
     work = out / "student"
     shutil.rmtree(work, ignore_errors=True)
-    cfg = DistillConfig(steps=recipe.steps, batch_size=recipe.batch_size, eval_every=recipe.eval_every,
-                        warmup=min(20, recipe.steps // 5))
+    cfg = DistillConfig(
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        eval_every=recipe.eval_every,
+        warmup=min(20, recipe.steps // 5),
+    )
     c = compress(out / "teacher", work, target=recipe.target, distill_cfg=cfg, quantize_modes=(recipe.quantize,))
     served = _choose_served(c, recipe)
     shutil.rmtree(out / "onnx", ignore_errors=True)
@@ -103,20 +121,31 @@ def build_student(out: Path, recipe: StudentRecipe) -> dict:
     tok = Tokenizer.from_file(str(out / "teacher" / "tokenizer.json"))
     bos = tok.token_to_id("<|bos|>")
     model = AutoModelForCausalLM.from_pretrained(work / "student", local_files_only=True).eval()
-    parity = check_parity(model, work / "onnx", [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS],
-                          tok.token_to_id("<|eos|>"))
+    parity = check_parity(
+        model, work / "onnx", [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], tok.token_to_id("<|eos|>")
+    )
     with torch.no_grad():
-        ids = model.generate(input_ids=torch.tensor([[bos, *tok.encode(PROBE_PROMPTS[0]).ids]]), max_new_tokens=24,
-                             do_sample=False)[0].tolist()
+        ids = model.generate(
+            input_ids=torch.tensor([[bos, *tok.encode(PROBE_PROMPTS[0]).ids]]), max_new_tokens=24, do_sample=False
+        )[0].tolist()
     s = c["student"]
-    return {"architecture": model.config.architectures[0], "parameters": s["parameters"],
-            "non_embedding_parameters": s["non_embedding_parameters"],
-            "non_embedding_fraction": round(s["non_embedding_fraction"], 4),
-            "heldout_perplexity": round(s["perplexity"], 2), "perplexity_ratio": round(s["perplexity_ratio"], 4),
-            "shape": c["student"]["shape"], "prune_target": c["prune_target"], "served": served,
-            "quantized": c.get("quantized", {}), "onnx_bytes": (out / "onnx" / "model.onnx").stat().st_size,
-            "parity": parity, "sample": {"prompt": PROBE_PROMPTS[0], "greedy": tok.decode(ids)},
-            "student_recipe": asdict(recipe), "compress_seconds": c["seconds"]}
+    return {
+        "architecture": model.config.architectures[0],
+        "parameters": s["parameters"],
+        "non_embedding_parameters": s["non_embedding_parameters"],
+        "non_embedding_fraction": round(s["non_embedding_fraction"], 4),
+        "heldout_perplexity": round(s["perplexity"], 2),
+        "perplexity_ratio": round(s["perplexity_ratio"], 4),
+        "shape": c["student"]["shape"],
+        "prune_target": c["prune_target"],
+        "served": served,
+        "quantized": c.get("quantized", {}),
+        "onnx_bytes": (out / "onnx" / "model.onnx").stat().st_size,
+        "parity": parity,
+        "sample": {"prompt": PROBE_PROMPTS[0], "greedy": tok.decode(ids)},
+        "student_recipe": asdict(recipe),
+        "compress_seconds": c["seconds"],
+    }
 
 
 def _choose_served(report: dict, recipe: StudentRecipe) -> str:
@@ -170,19 +199,26 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     shutil.copy(teacher_dir / "tokenizer.json", onnx_dir / "tokenizer.json")
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)
     with torch.no_grad():
-        sample_ids = model.generate(input_ids=torch.tensor([[bos, *tok.encode(PROBE_PROMPTS[0]).ids]]),
-                                    max_new_tokens=24, do_sample=False)[0].tolist()
+        sample_ids = model.generate(
+            input_ids=torch.tensor([[bos, *tok.encode(PROBE_PROMPTS[0]).ids]]), max_new_tokens=24, do_sample=False
+        )[0].tolist()
     report = {
-        "recipe": recipe, "architecture": spec.architecture,
+        "recipe": recipe,
+        "architecture": spec.architecture,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "non_embedding_parameters": sum(p.numel() for n, p in model.named_parameters()
-                                        if "embed_tokens" not in n and "lm_head" not in n),
+        "non_embedding_parameters": sum(
+            p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n
+        ),
         "onnx_bytes": (onnx_dir / "model.onnx").stat().st_size,
-        "heldout_perplexity": round(ppl, 2), "final_train_loss": round(sum(losses[-20:]) / 20, 4),
-        "corpus": corpus.stats(), "train_tokens_seen": train.steps * train.batch_size * train.seq_len,
-        "build_seconds": round(time.monotonic() - started, 1), "parity": parity,
+        "heldout_perplexity": round(ppl, 2),
+        "final_train_loss": round(sum(losses[-20:]) / 20, 4),
+        "corpus": corpus.stats(),
+        "train_tokens_seen": train.steps * train.batch_size * train.seq_len,
+        "build_seconds": round(time.monotonic() - started, 1),
+        "parity": parity,
         "sample": {"prompt": PROBE_PROMPTS[0], "greedy": tok.decode(sample_ids)},
-        "shape": asdict(shape), "train": asdict(train),
+        "shape": asdict(shape),
+        "train": asdict(train),
     }
     report_path.write_text(json.dumps(report, indent=2))
     log.info("demo teacher: %d parameters, held-out perplexity %.2f", report["parameters"], ppl)

@@ -46,8 +46,12 @@ def distill_loss(student_logits, teacher_logits, labels, temperature: float, alp
     if alpha == 0.0 or teacher_logits is None:
         return ce
     t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits.reshape(-1, vocab) / t, -1),
-                  F.log_softmax(teacher_logits.reshape(-1, vocab) / t, -1), log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(student_logits.reshape(-1, vocab) / t, -1),
+        F.log_softmax(teacher_logits.reshape(-1, vocab) / t, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     return alpha * t * t * kl + (1 - alpha) * ce
 
 
@@ -59,17 +63,28 @@ def heldout_loss(model, windows: np.ndarray, device: str, batch_size: int = 16) 
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[i: i + batch_size]).to(device)
+            batch = torch.from_numpy(windows[i : i + batch_size]).to(device)
             logits = model(input_ids=batch[:, :-1]).logits
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                             batch[:, 1:].reshape(-1), reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
             count += batch[:, 1:].numel()
     return total / count
 
 
-def distill(student, teacher, train: np.ndarray, heldout: np.ndarray, cfg: DistillConfig,
-            out_dir: Path | None = None, resume: bool = False, run_steps: int | None = None,
-            desc: str = "distill") -> dict:
+def distill(
+    student,
+    teacher,
+    train: np.ndarray,
+    heldout: np.ndarray,
+    cfg: DistillConfig,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    run_steps: int | None = None,
+    desc: str = "distill",
+) -> dict:
     """Train ``student`` in place; returns a history (losses, evaluations, best step, stop reason).
 
     ``teacher`` may be None (plain cross-entropy fine-tuning, for comparison arms). ``run_steps``
@@ -128,9 +143,19 @@ def distill(student, teacher, train: np.ndarray, heldout: np.ndarray, cfg: Disti
         pause = run_steps is not None and done - start >= run_steps and done < cfg.steps
         if ckpt is not None and (done % cfg.save_every == 0 or pause):
             out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": student.state_dict(), "optim": opt.state_dict(), "step": done, "history": history,
-                        "best": best, "bad_evals": bad_evals, "best_state": best_state,
-                        "rng": rng.bit_generator.state}, ckpt)
+            torch.save(
+                {
+                    "model": student.state_dict(),
+                    "optim": opt.state_dict(),
+                    "step": done,
+                    "history": history,
+                    "best": best,
+                    "bad_evals": bad_evals,
+                    "best_state": best_state,
+                    "rng": rng.bit_generator.state,
+                },
+                ckpt,
+            )
         if pause:
             history["stopped"] = f"paused after step {done}"
             return history

@@ -25,8 +25,10 @@ def _cache_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
     layer = out.past_key_values.layers[0]
-    return (tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:4]),
-            tuple(layer.values.shape[1:2]) + tuple(layer.values.shape[3:4]))
+    return (
+        tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:4]),
+        tuple(layer.values.shape[1:2]) + tuple(layer.values.shape[3:4]),
+    )
 
 
 def decoder_spec(model) -> DecoderSpec:
@@ -75,8 +77,13 @@ def _wrapper(model, num_layers: int):
             cache = DynamicCache(config=self.model.config)
             for i in range(num_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             present = []
             for layer in out.past_key_values.layers:
                 present += [layer.keys, layer.values]
@@ -96,8 +103,10 @@ def _sample_inputs(spec: DecoderSpec):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     cache = []
     for _ in range(spec.num_layers):
-        cache += [torch.randn(batch, spec.key_shape[0], past, spec.key_shape[1]),
-                  torch.randn(batch, spec.value_shape[0], past, spec.value_shape[1])]
+        cache += [
+            torch.randn(batch, spec.key_shape[0], past, spec.key_shape[1]),
+            torch.randn(batch, spec.value_shape[0], past, spec.value_shape[1]),
+        ]
     return (ids, mask, positions, *cache)
 
 
@@ -124,6 +133,7 @@ def _real_valued_rope(model):
             pairs = x.float().reshape(*x.shape[:-1], -1, 2)
             re, im = pairs[..., 0], pairs[..., 1]
             return torch.stack([re * cos - im * sin, re * sin + im * cos], -1).flatten(3).type_as(x)
+
         return rotate(xq), rotate(xk)
 
     original = v2.apply_rotary_emb
@@ -172,7 +182,7 @@ def _absorbed_mla(model):
             kv_nope, k_rot = past_key_values.update(kv_nope, k_rot, self.layer_idx)
         w = self.kv_b_proj.weight.view(heads, dn + dv, rank)
         q_lat = torch.matmul(q_pass, w[:, :dn, :])  # [B, H, S, rank]
-        scores = (torch.matmul(q_lat, kv_nope.transpose(2, 3)) + torch.matmul(q_rot, k_rot.transpose(2, 3)))
+        scores = torch.matmul(q_lat, kv_nope.transpose(2, 3)) + torch.matmul(q_rot, k_rot.transpose(2, 3))
         scores = scores * self.scaling
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:

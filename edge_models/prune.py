@@ -64,8 +64,9 @@ def measure_importance(model, batches) -> Importance:
     n_batches = 0
     hooks = []
     for norm in _hidden_norms(model):
-        hooks.append(norm.register_forward_hook(
-            lambda _m, _a, out: add(hidden, 0, out.abs().reshape(-1, out.shape[-1]).mean(0))))
+        hooks.append(
+            norm.register_forward_hook(lambda _m, _a, out: add(hidden, 0, out.abs().reshape(-1, out.shape[-1]).mean(0)))
+        )
 
     def add(store, i, value):
         store[i] = store.get(i, 0) + value.detach().double().cpu().numpy()
@@ -73,25 +74,36 @@ def measure_importance(model, batches) -> Importance:
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
         if hasattr(mlp, "down_proj"):
-            hooks.append(mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args, i=i: add(ffn, i, args[0].abs().reshape(-1, args[0].shape[-1]).mean(0))))
+            hooks.append(
+                mlp.down_proj.register_forward_pre_hook(
+                    lambda _m, args, i=i: add(ffn, i, args[0].abs().reshape(-1, args[0].shape[-1]).mean(0))
+                )
+            )
         if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
+
             def on_router(_m, _args, out, i=i, n=mlp.experts.num_experts):
                 _, weights, idx = out
-                add(experts, i, torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1),
-                                                                                 weights.reshape(-1).double()))
+                add(
+                    experts,
+                    i,
+                    torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), weights.reshape(-1).double()),
+                )
+
             hooks.append(mlp.gate.register_forward_hook(on_router))
 
         def on_o_proj(_m, args, i=i):
             x = args[0].reshape(-1, heads, vdim).norm(dim=-1).mean(0)
             add(head, i, x.reshape(groups, heads // groups).sum(-1))
+
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_o_proj))
 
         def on_layer(_m, args, out, i=i):
             h_in, h_out = args[0], out[0] if isinstance(out, tuple) else out
-            cos = torch.nn.functional.cosine_similarity(h_in.reshape(-1, h_in.shape[-1]).double(),
-                                                        h_out.reshape(-1, h_out.shape[-1]).double(), dim=-1)
+            cos = torch.nn.functional.cosine_similarity(
+                h_in.reshape(-1, h_in.shape[-1]).double(), h_out.reshape(-1, h_out.shape[-1]).double(), dim=-1
+            )
             cos_sum[i] += float(cos.mean())
+
         hooks.append(layer.register_forward_hook(on_layer))
     try:
         model.eval()
@@ -102,8 +114,9 @@ def measure_importance(model, batches) -> Importance:
     finally:
         for h in hooks:
             h.remove()
-    return Importance(ffn=ffn, heads=head, experts=experts, layers=1.0 - cos_sum / max(n_batches, 1),
-                      hidden=hidden.get(0))
+    return Importance(
+        ffn=ffn, heads=head, experts=experts, layers=1.0 - cos_sum / max(n_batches, 1), hidden=hidden.get(0)
+    )
 
 
 def _hidden_norms(model) -> list:
@@ -213,8 +226,10 @@ def prune(model, importance: Importance, target: PruneTarget):
         raise ValueError(f"--heads {target.heads} must be a multiple of the query group size {heads // groups}")
     moe = hasattr(cfg, "n_routed_experts") and target.experts is not None
     if moe and (target.experts < cfg.num_experts_per_tok or target.experts % (cfg.n_group or 1)):
-        raise ValueError(f"--experts {target.experts} must be >= num_experts_per_tok ({cfg.num_experts_per_tok}) "
-                         f"and a multiple of n_group ({cfg.n_group})")
+        raise ValueError(
+            f"--experts {target.experts} must be >= num_experts_per_tok ({cfg.num_experts_per_tok}) "
+            f"and a multiple of n_group ({cfg.n_group})"
+        )
     if target.hidden is not None and importance.hidden is None:
         raise ValueError("--hidden needs hidden-channel importance (measure it with this version)")
     for i, layer in enumerate(model.model.layers):
@@ -256,8 +271,12 @@ def non_embedding_parameters(model) -> int:
 
 def shape_of(model) -> dict:
     cfg = model.config
-    shape = {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "ffn": cfg.intermediate_size,
-             "hidden": cfg.hidden_size}
+    shape = {
+        "layers": cfg.num_hidden_layers,
+        "heads": cfg.num_attention_heads,
+        "ffn": cfg.intermediate_size,
+        "hidden": cfg.hidden_size,
+    }
     if hasattr(cfg, "n_routed_experts"):
         shape["experts"] = cfg.n_routed_experts
     return shape
@@ -273,8 +292,7 @@ def target_for_budget(model, fraction: float) -> PruneTarget:
     best = PruneTarget()
     for head_keep in range(heads, 0, -group):
         for r in np.linspace(1.0, 0.1, 46):
-            t = PruneTarget(ffn=max(8, int(cfg.intermediate_size * r)), heads=head_keep,
-                            experts=_expert_count(cfg, r))
+            t = PruneTarget(ffn=max(8, int(cfg.intermediate_size * r)), heads=head_keep, experts=_expert_count(cfg, r))
             if _estimate(model, t) <= fraction * total:
                 return t
             best = t

@@ -47,8 +47,10 @@ def _update_weight_bytes(src: Path, dst: Path, spec_path: Path) -> None:
 
     def sizes(path: Path) -> dict[str, int]:
         graph = onnx.load(str(path), load_external_data=False).graph
-        return {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                for t in graph.initializer}
+        return {
+            t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            for t in graph.initializer
+        }
 
     before, after = sizes(src), sizes(dst)
     removed = sum(v for k, v in before.items() if k not in after)
@@ -79,8 +81,9 @@ def _run(mode: str, src: Path, dst: Path) -> None:
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4 if mode == "q4" else 8, block_size=32,
-                                         is_symmetric=True, accuracy_level=4)
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=4 if mode == "q4" else 8, block_size=32, is_symmetric=True, accuracy_level=4
+        )
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
@@ -129,8 +132,11 @@ def compare_modes(onnx_dir: Path, out_root: Path, windows: np.ndarray, modes=MOD
         rows[mode] = quantize(onnx_dir, Path(out_root) / mode, mode)
     report = {}
     for name, path in rows.items():
-        report[name] = {"perplexity": onnx_perplexity(path, windows), "tokens_per_s": decode_speed(path),
-                        "bytes": (path / "model.onnx").stat().st_size}
+        report[name] = {
+            "perplexity": onnx_perplexity(path, windows),
+            "tokens_per_s": decode_speed(path),
+            "bytes": (path / "model.onnx").stat().st_size,
+        }
     base = report["fp32"]
     for r in report.values():
         r["perplexity_drift"] = r["perplexity"] / base["perplexity"] - 1

@@ -29,9 +29,20 @@ class TeacherShape:
 DEMO = TeacherShape()
 
 # Used by the test suite: builds and trains in seconds, same architecture.
-TINY = TeacherShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                    moe_intermediate_size=32, n_routed_experts=4, q_lora_rank=None, kv_lora_rank=32,
-                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=512)
+TINY = TeacherShape(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    q_lora_rank=None,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=512,
+)
 
 
 def deepseek_v3_config(shape: TeacherShape, vocab_size: int, special: dict[str, int]):

@@ -13,13 +13,22 @@ class TensorRTUnavailable(RuntimeError):
     pass
 
 
-def build_plan(onnx_model: bytes, spec: DecoderSpec, *, max_batch: int, max_seq_len: int, fp16: bool = True,
-               workspace_bytes: int = 4 << 30) -> bytes:
+def build_plan(
+    onnx_model: bytes,
+    spec: DecoderSpec,
+    *,
+    max_batch: int,
+    max_seq_len: int,
+    fp16: bool = True,
+    workspace_bytes: int = 4 << 30,
+) -> bytes:
     try:
         import tensorrt as trt
     except ImportError:
-        raise TensorRTUnavailable("TensorRT is not installed: install NVIDIA's tensorrt wheel (TensorRT 10) "
-                                  "on the GPU machine, or serve with the onnxruntime engine") from None
+        raise TensorRTUnavailable(
+            "TensorRT is not installed: install NVIDIA's tensorrt wheel (TensorRT 10) "
+            "on the GPU machine, or serve with the onnxruntime engine"
+        ) from None
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -36,12 +45,12 @@ def build_plan(onnx_model: bytes, spec: DecoderSpec, *, max_batch: int, max_seq_
     names = input_names(spec.num_layers)
     for name in names[:3]:
         total = name == "attention_mask"
-        profile.set_shape(name, (1, 1), (opt_batch, opt_seq if not total else opt_seq * 2),
-                          (max_batch, max_seq_len))
+        profile.set_shape(name, (1, 1), (opt_batch, opt_seq if not total else opt_seq * 2), (max_batch, max_seq_len))
     for i, name in enumerate(names[3:]):
         heads, dim = spec.key_shape if i % 2 == 0 else spec.value_shape
-        profile.set_shape(name, (1, heads, 0, dim), (opt_batch, heads, opt_seq, dim),
-                          (max_batch, heads, max_seq_len - 1, dim))
+        profile.set_shape(
+            name, (1, heads, 0, dim), (opt_batch, heads, opt_seq, dim), (max_batch, heads, max_seq_len - 1, dim)
+        )
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

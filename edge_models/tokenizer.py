@@ -26,8 +26,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
-    return {"pad_token_id": tok.token_to_id(PAD), "bos_token_id": tok.token_to_id(BOS),
-            "eos_token_id": tok.token_to_id(EOS)}
+    return {
+        "pad_token_id": tok.token_to_id(PAD),
+        "bos_token_id": tok.token_to_id(BOS),
+        "eos_token_id": tok.token_to_id(EOS),
+    }
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
@@ -36,7 +39,16 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": PAD, "bos_token": BOS, "eos_token": EOS,
-        "model_max_length": 4096, "add_bos_token": False,
-    }, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "pad_token": PAD,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "model_max_length": 4096,
+                "add_bos_token": False,
+            },
+            indent=2,
+        )
+    )

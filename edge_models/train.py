@@ -29,7 +29,7 @@ def pack_windows(token_docs: list[list[int]], seq_len: int, stride: int | None =
     stride = stride or seq_len
     stream = np.fromiter((t for doc in token_docs for t in doc), dtype=np.int64)
     starts = range(0, len(stream) - seq_len, stride)
-    return np.stack([stream[s: s + seq_len + 1] for s in starts])
+    return np.stack([stream[s : s + seq_len + 1] for s in starts])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -74,10 +74,11 @@ def perplexity(model, windows: np.ndarray, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[i: i + batch_size])
+            batch = torch.from_numpy(windows[i : i + batch_size])
             logits = model(input_ids=batch[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
             total += float(loss)
             count += batch[:, 1:].numel()
     return math.exp(total / count)

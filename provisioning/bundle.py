@@ -72,9 +72,15 @@ class FileEntry:
 
     @classmethod
     def from_dict(cls, d: dict) -> FileEntry:
-        return cls(id=d["id"], path=d["path"], size=int(d["size"]), chunk_size=int(d["chunk_size"]),
-                   chunks=int(d["chunks"]), nonce_prefix=bytes.fromhex(d["nonce_prefix"]),
-                   ciphertext_sha256=d["ciphertext_sha256"])
+        return cls(
+            id=d["id"],
+            path=d["path"],
+            size=int(d["size"]),
+            chunk_size=int(d["chunk_size"]),
+            chunks=int(d["chunks"]),
+            nonce_prefix=bytes.fromhex(d["nonce_prefix"]),
+            ciphertext_sha256=d["ciphertext_sha256"],
+        )
 
 
 def _chunk_count(size: int, chunk_size: int) -> int:
@@ -95,14 +101,32 @@ def _seal_file(src: Path, dst: Path, key: AESGCM, bundle_id: bytes, file_id: str
             fout.write(sealed)
         fout.flush()
         os.fsync(fout.fileno())
-    return {"id": file_id, "path": f"{PAYLOAD_DIR}/{dst.name}", "size": size, "chunk_size": chunk_size,
-            "chunks": chunks, "nonce_prefix": prefix.hex(), "ciphertext_sha256": digest.hexdigest()}
+    return {
+        "id": file_id,
+        "path": f"{PAYLOAD_DIR}/{dst.name}",
+        "size": size,
+        "chunk_size": chunk_size,
+        "chunks": chunks,
+        "nonce_prefix": prefix.hex(),
+        "ciphertext_sha256": digest.hexdigest(),
+    }
 
 
-def seal(files: dict[str, Path], out_dir: Path, *, model_id: str, version: int, architecture: str,
-         engines: list[dict], signing_key: Ed25519PrivateKey, recipients: Iterable[X25519PublicKey],
-         chunk_size: int = DEFAULT_CHUNK, extra: dict | None = None, bundle_id: bytes | None = None,
-         data_key: bytes | None = None) -> dict:
+def seal(
+    files: dict[str, Path],
+    out_dir: Path,
+    *,
+    model_id: str,
+    version: int,
+    architecture: str,
+    engines: list[dict],
+    signing_key: Ed25519PrivateKey,
+    recipients: Iterable[X25519PublicKey],
+    chunk_size: int = DEFAULT_CHUNK,
+    extra: dict | None = None,
+    bundle_id: bytes | None = None,
+    data_key: bytes | None = None,
+) -> dict:
     """Encrypt ``files`` (file id → plaintext path) into a new bundle directory; returns the manifest.
 
     ``bundle_id`` and ``data_key`` are fresh random values unless given (re-sealing the same
@@ -119,16 +143,25 @@ def seal(files: dict[str, Path], out_dir: Path, *, model_id: str, version: int, 
     data_key = bytearray(data_key or AESGCM.generate_key(256))
     try:
         aead = AESGCM(bytes(data_key))
-        entries = [_seal_file(Path(src), out_dir / PAYLOAD_DIR / f"{n:03d}.enc", aead, bundle_id, fid, chunk_size)
-                   for n, (fid, src) in enumerate(sorted(files.items()))]
+        entries = [
+            _seal_file(Path(src), out_dir / PAYLOAD_DIR / f"{n:03d}.enc", aead, bundle_id, fid, chunk_size)
+            for n, (fid, src) in enumerate(sorted(files.items()))
+        ]
         wrapped = [wrap_key(bytes(data_key), r, bundle_id) for r in recipients]
     finally:
         wipe(data_key)
     manifest = {
-        "format": FORMAT_VERSION, "bundle_id": bundle_id.hex(), "model_id": model_id, "version": int(version),
-        "architecture": architecture, "engines": engines, "created": int(time.time()),
+        "format": FORMAT_VERSION,
+        "bundle_id": bundle_id.hex(),
+        "model_id": model_id,
+        "version": int(version),
+        "architecture": architecture,
+        "engines": engines,
+        "created": int(time.time()),
         "vendor_key": fingerprint(public_bytes(signing_key.public_key())),
-        "files": entries, "recipients": wrapped, **(extra or {}),
+        "files": entries,
+        "recipients": wrapped,
+        **(extra or {}),
     }
     raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
     (out_dir / MANIFEST).write_bytes(raw)
@@ -162,8 +195,7 @@ class Bundle:
         for entry in self.files():
             if entry.id == file_id:
                 return entry
-        raise BundleFormatError(f"bundle {self.root} has no file {file_id!r}; it holds "
-                                f"{[f.id for f in self.files()]}")
+        raise BundleFormatError(f"bundle {self.root} has no file {file_id!r}; it holds {[f.id for f in self.files()]}")
 
     def unwrap_key(self, device_key: X25519PrivateKey) -> bytearray:
         """Find this device's recipient entry and unwrap the data key (caller wipes it)."""
@@ -197,14 +229,20 @@ class Bundle:
                 start = i * entry.chunk_size
                 plain_len = min(entry.chunk_size, entry.size - start)
                 sealed = inbuf[: f.readinto(inbuf[: plain_len + TAG])]
-                target = view[:plain_len] if scratch else view[start: start + plain_len]
+                target = view[:plain_len] if scratch else view[start : start + plain_len]
                 try:
-                    aead.decrypt_into(chunk_nonce(entry.nonce_prefix, i, last), sealed,
-                                      chunk_aad(self.bundle_id, entry.id, i, last), target)
+                    aead.decrypt_into(
+                        chunk_nonce(entry.nonce_prefix, i, last),
+                        sealed,
+                        chunk_aad(self.bundle_id, entry.id, i, last),
+                        target,
+                    )
                 except (InvalidTag, ValueError):
-                    raise IntegrityError(f"{path}: chunk {i} of {entry.chunks} fails authentication (tampered, "
-                                         "truncated or from another bundle); re-copy the bundle from the vendor "
-                                         "media") from None
+                    raise IntegrityError(
+                        f"{path}: chunk {i} of {entry.chunks} fails authentication (tampered, "
+                        "truncated or from another bundle); re-copy the bundle from the vendor "
+                        "media"
+                    ) from None
             if f.read(1):
                 raise IntegrityError(f"{path}: trailing data after the last chunk; re-copy the bundle")
 
@@ -219,8 +257,10 @@ class Bundle:
                 for block in iter(lambda f=f: f.read(1 << 20), b""):
                     digest.update(block)
             if not secrets.compare_digest(digest.hexdigest(), entry.ciphertext_sha256):
-                raise IntegrityError(f"{path}: SHA-256 differs from the signed manifest (file {entry.id!r} "
-                                     "altered or truncated); re-copy the bundle")
+                raise IntegrityError(
+                    f"{path}: SHA-256 differs from the signed manifest (file {entry.id!r} "
+                    "altered or truncated); re-copy the bundle"
+                )
 
 
 def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
@@ -232,8 +272,10 @@ def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
     except OSError as exc:
         raise BundleFormatError(f"{root}: not a bundle ({exc.strerror}: {exc.filename})") from None
     if not any(_verifies(key, sig, raw) for key in trusted.values()):
-        raise SignatureError(f"{root}/{SIGNATURE}: signature does not verify with any trusted vendor key "
-                             f"({', '.join(trusted)}); the manifest was altered or signed by an unknown vendor")
+        raise SignatureError(
+            f"{root}/{SIGNATURE}: signature does not verify with any trusted vendor key "
+            f"({', '.join(trusted)}); the manifest was altered or signed by an unknown vendor"
+        )
     try:
         manifest = json.loads(raw)
     except ValueError as exc:
@@ -252,16 +294,27 @@ def validate_manifest(manifest: object, root: Path) -> None:
     Even a vendor-signed manifest is not allowed to point outside the bundle (``../``), to declare
     impossible sizes, or to omit fields.
     """
+
     def bad(why: str) -> BundleFormatError:
         return BundleFormatError(f"{root}/{MANIFEST}: {why}; the bundle is malformed, ask the vendor to re-seal it")
 
     if not isinstance(manifest, dict):
         raise bad("not a JSON object")
     if manifest.get("format") != FORMAT_VERSION:
-        raise BundleFormatError(f"{root}: bundle format {manifest.get('format')!r}, this software reads "
-                                f"{FORMAT_VERSION}; upgrade the appliance software first")
-    for name, kind in (("bundle_id", str), ("model_id", str), ("version", int), ("architecture", str),
-                       ("engines", list), ("files", list), ("recipients", list), ("created", int)):
+        raise BundleFormatError(
+            f"{root}: bundle format {manifest.get('format')!r}, this software reads "
+            f"{FORMAT_VERSION}; upgrade the appliance software first"
+        )
+    for name, kind in (
+        ("bundle_id", str),
+        ("model_id", str),
+        ("version", int),
+        ("architecture", str),
+        ("engines", list),
+        ("files", list),
+        ("recipients", list),
+        ("created", int),
+    ):
         if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
             raise bad(f"field {name!r} missing or not {kind.__name__}")
     if not _is_hex(manifest["bundle_id"], 16):
@@ -278,8 +331,11 @@ def validate_manifest(manifest: object, root: Path) -> None:
         size, chunk_size, chunks = ints
         if not isinstance(entry.get("id"), str) or not entry["id"] or entry["id"] in seen_ids:
             raise bad("file ids must be unique non-empty strings")
-        if not isinstance(entry.get("path"), str) or not _PAYLOAD_PATH.match(entry["path"]) \
-                or entry["path"] in seen_paths:
+        if (
+            not isinstance(entry.get("path"), str)
+            or not _PAYLOAD_PATH.match(entry["path"])
+            or entry["path"] in seen_paths
+        ):
             raise bad(f"file {entry['id']!r}: path {entry.get('path')!r} is not a unique payload/NNN.enc")
         if not (1 << 16 <= chunk_size <= 1 << 26) or chunks != _chunk_count(size, chunk_size):
             raise bad(f"file {entry['id']!r}: chunk_size/chunks inconsistent with size")
@@ -288,8 +344,9 @@ def validate_manifest(manifest: object, root: Path) -> None:
         seen_ids.add(entry["id"])
         seen_paths.add(entry["path"])
     for entry in manifest["recipients"]:
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in
-                                                  ("fingerprint", "ephemeral", "nonce", "wrapped_key")):
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) for k in ("fingerprint", "ephemeral", "nonce", "wrapped_key")
+        ):
             raise bad("a recipients[] entry lacks fingerprint/ephemeral/nonce/wrapped_key strings")
 
 

@@ -31,8 +31,10 @@ OPTIONAL_FILES = ("model.onnx.data",)  # external weights of models past 2 GB
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     fp = vendor_keygen(Path(args.vendor))
-    print(f"vendor key {fp} written to {args.vendor} (keep vendor-ed25519.key offline; give devices "
-          "vendor-ed25519.pub for their trust store)")
+    print(
+        f"vendor key {fp} written to {args.vendor} (keep vendor-ed25519.key offline; give devices "
+        "vendor-ed25519.pub for their trust store)"
+    )
     return 0
 
 
@@ -50,17 +52,27 @@ def cmd_seal(args: argparse.Namespace) -> int:
     if missing:
         raise ProvisioningError(f"{model_dir} lacks {', '.join(missing)}; export the model with 'edge-models export'")
     key_path = Path(args.signing_key)
-    signing = (load_ed25519(key_path.name, key_path.parent) if key_path.is_file()
-               else load_ed25519(VENDOR_SIGNING, key_path))
+    signing = (
+        load_ed25519(key_path.name, key_path.parent) if key_path.is_file() else load_ed25519(VENDOR_SIGNING, key_path)
+    )
     recipients = [X25519PublicKey.from_public_bytes(DeviceIdentity.load(Path(r)).x25519) for r in args.recipient]
     spec = json.loads((model_dir / "decoder.json").read_text())
     files = {f: model_dir / f for f in MODEL_FILES + OPTIONAL_FILES if (model_dir / f).is_file()}
-    manifest = seal(files, Path(args.out), model_id=args.model_id,
-                    version=args.version, architecture=spec["architecture"],
-                    engines=[{"kind": "onnxruntime", "file": "model.onnx"}], signing_key=signing,
-                    recipients=recipients, chunk_size=args.chunk_size)
-    print(f"sealed {args.model_id} v{args.version} → {args.out} (bundle {manifest['bundle_id']}, "
-          f"{len(recipients)} recipient(s))")
+    manifest = seal(
+        files,
+        Path(args.out),
+        model_id=args.model_id,
+        version=args.version,
+        architecture=spec["architecture"],
+        engines=[{"kind": "onnxruntime", "file": "model.onnx"}],
+        signing_key=signing,
+        recipients=recipients,
+        chunk_size=args.chunk_size,
+    )
+    print(
+        f"sealed {args.model_id} v{args.version} → {args.out} (bundle {manifest['bundle_id']}, "
+        f"{len(recipients)} recipient(s))"
+    )
     return 0
 
 
@@ -74,11 +86,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    result = install(Path(args.bundle), Path(args.state), load_trusted_vendors(Path(args.trust)),
-                     load_x25519(DEVICE_X25519, Path(args.keys)), allow_downgrade=args.allow_downgrade)
+    result = install(
+        Path(args.bundle),
+        Path(args.state),
+        load_trusted_vendors(Path(args.trust)),
+        load_x25519(DEVICE_X25519, Path(args.keys)),
+        allow_downgrade=args.allow_downgrade,
+    )
     if result.changed:
-        print(f"installed {result.model_id} v{result.version} into slot {result.slot}; restart or reload the "
-              "daemon: systemctl reload edge-appliance")
+        print(
+            f"installed {result.model_id} v{result.version} into slot {result.slot}; restart or reload the "
+            "daemon: systemctl reload edge-appliance"
+        )
     else:
         print(f"{result.model_id} v{result.version} is already installed (slot {result.slot}); nothing to do")
     return 0
@@ -93,8 +112,10 @@ def cmd_wheelhouse(args: argparse.Namespace) -> int:
     from .wheelhouse import build_wheelhouse
 
     wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version)
-    print(f"{len(wheels)} wheels, SHA256SUMS and install-offline.sh written to {args.out}; on the device run: "
-          f"sh {args.out}/install-offline.sh")
+    print(
+        f"{len(wheels)} wheels, SHA256SUMS and install-offline.sh written to {args.out}; on the device run: "
+        f"sh {args.out}/install-offline.sh"
+    )
     return 0
 
 
@@ -103,15 +124,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if bundle is None:
         print("no model installed")
         return 1
-    print(json.dumps({"slot": bundle.root.name, "model_id": bundle.model_id, "version": bundle.version,
-                      "bundle_id": bundle.manifest["bundle_id"], "vendor_key": bundle.manifest["vendor_key"]},
-                     indent=2))
+    print(
+        json.dumps(
+            {
+                "slot": bundle.root.name,
+                "model_id": bundle.model_id,
+                "version": bundle.version,
+                "bundle_id": bundle.manifest["bundle_id"],
+                "vendor_key": bundle.manifest["vendor_key"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def _trust_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust", default=DEFAULT_TRUST,
-                        help=f"directory of trusted vendor public keys, *.pub (default: {DEFAULT_TRUST})")
+    parser.add_argument(
+        "--trust",
+        default=DEFAULT_TRUST,
+        help=f"directory of trusted vendor public keys, *.pub (default: {DEFAULT_TRUST})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keys", required=True, help="directory for the private keys (0600) and the public identity")
     e.add_argument("--out", required=True, help="public identity file to carry to the vendor")
     e.add_argument("--device-id", help="device name recorded in the identity (default: hostname)")
-    e.add_argument("--credstore", help="seal the private keys with systemd-creds into this directory (e.g. "
-                                       "/etc/credstore.encrypted) instead of 0600 files in --keys")
+    e.add_argument(
+        "--credstore",
+        help="seal the private keys with systemd-creds into this directory (e.g. "
+        "/etc/credstore.encrypted) instead of 0600 files in --keys",
+    )
     e.set_defaults(func=cmd_enroll)
     s = sub.add_parser("seal", help="encrypt and sign an exported model into a bundle")
     s.add_argument("--model", required=True, help="directory with model.onnx, decoder.json, tokenizer.json")
@@ -157,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
     w = sub.add_parser("wheelhouse", help="download the software's wheels for an offline install (connected machine)")
     w.add_argument("--out", required=True, help="directory to fill (e.g. the USB stick)")
-    w.add_argument("--platform", help="target wheel platform, e.g. manylinux_2_28_x86_64 or manylinux_2_35_aarch64 "
-                                      "(Jetson, JetPack 6); default: this machine")
+    w.add_argument(
+        "--platform",
+        help="target wheel platform, e.g. manylinux_2_28_x86_64 or manylinux_2_35_aarch64 "
+        "(Jetson, JetPack 6); default: this machine",
+    )
     w.add_argument("--python-version", help="target Python, e.g. 3.10 (JetPack 6); default: this interpreter")
     w.set_defaults(func=cmd_wheelhouse)
     return p

@@ -75,8 +75,13 @@ def verify_fully(bundle: Bundle, device_key: X25519PrivateKey | None) -> None:
             wipe(data_key)
 
 
-def install(source: Path, state: Path, trusted: dict[str, Ed25519PublicKey], device_key: X25519PrivateKey,
-            allow_downgrade: bool = False) -> InstallResult:
+def install(
+    source: Path,
+    state: Path,
+    trusted: dict[str, Ed25519PublicKey],
+    device_key: X25519PrivateKey,
+    allow_downgrade: bool = False,
+) -> InstallResult:
     """Verify ``source`` completely, copy it into the inactive slot, then switch ``current`` to it."""
     state = Path(state)
     bundle = open_bundle(source, trusted)
@@ -86,8 +91,10 @@ def install(source: Path, state: Path, trusted: dict[str, Ed25519PublicKey], dev
         if installed.manifest["bundle_id"] == bundle.manifest["bundle_id"]:
             return InstallResult(installed.root.name, bundle.model_id, bundle.version, changed=False)
         if bundle.version <= installed.version and not allow_downgrade:
-            raise InstallError(f"bundle version {bundle.version} is not newer than installed version "
-                               f"{installed.version}; pass --allow-downgrade to install it anyway")
+            raise InstallError(
+                f"bundle version {bundle.version} is not newer than installed version "
+                f"{installed.version}; pass --allow-downgrade to install it anyway"
+            )
     active = installed.root.name if installed else None
     slot = next(s for s in SLOTS if s != active)
     slots = state / "slots"

@@ -51,8 +51,9 @@ def write_private(path: Path, data: bytes) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise KeyMaterialError(f"{path} already exists; refusing to overwrite a private key "
-                               "(move it away first)") from None
+        raise KeyMaterialError(
+            f"{path} already exists; refusing to overwrite a private key (move it away first)"
+        ) from None
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -74,8 +75,9 @@ def read_private(name: str, fallback_dir: Path | None) -> bytearray:
             continue
         mode = path.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyMaterialError(f"{path} is accessible by group/others (mode {oct(mode & 0o777)}); "
-                                   f"run: chmod 600 {path}")
+            raise KeyMaterialError(
+                f"{path} is accessible by group/others (mode {oct(mode & 0o777)}); run: chmod 600 {path}"
+            )
         data = bytearray(path.read_bytes())
         return data
     where = " or ".join(str(p) for p in candidates) or "(no credentials directory or key directory configured)"
@@ -125,21 +127,32 @@ class DeviceIdentity:
         return fingerprint(self.x25519)
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": 1, "device_id": self.device_id, "fingerprint": self.fingerprint,
-            "x25519": base64.b64encode(self.x25519).decode(), "ed25519": base64.b64encode(self.ed25519).decode(),
-            "curve_public": self.curve_public,
-        }, indent=2)
+        return json.dumps(
+            {
+                "format": 1,
+                "device_id": self.device_id,
+                "fingerprint": self.fingerprint,
+                "x25519": base64.b64encode(self.x25519).decode(),
+                "ed25519": base64.b64encode(self.ed25519).decode(),
+                "curve_public": self.curve_public,
+            },
+            indent=2,
+        )
 
     @classmethod
     def load(cls, path: Path) -> DeviceIdentity:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(device_id=data["device_id"], x25519=base64.b64decode(data["x25519"]),
-                       ed25519=base64.b64decode(data["ed25519"]), curve_public=data["curve_public"])
+            return cls(
+                device_id=data["device_id"],
+                x25519=base64.b64decode(data["x25519"]),
+                ed25519=base64.b64decode(data["ed25519"]),
+                curve_public=data["curve_public"],
+            )
         except (OSError, ValueError, KeyError) as exc:
-            raise KeyMaterialError(f"{path}: not a device identity file ({exc}); re-export it with "
-                            "'edge-provision enroll'") from None
+            raise KeyMaterialError(
+                f"{path}: not a device identity file ({exc}); re-export it with 'edge-provision enroll'"
+            ) from None
 
 
 def seal_credential(credstore: Path, name: str, data: bytes) -> None:
@@ -151,13 +164,18 @@ def seal_credential(credstore: Path, name: str, data: bytes) -> None:
     if target.exists():
         raise KeyMaterialError(f"{target} already exists; refusing to overwrite a sealed credential")
     try:
-        proc = subprocess.run(["systemd-creds", "encrypt", f"--name={name}", "-", str(target)], input=data,
-                              capture_output=True, timeout=60)
+        proc = subprocess.run(
+            ["systemd-creds", "encrypt", f"--name={name}", "-", str(target)],
+            input=data,
+            capture_output=True,
+            timeout=60,
+        )
     except FileNotFoundError:
         raise KeyMaterialError("systemd-creds is not installed; enroll with --keys DIR (0600 files) instead") from None
     if proc.returncode != 0:
-        raise KeyMaterialError(f"systemd-creds encrypt failed for {name}: "
-                               f"{proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+        raise KeyMaterialError(
+            f"systemd-creds encrypt failed for {name}: {proc.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
+        )
 
 
 def enroll(key_dir: Path, device_id: str, credstore: Path | None = None) -> DeviceIdentity:
@@ -170,17 +188,23 @@ def enroll(key_dir: Path, device_id: str, credstore: Path | None = None) -> Devi
     x = X25519PrivateKey.generate()
     e = Ed25519PrivateKey.generate()
     curve_public, curve_secret = zmq.curve_keypair()
-    secrets_ = {DEVICE_X25519: x.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
-                DEVICE_ED25519: e.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
-                DEVICE_CURVE: curve_secret}
+    secrets_ = {
+        DEVICE_X25519: x.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
+        DEVICE_ED25519: e.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()),
+        DEVICE_CURVE: curve_secret,
+    }
     for name, data in secrets_.items():
         if credstore is not None:
             seal_credential(credstore, name, data)
         else:
             write_private(key_dir / name, data)
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    identity = DeviceIdentity(device_id=device_id, x25519=public_bytes(x.public_key()),
-                              ed25519=public_bytes(e.public_key()), curve_public=curve_public.decode())
+    identity = DeviceIdentity(
+        device_id=device_id,
+        x25519=public_bytes(x.public_key()),
+        ed25519=public_bytes(e.public_key()),
+        curve_public=curve_public.decode(),
+    )
     (key_dir / IDENTITY_FILE).write_text(identity.to_json())
     return identity
 

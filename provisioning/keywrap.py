@@ -32,8 +32,12 @@ def wrap(key: bytes, recipient: X25519PublicKey, context: bytes) -> dict:
     eph_pub, rcpt_pub = public_bytes(eph.public_key()), public_bytes(recipient)
     nonce = secrets.token_bytes(12)
     wrapped = AESGCM(_kek(eph.exchange(recipient), eph_pub, rcpt_pub)).encrypt(nonce, key, context)
-    return {"fingerprint": fingerprint(rcpt_pub), "ephemeral": base64.b64encode(eph_pub).decode(),
-            "nonce": base64.b64encode(nonce).decode(), "wrapped_key": base64.b64encode(wrapped).decode()}
+    return {
+        "fingerprint": fingerprint(rcpt_pub),
+        "ephemeral": base64.b64encode(eph_pub).decode(),
+        "nonce": base64.b64encode(nonce).decode(),
+        "wrapped_key": base64.b64encode(wrapped).decode(),
+    }
 
 
 def unwrap(entries: list[dict], private: X25519PrivateKey, context: bytes, what: str) -> bytearray:
@@ -46,10 +50,18 @@ def unwrap(entries: list[dict], private: X25519PrivateKey, context: bytes, what:
         try:
             eph_pub = base64.b64decode(entry["ephemeral"], validate=True)
             kek = _kek(private.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, own_pub)
-            return bytearray(AESGCM(kek).decrypt(base64.b64decode(entry["nonce"], validate=True),
-                                                 base64.b64decode(entry["wrapped_key"], validate=True), context))
+            return bytearray(
+                AESGCM(kek).decrypt(
+                    base64.b64decode(entry["nonce"], validate=True),
+                    base64.b64decode(entry["wrapped_key"], validate=True),
+                    context,
+                )
+            )
         except (InvalidTag, ValueError, KeyError, TypeError):
-            raise RecipientError(f"{what}: the key entry for {fp} does not unwrap; it was altered or sealed for a "
-                                 "different key") from None
-    raise RecipientError(f"{what} is not addressed to this device (fingerprint {fp}); ask the vendor to seal it "
-                         "with this device's identity file")
+            raise RecipientError(
+                f"{what}: the key entry for {fp} does not unwrap; it was altered or sealed for a different key"
+            ) from None
+    raise RecipientError(
+        f"{what} is not addressed to this device (fingerprint {fp}); ask the vendor to seal it "
+        "with this device's identity file"
+    )

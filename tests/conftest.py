@@ -58,16 +58,35 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def provision_device(tiny_build: Path, root: Path, version: int = 1) -> Device:
     """Vendor keygen, device enroll, seal, install: the same commands `make run` uses."""
-    vendor, keys, trust, state = root / "vendor", root / "device" / "credentials", root / "device" / "trust", \
-        root / "device" / "state"
+    vendor, keys, trust, state = (
+        root / "vendor",
+        root / "device" / "credentials",
+        root / "device" / "trust",
+        root / "device" / "state",
+    )
     identity, bundle = root / "device-identity.json", root / f"bundle-v{version}"
     run_cli("edge-provision", "keygen", "--vendor", str(vendor))
     run_cli("edge-provision", "enroll", "--keys", str(keys), "--out", str(identity), "--device-id", "test-device")
     trust.mkdir(parents=True)
     (trust / "vendor.pub").write_bytes((vendor / "vendor-ed25519.pub").read_bytes())
-    run_cli("edge-provision", "seal", "--model", str(tiny_build / "onnx"), "--model-id", "tiny", "--version",
-            str(version), "--signing-key", str(vendor / "vendor-ed25519.key"), "--recipient", str(identity),
-            "--out", str(bundle), "--chunk-size", str(1 << 16))
+    run_cli(
+        "edge-provision",
+        "seal",
+        "--model",
+        str(tiny_build / "onnx"),
+        "--model-id",
+        "tiny",
+        "--version",
+        str(version),
+        "--signing-key",
+        str(vendor / "vendor-ed25519.key"),
+        "--recipient",
+        str(identity),
+        "--out",
+        str(bundle),
+        "--chunk-size",
+        str(1 << 16),
+    )
     run_cli("edge-provision", "install", str(bundle), "--state", str(state), "--trust", str(trust), "--keys", str(keys))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = root / "device" / "appliance.toml"
@@ -96,8 +115,12 @@ class Daemon:
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC=str(watchdog_usec))
         env.pop("WATCHDOG_PID", None)
         self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(device.config), "serve"],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [str(BIN / "edge-appliance"), "--config", str(device.config), "serve"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.endpoint = device.endpoint
 
     def _read_notify(self) -> None:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.audit import GENESIS, AuditLog, Entry, Filters, row_hash
-from appliance.audit_export import ExportError, export, prune, reveal, verify_export
+from appliance.audit.export import ExportError, export, prune, reveal, verify_export
 
 DEVICE = Ed25519PrivateKey.generate()
 PUBLIC = DEVICE.public_key()
@@ -22,9 +22,20 @@ PUBLIC = DEVICE.public_key()
 def fill(path, n=10, **kwargs) -> AuditLog:
     log = AuditLog(path, signing_key=DEVICE, checkpoint_every=kwargs.pop("checkpoint_every", 4), **kwargs)
     for i in range(n):  # one commit per request, as a lightly loaded daemon writes them
-        log.record(Entry(request_id=f"r{i}", op="generate", status="ok", prompt=f"patient {i} has a fever",
-                         output=f"o{i}", prompt_tokens=i, completion_tokens=2 * i, total_ms=0.01 * i,
-                         client=f"c{i % 2}", model_version=1 + i // 5))
+        log.record(
+            Entry(
+                request_id=f"r{i}",
+                op="generate",
+                status="ok",
+                prompt=f"patient {i} has a fever",
+                output=f"o{i}",
+                prompt_tokens=i,
+                completion_tokens=2 * i,
+                total_ms=0.01 * i,
+                client=f"c{i % 2}",
+                model_version=1 + i // 5,
+            )
+        )
     return log
 
 
@@ -93,11 +104,14 @@ def test_encrypted_policy_only_the_reviewer_can_read(tmp_path):
         reveal(out, PUBLIC, X25519PrivateKey.generate())
 
 
-@pytest.mark.parametrize("tamper, expected", [
-    ("UPDATE audit_log SET completion_tokens = 99 WHERE seq = 3", "row 3: contents do not match its hash: edited"),
-    ("UPDATE audit_log SET client = 'someone-else' WHERE seq = 7", "row 7: contents do not match"),
-    ("DELETE FROM audit_log WHERE seq = 5", "row 5 missing before row 6: deleted"),
-])
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        ("UPDATE audit_log SET completion_tokens = 99 WHERE seq = 3", "row 3: contents do not match its hash: edited"),
+        ("UPDATE audit_log SET client = 'someone-else' WHERE seq = 7", "row 7: contents do not match"),
+        ("DELETE FROM audit_log WHERE seq = 5", "row 5 missing before row 6: deleted"),
+    ],
+)
 def test_database_tampering_is_named(tmp_path, tamper, expected):
     fill(tmp_path / "a.db").close()
     sql(tmp_path / "a.db", tamper)
@@ -107,8 +121,12 @@ def test_database_tampering_is_named(tmp_path, tamper, expected):
 
 def test_swapped_rows_are_reported_as_reordered(tmp_path):
     fill(tmp_path / "a.db").close()
-    sql(tmp_path / "a.db", "UPDATE audit_log SET seq = -1 WHERE seq = 3", "UPDATE audit_log SET seq = 3 WHERE seq = 4",
-        "UPDATE audit_log SET seq = 4 WHERE seq = -1")
+    sql(
+        tmp_path / "a.db",
+        "UPDATE audit_log SET seq = -1 WHERE seq = 3",
+        "UPDATE audit_log SET seq = 3 WHERE seq = 4",
+        "UPDATE audit_log SET seq = 4 WHERE seq = -1",
+    )
     result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
     assert not result.ok and result.message.startswith("row 3: prev_hash does not match row 2: reordered")
 
@@ -122,8 +140,9 @@ def test_inserted_row_is_named_even_with_a_recomputed_hash(tmp_path):
         con.execute("UPDATE audit_log SET seq = ? WHERE seq = ?", (seq + 1, seq))
     fake = {**row2, "seq": 3, "request_id": "forged", "prev_hash": row2["row_hash"]}
     fake["row_hash"] = row_hash(row2["row_hash"], fake)
-    con.execute(f"INSERT INTO audit_log ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                [fake[c] for c in cols])
+    con.execute(
+        f"INSERT INTO audit_log ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", [fake[c] for c in cols]
+    )
     con.commit()
     con.close()
     result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
@@ -150,8 +169,10 @@ def test_rewritten_chain_fails_checkpoint_signature(tmp_path):
     for r in rows:
         r["prev_hash"], r["row_hash"] = prev, row_hash(prev, r)
         prev = r["row_hash"]
-        con.execute("UPDATE audit_log SET completion_tokens=?, prev_hash=?, row_hash=? WHERE seq=?",
-                    (r["completion_tokens"], r["prev_hash"], r["row_hash"], r["seq"]))
+        con.execute(
+            "UPDATE audit_log SET completion_tokens=?, prev_hash=?, row_hash=? WHERE seq=?",
+            (r["completion_tokens"], r["prev_hash"], r["row_hash"], r["seq"]),
+        )
     con.commit()
     con.close()
     result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
@@ -180,13 +201,32 @@ def test_schema_1_database_upgrades_in_place_with_rows_intact(tmp_path):
     con.executescript(V1_DDL)
     prev = GENESIS
     for i in range(1, 6):
-        fields = {"seq": i, "ts": 1700000000.0 + i, "request_id": f"old{i}", "client": "anonymous", "role": "infer",
-                  "op": "generate", "model_id": "m", "model_version": 1, "prompt_sha256": "ab" * 32,
-                  "output_sha256": "cd" * 32, "prompt_tokens": i, "completion_tokens": i, "queue_ms": 1.0,
-                  "ttft_ms": 2.0, "total_ms": 3.0, "status": "ok", "error_code": None, "finish_reason": "eos"}
+        fields = {
+            "seq": i,
+            "ts": 1700000000.0 + i,
+            "request_id": f"old{i}",
+            "client": "anonymous",
+            "role": "infer",
+            "op": "generate",
+            "model_id": "m",
+            "model_version": 1,
+            "prompt_sha256": "ab" * 32,
+            "output_sha256": "cd" * 32,
+            "prompt_tokens": i,
+            "completion_tokens": i,
+            "queue_ms": 1.0,
+            "ttft_ms": 2.0,
+            "total_ms": 3.0,
+            "status": "ok",
+            "error_code": None,
+            "finish_reason": "eos",
+        }
         digest = row_hash(prev, fields)
-        con.execute(f"INSERT INTO audit_log ({','.join(fields)}, prev_hash, row_hash) VALUES "
-                    f"({','.join('?' * (len(fields) + 2))})", [*fields.values(), prev, digest])
+        con.execute(
+            f"INSERT INTO audit_log ({','.join(fields)}, prev_hash, row_hash) VALUES "
+            f"({','.join('?' * (len(fields) + 2))})",
+            [*fields.values(), prev, digest],
+        )
         prev = digest
     con.commit()
     con.close()
@@ -207,6 +247,7 @@ def test_newer_schema_is_refused(tmp_path):
 
 
 # -- export ---------------------------------------------------------------------------------------
+
 
 def test_incremental_exports_verify_alone_and_together(tmp_path):
     log = fill(tmp_path / "a.db", 6)
@@ -231,12 +272,15 @@ def lines(path):
     return (path / "rows.jsonl").read_text().splitlines(keepends=True)
 
 
-@pytest.mark.parametrize("tamper, expected", [
-    ("edit", "row 3: contents do not match its hash: edited"),
-    ("drop", "row 5 missing before row 6: deleted"),
-    ("reorder", "row 5 missing before row 6: reordered"),
-    ("truncate", "rows end at 6, manifest says 8: truncated"),
-])
+@pytest.mark.parametrize(
+    "tamper, expected",
+    [
+        ("edit", "row 3: contents do not match its hash: edited"),
+        ("drop", "row 5 missing before row 6: deleted"),
+        ("reorder", "row 5 missing before row 6: reordered"),
+        ("truncate", "rows end at 6, manifest says 8: truncated"),
+    ],
+)
 def test_export_tampering_is_named(exported, tamper, expected):
     rows = lines(exported)
     if tamper == "edit":
@@ -278,7 +322,7 @@ def test_pulled_stick_leaves_nothing_that_verifies_and_export_resumes(tmp_path):
     (partial / "manifest.sig").unlink()
     shutil.rmtree(done.path)
     with pytest.raises(ExportError, match="incomplete export"):
-        from appliance.audit_export import read_export
+        from appliance.audit.export import read_export
 
         read_export(partial, PUBLIC)
     again = export(log, usb, DEVICE, "dev", since_seq=1)

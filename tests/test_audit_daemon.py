@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from appliance import protocol as P
 from appliance.audit import AuditLog
-from appliance.client import Client, ClientError
 from appliance.config import render_config
+from appliance.transport import protocol as P
+from appliance.transport.client import Client, ClientError
 from provisioning.keys import IDENTITY_FILE, load_public_ed25519
 from tests.conftest import Daemon, provision_device, run_cli
 
@@ -30,8 +30,9 @@ def test_disk_full_fails_closed_then_recovers_by_itself(tiny_build, tmp_path):
         pytest.skip("cannot mount a size-limited tmpfs here (needs root / CAP_SYS_ADMIN)")
     try:
         device = provision_device(tiny_build, tmp_path / "site")
-        device.config.write_text(render_config("state", "trust", "credentials", str(mount / "audit.db"),
-                                               device.endpoint))
+        device.config.write_text(
+            render_config("state", "trust", "credentials", str(mount / "audit.db"), device.endpoint)
+        )
         daemon = Daemon(device, tmp_path)
         try:
             daemon.wait_for("READY=1")
@@ -138,11 +139,13 @@ def test_export_and_verify_through_the_cli(tiny_build, tmp_path):
     assert ok.stdout.startswith("OK: 1 export(s), 3 rows")
     rows = next(usb.iterdir()) / "rows.jsonl"
     rows.write_text(rows.read_text().replace('"x1"', '"zz"'))
-    bad = run_cli("edge-appliance", "audit", "verify-export", str(usb), "--device-key", str(device.identity),
-                  check=False)
+    bad = run_cli(
+        "edge-appliance", "audit", "verify-export", str(usb), "--device-key", str(device.identity), check=False
+    )
     assert bad.returncode == 1 and "row 2: contents do not match its hash: edited" in bad.stdout
-    listed = run_cli("edge-appliance", "--config", str(device.config), "audit", "list", "--status", "ok",
-                     "--json").stdout
+    listed = run_cli(
+        "edge-appliance", "--config", str(device.config), "audit", "list", "--status", "ok", "--json"
+    ).stdout
     import json
 
     assert [r["request_id"] for r in json.loads(listed)] == ["x0", "x1", "x2"]

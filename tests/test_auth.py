@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from appliance import protocol as P
 from appliance.audit import AuditLog
-from appliance.auth import AuthConfigError, load_clients
-from appliance.client import Client, ClientError
 from appliance.config import load_config
+from appliance.transport import protocol as P
+from appliance.transport.auth import AuthConfigError, load_clients
+from appliance.transport.client import Client, ClientError
 from provisioning.keys import DeviceIdentity
 from tests.conftest import Daemon, provision_device, run_cli
 
@@ -19,7 +19,7 @@ def secured(tiny_build, tmp_path_factory):
     root = tmp_path_factory.mktemp("curve")
     device = provision_device(tiny_build, root / "site")
     out = run_cli("edge-appliance", "client-keygen", "--out", str(root / "press4"), "--name", "press-line-4").stdout
-    (device.config.parent / "clients.toml").write_text(out[out.index("[[client]]"):])
+    (device.config.parent / "clients.toml").write_text(out[out.index("[[client]]") :])
     secured_config = device.config.read_text().replace("curve = false", 'curve = true\nclients = "clients.toml"')
     device.config.write_text(secured_config)
     daemon = Daemon(device, root / "run")
@@ -45,8 +45,19 @@ def test_allowed_key_is_served_and_audited_by_name(secured):
 
 def test_cli_ask_with_curve_keys(secured):
     device, root, _ = secured
-    out = run_cli("edge-appliance", "ask", "Return the", "--max-tokens", "3", "--endpoint", device.endpoint,
-                  "--server-key", str(device.identity), "--client-key", str(root / "press4" / "client.key"))
+    out = run_cli(
+        "edge-appliance",
+        "ask",
+        "Return the",
+        "--max-tokens",
+        "3",
+        "--endpoint",
+        device.endpoint,
+        "--server-key",
+        str(device.identity),
+        "--client-key",
+        str(root / "press4" / "client.key"),
+    )
     assert out.returncode == 0 and "tokens" in out.stderr
 
 

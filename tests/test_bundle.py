@@ -31,8 +31,17 @@ def make_bundle(tmp: Path, vendor, device, name="b", files=None, version=3) -> t
     for fid, data in contents.items():
         (src / fid).write_bytes(data)
     out = tmp / name
-    seal({fid: src / fid for fid in contents}, out, model_id="m", version=version, architecture="X", engines=[],
-         signing_key=vendor, recipients=[device.public_key()], chunk_size=CHUNK)
+    seal(
+        {fid: src / fid for fid in contents},
+        out,
+        model_id="m",
+        version=version,
+        architecture="X",
+        engines=[],
+        signing_key=vendor,
+        recipients=[device.public_key()],
+        chunk_size=CHUNK,
+    )
     return out, contents
 
 
@@ -103,7 +112,7 @@ def test_tampered_payload_fails_with_chunk_named(tmp_path, parties, tamper):
     elif tamper == "drop_last_chunk":
         path.write_bytes(data[: 3 * sealed])
     elif tamper == "swap_chunks":
-        path.write_bytes(data[sealed: 2 * sealed] + data[:sealed] + data[2 * sealed:])
+        path.write_bytes(data[sealed : 2 * sealed] + data[:sealed] + data[2 * sealed :])
     else:
         path.write_bytes(data + b"x")
     bundle = open_bundle(root, trusted)

@@ -18,8 +18,11 @@ VENDOR = Ed25519PrivateKey.generate()
 DEVICE = X25519PrivateKey.generate()
 TRUSTED = {fingerprint(public_bytes(VENDOR.public_key())): VENDOR.public_key()}
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -33,8 +36,17 @@ def real_bundle(root: Path) -> Path:
     """A genuine two-chunk bundle under ``root/b`` for the tests to damage; returns ``root``."""
     src = root / "plain"
     src.write_bytes(b"y" * 70000)
-    seal({"model.onnx": src}, root / "b", model_id="m", version=1, architecture="X", engines=[], signing_key=VENDOR,
-         recipients=[DEVICE.public_key()], chunk_size=1 << 16)
+    seal(
+        {"model.onnx": src},
+        root / "b",
+        model_id="m",
+        version=1,
+        architecture="X",
+        engines=[],
+        signing_key=VENDOR,
+        recipients=[DEVICE.public_key()],
+        chunk_size=1 << 16,
+    )
     return root
 
 
@@ -58,8 +70,14 @@ def test_signed_garbage_manifest(tmp_path_factory, raw):
 
 
 @SETTINGS
-@given(manifest=st.dictionaries(st.sampled_from(["format", "bundle_id", "model_id", "version", "architecture",
-                                                 "engines", "files", "recipients", "created"]), json_values))
+@given(
+    manifest=st.dictionaries(
+        st.sampled_from(
+            ["format", "bundle_id", "model_id", "version", "architecture", "engines", "files", "recipients", "created"]
+        ),
+        json_values,
+    )
+)
 def test_signed_structured_manifest(tmp_path_factory, manifest):
     root = tmp_path_factory.mktemp("s")
     write_signed(root, json.dumps({"format": 1, **manifest}).encode())
@@ -67,8 +85,10 @@ def test_signed_structured_manifest(tmp_path_factory, manifest):
 
 
 @SETTINGS
-@given(field=st.sampled_from(["id", "path", "size", "chunk_size", "chunks", "nonce_prefix", "ciphertext_sha256"]),
-       value=json_values)
+@given(
+    field=st.sampled_from(["id", "path", "size", "chunk_size", "chunks", "nonce_prefix", "ciphertext_sha256"]),
+    value=json_values,
+)
 def test_one_bad_file_field_in_a_real_manifest(tmp_path_factory, field, value):
     root = real_bundle(tmp_path_factory.mktemp("f"))
     manifest = json.loads((root / "b" / "manifest.json").read_text())

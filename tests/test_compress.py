@@ -76,9 +76,19 @@ def test_prune_layers_updates_dense_prefix(teacher):
 
 def qwen2(tmp_path):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -139,8 +149,9 @@ def test_plain_finetuning_arm_needs_no_teacher(teacher, tiny_build):
     tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
     ds = build_dataset(tok, seq_len=32, stride=32)
     student = prune(teacher, measure_importance(teacher, batches(teacher.config.vocab_size)), PruneTarget(ffn=32))
-    hist = distill(student, None, ds.train, ds.heldout[:8], DistillConfig(steps=4, batch_size=4, eval_every=2,
-                                                                          alpha=0.0))
+    hist = distill(
+        student, None, ds.train, ds.heldout[:8], DistillConfig(steps=4, batch_size=4, eval_every=2, alpha=0.0)
+    )
     assert len(hist["evals"]) == 2
 
 
@@ -150,9 +161,12 @@ def test_data_files_are_cleaned_deduplicated_and_split_without_leaks(tmp_path, t
 
     rng = np.random.default_rng(0)  # random text: any shared window could only come from a leaked document
     docs = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz  "), 90)) for _ in range(200)]
-    (tmp_path / "manual.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs + docs[:20]) + "\n"
-                                           + json.dumps({"input_text": "Q: reset?", "target_text": "A: hold reset "
-                                                         "for five seconds."}) + "\n")
+    (tmp_path / "manual.jsonl").write_text(
+        "\n".join(json.dumps({"text": d}) for d in docs + docs[:20])
+        + "\n"
+        + json.dumps({"input_text": "Q: reset?", "target_text": "A: hold reset for five seconds."})
+        + "\n"
+    )
     (tmp_path / "sop.txt").write_text("Short.\n\n\nA longer standard operating procedure paragraph here.\x07")
     raw = read_documents([tmp_path])
     cleaned = clean(raw)
@@ -171,9 +185,26 @@ def test_data_files_are_cleaned_deduplicated_and_split_without_leaks(tmp_path, t
 def test_compress_command_end_to_end(tiny_build, tmp_path):
     from tests.conftest import run_cli
 
-    out = run_cli("edge-models", "compress", "--teacher", str(tiny_build / "teacher"), "--out", str(tmp_path / "c"),
-                  "--target", "0.6", "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--seq-len", "32",
-                  "--stride", "32").stdout
+    out = run_cli(
+        "edge-models",
+        "compress",
+        "--teacher",
+        str(tiny_build / "teacher"),
+        "--out",
+        str(tmp_path / "c"),
+        "--target",
+        "0.6",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "3",
+        "--seq-len",
+        "32",
+        "--stride",
+        "32",
+    ).stdout
     assert "pruned + distilled" in out
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["student"]["non_embedding_fraction"] <= 0.6
@@ -202,9 +233,17 @@ def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_pat
 def test_pruning_to_the_full_shape_is_the_identity(teacher):
     cfg = teacher.config
     imp = measure_importance(teacher, batches(cfg.vocab_size))
-    same = prune(teacher, imp, PruneTarget(ffn=cfg.intermediate_size, heads=cfg.num_attention_heads,
-                                           experts=cfg.n_routed_experts, layers=cfg.num_hidden_layers,
-                                           hidden=cfg.hidden_size))
+    same = prune(
+        teacher,
+        imp,
+        PruneTarget(
+            ffn=cfg.intermediate_size,
+            heads=cfg.num_attention_heads,
+            experts=cfg.n_routed_experts,
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+        ),
+    )
     ids = batches(cfg.vocab_size, 1)[0]
     with torch.no_grad():
         assert torch.equal(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
@@ -214,10 +253,21 @@ def test_prune_llama_loads_and_exports(tmp_path):
     from transformers import LlamaConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False)).eval()
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     student = prune(model, measure_importance(model, batches(512)), PruneTarget(heads=2, ffn=48, layers=2))
     reloaded = save_and_reload(student, tmp_path)
     assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.num_key_value_heads == 1
@@ -231,11 +281,19 @@ def test_distillation_lowers_kl_to_the_teacher(teacher, tiny_build):
 
     tok = Tokenizer.from_file(str(tiny_build / "teacher" / "tokenizer.json"))
     ds = build_dataset(tok, seq_len=32, stride=32)
-    student = prune(teacher, measure_importance(teacher, batches(teacher.config.vocab_size)),
-                    PruneTarget(ffn=32, experts=2, heads=2))
+    student = prune(
+        teacher,
+        measure_importance(teacher, batches(teacher.config.vocab_size)),
+        PruneTarget(ffn=32, experts=2, heads=2),
+    )
     before = compare(student, teacher, ds.heldout[:16])["kl_teacher_student"]
-    distill(student, teacher, ds.train, ds.heldout[:8], DistillConfig(steps=20, batch_size=4, eval_every=10,
-                                                                       warmup=2, alpha=1.0))
+    distill(
+        student,
+        teacher,
+        ds.train,
+        ds.heldout[:8],
+        DistillConfig(steps=20, batch_size=4, eval_every=10, warmup=2, alpha=1.0),
+    )
     after = compare(student, teacher, ds.heldout[:16])["kl_teacher_student"]
     assert after < before, (before, after)
 
@@ -262,10 +320,21 @@ def test_hidden_pruning_keeps_the_most_active_channels(teacher):
 
 def test_prune_qwen2_hidden_width_with_tied_embeddings(tmp_path):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=True)).eval()
+    model = AutoModelForCausalLM.from_config(
+        Qwen2Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     student = prune(model, measure_importance(model, batches(512)), PruneTarget(hidden=40, heads=2))
     reloaded = save_and_reload(student, tmp_path)
     # head_dim stays 16 (it is written explicitly) although hidden/heads is now 20
@@ -278,11 +347,30 @@ def test_prune_deepseek_v2_mla_moe_and_export(tmp_path):
     from transformers import DeepseekV2Config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(DeepseekV2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    model = AutoModelForCausalLM.from_config(
+        DeepseekV2Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
     imp = measure_importance(model, batches(512))
     student = prune(model, imp, PruneTarget(heads=2, ffn=64, experts=2, hidden=48))
     reloaded = save_and_reload(student, tmp_path)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from appliance import protocol as P
 from appliance.audit import AuditLog
-from appliance.client import Client, ClientError
 from appliance.config import load_config
 from appliance.loader import load_model
+from appliance.transport import protocol as P
+from appliance.transport.client import Client, ClientError
 
 PROMPT = "How do I reset the conveyor?"
 
@@ -83,16 +83,19 @@ def test_health_and_info(daemon):
     assert info["limits"]["max_message_bytes"] == 1 << 20
 
 
-@pytest.mark.parametrize("frame, code", [
-    (b"\xc1\xff garbage", P.E_MALFORMED),
-    (msgpack.packb({"v": 1, "op": "generate", "prompt": "x"})[:-1], P.E_MALFORMED),
-    (msgpack.packb([1, 2, 3]), P.E_MALFORMED),
-    (msgpack.packb({"v": 1, "op": "generate", "prompt": 42}), P.E_BAD_REQUEST),
-    (msgpack.packb({"v": 1, "op": "generate", "prompt": "x", "max_tokens": "many"}), P.E_BAD_REQUEST),
-    (msgpack.packb({"v": 1, "op": "generate", "prompt": "x", "max_tokens": True}), P.E_BAD_REQUEST),
-    (msgpack.packb({"v": 1, "op": "launch-missiles"}), P.E_UNKNOWN_OP),
-    (msgpack.packb({"v": 99, "op": "health"}), P.E_VERSION),
-])
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (b"\xc1\xff garbage", P.E_MALFORMED),
+        (msgpack.packb({"v": 1, "op": "generate", "prompt": "x"})[:-1], P.E_MALFORMED),
+        (msgpack.packb([1, 2, 3]), P.E_MALFORMED),
+        (msgpack.packb({"v": 1, "op": "generate", "prompt": 42}), P.E_BAD_REQUEST),
+        (msgpack.packb({"v": 1, "op": "generate", "prompt": "x", "max_tokens": "many"}), P.E_BAD_REQUEST),
+        (msgpack.packb({"v": 1, "op": "generate", "prompt": "x", "max_tokens": True}), P.E_BAD_REQUEST),
+        (msgpack.packb({"v": 1, "op": "launch-missiles"}), P.E_UNKNOWN_OP),
+        (msgpack.packb({"v": 99, "op": "health"}), P.E_VERSION),
+    ],
+)
 def test_hostile_frame_gets_specific_error_then_service_continues(daemon, frame, code):
     with Client(daemon.endpoint, timeout_s=10) as client:
         reply = client.send_raw(frame)

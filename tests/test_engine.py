@@ -40,7 +40,7 @@ def test_chunked_prefill_equals_one_shot(graph):
     whole = one.prefill([(0, PROMPT)])
     chunked = make(graph)
     for start in range(0, len(PROMPT), 8):
-        last = chunked.prefill([(0, PROMPT[start:start + 8])])
+        last = chunked.prefill([(0, PROMPT[start : start + 8])])
     assert chunked.length(0) == len(PROMPT)
     np.testing.assert_allclose(last, whole, rtol=1e-4, atol=1e-4)
     assert greedy_from(chunked, 0, last, 12) == greedy_from(one, 0, whole, 12)

@@ -14,8 +14,7 @@ from edge_models.parity import engine_greedy, hf_greedy
 def pair(tiny_build):
     model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
     spec = DecoderSpec.from_json((tiny_build / "teacher-onnx" / "decoder.json").read_text())
-    engine = OrtEngine((tiny_build / "teacher-onnx" / "model.onnx").read_bytes(), spec, num_slots=2,
-                       max_seq_len=256)
+    engine = OrtEngine((tiny_build / "teacher-onnx" / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=256)
     return model, engine, spec
 
 

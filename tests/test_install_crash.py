@@ -33,16 +33,41 @@ def site(tmp_path_factory):
 
     vendor = load_ed25519("vendor-ed25519.key", root / "vendor")
     device_pub = X25519PublicKey.from_public_bytes(DeviceIdentity.load(root / "id.json").x25519)
-    seal({"small": src / "small"}, root / "v1", model_id="m", version=1, architecture="X", engines=[],
-         signing_key=vendor, recipients=[device_pub])
-    seal({"small": src / "small", "big": src / "big"}, root / "v2", model_id="m", version=2, architecture="X",
-         engines=[], signing_key=vendor, recipients=[device_pub])
+    seal(
+        {"small": src / "small"},
+        root / "v1",
+        model_id="m",
+        version=1,
+        architecture="X",
+        engines=[],
+        signing_key=vendor,
+        recipients=[device_pub],
+    )
+    seal(
+        {"small": src / "small", "big": src / "big"},
+        root / "v2",
+        model_id="m",
+        version=2,
+        architecture="X",
+        engines=[],
+        signing_key=vendor,
+        recipients=[device_pub],
+    )
     return root
 
 
 def install_cmd(site, bundle: str) -> list[str]:
-    return [str(BIN / "edge-provision"), "install", str(site / bundle), "--state", str(site / "state"),
-            "--trust", str(site / "trust"), "--keys", str(site / "keys")]
+    return [
+        str(BIN / "edge-provision"),
+        "install",
+        str(site / bundle),
+        "--state",
+        str(site / "state"),
+        "--trust",
+        str(site / "trust"),
+        "--keys",
+        str(site / "keys"),
+    ]
 
 
 def assert_loadable(site, version: int | None = None) -> int:
@@ -59,8 +84,9 @@ def test_install_killed_at_any_point_leaves_a_loadable_model(site):
     subprocess.run(install_cmd(site, "v2"), check=True, capture_output=True)
     full = time.monotonic() - start
     # Reset to v1 and kill v2's install at points spread over its whole run.
-    subprocess.run([str(BIN / "edge-provision"), "rollback", "--state", str(site / "state")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(BIN / "edge-provision"), "rollback", "--state", str(site / "state")], check=True, capture_output=True
+    )
     assert_loadable(site, 1)
     outcomes = []
     for fraction in (0.1, 0.3, 0.5, 0.65, 0.8, 0.9, 0.97):
@@ -70,8 +96,11 @@ def test_install_killed_at_any_point_leaves_a_loadable_model(site):
         proc.wait()
         outcomes.append(assert_loadable(site))  # old or new, never broken
         if outcomes[-1] == 2:
-            subprocess.run([str(BIN / "edge-provision"), "rollback", "--state", str(site / "state")], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [str(BIN / "edge-provision"), "rollback", "--state", str(site / "state")],
+                check=True,
+                capture_output=True,
+            )
     assert 1 in outcomes  # at least some kills landed before the switch
     subprocess.run(install_cmd(site, "v2"), check=True, capture_output=True)
     assert_loadable(site, 2)
@@ -86,21 +115,27 @@ def test_install_refuses_a_key_file_readable_by_others(site, tmp_path):
     assert proc.returncode == 1 and "chmod 600" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v systemd-creds"], capture_output=True).returncode != 0,
-                    reason="systemd-creds not installed")
+@pytest.mark.skipif(
+    subprocess.run(["sh", "-c", "command -v systemd-creds"], capture_output=True).returncode != 0,
+    reason="systemd-creds not installed",
+)
 def test_enroll_into_systemd_credentials_never_writes_plaintext(tmp_path, monkeypatch):
     from provisioning.keys import DeviceIdentity, public_bytes
 
     store, keys = tmp_path / "credstore.encrypted", tmp_path / "keys"
-    run_cli("edge-provision", "enroll", "--keys", str(keys), "--out", str(tmp_path / "id.json"), "--credstore",
-            str(store))
+    run_cli(
+        "edge-provision", "enroll", "--keys", str(keys), "--out", str(tmp_path / "id.json"), "--credstore", str(store)
+    )
     assert not (keys / DEVICE_X25519).exists()
     sealed = (store / DEVICE_X25519).read_bytes()
     # What systemd does for LoadCredentialEncrypted=: decrypt into a private $CREDENTIALS_DIRECTORY.
     creds = tmp_path / "run-credentials"
     creds.mkdir(mode=0o700)
-    subprocess.run(["systemd-creds", "decrypt", f"--name={DEVICE_X25519}", str(store / DEVICE_X25519),
-                    str(creds / DEVICE_X25519)], check=True, capture_output=True)
+    subprocess.run(
+        ["systemd-creds", "decrypt", f"--name={DEVICE_X25519}", str(store / DEVICE_X25519), str(creds / DEVICE_X25519)],
+        check=True,
+        capture_output=True,
+    )
     os.chmod(creds / DEVICE_X25519, 0o600)
     raw = (creds / DEVICE_X25519).read_bytes()
     assert raw not in sealed and len(raw) == 32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.client import Client
+from appliance.transport.client import Client
 from provisioning.bundle import open_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519
 
@@ -17,7 +17,7 @@ def test_state_directory_holds_no_plaintext_model_or_key(daemon, device, tiny_bu
     bundle = open_bundle(device.state / "current", load_trusted_vendors(device.trust))
     data_key = bytes(bundle.unwrap_key(load_x25519(DEVICE_X25519, device.keys)))
     probes = {
-        "model bytes": plain_model[len(plain_model) // 2: len(plain_model) // 2 + 64],
+        "model bytes": plain_model[len(plain_model) // 2 : len(plain_model) // 2 + 64],
         "model header": plain_model[:32],
         "tokenizer": plain_tokenizer[:48],
         "data key": data_key,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from appliance import protocol as P
+from appliance.transport import protocol as P
 
 
 def parse(**fields):
@@ -14,8 +14,13 @@ def parse(**fields):
 
 def test_generate_defaults():
     req = parse(op="generate", prompt="hi", id="r1")
-    assert (req.op, req.id, req.prompt, req.max_tokens, req.stream) == ("generate", "r1", "hi", P.DEFAULT_MAX_TOKENS,
-                                                                         True)
+    assert (req.op, req.id, req.prompt, req.max_tokens, req.stream) == (
+        "generate",
+        "r1",
+        "hi",
+        P.DEFAULT_MAX_TOKENS,
+        True,
+    )
     assert req.sampling.greedy
 
 
@@ -23,21 +28,24 @@ def test_missing_id_gets_a_generated_one():
     assert len(parse(op="health").id) == 32
 
 
-@pytest.mark.parametrize("fields, code, needle", [
-    ({"op": "generate"}, P.E_BAD_REQUEST, "prompt"),
-    ({"op": "generate", "prompt": ""}, P.E_BAD_REQUEST, "prompt"),
-    ({"op": "generate", "prompt": "x", "max_tokens": 0}, P.E_BAD_REQUEST, "max_tokens"),
-    ({"op": "generate", "prompt": "x", "max_tokens": 257}, P.E_BAD_REQUEST, "max_tokens"),
-    ({"op": "generate", "prompt": "x", "temperature": "hot"}, P.E_BAD_REQUEST, "temperature"),
-    ({"op": "generate", "prompt": "x", "seed": -1}, P.E_BAD_REQUEST, "seed"),
-    ({"op": "generate", "prompt": "x", "stop": ["a"] * 5}, P.E_BAD_REQUEST, "stop"),
-    ({"op": "generate", "prompt": "x", "stop": "a"}, P.E_BAD_REQUEST, "stop"),
-    ({"op": "generate", "prompt": "x", "stream": 1}, P.E_BAD_REQUEST, "stream"),
-    ({"op": "generate", "prompt": "x" * (P.MAX_PROMPT_CHARS + 1)}, P.E_TOO_LARGE, "prompt"),
-    ({"op": "generate", "prompt": "x", "id": "x" * 65}, P.E_BAD_REQUEST, "id"),
-    ({"op": "cancel"}, P.E_BAD_REQUEST, "target"),
-    ({"op": "reboot"}, P.E_UNKNOWN_OP, "reboot"),
-])
+@pytest.mark.parametrize(
+    "fields, code, needle",
+    [
+        ({"op": "generate"}, P.E_BAD_REQUEST, "prompt"),
+        ({"op": "generate", "prompt": ""}, P.E_BAD_REQUEST, "prompt"),
+        ({"op": "generate", "prompt": "x", "max_tokens": 0}, P.E_BAD_REQUEST, "max_tokens"),
+        ({"op": "generate", "prompt": "x", "max_tokens": 257}, P.E_BAD_REQUEST, "max_tokens"),
+        ({"op": "generate", "prompt": "x", "temperature": "hot"}, P.E_BAD_REQUEST, "temperature"),
+        ({"op": "generate", "prompt": "x", "seed": -1}, P.E_BAD_REQUEST, "seed"),
+        ({"op": "generate", "prompt": "x", "stop": ["a"] * 5}, P.E_BAD_REQUEST, "stop"),
+        ({"op": "generate", "prompt": "x", "stop": "a"}, P.E_BAD_REQUEST, "stop"),
+        ({"op": "generate", "prompt": "x", "stream": 1}, P.E_BAD_REQUEST, "stream"),
+        ({"op": "generate", "prompt": "x" * (P.MAX_PROMPT_CHARS + 1)}, P.E_TOO_LARGE, "prompt"),
+        ({"op": "generate", "prompt": "x", "id": "x" * 65}, P.E_BAD_REQUEST, "id"),
+        ({"op": "cancel"}, P.E_BAD_REQUEST, "target"),
+        ({"op": "reboot"}, P.E_UNKNOWN_OP, "reboot"),
+    ],
+)
 def test_invalid_fields_are_named(fields, code, needle):
     with pytest.raises(P.ProtocolError) as err:
         parse(**fields)
@@ -60,7 +68,14 @@ def test_non_map_or_broken_msgpack_is_malformed(frame):
 
 def test_replies_round_trip():
     reply = P.decode_reply(P.done_reply("r", "text", "eos", {"prompt_tokens": 1}, {"total_ms": 2.0}))
-    assert reply == {"v": 1, "id": "r", "type": "done", "text": "text", "finish_reason": "eos",
-                     "usage": {"prompt_tokens": 1}, "timings": {"total_ms": 2.0}}
+    assert reply == {
+        "v": 1,
+        "id": "r",
+        "type": "done",
+        "text": "text",
+        "finish_reason": "eos",
+        "usage": {"prompt_tokens": 1},
+        "timings": {"total_ms": 2.0},
+    }
     err = P.decode_reply(P.error_reply("r", P.E_BUSY, "full", retry_after_ms=250))
     assert err["code"] == "busy" and err["retry_after_ms"] == 250

@@ -6,7 +6,7 @@ import signal
 import threading
 import time
 
-from appliance.client import Client
+from appliance.transport.client import Client
 from tests.conftest import Daemon, provision_device, run_cli
 
 
@@ -27,11 +27,33 @@ def test_sighup_swaps_model_without_dropping_in_flight_requests(tiny_build, tmp_
     try:
         daemon.wait_for("READY=1")
         v2 = tmp_path / "bundle-v2"
-        run_cli("edge-provision", "seal", "--model", str(tiny_build / "onnx"), "--model-id", "tiny", "--version", "2",
-                "--signing-key", str(device.vendor / "vendor-ed25519.key"), "--recipient", str(device.identity),
-                "--out", str(v2))
-        run_cli("edge-provision", "install", str(v2), "--state", str(device.state), "--trust", str(device.trust),
-                "--keys", str(device.keys))
+        run_cli(
+            "edge-provision",
+            "seal",
+            "--model",
+            str(tiny_build / "onnx"),
+            "--model-id",
+            "tiny",
+            "--version",
+            "2",
+            "--signing-key",
+            str(device.vendor / "vendor-ed25519.key"),
+            "--recipient",
+            str(device.identity),
+            "--out",
+            str(v2),
+        )
+        run_cli(
+            "edge-provision",
+            "install",
+            str(v2),
+            "--state",
+            str(device.state),
+            "--trust",
+            str(device.trust),
+            "--keys",
+            str(device.keys),
+        )
         result: dict = {}
 
         def long_request() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.protocol import Sampling
-from appliance.sampling import apply_repetition_penalty, logits_to_probs, sample
+from appliance.serving.sampling import apply_repetition_penalty, logits_to_probs, sample
+from appliance.transport.protocol import Sampling
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, -1.0], np.float32)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.scheduler import Finish, Scheduler, Sequence, State
+from appliance.serving.scheduler import Finish, Scheduler, Sequence, State
 
 EOS = 2
 

@@ -8,9 +8,9 @@ import time
 import msgpack
 import zmq
 
-from appliance import protocol as P
-from appliance.client import Client
 from appliance.config import render_config
+from appliance.transport import protocol as P
+from appliance.transport.client import Client
 from tests.conftest import Daemon, provision_device
 
 
@@ -56,8 +56,7 @@ def test_overload_answers_busy_and_every_request_gets_exactly_one_final_reply(ti
         sock = dealer(device.endpoint)
         ids = [f"r{i}" for i in range(20)]
         for rid in ids:
-            sock.send(P.request(P.OP_GENERATE, rid, prompt="Return the", max_tokens=16, ignore_eos=True,
-                                stream=False))
+            sock.send(P.request(P.OP_GENERATE, rid, prompt="Return the", max_tokens=16, ignore_eos=True, stream=False))
         finals: dict[str, list[dict]] = {}
         deadline = time.monotonic() + 60
         while sum(map(len, finals.values())) < len(ids) and time.monotonic() < deadline:

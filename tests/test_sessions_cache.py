@@ -9,10 +9,10 @@ import msgpack
 import numpy as np
 import zmq
 
-from appliance import protocol as P
-from appliance.client import Client
 from appliance.config import load_config
 from appliance.loader import load_model
+from appliance.transport import protocol as P
+from appliance.transport.client import Client
 
 TURN1, TURN2 = "Return the", " Raise ValueError if"
 
@@ -81,8 +81,12 @@ def test_identical_greedy_request_is_a_cache_hit_and_audited_as_one(daemon, devi
     assert health["response_cache_hits"] == hits_before + 2
     assert sampled["type"] == "done"
     db = sqlite3.connect(load_config(device.config).audit_db)
-    rows = dict(db.execute("SELECT request_id, cache_hit FROM audit_log WHERE request_id IN "
-                           "('cache-miss', 'cache-hit', 'cache-hit-stream', 'sampled')").fetchall())
+    rows = dict(
+        db.execute(
+            "SELECT request_id, cache_hit FROM audit_log WHERE request_id IN "
+            "('cache-miss', 'cache-hit', 'cache-hit-stream', 'sampled')"
+        ).fetchall()
+    )
     assert rows == {"cache-miss": None, "cache-hit": 1, "cache-hit-stream": 1, "sampled": None}
 
 

@@ -15,8 +15,9 @@ from appliance.notify import Notifier
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "edge-appliance.service"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                    reason="systemd-analyze not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (.ci/run installs it)"
+)
 def test_unit_file_verifies_without_any_output(tmp_path):
     # ExecStart must exist for verify to pass: point it at this venv's console script.
     exe = Path(sys.executable).parent / "edge-appliance"
@@ -29,8 +30,15 @@ def test_unit_file_verifies_without_any_output(tmp_path):
 
 def test_unit_declares_notify_watchdog_and_hardening():
     text = UNIT.read_text()
-    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ProtectSystem=strict", "NoNewPrivileges=yes",
-                 "StateDirectory=edge-appliance", "LoadCredentialEncrypted=device-x25519.key"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "StateDirectory=edge-appliance",
+        "LoadCredentialEncrypted=device-x25519.key",
+    ):
         assert line in text, line
 
 

@@ -38,8 +38,17 @@ def site(tmp_path_factory):
     (src / "tokenizer.json").write_bytes(b'{"vocab": {}}' * 50)
     files = {f.name: f for f in src.iterdir()}
     for version in (1, 2):
-        seal(files, root / f"v{version}", model_id="m", version=version, architecture="X", engines=[],
-             signing_key=vendor, recipients=[device.public_key()], chunk_size=CHUNK)
+        seal(
+            files,
+            root / f"v{version}",
+            model_id="m",
+            version=version,
+            architecture="X",
+            engines=[],
+            signing_key=vendor,
+            recipients=[device.public_key()],
+            chunk_size=CHUNK,
+        )
     state = root / "state"
     install(root / "v1", state, trusted, device)
     return {"root": root, "vendor": vendor, "device": device, "trusted": trusted, "state": state, "files": files}
@@ -87,13 +96,21 @@ def test_flipped_signature_byte_fails(site, tmp_path, offset):
     refuse(site, bundle, SignatureError)
 
 
-@pytest.mark.parametrize("where", ["first byte", "chunk 0 middle", "chunk 0 tag", "chunk 1 start", "chunk 2 tag",
-                                   "last chunk", "last byte"])
+@pytest.mark.parametrize(
+    "where", ["first byte", "chunk 0 middle", "chunk 0 tag", "chunk 1 start", "chunk 2 tag", "last chunk", "last byte"]
+)
 def test_flipped_payload_byte_fails_integrity(site, tmp_path, where):
     bundle = fresh_copy(site, tmp_path)
     sealed = CHUNK + 16
-    offsets = {"first byte": 0, "chunk 0 middle": CHUNK // 2, "chunk 0 tag": CHUNK + 3, "chunk 1 start": sealed,
-               "chunk 2 tag": 3 * sealed - 1, "last chunk": 3 * sealed + 10, "last byte": -1}
+    offsets = {
+        "first byte": 0,
+        "chunk 0 middle": CHUNK // 2,
+        "chunk 0 tag": CHUNK + 3,
+        "chunk 1 start": sealed,
+        "chunk 2 tag": 3 * sealed - 1,
+        "last chunk": 3 * sealed + 10,
+        "last byte": -1,
+    }
     flip(payload_file(bundle), offsets[where])
     err = refuse(site, bundle, IntegrityError)
     assert "model" in str(err) or ".enc" in str(err)
@@ -110,11 +127,15 @@ def test_structural_payload_edits_fail(site, tmp_path, edit):
     bundle = fresh_copy(site, tmp_path)
     path = payload_file(bundle)
     data, s = path.read_bytes(), CHUNK + 16
-    chunks = [data[i: i + s] for i in range(0, len(data), s)]
-    new = {"truncate": lambda: data[:-100], "drop chunk": lambda: b"".join(chunks[:1] + chunks[2:]),
-           "reorder": lambda: b"".join([chunks[1], chunks[0], *chunks[2:]]),
-           "duplicate chunk": lambda: b"".join([chunks[0], chunks[0], *chunks[2:]]),
-           "append": lambda: data + b"\0" * 16, "delete file": lambda: None}[edit]()
+    chunks = [data[i : i + s] for i in range(0, len(data), s)]
+    new = {
+        "truncate": lambda: data[:-100],
+        "drop chunk": lambda: b"".join(chunks[:1] + chunks[2:]),
+        "reorder": lambda: b"".join([chunks[1], chunks[0], *chunks[2:]]),
+        "duplicate chunk": lambda: b"".join([chunks[0], chunks[0], *chunks[2:]]),
+        "append": lambda: data + b"\0" * 16,
+        "delete file": lambda: None,
+    }[edit]()
     if new is None:
         path.unlink()
     else:
@@ -154,13 +175,28 @@ def test_chunk_from_another_bundle_with_the_same_key_fails(site, tmp_path):
     root = tmp_path / "pair"
     key = os.urandom(32)
     for name in ("x", "y"):
-        seal(site["files"], root / name, model_id="m", version=5, architecture="X", engines=[],
-             signing_key=site["vendor"], recipients=[site["device"].public_key()], chunk_size=CHUNK, data_key=key)
+        seal(
+            site["files"],
+            root / name,
+            model_id="m",
+            version=5,
+            architecture="X",
+            engines=[],
+            signing_key=site["vendor"],
+            recipients=[site["device"].public_key()],
+            chunk_size=CHUNK,
+            data_key=key,
+        )
     victim, donor = payload_file(root / "y"), payload_file(root / "x")
     s = CHUNK + 16
     victim.write_bytes(donor.read_bytes()[:s] + victim.read_bytes()[s:])
-    resign(site, root / "y", lambda m: m["files"][[f["id"] for f in m["files"]].index("model.onnx")].update(
-        ciphertext_sha256=__import__("hashlib").sha256(victim.read_bytes()).hexdigest()))
+    resign(
+        site,
+        root / "y",
+        lambda m: m["files"][[f["id"] for f in m["files"]].index("model.onnx")].update(
+            ciphertext_sha256=__import__("hashlib").sha256(victim.read_bytes()).hexdigest()
+        ),
+    )
     err = refuse(site, root / "y", IntegrityError)
     assert "chunk 0" in str(err)
 
@@ -172,15 +208,33 @@ def test_wrong_device_is_refused(site, tmp_path):
 
 def test_untrusted_vendor_is_refused(site, tmp_path):
     bundle = tmp_path / "rogue"
-    seal(site["files"], bundle, model_id="m", version=9, architecture="X", engines=[],
-         signing_key=Ed25519PrivateKey.generate(), recipients=[site["device"].public_key()], chunk_size=CHUNK)
+    seal(
+        site["files"],
+        bundle,
+        model_id="m",
+        version=9,
+        architecture="X",
+        engines=[],
+        signing_key=Ed25519PrivateKey.generate(),
+        recipients=[site["device"].public_key()],
+        chunk_size=CHUNK,
+    )
     refuse(site, bundle, SignatureError)
 
 
 def test_downgrade_is_refused(site, tmp_path):
     bundle = tmp_path / "old"
-    seal(site["files"], bundle, model_id="m", version=0, architecture="X", engines=[], signing_key=site["vendor"],
-         recipients=[site["device"].public_key()], chunk_size=CHUNK)
+    seal(
+        site["files"],
+        bundle,
+        model_id="m",
+        version=0,
+        architecture="X",
+        engines=[],
+        signing_key=site["vendor"],
+        recipients=[site["device"].public_key()],
+        chunk_size=CHUNK,
+    )
     refuse(site, bundle, InstallError)
 
 

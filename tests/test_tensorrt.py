@@ -19,8 +19,11 @@ def test_missing_tensorrt_is_a_clear_error(tiny_build):
         create_engine("tensorrt", b"not-a-plan", spec, num_slots=1, max_seq_len=64)
 
 
-@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installable on this machine (PyPI wheels fetch from "
-                                         "NVIDIA's site); run `python -m appliance.engine.trt_selftest` on a GPU")
+@pytest.mark.skipif(
+    not HAVE_TRT,
+    reason="TensorRT is not installable on this machine (PyPI wheels fetch from "
+    "NVIDIA's site); run `python -m appliance.engine.trt_selftest` on a GPU",
+)
 def test_tensorrt_plan_matches_onnxruntime(tiny_build):
     from appliance.engine.trt_selftest import main
 

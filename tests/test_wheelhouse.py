@@ -37,12 +37,24 @@ def offline_env() -> dict[str, str]:
 
 def test_install_offline_script_installs_a_working_runtime(wheelhouse, tmp_path):
     prefix = tmp_path / "venv"
-    proc = subprocess.run(["sh", str(wheelhouse / "install-offline.sh"), str(prefix)], capture_output=True, text=True,
-                          env=offline_env(), timeout=600)
+    proc = subprocess.run(
+        ["sh", str(wheelhouse / "install-offline.sh"), str(prefix)],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
-    check = subprocess.run([str(prefix / "bin" / "python"), "-c",
-                            "import appliance.server, appliance.engine.ort_engine, provisioning.bundle, importlib.util;"
-                            "print(importlib.util.find_spec('torch') is None)"], capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            str(prefix / "bin" / "python"),
+            "-c",
+            "import appliance.transport.server, appliance.engine.ort_engine, provisioning.bundle, importlib.util;"
+            "print(importlib.util.find_spec('torch') is None)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert check.stdout.strip() == "True", check.stderr  # serving needs no torch
     assert subprocess.run([str(prefix / "bin" / "edge-appliance"), "--help"], capture_output=True).returncode == 0
 
@@ -54,7 +66,12 @@ def test_corrupt_wheel_is_refused(wheelhouse, tmp_path):
     shutil.copytree(wheelhouse, stick)
     victim = next(stick.glob("msgpack-*.whl"))
     victim.write_bytes(victim.read_bytes()[:-10])
-    proc = subprocess.run(["sh", str(stick / "install-offline.sh"), str(tmp_path / "venv")], capture_output=True,
-                          text=True, env=offline_env(), timeout=120)
+    proc = subprocess.run(
+        ["sh", str(stick / "install-offline.sh"), str(tmp_path / "venv")],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=120,
+    )
     assert proc.returncode != 0 and "corrupt" in proc.stderr
     assert not (tmp_path / "venv").exists()

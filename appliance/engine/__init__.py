@@ -6,9 +6,18 @@ from .spec import DecoderSpec
 __all__ = ["DecoderSpec", "Engine", "EngineError", "create_engine"]
 
 
-def create_engine(kind: str, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int,
-                  threads: int = 0, external: dict[str, bytearray] | None = None, spin: bool = True,
-                  affinity: str = "") -> Engine:
+def create_engine(
+    kind: str,
+    model: bytes,
+    spec: DecoderSpec,
+    *,
+    num_slots: int,
+    max_seq_len: int,
+    threads: int = 0,
+    external: dict[str, bytearray] | None = None,
+    spin: bool = True,
+    affinity: str = "",
+) -> Engine:
     """Build the backend named ``kind`` from an in-memory model (never a path to plaintext).
 
     ``external`` maps external-data file names the graph refers to (``model.onnx.data``) to their
@@ -17,8 +26,16 @@ def create_engine(kind: str, model: bytes, spec: DecoderSpec, *, num_slots: int,
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
 
-        return OrtEngine(model, spec, num_slots=num_slots, max_seq_len=max_seq_len, threads=threads,
-                         external=external, spin=spin, affinity=affinity)
+        return OrtEngine(
+            model,
+            spec,
+            num_slots=num_slots,
+            max_seq_len=max_seq_len,
+            threads=threads,
+            external=external,
+            spin=spin,
+            affinity=affinity,
+        )
     if kind == "tensorrt":
         from .trt_engine import TrtEngine
 

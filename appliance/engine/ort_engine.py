@@ -27,9 +27,19 @@ def auto_threads(weight_bytes: int) -> int:
 class OrtEngine(PaddedKVEngine):
     kind = "onnxruntime"
 
-    def __init__(self, model: bytes, spec: DecoderSpec, *, num_slots: int, max_seq_len: int, threads: int = 0,
-                 external: dict[str, bytearray] | None = None, spin: bool = True, affinity: str = "",
-                 keep_resident: bool = True):
+    def __init__(
+        self,
+        model: bytes,
+        spec: DecoderSpec,
+        *,
+        num_slots: int,
+        max_seq_len: int,
+        threads: int = 0,
+        external: dict[str, bytearray] | None = None,
+        spin: bool = True,
+        affinity: str = "",
+        keep_resident: bool = True,
+    ):
         import onnxruntime as ort
 
         super().__init__(spec, num_slots, max_seq_len, keep_resident=keep_resident)
@@ -50,7 +60,8 @@ class OrtEngine(PaddedKVEngine):
             # ONNX Runtime copies what it needs while the session is created; the caller wipes after.
             names = list(external)
             opts.add_external_initializers_from_files_in_memory(
-                names, [external[n] for n in names], [len(external[n]) for n in names])
+                names, [external[n] for n in names], [len(external[n]) for n in names]
+            )
         try:
             self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors

@@ -36,7 +36,7 @@ class _Slot:
     in_arena: bool = False  # lives in a decode arena that a later step may overwrite
 
     def views(self) -> list[Any]:
-        return [t[self.row, :, self.start:self.end] for t in self.tensors]
+        return [t[self.row, :, self.start : self.end] for t in self.tensors]
 
 
 @dataclass
@@ -67,8 +67,9 @@ class PaddedKVEngine:
     def _empty(self, shape: tuple[int, ...]) -> Any:
         raise NotImplementedError
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any],
-             out: list[Any] | None = None) -> tuple[Any, list[Any]]:
+    def _run(
+        self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any], out: list[Any] | None = None
+    ) -> tuple[Any, list[Any]]:
         """Execute the graph; returns logits ``[B,S,V]`` and the present tensors (written into ``out``
         when given: buffers of exactly the present shapes)."""
         raise NotImplementedError
@@ -153,14 +154,15 @@ class PaddedKVEngine:
             if length + size > self.max_seq_len:
                 raise EngineError(f"sequence of {length + size} tokens exceeds max_seq_len {self.max_seq_len}")
         n, width, new = len(batch), max(lengths), max(sizes)
-        past = self._gather([slot for slot, _ in batch], width, [self._empty((n, h, width, d))
-                                                                 for h, d in self._tensor_shapes()])
+        past = self._gather(
+            [slot for slot, _ in batch], width, [self._empty((n, h, width, d)) for h, d in self._tensor_shapes()]
+        )
         ids = np.full((n, new), self.spec.pad_token_id, np.int64)
         mask = np.zeros((n, width + new), np.int64)
         positions = np.zeros((n, new), np.int64)
         for row, ((_, tokens), length, size) in enumerate(zip(batch, lengths, sizes, strict=True)):
             ids[row, :size] = tokens
-            mask[row, width - length: width + size] = 1
+            mask[row, width - length : width + size] = 1
             positions[row] = np.minimum(np.arange(length, length + new), length + size - 1)
         logits, present = self._run(ids, mask, positions, past)
         for row, ((slot, _), length, size) in enumerate(zip(batch, lengths, sizes, strict=True)):
@@ -169,8 +171,11 @@ class PaddedKVEngine:
             self._batch = ()
         self.stats.prefill_tokens += sum(sizes)
         rows = np.arange(n)
-        return self._host(logits[rows, np.array(sizes) - 1] if isinstance(logits, np.ndarray)
-                          else logits[rows, [s - 1 for s in sizes]])
+        return self._host(
+            logits[rows, np.array(sizes) - 1]
+            if isinstance(logits, np.ndarray)
+            else logits[rows, [s - 1 for s in sizes]]
+        )
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
         """Append one ``(slot, token)`` per row; returns next-token logits ``[len(batch), vocab]``."""
@@ -195,7 +200,7 @@ class PaddedKVEngine:
         out = self._arena_views(1 - self._current, n, width + 1)
         mask = np.zeros((n, width + 1), np.int64)
         for row, length in enumerate(lengths):
-            mask[row, width - length:] = 1
+            mask[row, width - length :] = 1
         ids = np.array([[tok] for _, tok in batch], np.int64)
         positions = np.array([[length] for length in lengths], np.int64)
         logits, present = self._run(ids, mask, positions, past, out)
@@ -217,7 +222,7 @@ class PaddedKVEngine:
             for t, buf in enumerate(into):
                 buf[row, :, : width - length] = 0
                 if length:
-                    buf[row, :, width - length:] = s.tensors[t][s.row, :, s.start:s.end]
+                    buf[row, :, width - length :] = s.tensors[t][s.row, :, s.start : s.end]
             if s is not None:
                 self.stats.copied_bytes += self._nbytes(s.views())
         return into

@@ -16,7 +16,8 @@ DECODER_FORMAT = 1
 
 def input_names(num_layers: int) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+        f"past.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")
+    ]
 
 
 def output_names(num_layers: int) -> list[str]:

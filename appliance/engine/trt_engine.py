@@ -26,8 +26,10 @@ def _require():
         import tensorrt as trt
         import torch
     except ImportError as exc:
-        raise EngineError(f"the TensorRT engine needs the 'gpu' extra and torch with CUDA ({exc}); "
-                          "use engine kind 'onnxruntime' on machines without them") from None
+        raise EngineError(
+            f"the TensorRT engine needs the 'gpu' extra and torch with CUDA ({exc}); "
+            "use engine kind 'onnxruntime' on machines without them"
+        ) from None
     if not torch.cuda.is_available():
         raise EngineError("the TensorRT engine needs a CUDA GPU and none is visible")
     return trt, torch
@@ -44,8 +46,10 @@ class TrtEngine(PaddedKVEngine):
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise EngineError("TensorRT could not deserialize the plan: it was built for another GPU or "
-                              "TensorRT version; rebuild it on this device (edge-models tensorrt)")
+            raise EngineError(
+                "TensorRT could not deserialize the plan: it was built for another GPU or "
+                "TensorRT version; rebuild it on this device (edge-models tensorrt)"
+            )
         self.context = self.engine.create_execution_context()
         self._inputs, self._outputs = input_names(spec.num_layers), output_names(spec.num_layers)
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -63,13 +67,17 @@ class TrtEngine(PaddedKVEngine):
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[Any], out=None):
         torch = self._torch
-        feeds = [torch.from_numpy(a).to("cuda", dtype=self._dtypes[n])
-                 for n, a in zip(self._inputs[:3], (ids, mask, positions), strict=True)]
+        feeds = [
+            torch.from_numpy(a).to("cuda", dtype=self._dtypes[n])
+            for n, a in zip(self._inputs[:3], (ids, mask, positions), strict=True)
+        ]
         feeds += [p.contiguous() for p in past]
         for name, tensor in zip(self._inputs, feeds, strict=True):
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise EngineError(f"shape {tuple(tensor.shape)} for {name} is outside the plan's optimization profile; "
-                                  "rebuild the plan with larger limits")
+                raise EngineError(
+                    f"shape {tuple(tensor.shape)} for {name} is outside the plan's optimization profile; "
+                    "rebuild the plan with larger limits"
+                )
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
         for i, name in enumerate(self._outputs):
@@ -88,8 +96,14 @@ class TrtEngine(PaddedKVEngine):
 
 
 def _torch_dtype(trt, torch, dtype):
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
-             trt.int32: torch.int32, trt.bfloat16: torch.bfloat16, trt.bool: torch.bool}
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+        trt.bfloat16: torch.bfloat16,
+        trt.bool: torch.bool,
+    }
     if dtype not in table:
         raise EngineError(f"unsupported TensorRT tensor type {dtype}")
     return table[dtype]

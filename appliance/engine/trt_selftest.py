@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", required=True, help="directory with model.onnx and decoder.json (edge-models export)")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare (default: 16)")
-    p.add_argument("--fp32", action="store_true", help="build the plan in fp32 (default fp16; fp16 may differ "
-                                                       "from fp32 ONNX Runtime after a few tokens)")
+    p.add_argument(
+        "--fp32",
+        action="store_true",
+        help="build the plan in fp32 (default fp16; fp16 may differ from fp32 ONNX Runtime after a few tokens)",
+    )
     args = p.parse_args(argv)
 
     from edge_models.parity import engine_greedy

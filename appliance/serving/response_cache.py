@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from .protocol import Request
+from appliance.transport.protocol import Request
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,21 @@ def cache_key(req: Request, model_version: object) -> str | None:
     s = req.sampling
     if req.session is not None or not (s.greedy or s.seed is not None):
         return None
-    blob = msgpack.packb([str(model_version), req.prompt, req.max_tokens, s.temperature, s.top_k, s.top_p,
-                          s.repetition_penalty, s.seed, list(req.stop), req.ignore_eos], use_bin_type=True)
+    blob = msgpack.packb(
+        [
+            str(model_version),
+            req.prompt,
+            req.max_tokens,
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.repetition_penalty,
+            s.seed,
+            list(req.stop),
+            req.ignore_eos,
+        ],
+        use_bin_type=True,
+    )
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -66,5 +79,8 @@ class ResponseCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"response_cache_entries": len(self._items), "response_cache_hits": self.hits,
-                    "response_cache_misses": self.misses}
+            return {
+                "response_cache_entries": len(self._items),
+                "response_cache_hits": self.hits,
+                "response_cache_misses": self.misses,
+            }

@@ -32,25 +32,27 @@ STEPS = {1: _v1_to_v2, 2: _v2_to_v3}
 
 def upgrade(engine) -> None:
     """Create a new database at the current version, or upgrade an existing one step by step."""
-    from .audit import SCHEMA_VERSION, AuditError, Base, Meta  # noqa: F401 - Meta registers the table
+    from appliance.audit.chain import SCHEMA_VERSION, AuditError, Base, Meta  # noqa: F401 - Meta registers the table
 
     with engine.begin() as conn:
         tables = set(inspect(conn).get_table_names())
         if "audit_log" not in tables:
             Base.metadata.create_all(conn)
-            conn.execute(text("INSERT INTO audit_meta (key, value) VALUES ('schema_version', :v)"),
-                         {"v": str(SCHEMA_VERSION)})
+            conn.execute(
+                text("INSERT INTO audit_meta (key, value) VALUES ('schema_version', :v)"), {"v": str(SCHEMA_VERSION)}
+            )
             return
         row = conn.execute(text("SELECT value FROM audit_meta WHERE key = 'schema_version'")).first()
         version = int(row[0]) if row else 1
     if version > SCHEMA_VERSION:
-        raise AuditError(f"audit database schema {version} is newer than this software understands "
-                         f"({SCHEMA_VERSION}); upgrade the appliance software")
+        raise AuditError(
+            f"audit database schema {version} is newer than this software understands "
+            f"({SCHEMA_VERSION}); upgrade the appliance software"
+        )
     while version < SCHEMA_VERSION:
         with engine.begin() as conn:
             STEPS[version](conn)
             Base.metadata.create_all(conn)
-            conn.execute(text("UPDATE audit_meta SET value = :v WHERE key = 'schema_version'"),
-                         {"v": str(version + 1)})
+            conn.execute(text("UPDATE audit_meta SET value = :v WHERE key = 'schema_version'"), {"v": str(version + 1)})
         log.info("audit database upgraded from schema %d to %d", version, version + 1)
         version += 1

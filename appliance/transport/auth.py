@@ -61,8 +61,9 @@ def load_clients(path: Path) -> dict[str, ClientEntry]:
     for n, item in enumerate(data.get("client", []), 1):
         name, key, role = item.get("name"), item.get("key"), item.get("role", "infer")
         if not isinstance(name, str) or not isinstance(key, str) or len(key) != 40 or role not in ROLES:
-            raise AuthConfigError(f"{path}: client #{n} needs name, a 40-character Z85 key and role "
-                                  f"({'|'.join(ROLES)})")
+            raise AuthConfigError(
+                f"{path}: client #{n} needs name, a 40-character Z85 key and role ({'|'.join(ROLES)})"
+            )
         clients[key] = ClientEntry(name, key, role)
     return clients
 
@@ -88,8 +89,9 @@ class _Authenticator(ThreadAuthenticator):
         return entry.user_id if entry else f"unknown:{key_fingerprint(z85)}"
 
 
-def start_authenticator(ctx: zmq.Context, clients: dict[str, ClientEntry],
-                        on_deny: Callable[[str], None]) -> ThreadAuthenticator:
+def start_authenticator(
+    ctx: zmq.Context, clients: dict[str, ClientEntry], on_deny: Callable[[str], None]
+) -> ThreadAuthenticator:
     auth = _Authenticator(ctx)
     auth.clients = clients
     auth.start()

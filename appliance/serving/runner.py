@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import protocol as P
-from .audit import AuditError, AuditLog, Entry
-from .audit_writer import AuditWriter
-from .loader import LoadedModel
-from .response_cache import CachedResponse, ResponseCache
-from .sampling import sample
-from .scheduler import Finish, Scheduler, Sequence
-from .sessions import Session, SessionStore
+from appliance.audit import AuditError, AuditLog, Entry
+from appliance.audit.writer import AuditWriter
+from appliance.loader import LoadedModel
+from appliance.serving.response_cache import CachedResponse, ResponseCache
+from appliance.serving.sampling import sample
+from appliance.serving.scheduler import Finish, Scheduler, Sequence
+from appliance.serving.sessions import Session, SessionStore
+from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")
 
@@ -53,9 +53,16 @@ class Outgoing:
 
 
 class EngineRunner(threading.Thread):
-    def __init__(self, model: LoadedModel, scheduler: Scheduler, audit: AuditLog | None,
-                 wake: Callable[[], None], writer: AuditWriter | None = None, sessions: SessionStore | None = None,
-                 responses: ResponseCache | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        scheduler: Scheduler,
+        audit: AuditLog | None,
+        wake: Callable[[], None],
+        writer: AuditWriter | None = None,
+        sessions: SessionStore | None = None,
+        responses: ResponseCache | None = None,
+    ):
         super().__init__(name="engine", daemon=True)
         self.model = model
         self.sessions = sessions
@@ -137,7 +144,7 @@ class EngineRunner(threading.Thread):
             for seq in plan.prefill:
                 if seq.chunk[0] == 0:
                     self._begin(seq)
-            logits = engine.prefill([(s.slot, s.feed_ids[s.chunk[0]: s.chunk[1]]) for s in plan.prefill])
+            logits = engine.prefill([(s.slot, s.feed_ids[s.chunk[0] : s.chunk[1]]) for s in plan.prefill])
             done = [row for row, s in enumerate(plan.prefill) if s.prefill_done]  # the rest wait for more chunks
             if done:
                 self._advance([plan.prefill[row] for row in done], logits[done])
@@ -167,11 +174,14 @@ class EngineRunner(threading.Thread):
             if seq.session is not None and self.sessions is not None:
                 self.sessions.release(seq.session, self._saved_session(seq, job) if completed else job.restore)
             if completed and job.cache_key and not job.cache_hit and self.responses is not None:
-                self.responses.put(job.cache_key, CachedResponse(job.text, tuple(seq.output_ids), seq.finish.value,
-                                                                 len(seq.prompt_ids)))
+                self.responses.put(
+                    job.cache_key,
+                    CachedResponse(job.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
+                )
             if job.cache_hit and job.request.stream and job.text:
-                self.outbox.put(Outgoing(seq.key, P.token_reply(job.request.id, 0, job.text, seq.output_ids[-1]),
-                                         False))
+                self.outbox.put(
+                    Outgoing(seq.key, P.token_reply(job.request.id, 0, job.text, seq.output_ids[-1]), False)
+                )
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
         self._finalize([(seq, error) for seq in seqs])
@@ -181,8 +191,13 @@ class EngineRunner(threading.Thread):
         if engine.length(seq.slot) == 0:
             return job.restore
         cache = engine.save(seq.slot)
-        return Session(tokens=job.history + seq.feed_ids + seq.output_ids, cache=cache, cached=engine.length(seq.slot),
-                       nbytes=sum(int(t.nbytes) for t in cache), model_version=str(self.model.version))
+        return Session(
+            tokens=job.history + seq.feed_ids + seq.output_ids,
+            cache=cache,
+            cached=engine.length(seq.slot),
+            nbytes=sum(int(t.nbytes) for t in cache),
+            model_version=str(self.model.version),
+        )
 
     def _advance(self, seqs: list[Sequence], logits) -> None:
         now = time.monotonic()
@@ -205,13 +220,13 @@ class EngineRunner(threading.Thread):
         the offsets advance only at a completed character, so each window starts on a clean boundary.
         """
         ids, decode, stops = job.seq.output_ids, self.model.tokenizer.decode, job.request.stop
-        prefix = decode(ids[job.prefix_offset: job.read_offset])
-        window = decode(ids[job.prefix_offset:])
+        prefix = decode(ids[job.prefix_offset : job.read_offset])
+        window = decode(ids[job.prefix_offset :])
         finished = job.seq.finish is not None
         if (window.endswith("\ufffd") or len(window) <= len(prefix)) and not finished:
             return
         job.prefix_offset, job.read_offset = job.read_offset, len(ids)
-        text = job.text + window[len(prefix):]
+        text = job.text + window[len(prefix) :]
         for stop in stops:
             at = text.find(stop, max(0, len(job.text) - len(stop) + 1))
             if at >= 0:
@@ -223,7 +238,7 @@ class EngineRunner(threading.Thread):
         upto = len(text) if finished else len(text) - _stop_prefix_len(text, stops)
         if upto > job.sent and job.request.stream:
             token_id = ids[-1] if ids else -1
-            frame = P.token_reply(job.request.id, job.index, text[job.sent: upto], token_id)
+            frame = P.token_reply(job.request.id, job.index, text[job.sent : upto], token_id)
             self.outbox.put(Outgoing(job.seq.key, frame, False))
             job.index += 1
         job.sent = max(job.sent, upto)
@@ -241,8 +256,9 @@ class EngineRunner(threading.Thread):
                 frame = P.done_reply(job.request.id, job.text, seq.finish.value, usage, timings)
             else:
                 frame = P.error_reply(job.request.id, entry.error_code, message)
-            withheld = P.error_reply(job.request.id, P.E_AUDIT,
-                                     "the audit record could not be written; the result is withheld")
+            withheld = P.error_reply(
+                job.request.id, P.E_AUDIT, "the audit record could not be written; the result is withheld"
+            )
             replies.append((seq.key, frame, withheld))
 
         def publish(audited: bool) -> None:
@@ -269,16 +285,32 @@ class EngineRunner(threading.Thread):
         queued = (seq.started_at or end) - seq.arrival
         ttft = (seq.first_token_at - seq.arrival) if seq.first_token_at else None
         n_out = len(seq.output_ids)
-        timings = {"queue_ms": _ms(queued), "ttft_ms": _ms(ttft) if ttft is not None else None,
-                   "total_ms": _ms(end - seq.arrival)}
+        timings = {
+            "queue_ms": _ms(queued),
+            "ttft_ms": _ms(ttft) if ttft is not None else None,
+            "total_ms": _ms(end - seq.arrival),
+        }
         if seq.first_token_at and n_out > 1:
             timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
-        entry = Entry(request_id=job.request.id, op=P.OP_GENERATE, client=job.client, role=job.role,
-                      status="ok" if error is None else "error", model_id=self.model.model_id,
-                      model_version=self.model.version, prompt=job.request.prompt, output=job.text,
-                      prompt_tokens=len(seq.prompt_ids), completion_tokens=n_out, queue_ms=queued, ttft_ms=ttft,
-                      total_ms=end - seq.arrival, error_code=error[0] if error else None,
-                      finish_reason=seq.finish.value if seq.finish else None, cache_hit=job.cache_hit)
+        entry = Entry(
+            request_id=job.request.id,
+            op=P.OP_GENERATE,
+            client=job.client,
+            role=job.role,
+            status="ok" if error is None else "error",
+            model_id=self.model.model_id,
+            model_version=self.model.version,
+            prompt=job.request.prompt,
+            output=job.text,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=n_out,
+            queue_ms=queued,
+            ttft_ms=ttft,
+            total_ms=end - seq.arrival,
+            error_code=error[0] if error else None,
+            finish_reason=seq.finish.value if seq.finish else None,
+            cache_hit=job.cache_hit,
+        )
         return entry, timings, error[1] if error else ""
 
     def write_audit(self, *entries: Entry) -> bool:

@@ -38,8 +38,21 @@ E_CANCELLED = "cancelled"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
 E_SESSION_BUSY = "session_busy"  # another request of the same session is in flight
-ERROR_CODES = (E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_BAD_REQUEST, E_TOO_LARGE, E_BUSY, E_UNAUTHORIZED,
-               E_AUDIT, E_DEADLINE, E_CANCELLED, E_SHUTTING_DOWN, E_INTERNAL, E_SESSION_BUSY)
+ERROR_CODES = (
+    E_MALFORMED,
+    E_VERSION,
+    E_UNKNOWN_OP,
+    E_BAD_REQUEST,
+    E_TOO_LARGE,
+    E_BUSY,
+    E_UNAUTHORIZED,
+    E_AUDIT,
+    E_DEADLINE,
+    E_CANCELLED,
+    E_SHUTTING_DOWN,
+    E_INTERNAL,
+    E_SESSION_BUSY,
+)
 
 # Limits enforced on every request, independent of the model.
 MAX_ID_LEN = 64
@@ -124,8 +137,9 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
         raise ProtocolError(E_BAD_REQUEST, f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
     version = msg.get("v")
     if version != VERSION:
-        raise ProtocolError(E_VERSION, f"protocol version {version!r} not supported; this daemon speaks v{VERSION}",
-                            rid)
+        raise ProtocolError(
+            E_VERSION, f"protocol version {version!r} not supported; this daemon speaks v{VERSION}", rid
+        )
     op = msg.get("op")
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
@@ -143,8 +157,11 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
 def _session(msg: dict, rid: str, required: bool = False) -> str | None:
     session = _get(msg, "session", str, None, rid)
     _check(session is not None or not required, "end_session needs field 'session' (the conversation id)", rid)
-    _check(session is None or 0 < len(session) <= MAX_SESSION_LEN,
-           f"field 'session' must be a string of 1..{MAX_SESSION_LEN} characters", rid)
+    _check(
+        session is None or 0 < len(session) <= MAX_SESSION_LEN,
+        f"field 'session' must be a string of 1..{MAX_SESSION_LEN} characters",
+        rid,
+    )
     return session
 
 
@@ -167,16 +184,28 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     seed = _get(msg, "seed", int, None, rid)
     _check(seed is None or 0 <= seed < 2**63, "field 'seed' must be 0..2^63-1", rid)
     stop = _get(msg, "stop", list, [], rid)
-    _check(len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
-           f"field 'stop' must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings of <= {MAX_STOP_CHARS} "
-           "characters", rid)
+    _check(
+        len(stop) <= MAX_STOP_SEQUENCES and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop),
+        f"field 'stop' must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings of <= {MAX_STOP_CHARS} "
+        "characters",
+        rid,
+    )
     stream = _get(msg, "stream", bool, True, rid)
     ignore_eos = _get(msg, "ignore_eos", bool, False, rid)
     deadline = _get(msg, "deadline_ms", int, None, rid)
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
-    return Request(op=OP_GENERATE, id=rid, prompt=prompt, max_tokens=max_tokens,
-                   sampling=Sampling(temperature, top_k, top_p, penalty, seed), stop=tuple(stop), stream=stream,
-                   ignore_eos=ignore_eos, deadline_ms=deadline, session=_session(msg, rid))
+    return Request(
+        op=OP_GENERATE,
+        id=rid,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        sampling=Sampling(temperature, top_k, top_p, penalty, seed),
+        stop=tuple(stop),
+        stream=stream,
+        ignore_eos=ignore_eos,
+        deadline_ms=deadline,
+        session=_session(msg, rid),
+    )
 
 
 def _pack(obj: dict) -> bytes:
@@ -188,8 +217,17 @@ def token_reply(rid: str, index: int, text: str, token_id: int) -> bytes:
 
 
 def done_reply(rid: str, text: str, finish_reason: str, usage: dict, timings: dict) -> bytes:
-    return _pack({"v": VERSION, "id": rid, "type": T_DONE, "text": text, "finish_reason": finish_reason,
-                  "usage": usage, "timings": timings})
+    return _pack(
+        {
+            "v": VERSION,
+            "id": rid,
+            "type": T_DONE,
+            "text": text,
+            "finish_reason": finish_reason,
+            "usage": usage,
+            "timings": timings,
+        }
+    )
 
 
 def result_reply(rid: str, result: dict) -> bytes:

@@ -26,7 +26,7 @@ from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .audit_content import ContentSealer
+from appliance.audit.content import ContentSealer
 
 log = logging.getLogger("appliance.audit")
 
@@ -111,9 +111,26 @@ class Export(Base):
 
 # Schema-1 fields are always part of the canonical encoding; schema-2 fields only when set, so
 # rows written before a migration keep the hashes they were written with.
-CHAINED_FIELDS = ("seq", "ts", "request_id", "client", "role", "op", "model_id", "model_version", "prompt_sha256",
-                  "output_sha256", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "status",
-                  "error_code", "finish_reason")
+CHAINED_FIELDS = (
+    "seq",
+    "ts",
+    "request_id",
+    "client",
+    "role",
+    "op",
+    "model_id",
+    "model_version",
+    "prompt_sha256",
+    "output_sha256",
+    "prompt_tokens",
+    "completion_tokens",
+    "queue_ms",
+    "ttft_ms",
+    "total_ms",
+    "status",
+    "error_code",
+    "finish_reason",
+)
 OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed", "cache_hit")
 ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
@@ -183,8 +200,15 @@ class VerifyResult:
 class AuditLog:
     """Append-only writer and reader of the audit database. Thread-safe (one writer lock)."""
 
-    def __init__(self, path: Path, *, content: str = "hash", recipient: X25519PublicKey | None = None,
-                 signing_key: Ed25519PrivateKey | None = None, checkpoint_every: int = 100):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        content: str = "hash",
+        recipient: X25519PublicKey | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = 100,
+    ):
         if content not in POLICIES:
             raise AuditError(f"audit content policy {content!r} unknown; use one of {', '.join(POLICIES)}")
         if content == "encrypted" and recipient is None:
@@ -198,7 +222,7 @@ class AuditLog:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         self._lock = threading.Lock()
         try:
-            from .audit_migrations import upgrade
+            from appliance.audit.migrations import upgrade
 
             upgrade(self.engine)
             self._head = self._load_head()
@@ -223,12 +247,23 @@ class AuditLog:
     # -- writing -------------------------------------------------------------------------------
     def _fields(self, entry: Entry) -> dict:
         fields = {
-            "ts": round(time.time(), 6), "request_id": entry.request_id, "client": entry.client, "role": entry.role,
-            "op": entry.op, "model_id": entry.model_id, "model_version": entry.model_version,
-            "prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens,
-            "queue_ms": _ms(entry.queue_ms), "ttft_ms": _ms(entry.ttft_ms), "total_ms": _ms(entry.total_ms),
-            "status": entry.status, "error_code": entry.error_code, "finish_reason": entry.finish_reason,
-            "prompt_sha256": None, "output_sha256": None,
+            "ts": round(time.time(), 6),
+            "request_id": entry.request_id,
+            "client": entry.client,
+            "role": entry.role,
+            "op": entry.op,
+            "model_id": entry.model_id,
+            "model_version": entry.model_version,
+            "prompt_tokens": entry.prompt_tokens,
+            "completion_tokens": entry.completion_tokens,
+            "queue_ms": _ms(entry.queue_ms),
+            "ttft_ms": _ms(entry.ttft_ms),
+            "total_ms": _ms(entry.total_ms),
+            "status": entry.status,
+            "error_code": entry.error_code,
+            "finish_reason": entry.finish_reason,
+            "prompt_sha256": None,
+            "output_sha256": None,
         }
         if entry.cache_hit:
             fields["cache_hit"] = 1
@@ -295,9 +330,13 @@ class AuditLog:
     def rows(self, filters: Filters | None = None) -> list[AuditRecord]:
         f = filters or Filters()
         query = select(AuditRecord)
-        for column, value, op in ((AuditRecord.ts, f.since, ">="), (AuditRecord.ts, f.until, "<"),
-                                  (AuditRecord.client, f.client, "=="), (AuditRecord.status, f.status, "=="),
-                                  (AuditRecord.model_version, f.model_version, "==")):
+        for column, value, op in (
+            (AuditRecord.ts, f.since, ">="),
+            (AuditRecord.ts, f.until, "<"),
+            (AuditRecord.client, f.client, "=="),
+            (AuditRecord.status, f.status, "=="),
+            (AuditRecord.model_version, f.model_version, "=="),
+        ):
             if value is not None:
                 query = query.where(column >= value if op == ">=" else column < value if op == "<" else column == value)
         query = query.order_by(AuditRecord.seq.desc() if f.limit else AuditRecord.seq)
@@ -312,8 +351,9 @@ class AuditLog:
         with Session(self.engine) as s:
             start = self.anchor(s) or (0, GENESIS)
             checkpoints = list(s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq)))
-            rows = [{k: getattr(r, k) for k in ROW_FIELDS}
-                    for r in s.scalars(select(AuditRecord).order_by(AuditRecord.seq))]
+            rows = [
+                {k: getattr(r, k) for k in ROW_FIELDS} for r in s.scalars(select(AuditRecord).order_by(AuditRecord.seq))
+            ]
         return verify_rows(rows, start, checkpoints=[_cp_dict(c) for c in checkpoints], device_key=device_key)
 
     def close(self) -> None:
@@ -324,8 +364,14 @@ def _cp_dict(c: Checkpoint) -> dict:
     return {"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
 
 
-def verify_rows(rows: list[dict], start: tuple[int, str], *, checkpoints: list[dict],
-                device_key: Ed25519PublicKey | None, expected_end: tuple[int, str] | None = None) -> VerifyResult:
+def verify_rows(
+    rows: list[dict],
+    start: tuple[int, str],
+    *,
+    checkpoints: list[dict],
+    device_key: Ed25519PublicKey | None,
+    expected_end: tuple[int, str] | None = None,
+) -> VerifyResult:
     """Check a sequence of rows (from the database or an export) and name the first problem.
 
     ``rows`` are in storage order (SQLite rowid order, or line order of an export), which is how a
@@ -355,29 +401,42 @@ def verify_rows(rows: list[dict], start: tuple[int, str], *, checkpoints: list[d
         expected_seq += 1
     last_seq = expected_seq - 1
     if expected_end is not None and (last_seq, prev) != expected_end:
-        return VerifyResult(False, f"rows end at {last_seq}, manifest says {expected_end[0]}: truncated",
-                            len(hashes) - 1)
+        return VerifyResult(
+            False, f"rows end at {last_seq}, manifest says {expected_end[0]}: truncated", len(hashes) - 1
+        )
     good = 0
     for cp in checkpoints:
         if cp["upto_seq"] <= start[0]:
             continue
         if cp["upto_seq"] > last_seq:
-            return VerifyResult(False, f"rows {last_seq + 1}..{cp['upto_seq']} missing: a signed checkpoint covers "
-                                       f"row {cp['upto_seq']} but the log ends at {last_seq}: truncated",
-                                last_seq - start[0])
+            return VerifyResult(
+                False,
+                f"rows {last_seq + 1}..{cp['upto_seq']} missing: a signed checkpoint covers "
+                f"row {cp['upto_seq']} but the log ends at {last_seq}: truncated",
+                last_seq - start[0],
+            )
         if hashes.get(cp["upto_seq"]) != cp["head_hash"]:
-            return VerifyResult(False, f"checkpoint at row {cp['upto_seq']} does not match the chain: rows rewritten",
-                                last_seq - start[0])
+            return VerifyResult(
+                False,
+                f"checkpoint at row {cp['upto_seq']} does not match the chain: rows rewritten",
+                last_seq - start[0],
+            )
         if device_key is not None:
             try:
-                device_key.verify(bytes.fromhex(cp["signature"]), checkpoint_message(cp["upto_seq"], cp["head_hash"],
-                                                                                       cp["ts"]))
+                device_key.verify(
+                    bytes.fromhex(cp["signature"]), checkpoint_message(cp["upto_seq"], cp["head_hash"], cp["ts"])
+                )
             except (InvalidSignature, ValueError):
                 return VerifyResult(False, f"checkpoint at row {cp['upto_seq']}: bad signature", last_seq - start[0])
         good += 1
     count = last_seq - start[0]
-    return VerifyResult(True, f"{count} rows (seq {start[0] + 1}..{last_seq}), chain intact, {good} signed "
-                              f"checkpoint(s) valid, head {prev[:16]}", count, good)
+    return VerifyResult(
+        True,
+        f"{count} rows (seq {start[0] + 1}..{last_seq}), chain intact, {good} signed "
+        f"checkpoint(s) valid, head {prev[:16]}",
+        count,
+        good,
+    )
 
 
 def _ms(seconds: float | None) -> float | None:

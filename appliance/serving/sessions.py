@@ -81,5 +81,10 @@ class SessionStore:
     def stats(self) -> dict:
         with self._lock:
             self._expire(time.monotonic())
-            return {"sessions": len(self._items), "session_bytes": self.bytes, "sessions_in_use": len(self._busy),
-                    "sessions_evicted": self.evicted, "sessions_expired": self.expired}
+            return {
+                "sessions": len(self._items),
+                "session_bytes": self.bytes,
+                "sessions_in_use": len(self._busy),
+                "sessions_evicted": self.evicted,
+                "sessions_expired": self.expired,
+            }

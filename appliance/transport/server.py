@@ -15,23 +15,25 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__
-from . import protocol as P
-from .audit import AuditLog, Entry
-from .audit_writer import AuditWriter
-from .config import Config
-from .loader import LoadedModel, load_model
-from .notify import Notifier
-from .response_cache import ResponseCache, cache_key
-from .runner import EngineRunner, Job
-from .scheduler import Scheduler, Sequence
-from .sessions import SessionBusy, SessionStore
+from appliance import __version__
+from appliance.audit import AuditLog, Entry
+from appliance.audit.writer import AuditWriter
+from appliance.config import Config
+from appliance.loader import LoadedModel, load_model
+from appliance.notify import Notifier
+from appliance.serving.response_cache import ResponseCache, cache_key
+from appliance.serving.runner import EngineRunner, Job
+from appliance.serving.scheduler import Scheduler, Sequence
+from appliance.serving.sessions import SessionBusy, SessionStore
+from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.server")
 
 
 class BindError(Exception):
     """An endpoint cannot be bound (in use, bad address, no permission)."""
+
+
 WAKE = "inproc://engine-wake"
 
 
@@ -58,8 +60,10 @@ class Server:
             except zmq.ZMQError as exc:
                 self.router.close(linger=0)
                 self.ctx.term()
-                raise BindError(f"cannot listen on {endpoint}: {exc.strerror} (is another edge-appliance running? "
-                                "change [server] endpoints)") from None
+                raise BindError(
+                    f"cannot listen on {endpoint}: {exc.strerror} (is another edge-appliance running? "
+                    "change [server] endpoints)"
+                ) from None
         # Client disconnects: the monitor reports the closed connection's file descriptor, and every
         # request remembers the descriptor it arrived on (SRCFD), so a vanished client's requests are
         # cancelled at once and free their slots within one engine step.
@@ -83,9 +87,8 @@ class Server:
         self._loaded: LoadedModel | Exception | None = None
 
     def _secure(self) -> None:
+        from appliance.transport.auth import load_clients, secure_server, start_authenticator
         from provisioning.keys import DEVICE_CURVE, read_private, wipe
-
-        from .auth import load_clients, secure_server, start_authenticator
 
         self.clients = {e.user_id: e for e in load_clients(Path(self.config.auth.clients)).values()}
         secret = read_private(DEVICE_CURVE, self.config.key_dir)
@@ -93,25 +96,46 @@ class Server:
             public = secure_server(self.router, bytes(secret).strip())
         finally:
             wipe(secret)
-        self.authenticator = start_authenticator(self.ctx, {e.key: e for e in self.clients.values()},
-                                                 self._audit_denied)
+        self.authenticator = start_authenticator(
+            self.ctx, {e.key: e for e in self.clients.values()}, self._audit_denied
+        )
         log.info("CURVE on: server key %s, %d allowed client(s)", public, len(self.clients))
 
     def _audit_denied(self, z85_key: str) -> None:
         """Runs in the ZAP thread: an unknown key tried to connect."""
-        from .auth import key_fingerprint
+        from appliance.transport.auth import key_fingerprint
 
         log.warning("refused CURVE client %s (not in the allow-list)", key_fingerprint(z85_key))
-        self.runner.write_audit(Entry(request_id="-", op="connect", client=f"unknown:{key_fingerprint(z85_key)}",
-                                      role="-", status="rejected", error_code=P.E_UNAUTHORIZED,
-                                      model_id=self.model.model_id, model_version=self.model.version))
+        self.runner.write_audit(
+            Entry(
+                request_id="-",
+                op="connect",
+                client=f"unknown:{key_fingerprint(z85_key)}",
+                role="-",
+                status="rejected",
+                error_code=P.E_UNAUTHORIZED,
+                model_id=self.model.model_id,
+                model_version=self.model.version,
+            )
+        )
 
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
-        scheduler = Scheduler(num_slots=model.engine.num_slots, max_queued=self.config.engine.max_queued,
-                              max_seq_len=model.engine.max_seq_len, eos_token_id=model.spec.eos_token_id,
-                              prefill_chunk=self.config.engine.prefill_chunk)
-        return EngineRunner(model, scheduler, self.audit, wake=self._wake, writer=self.writer, sessions=self.sessions,
-                            responses=self.responses)
+        scheduler = Scheduler(
+            num_slots=model.engine.num_slots,
+            max_queued=self.config.engine.max_queued,
+            max_seq_len=model.engine.max_seq_len,
+            eos_token_id=model.spec.eos_token_id,
+            prefill_chunk=self.config.engine.prefill_chunk,
+        )
+        return EngineRunner(
+            model,
+            scheduler,
+            self.audit,
+            wake=self._wake,
+            writer=self.writer,
+            sessions=self.sessions,
+            responses=self.responses,
+        )
 
     # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
     def _start_reload(self) -> None:
@@ -144,8 +168,12 @@ class Server:
         self.runner.start()
         self.model = loaded
         self._retiring.append(old)
-        log.info("reloaded: now serving %s v%d; %d request(s) finish on the previous model", loaded.model_id,
-                 loaded.version, sum(old.load().values()))
+        log.info(
+            "reloaded: now serving %s v%d; %d request(s) finish on the previous model",
+            loaded.model_id,
+            loaded.version,
+            sum(old.load().values()),
+        )
         self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
 
     def _probe_audit(self) -> None:
@@ -178,9 +206,17 @@ class Server:
         self.router.send_multipart([*envelope, frame])
 
     def _reject(self, envelope: list[bytes], client: str, exc: P.ProtocolError, op: str = "?", **extra) -> None:
-        self.runner.write_audit(Entry(request_id=exc.request_id or "-", op=op, client=client, status="rejected",
-                                      model_id=self.model.model_id, model_version=self.model.version,
-                                      error_code=exc.code))
+        self.runner.write_audit(
+            Entry(
+                request_id=exc.request_id or "-",
+                op=op,
+                client=client,
+                status="rejected",
+                model_id=self.model.model_id,
+                model_version=self.model.version,
+                error_code=exc.code,
+            )
+        )
         self._reply(envelope, P.error_reply(exc.request_id, exc.code, exc.message, **extra))
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -204,8 +240,9 @@ class Server:
             found = any(r.cancel(key) for r in (self.runner, *self._retiring))
             self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
         elif req.op == P.OP_END_SESSION:
-            self._reply(envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session),
-                                                          "session": req.session}))
+            self._reply(
+                envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session), "session": req.session})
+            )
         else:
             self._generate(envelope, client, role, req, frames[-1])
 
@@ -227,25 +264,45 @@ class Server:
             try:
                 restore = self.sessions.acquire(req.session, str(version))
             except SessionBusy:
-                return refuse(P.E_SESSION_BUSY, f"session {req.session!r} has a request in flight; send the next "
-                                                "turn after its reply")
+                return refuse(
+                    P.E_SESSION_BUSY,
+                    f"session {req.session!r} has a request in flight; send the next turn after its reply",
+                )
             if restore is not None:  # a later turn: no BOS, and only what the cache lacks is prefilled
-                history, feed = restore.tokens[:restore.cached], restore.tokens[restore.cached:] + ids[1:]
+                history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids[1:]
         context = len(history) + len(feed)
         room = self.model.engine.max_seq_len - context
         if room < 1:
             if req.session is not None:
                 self.sessions.release(req.session, restore)
             what = "conversation" if restore is not None else "prompt"
-            return refuse(P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds "
-                                         f"{self.model.engine.max_seq_len}" +
-                          ("; end the session and start a new one" if restore is not None else ""))
+            return refuse(
+                P.E_TOO_LARGE,
+                f"{what} is {context} tokens; the context holds "
+                f"{self.model.engine.max_seq_len}"
+                + ("; end the session and start a new one" if restore is not None else ""),
+            )
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
-        seq = Sequence(key=key, prompt_ids=ids, max_tokens=min(req.max_tokens, room), sampling=req.sampling,
-                       deadline=deadline, ignore_eos=req.ignore_eos, session=req.session, feed_ids=feed,
-                       base_len=len(history))
-        job = Job(seq=seq, request=req, client=client, role=role, restore=restore, history=history,
-                  cache_key=cache_key(req, version) if self.responses is not None else None)
+        seq = Sequence(
+            key=key,
+            prompt_ids=ids,
+            max_tokens=min(req.max_tokens, room),
+            sampling=req.sampling,
+            deadline=deadline,
+            ignore_eos=req.ignore_eos,
+            session=req.session,
+            feed_ids=feed,
+            base_len=len(history),
+        )
+        job = Job(
+            seq=seq,
+            request=req,
+            client=client,
+            role=role,
+            restore=restore,
+            history=history,
+            cache_key=cache_key(req, version) if self.responses is not None else None,
+        )
         if not self.runner.submit(job):
             if req.session is not None:
                 self.sessions.release(req.session, restore)
@@ -292,25 +349,41 @@ class Server:
 
     def health(self) -> dict:
         load = self.runner.load()
-        return {"status": "ok" if self.runner.audit_ok else "degraded",
-                "audit": "ok" if self.runner.audit_ok else "unavailable",
-                "model_id": self.model.model_id, "version": self.model.version,
-                "uptime_s": round(time.monotonic() - self.started, 1), **load,
-                "tokens_generated": self.runner.tokens_generated,
-                "audit_commits": self.writer.commits if self.writer else 0,
-                "audit_rows": self.writer.rows if self.writer else 0, "disconnect_cancels": self.disconnect_cancels,
-                **self.sessions.stats(),
-                **(self.responses.stats() if self.responses else {}), **_engine_stats(self.model.engine)}
+        return {
+            "status": "ok" if self.runner.audit_ok else "degraded",
+            "audit": "ok" if self.runner.audit_ok else "unavailable",
+            "model_id": self.model.model_id,
+            "version": self.model.version,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            **load,
+            "tokens_generated": self.runner.tokens_generated,
+            "audit_commits": self.writer.commits if self.writer else 0,
+            "audit_rows": self.writer.rows if self.writer else 0,
+            "disconnect_cancels": self.disconnect_cancels,
+            **self.sessions.stats(),
+            **(self.responses.stats() if self.responses else {}),
+            **_engine_stats(self.model.engine),
+        }
 
     def info(self) -> dict:
         eng = self.config.engine
-        return {"protocol": P.VERSION, "software": __version__, "model_id": self.model.model_id,
-                "version": self.model.version, "bundle_id": self.model.bundle_id,
-                "architecture": self.model.spec.architecture, "engine": self.model.engine.kind,
-                "limits": {"max_batch": self.model.engine.num_slots, "max_queued": eng.max_queued,
-                           "max_seq_len": self.model.engine.max_seq_len, "max_new_tokens": eng.max_new_tokens,
-                           "max_message_bytes": self.config.server.max_message_bytes,
-                           "max_prompt_chars": P.MAX_PROMPT_CHARS}}
+        return {
+            "protocol": P.VERSION,
+            "software": __version__,
+            "model_id": self.model.model_id,
+            "version": self.model.version,
+            "bundle_id": self.model.bundle_id,
+            "architecture": self.model.spec.architecture,
+            "engine": self.model.engine.kind,
+            "limits": {
+                "max_batch": self.model.engine.num_slots,
+                "max_queued": eng.max_queued,
+                "max_seq_len": self.model.engine.max_seq_len,
+                "max_new_tokens": eng.max_new_tokens,
+                "max_message_bytes": self.config.server.max_message_bytes,
+                "max_prompt_chars": P.MAX_PROMPT_CHARS,
+            },
+        }
 
     # -- loop ----------------------------------------------------------------------------------
     def serve_forever(self, drain_s: float = 10.0) -> None:
@@ -373,9 +446,13 @@ def _engine_stats(engine) -> dict:
     stats = getattr(engine, "stats", None)
     if stats is None:
         return {}
-    return {"decode_steps": stats.decode_steps, "resident_steps": stats.resident_steps,
-            "regathers": stats.regathers, "cache_bytes_copied": stats.copied_bytes,
-            "prefill_tokens": stats.prefill_tokens}
+    return {
+        "decode_steps": stats.decode_steps,
+        "resident_steps": stats.resident_steps,
+        "regathers": stats.regathers,
+        "cache_bytes_copied": stats.copied_bytes,
+        "prefill_tokens": stats.prefill_tokens,
+    }
 
 
 def _route_key(envelope: list[bytes], rid: str | None) -> str:

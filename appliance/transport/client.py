@@ -1,8 +1,8 @@
 """Python client: a DEALER socket, per-reply timeout, bounded retries (the ZeroMQ guide's Lazy Pirate).
 
-    with Client("tcp://127.0.0.1:5555") as c:
-        for event in c.generate("How do I reset the conveyor?"):
-            print(event["text"], end="")
+with Client("tcp://127.0.0.1:5555") as c:
+    for event in c.generate("How do I reset the conveyor?"):
+        print(event["text"], end="")
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
-from . import protocol as P
-from .config import DEFAULT_ENDPOINT
+from appliance.config import DEFAULT_ENDPOINT
+from appliance.transport import protocol as P
 
 
 class ClientError(Exception):
@@ -29,8 +29,14 @@ class ClientError(Exception):
 
 
 class Client:
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 30.0, retries: int = 3,
-                 curve_server_key: bytes | None = None, curve_keypair: tuple[bytes, bytes] | None = None):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        curve_server_key: bytes | None = None,
+        curve_keypair: tuple[bytes, bytes] | None = None,
+    ):
         self.endpoint = endpoint
         self.timeout_ms = int(timeout_s * 1000)
         self.retries = retries

@@ -38,7 +38,7 @@ class ContentSealer:
 
     @classmethod
     def start(cls, engine, recipient: X25519PublicKey) -> ContentSealer:
-        from .audit import ContentKey
+        from appliance.audit.chain import ContentKey
 
         key = bytearray(AESGCM.generate_key(256))
         try:
@@ -59,8 +59,11 @@ class ContentSealer:
             nonce = os.urandom(12)
             return nonce + self._aead.encrypt(nonce, text.encode("utf-8"), _aad(seq, name))
 
-        return {"content_key_id": self.key_id, "prompt_sealed": one(prompt, "prompt"),
-                "output_sealed": one(output, "output")}
+        return {
+            "content_key_id": self.key_id,
+            "prompt_sealed": one(prompt, "prompt"),
+            "output_sealed": one(output, "output"),
+        }
 
 
 def open_sealed(sealed: bytes, key: bytes, seq: int, name: str) -> str:

@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from appliance.audit.chain import AuditLog, Filters
 from provisioning.keys import (
     DEVICE_ED25519,
     IDENTITY_FILE,
@@ -17,8 +18,6 @@ from provisioning.keys import (
     load_public_ed25519,
     load_x25519,
 )
-
-from .audit import AuditLog, Filters
 
 
 def parse_time(text: str) -> float:
@@ -40,7 +39,7 @@ def _device_public(config, explicit: str | None):
 
 
 def _open(config) -> AuditLog:
-    from .config import ConfigError
+    from appliance.config import ConfigError
 
     if not config.audit_db.exists():
         raise ConfigError(f"no audit database at {config.audit_db} (the daemon creates it on first start)")
@@ -50,23 +49,59 @@ def _open(config) -> AuditLog:
 def cmd_list(args, config) -> int:
     audit = _open(config)
     try:
-        rows = audit.rows(Filters(since=args.since, until=args.until, client=args.client, status=args.status,
-                                  model_version=args.model_version, limit=args.limit))
+        rows = audit.rows(
+            Filters(
+                since=args.since,
+                until=args.until,
+                client=args.client,
+                status=args.status,
+                model_version=args.model_version,
+                limit=args.limit,
+            )
+        )
     finally:
         audit.close()
     if args.json:
-        out = [{k: getattr(r, k) for k in ("seq", "ts", "request_id", "client", "role", "op", "model_id",
-                                            "model_version", "prompt_sha256", "output_sha256", "prompt_tokens",
-                                            "completion_tokens", "queue_ms", "ttft_ms", "total_ms", "status",
-                                            "error_code", "finish_reason", "cache_hit", "row_hash")} for r in rows]
+        out = [
+            {
+                k: getattr(r, k)
+                for k in (
+                    "seq",
+                    "ts",
+                    "request_id",
+                    "client",
+                    "role",
+                    "op",
+                    "model_id",
+                    "model_version",
+                    "prompt_sha256",
+                    "output_sha256",
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "queue_ms",
+                    "ttft_ms",
+                    "total_ms",
+                    "status",
+                    "error_code",
+                    "finish_reason",
+                    "cache_hit",
+                    "row_hash",
+                )
+            }
+            for r in rows
+        ]
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'model':>6} {'status':8} "
-          f"{'error':12} {'in':>4} {'out':>4} {'total ms':>9}")
+    print(
+        f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'model':>6} {'status':8} "
+        f"{'error':12} {'in':>4} {'out':>4} {'total ms':>9}"
+    )
     for r in rows:
-        print(f"{r.seq:>5} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.ts))} {r.request_id[:12]:12} "
-              f"{r.client[:12]:12} {r.op[:8]:8} {str(r.model_version or '-')[-6:]:>6} {r.status:8} "
-              f"{(r.error_code or '-')[:12]:12} {r.prompt_tokens:>4} {r.completion_tokens:>4} {r.total_ms or 0:>9.1f}")
+        print(
+            f"{r.seq:>5} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.ts))} {r.request_id[:12]:12} "
+            f"{r.client[:12]:12} {r.op[:8]:8} {str(r.model_version or '-')[-6:]:>6} {r.status:8} "
+            f"{(r.error_code or '-')[:12]:12} {r.prompt_tokens:>4} {r.completion_tokens:>4} {r.total_ms or 0:>9.1f}"
+        )
     return 0
 
 
@@ -83,7 +118,7 @@ def cmd_verify(args, config) -> int:
 
 
 def cmd_export(args, config) -> int:
-    from .audit_export import export
+    from appliance.audit.export import export
 
     signing = load_ed25519(DEVICE_ED25519, config.key_dir)
     identity = config.key_dir / IDENTITY_FILE if config.key_dir else None
@@ -101,7 +136,7 @@ def cmd_export(args, config) -> int:
 
 
 def cmd_verify_export(args, _config) -> int:
-    from .audit_export import verify_export
+    from appliance.audit.export import verify_export
 
     result = verify_export(Path(args.dir), load_public_ed25519(Path(args.device_key)))
     print(("OK: " if result.ok else "TAMPERED: ") + result.message)
@@ -109,7 +144,7 @@ def cmd_verify_export(args, _config) -> int:
 
 
 def cmd_reveal(args, _config) -> int:
-    from .audit_export import reveal
+    from appliance.audit.export import reveal
 
     reviewer = load_x25519(Path(args.reviewer_key).name, Path(args.reviewer_key).parent)
     rows = reveal(Path(args.dir), load_public_ed25519(Path(args.device_key)), reviewer)
@@ -119,7 +154,7 @@ def cmd_reveal(args, _config) -> int:
 
 
 def cmd_prune(args, config) -> int:
-    from .audit_export import prune
+    from appliance.audit.export import prune
 
     audit = _open(config)
     try:
@@ -130,8 +165,14 @@ def cmd_prune(args, config) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "verify": cmd_verify, "export": cmd_export, "verify-export": cmd_verify_export,
-            "reveal": cmd_reveal, "prune": cmd_prune}
+COMMANDS = {
+    "list": cmd_list,
+    "verify": cmd_verify,
+    "export": cmd_export,
+    "verify-export": cmd_verify_export,
+    "reveal": cmd_reveal,
+    "prune": cmd_prune,
+}
 
 
 def add_parser(sub) -> None:
@@ -145,8 +186,9 @@ def add_parser(sub) -> None:
     al.add_argument("--model-version", type=int, help="only rows served by this model version")
     al.add_argument("--limit", type=int, help="only the newest N matching rows")
     al.add_argument("--json", action="store_true", help="JSON instead of a table")
-    av = asub.add_parser("verify", help="check the live database's chain and signed checkpoints; names the first "
-                                        "broken row")
+    av = asub.add_parser(
+        "verify", help="check the live database's chain and signed checkpoints; names the first broken row"
+    )
     av.add_argument("--device-key", help="device identity file (default: device-identity.json in key_dir)")
     ae = asub.add_parser("export", help="write the rows since the last export, signed, to a directory (USB)")
     ae.add_argument("--to", required=True, help="directory to write into, e.g. /media/usb/audit")
@@ -165,8 +207,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .cli import _config_path
-    from .config import load_config
+    from appliance.cli import _config_path
+    from appliance.config import load_config
 
     needs_config = args.audit_command not in ("verify-export", "reveal")
     config = load_config(_config_path(args)) if needs_config else None

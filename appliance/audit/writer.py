@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from .audit import AuditError, AuditLog, Entry
+from appliance.audit.chain import AuditError, AuditLog, Entry
 
 log = logging.getLogger("appliance.audit")
 

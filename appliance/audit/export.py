@@ -25,10 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from provisioning.install import fsync_path
-from provisioning.keys import fingerprint, public_bytes, wipe
-
-from .audit import (
+from appliance.audit.chain import (
     GENESIS,
     ROW_FIELDS,
     AuditError,
@@ -41,7 +38,9 @@ from .audit import (
     VerifyResult,
     verify_rows,
 )
-from .audit_content import open_sealed, unwrap_content_key
+from appliance.audit.content import open_sealed, unwrap_content_key
+from provisioning.install import fsync_path
+from provisioning.keys import fingerprint, public_bytes, wipe
 
 EXPORT_FORMAT = 1
 ROWS, MANIFEST, SIGNATURE = "rows.jsonl", "manifest.json", "manifest.sig"
@@ -74,8 +73,9 @@ class ExportResult:
     count: int
 
 
-def export(audit: AuditLog, to: Path, signing_key: Ed25519PrivateKey, device_id: str,
-           since_seq: int | None = None) -> ExportResult:
+def export(
+    audit: AuditLog, to: Path, signing_key: Ed25519PrivateKey, device_id: str, since_seq: int | None = None
+) -> ExportResult:
     """Write the rows after the last completed export (or from ``since_seq``) as a signed export."""
     audit.checkpoint_now()
     with Session(audit.engine) as s:
@@ -90,12 +90,16 @@ def export(audit: AuditLog, to: Path, signing_key: Ed25519PrivateKey, device_id:
         before = s.scalars(select(AuditRecord.row_hash).where(AuditRecord.seq == start - 1)).first()
         prev_hash = before or (anchor[1] if anchor and anchor[0] == start - 1 else GENESIS)
         end = rows[-1].seq
-        checkpoints = [{"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
-                       for c in s.scalars(select(Checkpoint).where(Checkpoint.upto_seq.between(start, end))
-                                          .order_by(Checkpoint.upto_seq))]
+        checkpoints = [
+            {"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
+            for c in s.scalars(
+                select(Checkpoint).where(Checkpoint.upto_seq.between(start, end)).order_by(Checkpoint.upto_seq)
+            )
+        ]
         key_ids = {r.content_key_id for r in rows if r.content_key_id is not None}
-        keys = {str(k.id): json.loads(k.wrapped)
-                for k in s.scalars(select(ContentKey).where(ContentKey.id.in_(key_ids)))}
+        keys = {
+            str(k.id): json.loads(k.wrapped) for k in s.scalars(select(ContentKey).where(ContentKey.id.in_(key_ids)))
+        }
     name = f"audit-{device_id}-{start:09d}-{end:09d}"
     to.mkdir(parents=True, exist_ok=True)
     partial = to / f".partial-{name}"
@@ -104,11 +108,18 @@ def export(audit: AuditLog, to: Path, signing_key: Ed25519PrivateKey, device_id:
     body = "".join(json.dumps(_encode(r), sort_keys=True, separators=(",", ":")) + "\n" for r in rows).encode()
     (partial / ROWS).write_bytes(body)
     manifest = {
-        "format": EXPORT_FORMAT, "device_id": device_id,
+        "format": EXPORT_FORMAT,
+        "device_id": device_id,
         "device_key": fingerprint(public_bytes(signing_key.public_key())),
-        "from_seq": start, "to_seq": end, "count": len(rows), "prev_hash": prev_hash, "head_hash": rows[-1].row_hash,
-        "rows_sha256": hashlib.sha256(body).hexdigest(), "exported_at": round(time.time(), 3),
-        "checkpoints": checkpoints, "content_keys": keys,
+        "from_seq": start,
+        "to_seq": end,
+        "count": len(rows),
+        "prev_hash": prev_hash,
+        "head_hash": rows[-1].row_hash,
+        "rows_sha256": hashlib.sha256(body).hexdigest(),
+        "exported_at": round(time.time(), 3),
+        "checkpoints": checkpoints,
+        "content_keys": keys,
     }
     raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
     (partial / MANIFEST).write_bytes(raw)
@@ -137,8 +148,13 @@ def read_export(path: Path, device_key: Ed25519PublicKey) -> tuple[dict, list[di
     manifest = json.loads(raw)
     if hashlib.sha256(body).hexdigest() != manifest["rows_sha256"]:
         rows = _parse_lines(body)
-        result = verify_rows(rows, (manifest["from_seq"] - 1, manifest["prev_hash"]), checkpoints=[],
-                             device_key=None, expected_end=(manifest["to_seq"], manifest["head_hash"]))
+        result = verify_rows(
+            rows,
+            (manifest["from_seq"] - 1, manifest["prev_hash"]),
+            checkpoints=[],
+            device_key=None,
+            expected_end=(manifest["to_seq"], manifest["head_hash"]),
+        )
         where = result.message if not result.ok else "rows.jsonl differs from the signed digest"
         raise ExportError(f"{path}/{ROWS}: {where}")
     return manifest, _parse_lines(body)
@@ -156,8 +172,11 @@ def _parse_lines(body: bytes) -> list[dict]:
 
 def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
     """Verify one export directory, or every export in a directory and the chain across them."""
-    exports = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists()) \
-        if not (path / MANIFEST).exists() else [path]
+    exports = (
+        sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+        if not (path / MANIFEST).exists()
+        else [path]
+    )
     if not exports:
         raise ExportError(f"{path}: no audit export found")
     total, checkpoints, head = 0, 0, None
@@ -168,15 +187,26 @@ def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
             return VerifyResult(False, str(exc), total, checkpoints)
         if head is not None and manifest["prev_hash"] != head[1] and manifest["from_seq"] == head[0] + 1:
             return VerifyResult(False, f"{one.name}: does not continue the chain of the previous export", total)
-        result = verify_rows(rows, (manifest["from_seq"] - 1, manifest["prev_hash"]),
-                             checkpoints=manifest["checkpoints"], device_key=device_key,
-                             expected_end=(manifest["to_seq"], manifest["head_hash"]))
+        result = verify_rows(
+            rows,
+            (manifest["from_seq"] - 1, manifest["prev_hash"]),
+            checkpoints=manifest["checkpoints"],
+            device_key=device_key,
+            expected_end=(manifest["to_seq"], manifest["head_hash"]),
+        )
         if not result.ok:
             return VerifyResult(False, f"{one.name}: {result.message}", total + result.rows, checkpoints)
-        total, checkpoints, head = total + result.rows, checkpoints + result.checkpoints, (manifest["to_seq"],
-                                                                                         manifest["head_hash"])
-    return VerifyResult(True, f"{len(exports)} export(s), {total} rows, chain intact, {checkpoints} signed "
-                              f"checkpoint(s) valid", total, checkpoints)
+        total, checkpoints, head = (
+            total + result.rows,
+            checkpoints + result.checkpoints,
+            (manifest["to_seq"], manifest["head_hash"]),
+        )
+    return VerifyResult(
+        True,
+        f"{len(exports)} export(s), {total} rows, chain intact, {checkpoints} signed checkpoint(s) valid",
+        total,
+        checkpoints,
+    )
 
 
 def reveal(path: Path, device_key: Ed25519PublicKey, reviewer: X25519PrivateKey) -> list[dict]:
@@ -206,8 +236,9 @@ def prune(audit: AuditLog, exported_before: float) -> tuple[int, int]:
     """
     with audit._lock, Session(audit.engine) as s, s.begin():
         exported = s.scalar(select(func.max(Export.to_seq))) or 0
-        last = s.scalar(select(func.max(AuditRecord.seq)).where(AuditRecord.seq <= exported,
-                                                                 AuditRecord.ts < exported_before))
+        last = s.scalar(
+            select(func.max(AuditRecord.seq)).where(AuditRecord.seq <= exported, AuditRecord.ts < exported_before)
+        )
         if not last:
             return 0, (audit.anchor(s) or (0, GENESIS))[0]
         anchor_hash = s.scalar(select(AuditRecord.row_hash).where(AuditRecord.seq == last))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .protocol import Sampling
+from appliance.transport.protocol import Sampling
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list[int], penalty: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .protocol import Sampling
+from appliance.transport.protocol import Sampling
 
 
 class State(enum.Enum):
@@ -88,8 +88,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int,
-                 prefill_chunk: int = 256):
+    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int, prefill_chunk: int = 256):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.prefill_chunk = prefill_chunk

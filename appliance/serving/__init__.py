@@ -1,0 +1,1 @@
+"""Serving: admission, scheduling, the engine thread, sampling, detokenization, sessions and the response cache."""
