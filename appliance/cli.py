@@ -202,27 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from appliance.audit import AuditError
-    from appliance.engine import EngineError
-    from appliance.loader import ModelLoadError
-    from appliance.transport.auth import AuthConfigError
-    from appliance.transport.client import ClientError
-    from appliance.transport.server import BindError
+    from appliance.errors import ApplianceError
     from provisioning.errors import ProvisioningError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        ConfigError,
-        ClientError,
-        AuditError,
-        AuthConfigError,
-        BindError,
-        EngineError,
-        ModelLoadError,
-        ProvisioningError,
-    ) as exc:
+    except (ApplianceError, ProvisioningError) as exc:
         print(f"edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

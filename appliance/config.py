@@ -6,6 +6,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.errors import ApplianceError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Jetson JetPack 6 ships Python 3.10
@@ -15,14 +17,17 @@ DEFAULT_CONFIG = Path("/etc/edge-appliance/appliance.toml")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
 
-class ConfigError(Exception):
+class ConfigError(ApplianceError):
     pass
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 1 << 20  # one request frame; up to 4x this is answered too_large, beyond drops the link
+    rcvhwm: int = 16  # messages queued per connection before libzmq stops reading from it
+    max_per_client: int = 16  # requests one client identity may have running or queued at once
+    turn_budget_ms: float = 20.0  # time the loop spends reading requests before serving replies and the watchdog
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,14 @@ class AuditConfig:
     content: str = "hash"  # hash | encrypted | none
     recipient: str | None = None  # reviewer's identity file or raw X25519 key, for content = "encrypted"
     checkpoint_every: int = 100  # rows between signed checkpoints
+    aggregate_s: float = 10.0  # identical refusals from one peer within this interval become one row with a count
 
 
 @dataclass(frozen=True)
 class AuthConfig:
     curve: bool = False  # CurveZMQ encryption + client allow-list on every endpoint
     clients: str | None = None  # allow-list TOML (relative to the config file)
+    anonymous_role: str = "infer"  # role of every connection when CURVE is off
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,12 @@ def load_config(path: Path) -> Config:
     auth = sections["auth"]
     if auth.curve and not auth.clients:
         raise ConfigError(f'{path}: [auth] curve = true needs clients = "<allow-list file>"')
+    from appliance.serving.roles import ROLES
+
+    if auth.anonymous_role not in ROLES:
+        raise ConfigError(f"{path}: [auth] anonymous_role must be one of {'|'.join(ROLES)}")
     if auth.clients:
-        auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)))
+        auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)), anonymous_role=auth.anonymous_role)
     return Config(
         state_dir=resolve(paths["state_dir"]),
         trust_dir=resolve(paths["trust_dir"]),
@@ -151,7 +162,10 @@ audit_db = "{audit_db}"     # SQLite audit log
 
 [server]
 endpoints = ["{endpoint}"]
-max_message_bytes = 1048576
+max_message_bytes = 1048576    # one request frame
+rcvhwm = 16                 # messages queued per connection
+max_per_client = 16         # requests one client may have running or queued
+turn_budget_ms = 20         # loop time spent reading requests before replies and the watchdog
 
 [engine]
 kind = "onnxruntime"
@@ -174,8 +188,10 @@ max_sessions = 1024
 content = "hash"            # hash (digests only) | encrypted (sealed for `recipient`) | none
 # recipient = "reviewer-identity.json"   # the hospital reviewer's key, needed for content = "encrypted"
 checkpoint_every = 100      # rows between checkpoints signed with the device's Ed25519 key
+aggregate_s = 10            # identical refusals from one peer within this interval: one row with a count
 
 [auth]
 curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served
 # clients = "clients.toml"  # [[client]] name = "...", key = "<Z85 public key>", role = "infer" | "admin"
+anonymous_role = "infer"    # role of every connection when CURVE is off (admin only on a trusted host)
 """

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from appliance.config import Config
 from appliance.engine import DecoderSpec, Engine, create_engine
+from appliance.errors import ApplianceError
 from provisioning.bundle import Bundle
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
@@ -22,7 +23,7 @@ MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer
 EXTERNAL_DATA_FILE = "model.onnx.data"  # weights of models past the 2 GB protobuf limit
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ApplianceError):
     pass
 
 

@@ -109,6 +109,7 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(0.5)
         self.messages: list[str] = []
+        self.stamps: list[tuple[float, str]] = []  # (monotonic arrival, message), for gap checks
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
         self._reader.start()
@@ -134,6 +135,7 @@ class Daemon:
                 return
             with self._lock:
                 self.messages.append(msg)
+                self.stamps.append((time.monotonic(), msg))
 
     def clear(self) -> None:
         with self._lock:
@@ -167,6 +169,25 @@ class Daemon:
         self.notify.close()
         self.log.close()
         return self.proc.returncode
+
+
+def wait_for_rows(device: Device, match, timeout: float = 15.0, at_least: int = 1) -> list:
+    """Audit rows matching ``match`` once at least ``at_least`` are committed (refusals are written
+    by the group-commit writer after their reply leaves)."""
+    from appliance.audit import AuditLog
+    from appliance.config import load_config
+
+    db = load_config(device.config).audit_db
+    deadline = time.monotonic() + timeout
+    while True:
+        log = AuditLog(db)
+        try:
+            rows = [r for r in log.rows() if match(r)]
+        finally:
+            log.close()
+        if len(rows) >= at_least or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

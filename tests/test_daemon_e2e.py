@@ -12,6 +12,7 @@ from appliance.config import load_config
 from appliance.loader import load_model
 from appliance.transport import protocol as P
 from appliance.transport.client import Client, ClientError
+from tests.conftest import wait_for_rows
 
 PROMPT = "How do I reset the conveyor?"
 
@@ -103,23 +104,27 @@ def test_hostile_frame_gets_specific_error_then_service_continues(daemon, frame,
         assert client.complete("Return the", max_tokens=2)["type"] == "done"
 
 
-def test_oversize_frame_is_dropped_and_service_continues(daemon):
+def test_oversize_frame_is_answered_too_large_and_its_connection_survives(daemon):
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(daemon.endpoint)
-    sock.send(msgpack.packb({"v": 1, "op": "generate", "prompt": "x" * (2 << 20)}))
-    assert sock.poll(1500) == 0  # MAXMSGSIZE: the peer is disconnected, nothing is answered
+    sock.send(msgpack.packb({"v": 1, "op": "generate", "id": "long", "prompt": "Return the", "max_tokens": 40}))
+    sock.send(msgpack.packb({"v": 1, "op": "generate", "id": "big", "prompt": "x" * (2 << 20)}))
+    replies = {}
+    while "long" not in replies or replies["long"]["type"] == "token" or "big" not in replies:
+        assert sock.poll(30_000), replies
+        reply = msgpack.unpackb(sock.recv())
+        replies[reply["id"]] = reply
+    assert replies["big"]["code"] == P.E_TOO_LARGE
+    assert replies["long"]["type"] == "done"  # the other stream on the connection was not killed
     sock.close()
-    with Client(daemon.endpoint, timeout_s=10) as client:
-        assert client.complete("Return the", max_tokens=2)["type"] == "done"
-        assert client.health()["status"] == "ok"
 
 
 def test_rejected_requests_are_audited(daemon, device):
     with Client(daemon.endpoint, timeout_s=10) as client:
         client.send_raw(msgpack.packb({"v": 1, "op": "nope", "id": "rejected-one"}))
-    rows = [r for r in AuditLog(load_config(device.config).audit_db).rows() if r.request_id == "rejected-one"]
+    rows = wait_for_rows(device, lambda r: r.request_id == "rejected-one")
     assert [(r.status, r.error_code) for r in rows] == [("rejected", P.E_UNKNOWN_OP)]
 
 

@@ -27,16 +27,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from appliance.audit.content import ContentSealer
+from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 GENESIS = "0" * 64
 CHECKPOINT_CONTEXT = b"edge-appliance/audit-checkpoint/v1"
 POLICIES = ("hash", "encrypted", "none")
 
 
-class AuditError(Exception):
+class AuditError(ApplianceError):
     """The audit store cannot be written or read; the daemon refuses service until it can."""
 
 
@@ -76,6 +77,8 @@ class AuditRecord(Base):
     output_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     # schema 3: 1 when the reply came from the response cache (NULL otherwise)
     cache_hit: Mapped[int | None] = mapped_column(Integer)
+    # schema 4: how many identical events this row stands for (NULL = 1; see audit/aggregate.py)
+    occurrences: Mapped[int | None] = mapped_column(Integer)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
@@ -131,7 +134,7 @@ CHAINED_FIELDS = (
     "error_code",
     "finish_reason",
 )
-OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed", "cache_hit")
+OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed", "cache_hit", "occurrences")
 ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
 
@@ -177,6 +180,7 @@ class Entry:
     error_code: str | None = None
     finish_reason: str | None = None
     cache_hit: bool = False  # answered from the response cache, no model run
+    occurrences: int = 1  # identical events this row stands for (aggregated refusals)
 
 
 @dataclass
@@ -267,6 +271,8 @@ class AuditLog:
         }
         if entry.cache_hit:
             fields["cache_hit"] = 1
+        if entry.occurrences != 1:
+            fields["occurrences"] = entry.occurrences
         if self.content != "none":
             fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
         return fields

@@ -85,6 +85,7 @@ def cmd_list(args, config) -> int:
                     "error_code",
                     "finish_reason",
                     "cache_hit",
+                    "occurrences",
                     "row_hash",
                 )
             }
@@ -93,16 +94,23 @@ def cmd_list(args, config) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(
-        f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':12} {'op':8} {'model':>6} {'status':8} "
-        f"{'error':12} {'in':>4} {'out':>4} {'total ms':>9}"
+        f"{'seq':>5} {'time (UTC)':19} {'request':12} {'client':20} {'op':8} {'model':>6} {'status':8} "
+        f"{'error':12} {'in':>4} {'out':>4} {'total ms':>9} {'count':>5}"
     )
     for r in rows:
         print(
-            f"{r.seq:>5} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.ts))} {r.request_id[:12]:12} "
-            f"{r.client[:12]:12} {r.op[:8]:8} {str(r.model_version or '-')[-6:]:>6} {r.status:8} "
-            f"{(r.error_code or '-')[:12]:12} {r.prompt_tokens:>4} {r.completion_tokens:>4} {r.total_ms or 0:>9.1f}"
+            f"{r.seq:>5} {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(r.ts))} {printable(r.request_id)[:12]:12} "
+            f"{printable(r.client)[:20]:20} {printable(r.op)[:8]:8} {str(r.model_version or '-')[-6:]:>6} "
+            f"{r.status:8} {printable(r.error_code or '-')[:12]:12} {r.prompt_tokens:>4} {r.completion_tokens:>4} "
+            f"{r.total_ms or 0:>9.1f} {r.occurrences or 1:>5}"
         )
     return 0
+
+
+def printable(text: str) -> str:
+    """Client-chosen text made safe for a terminal: control and other unprintable characters are
+    shown as escapes (``\\x1b``), never interpreted."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def cmd_verify(args, config) -> int:

@@ -27,7 +27,12 @@ def _v2_to_v3(conn) -> None:
     conn.execute(text("ALTER TABLE audit_log ADD COLUMN cache_hit INTEGER"))
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3}
+def _v3_to_v4(conn) -> None:
+    """Aggregated events carry their count (NULL on every earlier row: one event each, hashes unchanged)."""
+    conn.execute(text("ALTER TABLE audit_log ADD COLUMN occurrences INTEGER"))
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
 
 
 def upgrade(engine) -> None:

@@ -1,9 +1,13 @@
-"""Group commit: one thread writes audit rows so the engine never waits for an fsync.
+"""Group commit: the one path every audit row takes, and the one owner of audit health.
 
-Producers hand over a batch of entries with a callback; the writer commits everything that
-queued up while its previous commit was being fsynced in a single transaction, then calls each
-callback with the outcome. Final replies are sent from those callbacks, so a reply still never
-leaves before its row is durable.
+Producers (the engine thread, the serving loop, the ZAP handler) hand over entries, optionally with
+a callback; the writer commits everything that queued up while its previous commit was being
+fsynced in a single transaction, then calls each callback with the outcome. Final replies are sent
+from those callbacks, so a reply still never leaves before its row is durable, and no producer
+ever waits for an fsync.
+
+While the store cannot be written the writer is unhealthy (the daemon fails closed); it probes the
+store once a second and becomes healthy again by itself.
 """
 
 from __future__ import annotations
@@ -11,29 +15,47 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from appliance.audit.chain import AuditError, AuditLog, Entry
 
 log = logging.getLogger("appliance.audit")
 
+Done = Callable[[bool], None]
+_STOP = None
+
 
 class AuditWriter(threading.Thread):
-    def __init__(self, audit: AuditLog):
+    """``audit`` None means auditing is off (benchmarks): every submit succeeds at once."""
+
+    def __init__(self, audit: AuditLog | None, probe_every_s: float = 1.0):
         super().__init__(name="audit-writer", daemon=True)
         self.audit = audit
         self.healthy = True
         self.commits = 0
         self.rows = 0
-        self._queue: queue.SimpleQueue[tuple[list[Entry], Callable[[bool], None]] | None] = queue.SimpleQueue()
+        self.failures = 0
+        self.last_commit_s = 0.0
+        self.probe_every_s = probe_every_s
+        self.on_commit: Callable[[float, bool], None] | None = None  # metrics hook: (seconds, ok)
+        self._queue: queue.SimpleQueue[tuple[list[Entry], Done | None] | None] = queue.SimpleQueue()
 
-    def submit(self, entries: list[Entry], done: Callable[[bool], None]) -> None:
+    def submit(self, entries: list[Entry], done: Done | None = None) -> None:
+        if self.audit is None:
+            if done is not None:
+                done(True)
+            return
         self._queue.put((entries, done))
 
     def run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            try:
+                item = self._queue.get(timeout=self.probe_every_s)
+            except queue.Empty:
+                self._probe()
+                continue
+            if item is _STOP:
                 return
             batch = [item]
             while True:
@@ -41,14 +63,15 @@ class AuditWriter(threading.Thread):
                     more = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._queue.put(None)  # finish this batch, then stop
+                if more is _STOP:
+                    self._queue.put(_STOP)  # finish this batch, then stop
                     break
                 batch.append(more)
             self._commit(batch)
 
-    def _commit(self, batch: list[tuple[list[Entry], Callable[[bool], None]]]) -> None:
+    def _commit(self, batch: list[tuple[list[Entry], Done | None]]) -> None:
         entries = [e for group, _ in batch for e in group]
+        start = time.perf_counter()
         try:
             self.audit.record_many(entries)
             ok = True
@@ -56,12 +79,28 @@ class AuditWriter(threading.Thread):
             if self.healthy:
                 log.error("audit store unavailable: %s", exc)
             ok = False
-        self.healthy = ok
+        self.last_commit_s = time.perf_counter() - start
+        self._set_health(ok)
         self.commits += 1
         self.rows += len(entries) if ok else 0
+        self.failures += 0 if ok else 1
+        if self.on_commit is not None:
+            self.on_commit(self.last_commit_s, ok)
         for _, done in batch:
-            done(ok)
+            if done is not None:
+                done(ok)
+
+    def _probe(self) -> None:
+        if not self.healthy and self.audit is not None and self.audit.probe():
+            self._set_health(True)
+
+    def _set_health(self, ok: bool) -> None:
+        if ok and not self.healthy:
+            log.warning("audit store writable again; accepting requests")
+        self.healthy = ok
 
     def stop(self) -> None:
-        self._queue.put(None)
+        if self.audit is None or not self.is_alive():
+            return
+        self._queue.put(_STOP)
         self.join(timeout=30)

@@ -10,10 +10,12 @@ from typing import Protocol
 
 import numpy as np
 
+from appliance.errors import ApplianceError
+
 from .spec import DecoderSpec
 
 
-class EngineError(Exception):
+class EngineError(ApplianceError):
     """The engine cannot be created or cannot run a step."""
 
 

@@ -2,7 +2,8 @@
 
 A request is deterministic when it is greedy (temperature 0) or carries a fixed ``seed``, and it
 is not part of a conversation session. The key covers everything that decides the output: model
-version, prompt, max_tokens, every sampling field, stop strings and ignore_eos. Bounded LRU by
+version, the client's identity, prompt, max_tokens, every sampling field, stop strings, stream and
+ignore_eos. Bounded LRU by
 entry count; held in memory only (prompts never reach disk through it). The audit row of a hit
 is written like any other, marked ``cache_hit``.
 """
@@ -27,15 +28,18 @@ class CachedResponse:
     prompt_tokens: int
 
 
-def cache_key(req: Request, model_version: object) -> str | None:
-    """The key for ``req``, or None when its output is not reproducible (sampled without a seed)."""
+def cache_key(req: Request, model_version: object, identity: str) -> str | None:
+    """The key for ``req`` sent by ``identity``, or None when its output is not reproducible (sampled
+    without a seed). Scoped to the identity: one client's prompts and answers are never another's."""
     s = req.sampling
     if req.session is not None or not (s.greedy or s.seed is not None):
         return None
     blob = msgpack.packb(
         [
+            identity,
             str(model_version),
             req.prompt,
+            req.stream,
             req.max_tokens,
             s.temperature,
             s.top_k,

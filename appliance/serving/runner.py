@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from appliance.audit import AuditError, AuditLog, Entry
+from appliance.audit import Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
+from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
@@ -21,7 +22,7 @@ from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")
 
-_FINISH_ERRORS = {Finish.DEADLINE: P.E_DEADLINE, Finish.CANCELLED: P.E_CANCELLED}
+_FINISH_ERRORS = {Finish.DEADLINE: P.E_DEADLINE, Finish.CANCELLED: P.E_CANCELLED, Finish.ERROR: P.E_INTERNAL}
 _COMPLETED = (Finish.EOS, Finish.LENGTH, Finish.STOP, Finish.CONTEXT)
 
 
@@ -31,18 +32,15 @@ class Job:
 
     seq: Sequence
     request: P.Request
-    client: str
+    client: str  # the identity that sent it (audit subject, scope of its state)
     role: str
-    text: str = ""  # output so far, stop strings already cut
-    sent: int = 0  # characters of ``text`` already streamed
-    index: int = field(default=0)
-    # Incremental detokenization (as in vLLM): only tokens after ``prefix_offset`` are decoded per step.
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detok: Detokenizer
+    index: int = field(default=0)  # token replies sent so far
     restore: Session | None = None  # the session state this turn continues (its cache is loaded at admission)
     history: list[int] = field(default_factory=list)  # conversation tokens already in the restored cache
     cache_key: str | None = None  # response-cache key when the request is deterministic
     cache_hit: bool = False
+    error: tuple[str, str] | None = None  # (code, message) when this request alone failed
 
 
 @dataclass(frozen=True)
@@ -57,9 +55,8 @@ class EngineRunner(threading.Thread):
         self,
         model: LoadedModel,
         scheduler: Scheduler,
-        audit: AuditLog | None,
+        writer: AuditWriter,
         wake: Callable[[], None],
-        writer: AuditWriter | None = None,
         sessions: SessionStore | None = None,
         responses: ResponseCache | None = None,
     ):
@@ -68,9 +65,7 @@ class EngineRunner(threading.Thread):
         self.sessions = sessions
         self.responses = responses
         self.scheduler = scheduler
-        self.audit = audit
         self.writer = writer
-        self.audit_ok = True
         self._unpublished = 0
         self.outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
         self._wake = wake
@@ -79,7 +74,11 @@ class EngineRunner(threading.Thread):
         self._jobs: dict[str, Job] = {}
         self._stopping = False
         self.tokens_generated = 0
-        self.steps = 0
+        self.request_failures = 0  # requests ended by a fault in their own sampling/detokenization
+
+    @property
+    def audit_ok(self) -> bool:
+        return self.writer.healthy
 
     # -- called from the server thread ---------------------------------------------------------
     def submit(self, job: Job) -> bool:
@@ -87,7 +86,7 @@ class EngineRunner(threading.Thread):
         hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
         with self._work:
             if hit is not None:  # answered from memory: finished at once, audited like any other request
-                job.seq.output_ids, job.text, job.cache_hit = list(hit.output_ids), hit.text, True
+                job.seq.output_ids, job.detok.text, job.cache_hit = list(hit.output_ids), hit.text, True
                 job.seq.first_token_at = job.seq.started_at = job.seq.arrival
                 self.scheduler.finish_now(job.seq, Finish(hit.finish))
             elif not self.scheduler.add(job.seq):
@@ -154,7 +153,6 @@ class EngineRunner(threading.Thread):
         with self._lock:
             finished = self.scheduler.take_finished()
         self._retire(finished)
-        self.steps += 1
 
     def _begin(self, seq: Sequence) -> None:
         """First chunk of a request: restore its conversation's cache into the slot."""
@@ -168,23 +166,28 @@ class EngineRunner(threading.Thread):
         if not seqs:
             return
         engine = self.model.engine
+        live = []
         for seq in seqs:
-            job = self._jobs[seq.key]
+            job = self._jobs.get(seq.key)
+            if job is None:  # ended twice (e.g. cancelled as it finished): already answered
+                log.warning("request %s retired twice; ignoring the second", seq.key)
+                continue
+            live.append(seq)
             completed = error is None and seq.finish in _COMPLETED and seq.prefill_done
             if seq.session is not None and self.sessions is not None:
                 self.sessions.release(seq.session, self._saved_session(seq, job) if completed else job.restore)
             if completed and job.cache_key and not job.cache_hit and self.responses is not None:
                 self.responses.put(
                     job.cache_key,
-                    CachedResponse(job.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
+                    CachedResponse(job.detok.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
                 )
-            if job.cache_hit and job.request.stream and job.text:
+            if job.cache_hit and job.request.stream and job.detok.text:
                 self.outbox.put(
-                    Outgoing(seq.key, P.token_reply(job.request.id, 0, job.text, seq.output_ids[-1]), False)
+                    Outgoing(seq.key, P.token_reply(job.request.id, 0, job.detok.text, seq.output_ids[-1]), False)
                 )
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
-        self._finalize([(seq, error) for seq in seqs])
+        self._finalize([(seq, error) for seq in live])
 
     def _saved_session(self, seq: Sequence, job: Job) -> Session | None:
         engine = self.model.engine
@@ -204,94 +207,69 @@ class EngineRunner(threading.Thread):
         for row, seq in enumerate(seqs):
             if seq.finish is not None:  # cancelled while the step ran
                 continue
-            # Only the repetition penalty needs the history; skip the per-token copy when it is off.
-            seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
-            token = sample(logits[row], seq.sampling, seen, seq.rng)
-            with self._lock:
-                self.scheduler.on_token(seq, token, now)
-            self.tokens_generated += 1
-            self._emit_text(self._jobs[seq.key])
-
-    def _emit_text(self, job: Job) -> None:
-        """Stream newly completed text, holding back a partial UTF-8 character and any tail that could
-        still become a stop string (so nothing streamed is ever retracted).
-
-        Decodes only the last few tokens each step (constant work per token, not the whole output):
-        the offsets advance only at a completed character, so each window starts on a clean boundary.
-        """
-        ids, decode, stops = job.seq.output_ids, self.model.tokenizer.decode, job.request.stop
-        prefix = decode(ids[job.prefix_offset : job.read_offset])
-        window = decode(ids[job.prefix_offset :])
-        finished = job.seq.finish is not None
-        if (window.endswith("\ufffd") or len(window) <= len(prefix)) and not finished:
-            return
-        job.prefix_offset, job.read_offset = job.read_offset, len(ids)
-        text = job.text + window[len(prefix) :]
-        for stop in stops:
-            at = text.find(stop, max(0, len(job.text) - len(stop) + 1))
-            if at >= 0:
-                text, finished = text[:at], True
+            try:
+                self._next_token(seq, logits[row], now)
+            except Exception as exc:  # this request's fault ends this request only, never its batch-mates
+                log.exception("request %s failed while sampling or detokenizing", seq.key)
+                self.request_failures += 1
+                self._jobs[seq.key].error = (P.E_INTERNAL, f"generation failed: {type(exc).__name__}")
                 with self._lock:
-                    self.scheduler.stop(job.seq)
-                break
-        job.text = text
-        upto = len(text) if finished else len(text) - _stop_prefix_len(text, stops)
-        if upto > job.sent and job.request.stream:
-            token_id = ids[-1] if ids else -1
-            frame = P.token_reply(job.request.id, job.index, text[job.sent : upto], token_id)
-            self.outbox.put(Outgoing(job.seq.key, frame, False))
+                    self.scheduler.fail(seq)
+
+    def _next_token(self, seq: Sequence, logits, now: float) -> None:
+        # Only the repetition penalty needs the history; skip the per-token copy when it is off.
+        seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
+        token = sample(logits, seq.sampling, seen, seq.rng)
+        with self._lock:
+            self.scheduler.on_token(seq, token, now)
+        self.tokens_generated += 1
+        job = self._jobs[seq.key]
+        fresh = job.detok.step(seq.output_ids, seq.finish is not None)
+        if job.detok.stopped:
+            with self._lock:
+                self.scheduler.stop(seq)
+        if fresh and job.request.stream:
+            token_id = seq.output_ids[-1] if seq.output_ids else -1
+            self.outbox.put(Outgoing(seq.key, P.token_reply(job.request.id, job.index, fresh, token_id), False))
             job.index += 1
-        job.sent = max(job.sent, upto)
 
     def _finalize(self, items: list[tuple[Sequence, tuple[str, str] | None]]) -> None:
         """Audit every sequence that ended this step in one commit, then queue their final replies."""
         if not items:
             return
-        finals = [self._final_entry(seq, error) for seq, error in items]
-        replies = []
-        for (seq, _), (entry, timings, message) in zip(items, finals, strict=True):
-            job = self._jobs.pop(seq.key)
-            usage = {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens}
-            if entry.error_code is None:
-                frame = P.done_reply(job.request.id, job.text, seq.finish.value, usage, timings)
-            else:
-                frame = P.error_reply(job.request.id, entry.error_code, message)
+        replies, entries = [], []
+        for seq, error in items:
+            entry, frame = self._final(seq, error)
+            self._jobs.pop(seq.key)
             withheld = P.error_reply(
-                job.request.id, P.E_AUDIT, "the audit record could not be written; the result is withheld"
+                entry.request_id, P.E_AUDIT, "the audit record could not be written; the result is withheld"
             )
             replies.append((seq.key, frame, withheld))
+            entries.append(entry)
 
         def publish(audited: bool) -> None:
             for key, frame, withheld in replies:
                 self.outbox.put(Outgoing(key, frame if audited else withheld, True))
-            self._note_audit(audited)
             with self._lock:
                 self._unpublished -= len(replies)
             self._wake()
 
-        entries = [entry for entry, _, _ in finals]
         with self._lock:
             self._unpublished += len(replies)
-        if self.writer is not None:
-            self.writer.submit(entries, publish)  # the engine goes on; the reply leaves once the row is durable
-        else:
-            publish(self.write_audit(*entries))
+        self.writer.submit(entries, publish)  # the engine goes on; the reply leaves once the row is durable
 
-    def _final_entry(self, seq: Sequence, error: tuple[str, str] | None) -> tuple[Entry, dict, str]:
+    def _final(self, seq: Sequence, error: tuple[str, str] | None) -> tuple[Entry, bytes]:
+        """The audit entry and the final reply of a sequence that ended."""
         job = self._jobs[seq.key]
+        if error is None and job.error is not None:
+            error = job.error
         if error is None and seq.finish in _FINISH_ERRORS:
             error = (_FINISH_ERRORS[seq.finish], f"request {seq.finish.value}")
         end = seq.finished_at or time.monotonic()
         queued = (seq.started_at or end) - seq.arrival
         ttft = (seq.first_token_at - seq.arrival) if seq.first_token_at else None
         n_out = len(seq.output_ids)
-        timings = {
-            "queue_ms": _ms(queued),
-            "ttft_ms": _ms(ttft) if ttft is not None else None,
-            "total_ms": _ms(end - seq.arrival),
-        }
-        if seq.first_token_at and n_out > 1:
-            timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
+        prompt_tokens = seq.base_len + len(seq.feed_ids)  # the whole context, a restored conversation included
         entry = Entry(
             request_id=job.request.id,
             op=P.OP_GENERATE,
@@ -301,8 +279,8 @@ class EngineRunner(threading.Thread):
             model_id=self.model.model_id,
             model_version=self.model.version,
             prompt=job.request.prompt,
-            output=job.text,
-            prompt_tokens=len(seq.prompt_ids),
+            output=job.detok.text,
+            prompt_tokens=prompt_tokens,
             completion_tokens=n_out,
             queue_ms=queued,
             ttft_ms=ttft,
@@ -311,32 +289,18 @@ class EngineRunner(threading.Thread):
             finish_reason=seq.finish.value if seq.finish else None,
             cache_hit=job.cache_hit,
         )
-        return entry, timings, error[1] if error else ""
-
-    def write_audit(self, *entries: Entry) -> bool:
-        """Durably record ``entries`` now (one commit); on failure mark the audit store unavailable."""
-        if self.audit is None:
-            return True
-        try:
-            self.audit.record_many(list(entries))
-        except AuditError as exc:
-            if self.audit_ok:
-                log.error("audit store unavailable: %s", exc)
-            self._note_audit(False)
-            return False
-        self._note_audit(True)
-        return True
-
-    def _note_audit(self, ok: bool) -> None:
-        """Fail closed while the store cannot write; reopen as soon as a write succeeds."""
-        if ok and not self.audit_ok:
-            log.warning("audit store writable again")
-        self.audit_ok = ok
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
-    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        if error is not None:
+            return entry, P.error_reply(job.request.id, error[0], error[1])
+        timings = {
+            "queue_ms": _ms(queued),
+            "ttft_ms": _ms(ttft) if ttft is not None else None,
+            "total_ms": _ms(end - seq.arrival),
+        }
+        if seq.first_token_at and n_out > 1 and not job.cache_hit:
+            timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "cached_tokens": seq.base_len}
+        frame = P.done_reply(job.request.id, job.detok.text, seq.finish.value, usage, timings, cache_hit=job.cache_hit)
+        return entry, frame
 
 
 def _ms(seconds: float) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,7 @@ class Finish(str, enum.Enum):
     STOP = "stop"  # a stop sequence appeared
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
+    ERROR = "error"  # this request's own sampling or detokenization failed
 
 
 @dataclass(eq=False)
@@ -60,6 +61,7 @@ class Sequence:
     base_len: int = 0  # tokens already in the slot's cache before the first chunk (a restored session)
     prefilled: int = 0  # tokens of ``feed_ids`` planned so far
     chunk: tuple[int, int] = (0, 0)  # the slice of ``feed_ids`` this step feeds
+    owner: str = ""  # the client identity, for fair admission across clients
 
     def __post_init__(self) -> None:
         if self.sampling.seed is not None:
@@ -81,10 +83,6 @@ class StepPlan:
     prefill: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # ended without running (deadline, cancel)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.prefill or self.decode or self.finished)
 
 
 class Scheduler:
@@ -127,7 +125,8 @@ class Scheduler:
         self._pending_finish.append(seq)
 
     def schedule(self, now: float | None = None) -> StepPlan:
-        """Expire deadlines, admit waiting requests into free slots (FIFO), list running ones to decode."""
+        """Expire deadlines, admit waiting requests into free slots (fairly across clients), list running
+        ones to decode."""
         now = time.monotonic() if now is None else now
         for seq in [*self.waiting, *self.running]:
             if seq.deadline is not None and now >= seq.deadline:
@@ -138,12 +137,20 @@ class Scheduler:
             if budget and not seq.prefill_done:
                 budget -= self._plan_chunk(seq, budget, plan)
         while self.waiting and self.free_slots and budget:
-            seq = self.waiting.popleft()
+            seq = self._next_waiting()
             seq.slot, seq.state, seq.started_at = self.free_slots.pop(0), State.RUNNING, now
             self.running.append(seq)
             budget -= self._plan_chunk(seq, budget, plan)
         plan.finished, self._pending_finish = self._pending_finish, []
         return plan
+
+    def _next_waiting(self) -> Sequence:
+        """The oldest waiting request of the client with the fewest running ones, so one client's
+        burst cannot hold every slot while others wait."""
+        running = Counter(s.owner for s in self.running)
+        seq = min(self.waiting, key=lambda s: running[s.owner])  # min keeps the first (oldest) of ties
+        self.waiting.remove(seq)
+        return seq
 
     @staticmethod
     def _plan_chunk(seq: Sequence, budget: int, plan: StepPlan) -> int:
@@ -176,6 +183,11 @@ class Scheduler:
         """End a running sequence because its text hit a stop sequence."""
         if seq.state is not State.FINISHED:
             self._finish(seq, Finish.STOP)
+
+    def fail(self, seq: Sequence) -> None:
+        """End a sequence whose own processing raised; its batch-mates carry on."""
+        if seq.state is not State.FINISHED:
+            self._finish(seq, Finish.ERROR)
 
     def take_finished(self) -> list[Sequence]:
         done, self._pending_finish = self._pending_finish, []

@@ -22,16 +22,19 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from appliance.errors import ApplianceError
+from appliance.serving.roles import ROLES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
 
-ROLES = ("infer", "admin")
+
 ZAP_DOMAIN = "edge-appliance"
 
 
-class AuthConfigError(Exception):
+class AuthConfigError(ApplianceError):
     pass
 
 

@@ -15,10 +15,11 @@ from typing import Any
 import zmq
 
 from appliance.config import DEFAULT_ENDPOINT
+from appliance.errors import ApplianceError
 from appliance.transport import protocol as P
 
 
-class ClientError(Exception):
+class ClientError(ApplianceError):
     """The daemon answered with an error, or did not answer in time."""
 
     def __init__(self, code: str, message: str, reply: dict | None = None):
@@ -148,9 +149,11 @@ class Client:
             final = event
         return final
 
-    def cancel(self, target: str) -> dict:
-        return self.call(P.OP_CANCEL, target=target)
+    def cancel(self, target: str, identity: str | None = None) -> dict:
+        """Cancel this client's request ``target`` (an admin may name another client's ``identity``)."""
+        return self.call(P.OP_CANCEL, target=target, identity=identity)
 
-    def end_session(self, session: str) -> dict:
-        """Forget a conversation's kept cache (``generate`` with ``session=`` starts or continues one)."""
-        return self.call(P.OP_END_SESSION, session=session)
+    def end_session(self, session: str, identity: str | None = None) -> dict:
+        """Forget a conversation's kept cache (``generate`` with ``session=`` starts or continues one);
+        an admin may name another client's ``identity``."""
+        return self.call(P.OP_END_SESSION, session=session, identity=identity)

@@ -20,6 +20,9 @@ VERSION = 1
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
 OP_END_SESSION = "end_session"
 OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION)
+# Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
+MINOR = 2
+FEATURES = ("stream", "cancel", "deadline", "sessions", "response_cache", "roles", "duplicate_id", "cached_tokens")
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"
@@ -38,7 +41,11 @@ E_CANCELLED = "cancelled"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
 E_SESSION_BUSY = "session_busy"  # another request of the same session is in flight
+E_FORBIDDEN = "forbidden"  # the client's role may not do this
+E_DUPLICATE_ID = "duplicate_id"  # this client already has a request in flight with the same id
 ERROR_CODES = (
+    E_FORBIDDEN,
+    E_DUPLICATE_ID,
     E_MALFORMED,
     E_VERSION,
     E_UNKNOWN_OP,
@@ -61,16 +68,23 @@ MAX_PROMPT_CHARS = 32_768
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 128
+MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflows float64: use 0 (greedy) instead
+MAX_TOP_K = 1 << 20
+# msgpack decoding limits: a request is one small map, so anything bigger is refused before it costs
+# time or memory (a 1 MiB frame of a million empty arrays otherwise takes ~0.7 s to decode).
+MAX_MAP_LEN = 32
+MAX_ARRAY_LEN = 256
 
 
 class ProtocolError(Exception):
     """A request the daemon refuses; ``code`` is one of ``ERROR_CODES``."""
 
-    def __init__(self, code: str, message: str, request_id: str | None = None):
+    def __init__(self, code: str, message: str, request_id: str | None = None, op: str = "?"):
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.op = op  # the op the request named, once it is known (for the audit row)
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class Request:
     deadline_ms: int | None = None
     target: str | None = None  # the id a ``cancel`` refers to
     session: str | None = None  # conversation to continue (generate) or forget (end_session)
+    identity: str | None = None  # admin only: the client whose request/session ``cancel``/``end_session`` names
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -125,7 +140,15 @@ def _check(ok: bool, message: str, rid: str | None) -> None:
 def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     """Decode and validate one request frame; raises ``ProtocolError`` with a specific code."""
     try:
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        msg = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_map_len=MAX_MAP_LEN,
+            max_array_len=MAX_ARRAY_LEN,
+            max_bin_len=0,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(E_MALFORMED, f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
     if not isinstance(msg, dict):
@@ -136,22 +159,36 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     elif not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:
         raise ProtocolError(E_BAD_REQUEST, f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
     version = msg.get("v")
-    if version != VERSION:
+    if version != VERSION or isinstance(version, bool):
         raise ProtocolError(
-            E_VERSION, f"protocol version {version!r} not supported; this daemon speaks v{VERSION}", rid
+            E_VERSION, f"protocol version {version!r} not supported; field 'v' must be the integer {VERSION}", rid
         )
     op = msg.get("op")
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
+    try:
+        return _parse_op(msg, op, rid, max_tokens_limit)
+    except ProtocolError as exc:
+        exc.op = op
+        raise
+
+
+def _parse_op(msg: dict, op: str, rid: str, max_tokens_limit: int) -> Request:
     if op == OP_CANCEL:
         target = _get(msg, "target", str, None, rid)
         _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)
-        return Request(op=op, id=rid, target=target)
+        return Request(op=op, id=rid, target=target, identity=_identity(msg, rid))
     if op == OP_END_SESSION:
-        return Request(op=op, id=rid, session=_session(msg, rid, required=True))
+        return Request(op=op, id=rid, session=_session(msg, rid, required=True), identity=_identity(msg, rid))
     if op != OP_GENERATE:
         return Request(op=op, id=rid)
     return _parse_generate(msg, rid, max_tokens_limit)
+
+
+def _identity(msg: dict, rid: str) -> str | None:
+    identity = _get(msg, "identity", str, None, rid)
+    _check(identity is None or 0 < len(identity) <= 128, "field 'identity' must be a string of 1..128 characters", rid)
+    return identity
 
 
 def _session(msg: dict, rid: str, required: bool = False) -> str | None:
@@ -174,11 +211,15 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     max_tokens = _get(msg, "max_tokens", int, DEFAULT_MAX_TOKENS, rid)
     _check(1 <= max_tokens <= max_tokens_limit, f"field 'max_tokens' must be 1..{max_tokens_limit}", rid)
     temperature = float(_get(msg, "temperature", (int, float), 0.0, rid))
-    _check(0.0 <= temperature <= 5.0, "field 'temperature' must be 0..5 (0 = greedy)", rid)
+    _check(
+        temperature == 0.0 or MIN_TEMPERATURE <= temperature <= 5.0,
+        f"field 'temperature' must be 0 (greedy) or {MIN_TEMPERATURE}..5",
+        rid,
+    )
     top_k = _get(msg, "top_k", int, 0, rid)
-    _check(top_k >= 0, "field 'top_k' must be >= 0", rid)
+    _check(0 <= top_k <= MAX_TOP_K, f"field 'top_k' must be 0..{MAX_TOP_K} (0 = no cut)", rid)
     top_p = float(_get(msg, "top_p", (int, float), 1.0, rid))
-    _check(0.0 < top_p <= 1.0, "field 'top_p' must be in (0, 1]", rid)
+    _check(1e-6 <= top_p <= 1.0, "field 'top_p' must be 1e-6..1", rid)
     penalty = float(_get(msg, "repetition_penalty", (int, float), 1.0, rid))
     _check(0.5 <= penalty <= 2.0, "field 'repetition_penalty' must be 0.5..2", rid)
     seed = _get(msg, "seed", int, None, rid)
@@ -216,9 +257,10 @@ def token_reply(rid: str, index: int, text: str, token_id: int) -> bytes:
     return _pack({"v": VERSION, "id": rid, "type": T_TOKEN, "index": index, "text": text, "token": token_id})
 
 
-def done_reply(rid: str, text: str, finish_reason: str, usage: dict, timings: dict) -> bytes:
+def done_reply(rid: str, text: str, finish_reason: str, usage: dict, timings: dict, **extra: Any) -> bytes:
     return _pack(
         {
+            **extra,
             "v": VERSION,
             "id": rid,
             "type": T_DONE,

@@ -1,123 +1,124 @@
 """The daemon's serving loop: one ZeroMQ ROUTER socket, msgpack frames, streamed replies.
 
-The loop owns every socket; the engine runs in its own thread (``runner.EngineRunner``) and wakes
-the loop through an inproc PUSH/PULL pair when replies are ready, so a slow step never blocks
-``health`` or the watchdog.
+The loop owns every socket; the engine runs in its own thread (``serving.runner.EngineRunner``) and
+wakes the loop through an inproc PUSH/PULL pair when replies are ready, so a slow step never blocks
+``health`` or the watchdog. Every message is checked here before anything else looks at it: exactly
+a routing envelope and one payload frame, a bounded size, bounded msgpack; each loop turn reads for
+a bounded time. Generate requests go through ``serving.admission``; every audit row goes through
+the group-commit writer, refusals aggregated so that a flood costs a bounded number of rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from appliance import __version__
 from appliance.audit import AuditLog, Entry
+from appliance.audit.aggregate import Aggregator
 from appliance.audit.writer import AuditWriter
 from appliance.config import Config
+from appliance.errors import ApplianceError
 from appliance.loader import LoadedModel, load_model
 from appliance.notify import Notifier
-from appliance.serving.response_cache import ResponseCache, cache_key
-from appliance.serving.runner import EngineRunner, Job
-from appliance.serving.scheduler import Scheduler, Sequence
-from appliance.serving.sessions import SessionBusy, SessionStore
+from appliance.serving import roles
+from appliance.serving.admission import Admission, Peer, scoped
+from appliance.serving.response_cache import ResponseCache
+from appliance.serving.runner import EngineRunner
+from appliance.serving.scheduler import Scheduler
+from appliance.serving.sessions import SessionStore
 from appliance.transport import protocol as P
+from appliance.transport.connections import Connections
 
 log = logging.getLogger("appliance.server")
 
-
-class BindError(Exception):
-    """An endpoint cannot be bound (in use, bad address, no permission)."""
-
-
 WAKE = "inproc://engine-wake"
+# Frames up to this many times the configured limit are read and answered ``too_large``; libzmq
+# drops the connection of anything larger (MAXMSGSIZE) before it is buffered.
+HARD_FRAME_FACTOR = 4
+_MONITOR_EVENTS = (
+    zmq.EVENT_ACCEPTED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+class BindError(ApplianceError):
+    """An endpoint cannot be bound (in use, bad address, no permission)."""
 
 
 class Server:
     def __init__(self, config: Config, model: LoadedModel, audit: AuditLog | None, notifier: Notifier | None = None):
         self.config = config
         self.model = model
-        self.audit = audit
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
         self.started = time.monotonic()
+        sc = config.server
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.MAXMSGSIZE, config.server.max_message_bytes)
+        self.router.setsockopt(zmq.MAXMSGSIZE, sc.max_message_bytes * HARD_FRAME_FACTOR)
+        self.router.setsockopt(zmq.RCVHWM, sc.rcvhwm)
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.writer = AuditWriter(audit)
+        self.aggregator = Aggregator(self.writer.submit, interval_s=config.audit.aggregate_s)
+        self._denied: queue.SimpleQueue[str] = queue.SimpleQueue()  # ZAP thread -> loop
         self.authenticator = None
-        self.clients: dict = {}
+        self.roles: dict[str, str] = {}  # CURVE User-Id -> role
         if config.auth.curve:
             self._secure()
-        for endpoint in config.server.endpoints:
+        # The monitor starts before bind so no connection is missed (see transport/connections.py).
+        self.monitor = self.router.get_monitor_socket(_MONITOR_EVENTS)
+        self.connections = Connections()
+        for endpoint in sc.endpoints:
             try:
                 self.router.bind(endpoint)
             except zmq.ZMQError as exc:
-                self.router.close(linger=0)
-                self.ctx.term()
+                self._close_sockets()
                 raise BindError(
                     f"cannot listen on {endpoint}: {exc.strerror} (is another edge-appliance running? "
                     "change [server] endpoints)"
                 ) from None
-        # Client disconnects: the monitor reports the closed connection's file descriptor, and every
-        # request remembers the descriptor it arrived on (SRCFD), so a vanished client's requests are
-        # cancelled at once and free their slots within one engine step.
-        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._fd_keys: dict[int, set[str]] = {}
-        self._key_fd: dict[str, int] = {}
-        self.disconnect_cancels = 0
         self.wake_pull = self.ctx.socket(zmq.PULL)
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()
-        self.writer = AuditWriter(audit) if audit is not None else None
-        sc = config.sessions
-        self.sessions = SessionStore(sc.max_mb << 20, sc.ttl_s, sc.max_sessions)
+        ss = config.sessions
+        self.sessions = SessionStore(ss.max_mb << 20, ss.ttl_s, ss.max_sessions)
         self.responses = ResponseCache(config.engine.response_cache) if config.engine.response_cache else None
+        self.admission = Admission(self.sessions, self.responses, sc.max_per_client)
         self.runner = self._make_runner(model)
         self._retiring: list[EngineRunner] = []  # previous models finishing their in-flight requests
-        self._routes: dict[str, list[bytes]] = {}
-        self.reload_event = threading.Event()
+        self._routes: dict[str, list[bytes]] = {}  # scoped request key -> reply envelope
+        self._route_keys: dict[bytes, set[str]] = {}  # routing id -> its requests in flight
+        self._in_flight: dict[str, int] = {}  # identity -> requests in flight
         self._loader: threading.Thread | None = None
-        self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
+        self.disconnect_cancels = 0
+        self.frames_refused = 0
 
     def _secure(self) -> None:
         from appliance.transport.auth import load_clients, secure_server, start_authenticator
         from provisioning.keys import DEVICE_CURVE, read_private, wipe
 
-        self.clients = {e.user_id: e for e in load_clients(Path(self.config.auth.clients)).values()}
+        clients = load_clients(Path(self.config.auth.clients))
+        self.roles = {e.user_id: e.role for e in clients.values()}
         secret = read_private(DEVICE_CURVE, self.config.key_dir)
         try:
             public = secure_server(self.router, bytes(secret).strip())
         finally:
             wipe(secret)
-        self.authenticator = start_authenticator(
-            self.ctx, {e.key: e for e in self.clients.values()}, self._audit_denied
-        )
-        log.info("CURVE on: server key %s, %d allowed client(s)", public, len(self.clients))
-
-    def _audit_denied(self, z85_key: str) -> None:
-        """Runs in the ZAP thread: an unknown key tried to connect."""
-        from appliance.transport.auth import key_fingerprint
-
-        log.warning("refused CURVE client %s (not in the allow-list)", key_fingerprint(z85_key))
-        self.runner.write_audit(
-            Entry(
-                request_id="-",
-                op="connect",
-                client=f"unknown:{key_fingerprint(z85_key)}",
-                role="-",
-                status="rejected",
-                error_code=P.E_UNAUTHORIZED,
-                model_id=self.model.model_id,
-                model_version=self.model.version,
-            )
-        )
+        self.authenticator = start_authenticator(self.ctx, clients, self._denied.put)
+        log.info("CURVE on: server key %s, %d allowed client(s)", public, len(clients))
 
     def _make_runner(self, model: LoadedModel) -> EngineRunner:
         scheduler = Scheduler(
@@ -128,13 +129,7 @@ class Server:
             prefill_chunk=self.config.engine.prefill_chunk,
         )
         return EngineRunner(
-            model,
-            scheduler,
-            self.audit,
-            wake=self._wake,
-            writer=self.writer,
-            sessions=self.sessions,
-            responses=self.responses,
+            model, scheduler, self.writer, wake=self._wake, sessions=self.sessions, responses=self.responses
         )
 
     # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
@@ -176,16 +171,6 @@ class Server:
         )
         self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
 
-    def _probe_audit(self) -> None:
-        """Leave the fail-closed state by itself once the audit store can write again."""
-        now = time.monotonic()
-        if self.runner.audit_ok or self.audit is None or now - self._last_probe < 1.0:
-            return
-        self._last_probe = now
-        if self.audit.probe():
-            log.warning("audit store writable again; accepting requests")
-            self.runner.audit_ok = True
-
     def _reap_retired(self) -> None:
         for old in [r for r in self._retiring if r.idle()]:
             old.stop()
@@ -201,140 +186,217 @@ class Server:
         with contextlib.suppress(zmq.Again):  # wake-ups already queued: the loop will flush everything
             sock.send(b"", zmq.NOBLOCK)
 
-    # -- request handling ----------------------------------------------------------------------
+    # -- receiving -----------------------------------------------------------------------------
+    def _receive(self) -> bool:
+        """Read one message; False when none is waiting. Only the routing id, an optional empty
+        delimiter and one payload frame are kept: any further frame is dropped as it is read, so a
+        message of many frames costs no memory beyond libzmq's own buffer and is never echoed."""
+        try:
+            first = self.router.recv(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        parts, count = [first], 1
+        while self.router.rcvmore:
+            part = self.router.recv(copy=False)
+            count += 1
+            if count <= 3:
+                parts.append(part)
+        route = first.bytes
+        delimited = len(parts) == 3 and len(parts[1].bytes) == 0
+        envelope = [route, b""] if delimited or (len(parts) > 1 and len(parts[1].bytes) == 0) else [route]
+        payload = parts[-1] if count == len(parts) else None
+        if payload is None or not (count == 2 or delimited):
+            peer = self._peer(route, parts[-1] if count > 1 else first)
+            self._refuse(
+                envelope,
+                peer,
+                P.ProtocolError(
+                    P.E_MALFORMED,
+                    f"a request is exactly one frame after the routing envelope; got {count - 1} frames",
+                ),
+            )
+            return True
+        self.connections.seen(route, _source_fd(payload))
+        self._handle(envelope, self._peer(route, payload), payload)
+        return True
+
+    def _peer(self, route: bytes, frame: zmq.Frame) -> Peer:
+        """The identity is the CURVE ``User-Id`` set by ZAP, or the connection's routing id."""
+        try:
+            user = frame.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            user = None
+        if user:
+            return Peer(user, self.roles.get(user, roles.INFER), route)
+        return Peer(f"anonymous:{route.hex()}", self.config.auth.anonymous_role, route)
+
+    def _handle(self, envelope: list[bytes], peer: Peer, payload: zmq.Frame) -> None:
+        if len(payload) > self.config.server.max_message_bytes:
+            return self._refuse(
+                envelope,
+                peer,
+                P.ProtocolError(
+                    P.E_TOO_LARGE,
+                    f"frame is {len(payload)} bytes; the limit is {self.config.server.max_message_bytes}",
+                ),
+            )
+        try:
+            req = P.parse_request(payload.bytes, self.config.engine.max_new_tokens)
+            roles.check(peer.role, req)
+        except P.ProtocolError as exc:
+            return self._refuse(envelope, peer, exc, op=exc.op)
+        if req.op == P.OP_GENERATE:
+            return self._generate(envelope, peer, req)
+        if req.op == P.OP_HEALTH:
+            result = self.health()
+        elif req.op == P.OP_INFO:
+            result = self.info()
+        elif req.op == P.OP_CANCEL:
+            result = self._cancel(peer, req)
+        else:
+            result = self._end_session(peer, req)
+        changed = result.get("cancelled") or result.get("ended")
+        self._audit(peer, req.op, req.id, "ok", aggregate=not changed)
+        self._reply(envelope, P.result_reply(req.id, result))
+
+    def _cancel(self, peer: Peer, req: P.Request) -> dict:
+        key = scoped(req.identity or peer.identity, req.target)
+        found = any(r.cancel(key) for r in (self.runner, *self._retiring))
+        return {"cancelled": found, "target": req.target}
+
+    def _end_session(self, peer: Peer, req: P.Request) -> dict:
+        ended = self.sessions.end(scoped(req.identity or peer.identity, req.session))
+        return {"ended": ended, "session": req.session}
+
+    def _generate(self, envelope: list[bytes], peer: Peer, req: P.Request) -> None:
+        if self.stop_event.is_set():
+            err = P.ProtocolError(P.E_SHUTTING_DOWN, "the daemon is shutting down; retry against the restarted service")
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id)
+        if not self.writer.healthy:
+            err = P.ProtocolError(
+                P.E_AUDIT, "the audit store cannot be written; requests are refused until it recovers"
+            )
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id)
+        key = scoped(peer.identity, req.id)
+        if key in self._routes:
+            err = P.ProtocolError(
+                P.E_DUPLICATE_ID,
+                f"a request with id {req.id!r} is already in flight for this client; this reply refers to the "
+                "duplicate, the original goes on",
+            )
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id)
+        try:
+            job = self.admission.admit(self.model, req, peer, self._in_flight.get(peer.identity, 0))
+        except P.ProtocolError as exc:
+            return self._refuse(envelope, peer, exc, op=req.op, rid=req.id)
+        if not self.runner.submit(job):
+            self.admission.abandon(job)
+            err = P.ProtocolError(P.E_BUSY, "the waiting queue is full")
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id, retry_after_ms=250)
+        self._routes[key] = envelope
+        self._route_keys.setdefault(peer.route, set()).add(key)
+        self._in_flight[peer.identity] = self._in_flight.get(peer.identity, 0) + 1
+
+    def _forget(self, key: str) -> None:
+        envelope = self._routes.pop(key, None)
+        if envelope is None:
+            return
+        keys = self._route_keys.get(envelope[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._route_keys[envelope[0]]
+        identity = key.split("\x1f", 1)[0]
+        left = self._in_flight.get(identity, 1) - 1
+        if left > 0:
+            self._in_flight[identity] = left
+        else:
+            self._in_flight.pop(identity, None)
+
+    # -- replies and audit of refusals -----------------------------------------------------------
     def _reply(self, envelope: list[bytes], frame: bytes) -> None:
         self.router.send_multipart([*envelope, frame])
 
-    def _reject(self, envelope: list[bytes], client: str, exc: P.ProtocolError, op: str = "?", **extra) -> None:
-        self.runner.write_audit(
-            Entry(
-                request_id=exc.request_id or "-",
-                op=op,
-                client=client,
-                status="rejected",
-                model_id=self.model.model_id,
-                model_version=self.model.version,
-                error_code=exc.code,
-            )
-        )
-        self._reply(envelope, P.error_reply(exc.request_id, exc.code, exc.message, **extra))
+    def _refuse(
+        self,
+        envelope: list[bytes],
+        peer: Peer,
+        exc: P.ProtocolError,
+        op: str = "?",
+        rid: str | None = None,
+        **extra,
+    ) -> None:
+        rid = rid or exc.request_id
+        self.frames_refused += 1
+        log.debug("refused %s from %s: %s %s", op, peer.identity, exc.code, exc.message)
+        self._audit(peer, op, rid, "rejected", error_code=exc.code)
+        self._reply(envelope, P.error_reply(rid, exc.code, exc.message, **extra))
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 2:
-            return  # no routing envelope: nothing to answer
-        envelope = [f.bytes for f in frames[:-1]]
-        client = _client_identity(frames[-1])
-        role = self.clients[client].role if client in self.clients else "infer"
-        try:
-            req = P.parse_request(frames[-1].bytes, self.config.engine.max_new_tokens)
-        except P.ProtocolError as exc:
-            log.info("rejected request from %s: %s %s", client, exc.code, exc.message)
-            self._reject(envelope, client, exc)
-            return
-        if req.op == P.OP_HEALTH:
-            self._reply(envelope, P.result_reply(req.id, self.health()))
-        elif req.op == P.OP_INFO:
-            self._reply(envelope, P.result_reply(req.id, self.info()))
-        elif req.op == P.OP_CANCEL:
-            key = _route_key(envelope, req.target)
-            found = any(r.cancel(key) for r in (self.runner, *self._retiring))
-            self._reply(envelope, P.result_reply(req.id, {"cancelled": found, "target": req.target}))
-        elif req.op == P.OP_END_SESSION:
-            self._reply(
-                envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session), "session": req.session})
-            )
+    def _audit(
+        self, peer: Peer, op: str, rid: str | None, status: str, error_code: str | None = None, aggregate: bool = True
+    ) -> None:
+        entry = Entry(
+            request_id=rid or "-",
+            op=op,
+            client=peer.identity,
+            role=peer.role,
+            status=status,
+            error_code=error_code,
+            model_id=self.model.model_id,
+            model_version=self.model.version,
+        )
+        if aggregate:
+            self.aggregator.add(entry)
         else:
-            self._generate(envelope, client, role, req, frames[-1])
-
-    def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
-        def refuse(code: str, message: str, **extra) -> None:
-            self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, **extra)
-
-        if self.stop_event.is_set():
-            return refuse(P.E_SHUTTING_DOWN, "the daemon is shutting down; retry against the restarted service")
-        if not self.runner.audit_ok:
-            return refuse(P.E_AUDIT, "the audit store cannot be written; requests are refused until it recovers")
-        key = _route_key(envelope, req.id)
-        if key in self._routes:
-            return refuse(P.E_BAD_REQUEST, f"a request with id {req.id!r} is already in flight on this connection")
-        spec, version = self.model.spec, self.model.version
-        ids = [spec.bos_token_id, *self.model.tokenizer.encode(req.prompt).ids]
-        restore, history, feed = None, [], ids
-        if req.session is not None:
-            try:
-                restore = self.sessions.acquire(req.session, str(version))
-            except SessionBusy:
-                return refuse(
-                    P.E_SESSION_BUSY,
-                    f"session {req.session!r} has a request in flight; send the next turn after its reply",
-                )
-            if restore is not None:  # a later turn: no BOS, and only what the cache lacks is prefilled
-                history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids[1:]
-        context = len(history) + len(feed)
-        room = self.model.engine.max_seq_len - context
-        if room < 1:
-            if req.session is not None:
-                self.sessions.release(req.session, restore)
-            what = "conversation" if restore is not None else "prompt"
-            return refuse(
-                P.E_TOO_LARGE,
-                f"{what} is {context} tokens; the context holds "
-                f"{self.model.engine.max_seq_len}"
-                + ("; end the session and start a new one" if restore is not None else ""),
-            )
-        deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
-        seq = Sequence(
-            key=key,
-            prompt_ids=ids,
-            max_tokens=min(req.max_tokens, room),
-            sampling=req.sampling,
-            deadline=deadline,
-            ignore_eos=req.ignore_eos,
-            session=req.session,
-            feed_ids=feed,
-            base_len=len(history),
-        )
-        job = Job(
-            seq=seq,
-            request=req,
-            client=client,
-            role=role,
-            restore=restore,
-            history=history,
-            cache_key=cache_key(req, version) if self.responses is not None else None,
-        )
-        if not self.runner.submit(job):
-            if req.session is not None:
-                self.sessions.release(req.session, restore)
-            return refuse(P.E_BUSY, "the waiting queue is full", retry_after_ms=250)
-        self._routes[key] = envelope
-        fd = _source_fd(frame)
-        if fd is not None:
-            self._fd_keys.setdefault(fd, set()).add(key)
-            self._key_fd[key] = fd
-
-    def _forget(self, key: str) -> None:
-        self._routes.pop(key, None)
-        fd = self._key_fd.pop(key, None)
-        if fd is not None:
-            keys = self._fd_keys.get(fd, set())
-            keys.discard(key)
-            if not keys:
-                self._fd_keys.pop(fd, None)
+            self.writer.submit([entry])
 
     def _on_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
-            for key in list(self._fd_keys.get(int(event["value"]), ())):
-                for runner in (self.runner, *self._retiring):
-                    if runner.cancel(key):
-                        self.disconnect_cancels += 1
-                        log.info("client disconnected: cancelled %s", key)
-                self._forget(key)  # nobody is left to receive the reply
+            kind, fd = event["event"], int(event["value"])
+            if kind == zmq.EVENT_ACCEPTED:
+                self.connections.accepted(fd)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                for route in self.connections.disconnected(fd):
+                    self._drop_route(route)
+            else:  # a handshake that failed: plaintext to a CURVE endpoint, or a broken client
+                entry = Entry(
+                    request_id="-",
+                    op="connect",
+                    client="unauthenticated",
+                    role="-",
+                    status="rejected",
+                    error_code="handshake_failed",
+                )
+                self.aggregator.add(entry)
+
+    def _drop_route(self, route: bytes) -> None:
+        """The connection behind ``route`` closed: cancel its requests, nobody is left to answer."""
+        for key in list(self._route_keys.get(route, ())):
+            for runner in (self.runner, *self._retiring):
+                if runner.cancel(key):
+                    self.disconnect_cancels += 1
+                    log.info("client disconnected: cancelled %s", key.replace("\x1f", " "))
+            self._forget(key)
+
+    def _drain_denied(self) -> None:
+        from appliance.transport.auth import key_fingerprint
+
+        while True:
+            try:
+                z85 = self._denied.get_nowait()
+            except queue.Empty:
+                return
+            self.aggregator.add(
+                Entry(
+                    request_id="-",
+                    op="connect",
+                    client=f"unknown:{key_fingerprint(z85)}",
+                    role="-",
+                    status="rejected",
+                    error_code=P.E_UNAUTHORIZED,
+                )
+            )
 
     def _flush_outbox(self) -> None:
         for runner in (*self._retiring, self.runner):
@@ -347,28 +409,37 @@ class Server:
                 if out.final:
                     self._forget(out.key)
 
+    # -- status ----------------------------------------------------------------------------------
     def health(self) -> dict:
-        load = self.runner.load()
+        """Every field is always present (zero when its feature is off), so clients can rely on it."""
+        healthy = self.writer.healthy
+        responses = self.responses.stats() if self.responses else dict.fromkeys(_RESPONSE_FIELDS, 0)
         return {
-            "status": "ok" if self.runner.audit_ok else "degraded",
-            "audit": "ok" if self.runner.audit_ok else "unavailable",
+            "status": "ok" if healthy else "degraded",
+            "audit": "ok" if healthy else "unavailable",
             "model_id": self.model.model_id,
             "version": self.model.version,
             "uptime_s": round(time.monotonic() - self.started, 1),
-            **load,
+            **self.runner.load(),
+            "clients_connected": len(self.connections),
             "tokens_generated": self.runner.tokens_generated,
-            "audit_commits": self.writer.commits if self.writer else 0,
-            "audit_rows": self.writer.rows if self.writer else 0,
+            "request_failures": self.runner.request_failures,
+            "audit_commits": self.writer.commits,
+            "audit_rows": self.writer.rows,
+            "audit_failures": self.writer.failures,
+            "refused": self.frames_refused,
             "disconnect_cancels": self.disconnect_cancels,
             **self.sessions.stats(),
-            **(self.responses.stats() if self.responses else {}),
+            **responses,
             **_engine_stats(self.model.engine),
         }
 
     def info(self) -> dict:
-        eng = self.config.engine
+        eng, srv = self.config.engine, self.config.server
         return {
             "protocol": P.VERSION,
+            "protocol_minor": P.MINOR,
+            "features": list(P.FEATURES),
             "software": __version__,
             "model_id": self.model.model_id,
             "version": self.model.version,
@@ -378,17 +449,17 @@ class Server:
             "limits": {
                 "max_batch": self.model.engine.num_slots,
                 "max_queued": eng.max_queued,
+                "max_per_client": srv.max_per_client,
                 "max_seq_len": self.model.engine.max_seq_len,
                 "max_new_tokens": eng.max_new_tokens,
-                "max_message_bytes": self.config.server.max_message_bytes,
+                "max_message_bytes": srv.max_message_bytes,
                 "max_prompt_chars": P.MAX_PROMPT_CHARS,
             },
         }
 
     # -- loop ----------------------------------------------------------------------------------
     def serve_forever(self, drain_s: float = 10.0) -> None:
-        if self.writer is not None:
-            self.writer.start()
+        self.writer.start()
         self.runner.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -396,6 +467,7 @@ class Server:
         poller.register(self.monitor, zmq.POLLIN)
         interval = self.notifier.watchdog_interval
         timeout_ms = 200 if interval is None else min(200, int(interval * 500))
+        budget_s = self.config.server.turn_budget_ms / 1000.0
         drain_until = None
         try:
             while True:
@@ -404,21 +476,22 @@ class Server:
                 if self.wake_pull in events:
                     while self.wake_pull.poll(0):
                         self.wake_pull.recv()
-                if self.monitor in events:
-                    self._on_monitor()
+                self._on_monitor()
+                self._drain_denied()
                 self._flush_outbox()
-                self._probe_audit()
                 if self.reload_event.is_set():
                     self._start_reload()
                 self._finish_reload()
                 self._reap_retired()
                 if self.router in events:
-                    for _ in range(64):  # bounded so replies and the watchdog are never starved
-                        try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
+                    # Bounded in time, so replies, health and the watchdog are never starved by a flood;
+                    # monitor events go first so a disconnect is attributed before a reused descriptor's
+                    # next message (see transport/connections.py).
+                    turn_end = time.monotonic() + budget_s
+                    self._on_monitor()
+                    while time.monotonic() < turn_end and self._receive():
+                        pass
+                self.aggregator.flush()
                 if self.stop_event.is_set():
                     if drain_until is None:
                         self.notifier.stopping()
@@ -430,22 +503,31 @@ class Server:
             for runner in (self.runner, *self._retiring):
                 runner.stop()
                 runner.join(timeout=5)
-            if self.writer is not None:
-                self.writer.stop()  # commits what is queued; their replies are flushed below
+            self.aggregator.flush(force=True)
+            self.writer.stop()  # commits what is queued; their replies are flushed below
             self._flush_outbox()
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
             self.router.disable_monitor()
-            self.monitor.close(linger=0)
-            self.router.close(linger=500)
-            self.wake_pull.close(linger=0)
-            if self.authenticator is not None:
-                self.authenticator.stop()
-            self.ctx.term()
+        for sock in (getattr(self, "monitor", None), getattr(self, "wake_pull", None)):
+            if sock is not None:
+                sock.close(linger=0)
+        self.router.close(linger=500)
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.ctx.term()
+
+
+_RESPONSE_FIELDS = ("response_cache_entries", "response_cache_hits", "response_cache_misses")
+_ENGINE_FIELDS = ("decode_steps", "resident_steps", "regathers", "cache_bytes_copied", "prefill_tokens")
 
 
 def _engine_stats(engine) -> dict:
     stats = getattr(engine, "stats", None)
     if stats is None:
-        return {}
+        return dict.fromkeys(_ENGINE_FIELDS, 0)
     return {
         "decode_steps": stats.decode_steps,
         "resident_steps": stats.resident_steps,
@@ -455,22 +537,9 @@ def _engine_stats(engine) -> dict:
     }
 
 
-def _route_key(envelope: list[bytes], rid: str | None) -> str:
-    return f"{envelope[0].hex()}:{rid}"
-
-
 def _source_fd(frame: zmq.Frame) -> int | None:
     try:
         fd = frame.get(zmq.SRCFD)
     except (zmq.ZMQError, AttributeError):
         return None
     return fd if isinstance(fd, int) and fd >= 0 else None
-
-
-def _client_identity(frame: zmq.Frame) -> str:
-    """The CURVE public key (``User-Id`` set by ZAP) when authenticated, else 'anonymous'."""
-    try:
-        user = frame.get("User-Id")
-    except (zmq.ZMQError, AttributeError):
-        user = None
-    return user or "anonymous"

@@ -1,0 +1,44 @@
+"""Which connection a request came on, so a client that disconnects has its requests cancelled.
+
+ZeroMQ hides connections behind routing ids; the socket monitor reports ``ACCEPTED`` and
+``DISCONNECTED`` with the connection's file descriptor, and every received frame can tell the
+descriptor it arrived on (``SRCFD``). Descriptors are reused, so a descriptor alone cannot say
+*which* connection closed: a late ``DISCONNECTED`` for an old connection would cancel the
+stranger who got the same number. Each descriptor therefore carries a generation, advanced at every
+``ACCEPTED``; a routing id is bound to (descriptor, generation) when its first message arrives,
+and a disconnect cancels only the routing ids of the generation that closed.
+
+This relies on libzmq emitting ``DISCONNECTED`` before it closes the descriptor and ``ACCEPTED``
+before the new peer's first message can be read, and on the server draining monitor events before
+it reads messages; both hold for libzmq 4.3's stream engine.
+"""
+
+from __future__ import annotations
+
+
+class Connections:
+    def __init__(self) -> None:
+        self._generation: dict[int, int] = {}
+        self._bound: dict[bytes, tuple[int, int]] = {}  # routing id -> (fd, generation)
+        self._by_conn: dict[tuple[int, int], set[bytes]] = {}
+
+    def accepted(self, fd: int) -> None:
+        self._generation[fd] = self._generation.get(fd, 0) + 1
+
+    def seen(self, route: bytes, fd: int | None) -> None:
+        """A message from ``route`` arrived on descriptor ``fd`` (None when libzmq cannot tell)."""
+        if fd is None or route in self._bound:
+            return
+        conn = (fd, self._generation.get(fd, 0))
+        self._bound[route] = conn
+        self._by_conn.setdefault(conn, set()).add(route)
+
+    def disconnected(self, fd: int) -> set[bytes]:
+        """The routing ids whose connection just closed (forgotten from now on)."""
+        routes = self._by_conn.pop((fd, self._generation.get(fd, 0)), set())
+        for route in routes:
+            self._bound.pop(route, None)
+        return routes
+
+    def __len__(self) -> int:
+        return len(self._bound)

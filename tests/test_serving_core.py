@@ -1,0 +1,121 @@
+"""Serving-core units on real objects: the detokenizer, fair admission, connection tracking, the
+audit aggregator, and per-request isolation on the real engine thread with a real model."""
+
+from __future__ import annotations
+
+import threading
+
+from appliance.audit import Entry
+from appliance.audit.aggregate import OVERFLOW_PEER, Aggregator
+from appliance.audit.writer import AuditWriter
+from appliance.config import load_config
+from appliance.loader import load_model
+from appliance.serving.admission import Admission, Peer
+from appliance.serving.detokenize import Detokenizer, cut_at_stop, stop_prefix_len
+from appliance.serving.runner import EngineRunner
+from appliance.serving.scheduler import Scheduler, Sequence
+from appliance.serving.sessions import SessionStore
+from appliance.transport import protocol as P
+from appliance.transport.connections import Connections
+
+CHARS = {1: "he", 2: "llo", 3: " wor", 4: "ld", 5: "\xe2", 6: "\x82\xac"}
+
+
+def toy_decode(ids: list[int]) -> str:
+    """A byte-level decoder: tokens 5 and 6 are the two halves of one UTF-8 character (€)."""
+    raw = "".join(CHARS[i] for i in ids).encode("latin-1")
+    return raw.decode("utf-8", errors="replace")
+
+
+def test_detokenizer_streams_whole_characters_only():
+    detok = Detokenizer(toy_decode)
+    assert detok.step([1], False) == "he"
+    assert detok.step([1, 5], False) == ""  # half a character is held back
+    assert detok.step([1, 5, 6], False) == "€"
+    assert detok.text == "he€"
+
+
+def test_detokenizer_holds_back_a_possible_stop_and_cuts_at_it():
+    detok = Detokenizer(toy_decode, stops=("o wo",))
+    assert detok.step([1], False) == "he"
+    assert detok.step([1, 2], False) == "ll"  # "o" may start the stop string
+    assert detok.step([1, 2, 3], False) == ""
+    assert detok.stopped and detok.text == "hell"
+
+
+def test_stop_matching_picks_the_earliest_stop():
+    assert cut_at_stop("ab", "cdef", ("ef", "cd")) == ("ab", True)
+    assert cut_at_stop("ab", "c", ("zz",)) == ("abc", False)
+    assert stop_prefix_len("hello wo", ("world",)) == 2
+
+
+def test_admission_picks_the_client_with_fewest_running():
+    sched = Scheduler(num_slots=2, max_queued=8, max_seq_len=64, eos_token_id=0)
+    for i in range(3):
+        sched.add(Sequence(key=f"a{i}", prompt_ids=[1, 2], max_tokens=4, owner="a"))
+    sched.add(Sequence(key="b0", prompt_ids=[1, 2], max_tokens=4, owner="b"))
+    plan = sched.schedule()
+    assert sorted(s.key for s in plan.prefill) == ["a0", "b0"]  # b jumps a's backlog
+
+
+def test_a_late_disconnect_only_cancels_its_own_generation():
+    conns = Connections()
+    conns.accepted(12)
+    conns.seen(b"old", 12)
+    # the old peer closes and a new one gets descriptor 12: events arrive in this order
+    assert conns.disconnected(12) == {b"old"}
+    conns.accepted(12)
+    conns.seen(b"new", 12)
+    assert conns.disconnected(11) == set()
+    assert conns.disconnected(12) == {b"new"}
+
+
+def test_aggregator_writes_one_row_per_interval_and_loses_no_event():
+    written: list[Entry] = []
+    agg = Aggregator(written.extend, interval_s=10.0, max_keys=2)
+    refusal = Entry(request_id="x", op="?", status="rejected", client="p1", error_code=P.E_MALFORMED)
+    for t in range(100):
+        agg.add(refusal, now=float(t) / 100)
+    agg.add(Entry(request_id="y", op="?", status="rejected", client="p2", error_code=P.E_MALFORMED), now=0.5)
+    agg.add(Entry(request_id="z", op="?", status="rejected", client="p3", error_code=P.E_MALFORMED), now=0.5)
+    assert len(written) == 3  # first event of each key (p3 overflowed into "*")
+    assert written[2].client == OVERFLOW_PEER
+    agg.flush(now=20.0)
+    assert sum(e.occurrences for e in written) == 102
+    assert written[-1].occurrences == 99 and written[-1].request_id == "-"
+
+
+def test_a_request_whose_sampling_fails_ends_alone(device):
+    """A NaN-producing temperature (bypassing protocol validation) fails its own request; the
+    request decoding beside it in the same batch finishes normally."""
+    model = load_model(load_config(device.config))
+    writer = AuditWriter(None)
+    sessions = SessionStore(1 << 20, 60, 8)
+    admission = Admission(sessions, None, max_per_client=8)
+    woke = threading.Event()
+    sched = Scheduler(num_slots=2, max_queued=4, max_seq_len=model.engine.max_seq_len, eos_token_id=-1)
+    runner = EngineRunner(model, sched, writer, wake=woke.set, sessions=sessions)
+    peer = Peer("tester", "infer", b"r")
+    good = P.Request(op=P.OP_GENERATE, id="good", prompt="Return the", max_tokens=12)
+    bad = P.Request(
+        op=P.OP_GENERATE, id="bad", prompt="Return the", max_tokens=12, sampling=P.Sampling(temperature=1e-320)
+    )
+    runner.start()
+    try:
+        assert runner.submit(admission.admit(model, good, peer, 0))
+        assert runner.submit(admission.admit(model, bad, peer, 1))
+        finals: dict[str, dict] = {}
+        while len(finals) < 2:
+            assert woke.wait(60)
+            woke.clear()
+            while not runner.outbox.empty():
+                out = runner.outbox.get()
+                if out.final:
+                    reply = P.decode_reply(out.frame)
+                    finals[reply["id"]] = reply
+    finally:
+        runner.stop()
+        runner.join(timeout=10)
+    assert finals["bad"]["code"] == P.E_INTERNAL
+    assert finals["good"]["type"] == "done" and finals["good"]["usage"]["completion_tokens"] == 12
+    assert runner.request_failures == 1
