@@ -29,10 +29,6 @@ class Notifier:
         self.watchdog_interval = int(usec) / 2e6 if usec and usec.isdigit() and owned else None
         self._last_ping = 0.0
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.address)
-
     def send(self, message: str) -> None:
         if not self.address:
             return

@@ -25,7 +25,10 @@ def tiny_build(tmp_path_factory) -> Path:
     from edge_models.teacher import TINY
     from edge_models.train import TrainConfig
 
-    out = tmp_path_factory.mktemp("build") / "demo"
+    reuse = os.environ.get("EDGE_TEST_BUILD")  # developers: keep one tiny build across runs
+    if reuse and (Path(reuse) / "report.json").exists():
+        return Path(reuse)
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("build") / "demo"
     build_demo(out, TINY, TrainConfig(steps=40, batch_size=8, seq_len=64), vocab_size=1024, student=TINY_STUDENT)
     return out
 

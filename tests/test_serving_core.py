@@ -58,6 +58,17 @@ def test_admission_picks_the_client_with_fewest_running():
     assert sorted(s.key for s in plan.prefill) == ["a0", "b0"]  # b jumps a's backlog
 
 
+def test_a_cancel_racing_the_last_token_finishes_the_request_once():
+    sched = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=0)
+    seq = Sequence(key="k", prompt_ids=[1, 2], max_tokens=1)
+    sched.add(seq)
+    sched.schedule()
+    sched.cancel("k")  # the serving loop cancels while the engine thread holds the step's token
+    sched.on_token(seq, 0)  # end-of-sequence arrives for the already finished request
+    assert sched.take_finished() == [seq] and seq.finish.value == "cancelled"
+    assert sched.free_slots == [0]
+
+
 def test_a_late_disconnect_only_cancels_its_own_generation():
     conns = Connections()
     conns.accepted(12)

@@ -52,7 +52,7 @@ class OrtEngine(PaddedKVEngine):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Spinning workers cut per-op wake-up latency (decode runs many small ops) at the cost of busy
-        # cores between steps; turn it off on machines shared with other work (bench/threads.py).
+        # cores between steps; turn it off on machines shared with other work (bench/inference.py's thread sweep).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if affinity:  # e.g. "1;2" pins the intra-op workers (threads-1 entries); see ONNX Runtime's docs
             opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)

@@ -18,7 +18,7 @@ supply array creation and execution (numpy for ONNX Runtime, CUDA tensors for Te
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,6 @@ class EngineStats:
     regathers: int = 0  # decode steps that had to gather the batch (it changed)
     copied_bytes: int = 0  # cache bytes copied on the host (gathers, chunk assembly, session save/load)
     prefill_tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class PaddedKVEngine:

@@ -76,10 +76,6 @@ class EngineRunner(threading.Thread):
         self.tokens_generated = 0
         self.request_failures = 0  # requests ended by a fault in their own sampling/detokenization
 
-    @property
-    def audit_ok(self) -> bool:
-        return self.writer.healthy
-
     # -- called from the server thread ---------------------------------------------------------
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the waiting queue is full."""
@@ -221,6 +217,8 @@ class EngineRunner(threading.Thread):
         seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
         token = sample(logits, seq.sampling, seen, seq.rng)
         with self._lock:
+            if seq.finish is not None:  # cancelled by the serving loop since the step began
+                return
             self.scheduler.on_token(seq, token, now)
         self.tokens_generated += 1
         job = self._jobs[seq.key]

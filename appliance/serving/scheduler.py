@@ -114,6 +114,10 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
+        # Idempotent: a cancel from the serving loop can race the engine thread's own finish (EOS,
+        # length, stop); finishing twice would free the slot twice and answer the request twice.
+        if seq.state is State.FINISHED:
+            return
         seq.state, seq.finish, seq.finished_at = State.FINISHED, reason, time.monotonic()
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -163,6 +167,8 @@ class Scheduler:
     def on_token(self, seq: Sequence, token: int, now: float | None = None) -> bool:
         """Record a sampled token; returns True when the sequence has just finished."""
         now = time.monotonic() if now is None else now
+        if seq.state is State.FINISHED:  # cancelled while its step ran: the token is discarded
+            return True
         if seq.first_token_at is None:
             seq.first_token_at = now
         if token == self.eos_token_id and not seq.ignore_eos:
