@@ -117,6 +117,17 @@ def cmd_simple(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from appliance import reload
+
+    pid = args.pid or os.environ.get("MAINPID")
+    if not pid or not str(pid).isdigit():
+        raise ConfigError("no daemon pid: pass --pid (systemd sets $MAINPID for ExecReload=)")
+    status = reload.request(load_config(_config_path(args)).state_dir, int(pid), args.timeout)
+    print(f"edge-appliance reload: {status.message}", file=sys.stdout if status.ok else sys.stderr)
+    return 0 if status.ok else 1
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -180,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         client_flags(sp)
         sp.set_defaults(func=cmd_simple)
 
+    r = sub.add_parser(
+        "reload",
+        help="load the installed bundle in the running daemon; exits non-zero if it fails (the unit's ExecReload=)",
+    )
+    r.add_argument("--pid", type=int, help="the daemon's pid (default: $MAINPID, set by systemd)")
+    r.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the outcome (default: 240)")
+    r.set_defaults(func=cmd_reload)
+
     k = sub.add_parser("client-keygen", help="make a CURVE key pair for a client and print its allow-list entry")
     k.add_argument("--out", required=True, help="directory for client.key (0600) and client.pub")
     k.add_argument("--name", required=True, help="the client's name in the allow-list and the audit log")
@@ -205,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from appliance.audit import AuditError
     from appliance.engine import EngineError
     from appliance.loader import ModelLoadError
+    from appliance.reload import ReloadError
     from appliance.transport.auth import AuthConfigError
     from appliance.transport.client import ClientError
     from appliance.transport.server import BindError
@@ -222,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         EngineError,
         ModelLoadError,
         ProvisioningError,
+        ReloadError,
     ) as exc:
         print(f"edge-appliance: error: {exc}", file=sys.stderr)
         return 1

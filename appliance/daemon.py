@@ -74,7 +74,7 @@ def run_daemon(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_reload)
     endpoints = ", ".join(config.server.endpoints)
-    notifier.ready(f"serving {model.model_id} v{model.version} on {endpoints}")
+    notifier.ready(server.status_line())
     log.info("ready: listening on %s", endpoints)
     log.info(
         'query it with: edge-appliance ask "How do I reset the conveyor?" --endpoint %s', config.server.endpoints[0]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 
 import zmq
 
-from appliance import __version__
+from appliance import __version__, reload
 from appliance.audit import AuditLog, Entry
 from appliance.audit.writer import AuditWriter
 from appliance.config import Config
@@ -85,6 +86,18 @@ class Server:
         self._loader: threading.Thread | None = None
         self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
+        self.reloads = 0  # generation published to `edge-appliance reload` (appliance.reload)
+
+    def status_line(self) -> str:
+        """systemd's StatusText while serving (also after every reload, failed or not)."""
+        return f"serving {self.model.model_id} v{self.model.version} on {', '.join(self.config.server.endpoints)}"
+
+    def _publish_reload(self, ok: bool, message: str) -> None:
+        self.reloads += 1
+        try:
+            reload.publish(self.config.state_dir, reload.ReloadStatus(os.getpid(), self.reloads, ok, message))
+        except OSError as exc:  # the reload itself is done; only its reporting is lost
+            log.error("cannot write the reload status to %s: %s", self.config.state_dir, exc)
 
     def _secure(self) -> None:
         from appliance.transport.auth import load_clients, secure_server, start_authenticator
@@ -161,7 +174,8 @@ class Server:
         loaded, self._loader, self._loaded = self._loaded, None, None
         if isinstance(loaded, Exception):
             log.error("reload failed, still serving %s v%d: %s", self.model.model_id, self.model.version, loaded)
-            self.notifier.status(f"reload failed; serving {self.model.model_id} v{self.model.version}")
+            self.notifier.status(f"reload failed; {self.status_line()}")
+            self._publish_reload(False, f"reload failed, still serving v{self.model.version}: {loaded}")
             return
         old = self.runner
         self.runner = self._make_runner(loaded)
@@ -174,7 +188,8 @@ class Server:
             loaded.version,
             sum(old.load().values()),
         )
-        self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
+        self.notifier.ready(self.status_line())
+        self._publish_reload(True, f"now serving {loaded.model_id} v{loaded.version}")
 
     def _probe_audit(self) -> None:
         """Leave the fail-closed state by itself once the audit store can write again."""
