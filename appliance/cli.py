@@ -124,8 +124,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if not pid or not str(pid).isdigit():
         raise ConfigError("no daemon pid: pass --pid (systemd sets $MAINPID for ExecReload=)")
     status = reload.request(load_config(_config_path(args)).state_dir, int(pid), args.timeout)
-    print(f"edge-appliance reload: {status.message}", file=sys.stdout if status.ok else sys.stderr)
-    return 0 if status.ok else 1
+    if not status.ok:
+        from appliance.logs import error_prefix
+
+        print(f"{error_prefix()}edge-appliance reload: {status.message}", file=sys.stderr)
+        return 1
+    print(f"edge-appliance reload: {status.message}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.call("metrics")["text"], end="")
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -199,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the outcome (default: 240)")
     r.set_defaults(func=cmd_reload)
 
+    m = sub.add_parser("metrics", help="Prometheus metrics in text format (needs a CURVE client with role admin)")
+    client_flags(m)
+    m.set_defaults(func=cmd_metrics)
+
     k = sub.add_parser("client-keygen", help="make a CURVE key pair for a client and print its allow-list entry")
     k.add_argument("--out", required=True, help="directory for client.key (0600) and client.pub")
     k.add_argument("--name", required=True, help="the client's name in the allow-list and the audit log")
@@ -244,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         ProvisioningError,
         ReloadError,
     ) as exc:
-        print(f"edge-appliance: error: {exc}", file=sys.stderr)
+        from appliance.logs import error_prefix
+
+        print(f"{error_prefix()}edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -61,6 +61,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0  # Prometheus scrape port on `address`; 0 = off (the admin-only `metrics` op always works)
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     trust_dir: Path
@@ -71,6 +77,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
 
@@ -80,6 +87,7 @@ _SECTIONS = {
     "audit": AuditConfig,
     "auth": AuthConfig,
     "sessions": SessionConfig,
+    "metrics": MetricsConfig,
 }
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
@@ -134,6 +142,7 @@ def load_config(path: Path) -> Config:
         audit=audit,
         auth=auth,
         sessions=sections["sessions"],
+        metrics=sections["metrics"],
         source=path,
     )
 
@@ -178,4 +187,7 @@ checkpoint_every = 100      # rows between checkpoints signed with the device's 
 [auth]
 curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served
 # clients = "clients.toml"  # [[client]] name = "...", key = "<Z85 public key>", role = "infer" | "admin"
+
+[metrics]
+port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin
 """

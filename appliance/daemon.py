@@ -10,6 +10,7 @@ from pathlib import Path
 from appliance.audit import AuditLog
 from appliance.config import Config
 from appliance.loader import LoadedModel, load_model
+from appliance.metrics import METRICS
 from appliance.notify import Notifier
 from appliance.transport.server import Server
 from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
@@ -52,6 +53,7 @@ def run_daemon(config: Config) -> int:
     notifier.status("decrypting model")
     t0 = time.monotonic()
     model = load_model(config)
+    METRICS.model_loaded(model.model_id, model.version, time.monotonic() - t0)
     log.info(
         "loaded model %s v%d (%s, engine %s) in %.2fs",
         model.model_id,
@@ -62,6 +64,8 @@ def run_daemon(config: Config) -> int:
     )
     log.info("warm-up took %.3fs", warm_up(model))
     server = Server(config, model, audit, notifier)
+    if config.metrics.port:
+        METRICS.serve_http(config.metrics.port, config.metrics.address)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)

@@ -62,6 +62,11 @@ def stderr_is_journal() -> bool:
     return stream == f"{st.st_dev}:{st.st_ino}"
 
 
+def error_prefix() -> str:
+    """For a CLI's one-line error on stderr: journald files it at priority err."""
+    return "<3>" if stderr_is_journal() else ""
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()

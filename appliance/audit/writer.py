@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from appliance.audit.chain import AuditError, AuditLog, Entry
+from appliance.metrics import METRICS
 
 log = logging.getLogger("appliance.audit")
 
@@ -50,9 +51,11 @@ class AuditWriter(threading.Thread):
     def _commit(self, batch: list[tuple[list[Entry], Callable[[bool], None]]]) -> None:
         entries = [e for group, _ in batch for e in group]
         try:
-            self.audit.record_many(entries)
+            with METRICS.audit_commit.time():
+                self.audit.record_many(entries)
             ok = True
         except AuditError as exc:
+            METRICS.audit_failures.inc()
             if self.healthy:
                 log.error("audit store unavailable: %s", exc)
             ok = False

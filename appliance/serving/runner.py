@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from appliance.audit import AuditError, AuditLog, Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
+from appliance.metrics import METRICS
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
@@ -264,6 +265,11 @@ class EngineRunner(threading.Thread):
         def publish(audited: bool) -> None:
             for key, frame, withheld in replies:
                 self.outbox.put(Outgoing(key, frame if audited else withheld, True))
+            for entry in entries:
+                if audited:
+                    METRICS.generated(entry)
+                else:
+                    METRICS.request(entry.op, "error", P.E_AUDIT)
             self._note_audit(audited)
             with self._lock:
                 self._unpublished -= len(replies)
@@ -318,8 +324,10 @@ class EngineRunner(threading.Thread):
         if self.audit is None:
             return True
         try:
-            self.audit.record_many(list(entries))
+            with METRICS.audit_commit.time():
+                self.audit.record_many(list(entries))
         except AuditError as exc:
+            METRICS.audit_failures.inc()
             if self.audit_ok:
                 log.error("audit store unavailable: %s", exc)
             self._note_audit(False)

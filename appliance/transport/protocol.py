@@ -19,7 +19,8 @@ VERSION = 1
 # Ops a client may send.
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
 OP_END_SESSION = "end_session"
-OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION)
+OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS)
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"

@@ -21,6 +21,7 @@ from appliance.audit import AuditLog, Entry
 from appliance.audit.writer import AuditWriter
 from appliance.config import Config
 from appliance.loader import LoadedModel, load_model
+from appliance.metrics import METRICS
 from appliance.notify import Notifier
 from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import EngineRunner, Job
@@ -87,6 +88,7 @@ class Server:
         self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
         self.reloads = 0  # generation published to `edge-appliance reload` (appliance.reload)
+        METRICS.watch(self)
 
     def status_line(self) -> str:
         """systemd's StatusText while serving (also after every reload, failed or not)."""
@@ -159,8 +161,10 @@ class Server:
         log.info("reload requested: loading the installed bundle beside the serving model")
 
         def load() -> None:
+            start = time.monotonic()
             try:
                 self._loaded = load_model(self.config)
+                self._loaded_in = time.monotonic() - start
             except Exception as exc:  # any failure keeps the old model serving
                 self._loaded = exc
             self._wake()
@@ -176,6 +180,7 @@ class Server:
             log.error("reload failed, still serving %s v%d: %s", self.model.model_id, self.model.version, loaded)
             self.notifier.status(f"reload failed; {self.status_line()}")
             self._publish_reload(False, f"reload failed, still serving v{self.model.version}: {loaded}")
+            METRICS.reloads.labels("failed").inc()
             return
         old = self.runner
         self.runner = self._make_runner(loaded)
@@ -190,6 +195,8 @@ class Server:
         )
         self.notifier.ready(self.status_line())
         self._publish_reload(True, f"now serving {loaded.model_id} v{loaded.version}")
+        METRICS.reloads.labels("ok").inc()
+        METRICS.model_loaded(loaded.model_id, loaded.version, self._loaded_in)
 
     def _probe_audit(self) -> None:
         """Leave the fail-closed state by itself once the audit store can write again."""
@@ -233,6 +240,7 @@ class Server:
             )
         )
         self._reply(envelope, P.error_reply(exc.request_id, exc.code, exc.message, **extra))
+        METRICS.request(op, "rejected", exc.code)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -258,8 +266,14 @@ class Server:
             self._reply(
                 envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session), "session": req.session})
             )
+        elif req.op == P.OP_METRICS:
+            if role != "admin":
+                exc = P.ProtocolError(P.E_UNAUTHORIZED, "the metrics op needs a client with role 'admin'", req.id)
+                return self._reject(envelope, client, exc, op=req.op)
+            self._reply(envelope, P.result_reply(req.id, {"format": "prometheus-text", "text": METRICS.render()}))
         else:
-            self._generate(envelope, client, role, req, frames[-1])
+            return self._generate(envelope, client, role, req, frames[-1])
+        METRICS.request(req.op, "ok")
 
     def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
         def refuse(code: str, message: str, **extra) -> None:
