@@ -12,7 +12,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from appliance.audit import Entry
@@ -21,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.metrics")
 
 PREFIX = "edge_appliance"
+disable_created_metrics()  # no *_created series: half the scrape, and restarts show as counter resets anyway
 # Seconds: from a cache hit (~1 ms) to a long generation on a slow CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)

@@ -253,4 +253,4 @@ def test_hardening_holds_and_is_scored(site):
     score = machine.sh(f"systemd-analyze security {UNIT} --no-pager", check=False).stdout
     level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", score).group(1))
     print(f"systemd-analyze security {UNIT}: {level}")
-    assert level <= 1.5
+    assert level <= 1.2  # 1.5 before AF_NETLINK, PrivateUsers, ~@privileged, IPAddressDeny, MemorySwapMax
