@@ -121,6 +121,7 @@ def install(
     slot = next(s for s in SLOTS if s != active)
     slots = state / "slots"
     slots.mkdir(parents=True, exist_ok=True)
+    slots.chmod(0o700)
     _own(slots, state)
     staging = slots / f".{slot}.staging"
     shutil.rmtree(staging, ignore_errors=True)
