@@ -263,13 +263,13 @@ class EngineRunner(threading.Thread):
             replies.append((seq.key, frame, withheld))
 
         def publish(audited: bool) -> None:
-            for key, frame, withheld in replies:
-                self.outbox.put(Outgoing(key, frame if audited else withheld, True))
-            for entry in entries:
+            for entry in entries:  # before the replies: a scrape after them must see these
                 if audited:
                     METRICS.generated(entry)
                 else:
                     METRICS.request(entry.op, "error", P.E_AUDIT)
+            for key, frame, withheld in replies:
+                self.outbox.put(Outgoing(key, frame if audited else withheld, True))
             self._note_audit(audited)
             with self._lock:
                 self._unpublished -= len(replies)

@@ -239,8 +239,8 @@ class Server:
                 error_code=exc.code,
             )
         )
+        METRICS.request(op, "rejected", exc.code)  # before the reply: a scrape after it must see it
         self._reply(envelope, P.error_reply(exc.request_id, exc.code, exc.message, **extra))
-        METRICS.request(op, "rejected", exc.code)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -254,6 +254,11 @@ class Server:
             log.info("rejected request from %s: %s %s", client, exc.code, exc.message)
             self._reject(envelope, client, exc)
             return
+        if req.op == P.OP_METRICS and role != "admin":
+            exc = P.ProtocolError(P.E_UNAUTHORIZED, "the metrics op needs a client with role 'admin'", req.id)
+            return self._reject(envelope, client, exc, op=req.op)
+        if req.op != P.OP_GENERATE:
+            METRICS.request(req.op, "ok")  # before the reply: a scrape after it must see it
         if req.op == P.OP_HEALTH:
             self._reply(envelope, P.result_reply(req.id, self.health()))
         elif req.op == P.OP_INFO:
@@ -267,13 +272,9 @@ class Server:
                 envelope, P.result_reply(req.id, {"ended": self.sessions.end(req.session), "session": req.session})
             )
         elif req.op == P.OP_METRICS:
-            if role != "admin":
-                exc = P.ProtocolError(P.E_UNAUTHORIZED, "the metrics op needs a client with role 'admin'", req.id)
-                return self._reject(envelope, client, exc, op=req.op)
             self._reply(envelope, P.result_reply(req.id, {"format": "prometheus-text", "text": METRICS.render()}))
         else:
-            return self._generate(envelope, client, role, req, frames[-1])
-        METRICS.request(req.op, "ok")
+            self._generate(envelope, client, role, req, frames[-1])
 
     def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
         def refuse(code: str, message: str, **extra) -> None:
