@@ -19,7 +19,7 @@ def scrape(port: int) -> dict[str, list]:
 
 
 def value(families: dict, sample_name: str, **labels) -> float:
-    family = sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    family = sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum").removesuffix("_bucket")
     for s in families[family]:
         if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
             return s.value
