@@ -12,7 +12,7 @@ from appliance.config import Config
 from appliance.loader import LoadedModel, load_model
 from appliance.metrics import METRICS
 from appliance.notify import Notifier
-from appliance.transport.server import Server
+from appliance.transport.server import BindError, Server
 from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
 
 log = logging.getLogger("appliance.daemon")
@@ -65,7 +65,11 @@ def run_daemon(config: Config) -> int:
     log.info("warm-up took %.3fs", warm_up(model))
     server = Server(config, model, audit, notifier)
     if config.metrics.port:
-        METRICS.serve_http(config.metrics.port, config.metrics.address)
+        address = f"{config.metrics.address}:{config.metrics.port}"
+        try:
+            METRICS.serve_http(config.metrics.port, config.metrics.address)
+        except OSError as exc:
+            raise BindError(f"cannot serve metrics on {address}: {exc.strerror}; change [metrics] port") from None
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)

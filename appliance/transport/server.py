@@ -87,6 +87,7 @@ class Server:
         self._loader: threading.Thread | None = None
         self._last_probe = 0.0
         self._loaded: LoadedModel | Exception | None = None
+        self._loaded_in = 0.0  # seconds the last reload's load took
         self.reloads = 0  # generation published to `edge-appliance reload` (appliance.reload)
         METRICS.watch(self)
 
