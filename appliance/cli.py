@@ -117,6 +117,28 @@ def cmd_simple(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from appliance import reload
+
+    pid = args.pid or os.environ.get("MAINPID")
+    if not pid or not str(pid).isdigit():
+        raise ConfigError("no daemon pid: pass --pid (systemd sets $MAINPID for ExecReload=)")
+    status = reload.request(load_config(_config_path(args)).state_dir, int(pid), args.timeout)
+    if not status.ok:
+        from appliance.logs import error_prefix
+
+        print(f"{error_prefix()}edge-appliance reload: {status.message}", file=sys.stderr)
+        return 1
+    print(f"edge-appliance reload: {status.message}")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(client.call("metrics")["text"], end="")
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -180,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         client_flags(sp)
         sp.set_defaults(func=cmd_simple)
 
+    r = sub.add_parser(
+        "reload",
+        help="load the installed bundle in the running daemon; exits non-zero if it fails (the unit's ExecReload=)",
+    )
+    r.add_argument("--pid", type=int, help="the daemon's pid (default: $MAINPID, set by systemd)")
+    r.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the outcome (default: 240)")
+    r.set_defaults(func=cmd_reload)
+
+    m = sub.add_parser("metrics", help="Prometheus metrics in text format (needs a CURVE client with role admin)")
+    client_flags(m)
+    m.set_defaults(func=cmd_metrics)
+
     k = sub.add_parser("client-keygen", help="make a CURVE key pair for a client and print its allow-list entry")
     k.add_argument("--out", required=True, help="directory for client.key (0600) and client.pub")
     k.add_argument("--name", required=True, help="the client's name in the allow-list and the audit log")
@@ -209,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ApplianceError, ProvisioningError) as exc:
-        print(f"edge-appliance: error: {exc}", file=sys.stderr)
+        from appliance.logs import error_prefix
+
+        print(f"{error_prefix()}edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -68,6 +68,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 0  # Prometheus scrape port on `address`; 0 = off (the admin-only `metrics` op always works)
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     trust_dir: Path
@@ -78,6 +84,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
 
@@ -87,6 +94,7 @@ _SECTIONS = {
     "audit": AuditConfig,
     "auth": AuthConfig,
     "sessions": SessionConfig,
+    "metrics": MetricsConfig,
 }
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
@@ -145,6 +153,7 @@ def load_config(path: Path) -> Config:
         audit=audit,
         auth=auth,
         sessions=sections["sessions"],
+        metrics=sections["metrics"],
         source=path,
     )
 
@@ -194,4 +203,7 @@ aggregate_s = 10            # identical refusals from one peer within this inter
 curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served
 # clients = "clients.toml"  # [[client]] name = "...", key = "<Z85 public key>", role = "infer" | "admin"
 anonymous_role = "infer"    # role of every connection when CURVE is off (admin only on a trusted host)
+
+[metrics]
+port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin
 """

@@ -10,8 +10,9 @@ from pathlib import Path
 from appliance.audit import AuditLog
 from appliance.config import Config
 from appliance.loader import LoadedModel, load_model
+from appliance.metrics import METRICS
 from appliance.notify import Notifier
-from appliance.transport.server import Server
+from appliance.transport.server import BindError, Server
 from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
 
 log = logging.getLogger("appliance.daemon")
@@ -52,6 +53,7 @@ def run_daemon(config: Config) -> int:
     notifier.status("decrypting model")
     t0 = time.monotonic()
     model = load_model(config)
+    METRICS.model_loaded(model.model_id, model.version, time.monotonic() - t0)
     log.info(
         "loaded model %s v%d (%s, engine %s) in %.2fs",
         model.model_id,
@@ -62,6 +64,12 @@ def run_daemon(config: Config) -> int:
     )
     log.info("warm-up took %.3fs", warm_up(model))
     server = Server(config, model, audit, notifier)
+    if config.metrics.port:
+        address = f"{config.metrics.address}:{config.metrics.port}"
+        try:
+            METRICS.serve_http(config.metrics.port, config.metrics.address)
+        except OSError as exc:
+            raise BindError(f"cannot serve metrics on {address}: {exc.strerror}; change [metrics] port") from None
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -74,7 +82,7 @@ def run_daemon(config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_reload)
     endpoints = ", ".join(config.server.endpoints)
-    notifier.ready(f"serving {model.model_id} v{model.version} on {endpoints}")
+    notifier.ready(server.status_line())
     log.info("ready: listening on %s", endpoints)
     log.info(
         'query it with: edge-appliance ask "How do I reset the conveyor?" --endpoint %s', config.server.endpoints[0]

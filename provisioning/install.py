@@ -49,12 +49,34 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _own(path: Path, state: Path) -> None:
+    """Give ``path`` the state directory's owner when run as root.
+
+    The service (systemd ``DynamicUser=``) owns its ``StateDirectory=``; a root-run install that
+    left root-owned files there would make the model unreadable to it at the next reload or start.
+    """
+    if os.geteuid() == 0:
+        owner = state.stat()
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+
+
+def _hand_over(tree: Path, state: Path) -> None:
+    """A copied slot gets the service's ownership and private modes instead of the stick's.
+
+    The bundle is ciphertext, but it stays owner-only like everything the service writes (``UMask=0077``).
+    """
+    for path in [tree, *tree.rglob("*")]:
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+        _own(path, state)
+
+
 def _point(state: Path, name: str, slot: str) -> None:
     """Atomically make ``state/name`` a symlink to ``slots/slot``."""
     tmp = state / f".{name}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(f"slots/{slot}", tmp)
+    _own(tmp, state)
     os.replace(tmp, state / name)
     fsync_path(state)
 
@@ -99,9 +121,12 @@ def install(
     slot = next(s for s in SLOTS if s != active)
     slots = state / "slots"
     slots.mkdir(parents=True, exist_ok=True)
+    slots.chmod(0o700)
+    _own(slots, state)
     staging = slots / f".{slot}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(bundle.root, staging, ignore=shutil.ignore_patterns(".*"))
+    _hand_over(staging, state)
     for path in staging.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:

@@ -60,8 +60,17 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+CREDSTORE = Path("/etc/credstore.encrypted")  # where `enroll --credstore` seals keys and the unit loads them
+
+
+def credstore_dir() -> Path:
+    """The sealed-credential store root tools read: ``$EDGE_APPLIANCE_CREDSTORE``, else the systemd default."""
+    return Path(os.environ.get("EDGE_APPLIANCE_CREDSTORE") or CREDSTORE)
+
+
 def read_private(name: str, fallback_dir: Path | None) -> bytearray:
-    """Read a private key: ``$CREDENTIALS_DIRECTORY/name`` (systemd) first, then ``fallback_dir/name``.
+    """Read a private key: ``$CREDENTIALS_DIRECTORY/name`` (systemd) first, then ``fallback_dir/name``,
+    then the credential sealed by ``enroll --credstore`` (decrypted by ``systemd-creds`` into memory).
 
     Returns a bytearray so the caller can wipe it once the key object is built.
     """
@@ -80,8 +89,26 @@ def read_private(name: str, fallback_dir: Path | None) -> bytearray:
             )
         data = bytearray(path.read_bytes())
         return data
-    where = " or ".join(str(p) for p in candidates) or "(no credentials directory or key directory configured)"
+    sealed = credstore_dir() / name
+    if sealed.exists():
+        return unseal_credential(sealed, name)
+    where = " or ".join(str(p) for p in [*candidates, sealed])
     raise KeyMaterialError(f"private key {name!r} not found in {where}; enroll the device with 'edge-provision enroll'")
+
+
+def unseal_credential(path: Path, name: str) -> bytearray:
+    """Decrypt a ``systemd-creds``-sealed key straight into memory (never to a file)."""
+    try:
+        proc = subprocess.run(
+            ["systemd-creds", "decrypt", f"--name={name}", str(path), "-"], capture_output=True, timeout=60
+        )
+    except FileNotFoundError:
+        raise KeyMaterialError(f"{path} is sealed but systemd-creds is not installed; install systemd") from None
+    if proc.returncode != 0:
+        why = (proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+        hint = "run this command as root" if os.geteuid() != 0 else "was it sealed on this machine?"
+        raise KeyMaterialError(f"cannot unseal {path} with systemd-creds ({why}); {hint}")
+    return bytearray(proc.stdout)
 
 
 def wipe(buf: bytearray) -> None:

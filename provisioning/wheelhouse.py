@@ -3,13 +3,15 @@
 On a connected machine, ``edge-provision wheelhouse --out DIR`` downloads binary wheels of the
 runtime dependencies for the target platform, builds the appliance's own wheel, and writes
 ``SHA256SUMS`` and ``install-offline.sh``. On the air-gapped device the script checks the sums
-and installs with ``pip install --no-index --find-links`` — nothing is fetched.
+and installs with ``pip install --no-index --find-links`` — nothing is fetched. The stick also carries the systemd
+unit (``edge-appliance.service``, the same bytes the wheel installs under ``share/edge-appliance``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -18,6 +20,7 @@ from pathlib import Path
 from .errors import ProvisioningError
 
 DIST = "edge-appliance"
+UNIT = "edge-appliance.service"
 INSTALL_SCRIPT = """#!/bin/sh
 # Install edge-appliance from this directory, with no network access.
 #   sh install-offline.sh [PREFIX]        (default PREFIX: /opt/edge-appliance/venv)
@@ -30,6 +33,7 @@ sha256sum --quiet -c SHA256SUMS || { echo "install-offline: a wheel is corrupt; 
 "$PYTHON" -m venv "$PREFIX"
 "$PREFIX/bin/pip" install --quiet --no-index --find-links "$HERE" --no-cache-dir "$DIST_REQ"
 echo "installed: $("$PREFIX/bin/edge-appliance" --help >/dev/null && echo "$PREFIX/bin/edge-appliance")"
+echo "unit file: $PREFIX/share/edge-appliance/edge-appliance.service (install -m 0644 it into /etc/systemd/system/)"
 """
 
 
@@ -94,7 +98,8 @@ def build_wheelhouse(out: Path, platform: str | None, python_version: str | None
         target += ["--python-version", python_version, "--only-binary=:all:"]
     _pip("download", "--quiet", "--dest", str(out), *target, *runtime_requirements(python_version))
     wheels = sorted(out.glob("*.whl"))
-    sums = "".join(f"{hashlib.sha256(w.read_bytes()).hexdigest()}  {w.name}\n" for w in wheels)
+    shutil.copyfile(project_root() / "systemd" / UNIT, out / UNIT)
+    sums = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in [*wheels, out / UNIT])
     (out / "SHA256SUMS").write_text(sums)
     script = out / "install-offline.sh"
     script.write_text(INSTALL_SCRIPT.replace('"$DIST_REQ"', DIST))

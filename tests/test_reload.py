@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
@@ -64,9 +63,11 @@ def test_sighup_swaps_model_without_dropping_in_flight_requests(tiny_build, tmp_
         worker.start()
         time.sleep(0.2)  # the request is running on v1
         daemon.clear()
-        daemon.proc.send_signal(signal.SIGHUP)
+        # What the unit's ExecReload= runs: SIGHUP, then wait for the daemon's answer.
+        reloaded = run_cli("edge-appliance", "--config", str(device.config), "reload", "--pid", str(daemon.proc.pid))
+        assert "now serving tiny v2" in reloaded.stdout
         assert wait_for_version(device.endpoint, 2)["model_id"] == "tiny"
-        daemon.wait_for("READY=1\nSTATUS=serving tiny v2")
+        daemon.wait_for(f"READY=1\nSTATUS=serving tiny v2 on {device.endpoint}")
         worker.join(timeout=120)
         assert result["final"]["type"] == "done" and result["final"]["usage"]["completion_tokens"] == 200
         with Client(device.endpoint) as client:
@@ -82,8 +83,11 @@ def test_failed_reload_keeps_serving_the_old_model(tiny_build, tmp_path):
         daemon.wait_for("READY=1")
         for pub in device.trust.glob("*.pub"):
             pub.unlink()  # the new load cannot verify anything now
-        daemon.proc.send_signal(signal.SIGHUP)
-        daemon.wait_for("STATUS=reload failed")
+        failed = run_cli(
+            "edge-appliance", "--config", str(device.config), "reload", "--pid", str(daemon.proc.pid), check=False
+        )
+        assert failed.returncode == 1 and "reload failed, still serving v1" in failed.stderr
+        daemon.wait_for(f"STATUS=reload failed; serving tiny v1 on {device.endpoint}")
         with Client(device.endpoint) as client:
             assert client.info()["version"] == 1
             assert client.complete("Return the", max_tokens=4)["type"] == "done"

@@ -120,7 +120,12 @@ def cmd_verify(args, config) -> int:
         result = audit.verify(key)
     finally:
         audit.close()
-    note = "" if key else " (no device key found: checkpoint signatures not checked)"
+    note = (
+        ""
+        if key
+        else " (no device-identity.json in [paths] key_dir: checkpoint signatures NOT checked; "
+        "pass --device-key or point key_dir at the directory enroll wrote it to)"
+    )
     print(("OK: " if result.ok else "TAMPERED: ") + result.message + note)
     return 0 if result.ok else 1
 

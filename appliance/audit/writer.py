@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from appliance.audit.chain import AuditError, AuditLog, Entry
+from appliance.metrics import METRICS
 
 log = logging.getLogger("appliance.audit")
 
@@ -38,7 +39,6 @@ class AuditWriter(threading.Thread):
         self.failures = 0
         self.last_commit_s = 0.0
         self.probe_every_s = probe_every_s
-        self.on_commit: Callable[[float, bool], None] | None = None  # metrics hook: (seconds, ok)
         self._queue: queue.SimpleQueue[tuple[list[Entry], Done | None] | None] = queue.SimpleQueue()
 
     def submit(self, entries: list[Entry], done: Done | None = None) -> None:
@@ -73,9 +73,11 @@ class AuditWriter(threading.Thread):
         entries = [e for group, _ in batch for e in group]
         start = time.perf_counter()
         try:
-            self.audit.record_many(entries)
+            with METRICS.audit_commit.time():
+                self.audit.record_many(entries)
             ok = True
         except AuditError as exc:
+            METRICS.audit_failures.inc()
             if self.healthy:
                 log.error("audit store unavailable: %s", exc)
             ok = False
@@ -84,8 +86,6 @@ class AuditWriter(threading.Thread):
         self.commits += 1
         self.rows += len(entries) if ok else 0
         self.failures += 0 if ok else 1
-        if self.on_commit is not None:
-            self.on_commit(self.last_commit_s, ok)
         for _, done in batch:
             if done is not None:
                 done(ok)

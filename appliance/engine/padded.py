@@ -104,6 +104,10 @@ class PaddedKVEngine:
             views.append(arena[i][:need].reshape(batch, h, width, d))
         return views
 
+    def cache_bytes(self) -> int:
+        """KV cache memory held in the decode arenas (read by the metrics scrape)."""
+        return sum(self._nbytes(arena) for arena in self._arenas)
+
     # -- the Engine interface --------------------------------------------------------------------
     def length(self, slot: int) -> int:
         s = self._slots[slot]

@@ -14,6 +14,7 @@ from appliance.audit import Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
 from appliance.serving.detokenize import Detokenizer
+from appliance.metrics import METRICS
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
@@ -246,6 +247,11 @@ class EngineRunner(threading.Thread):
             entries.append(entry)
 
         def publish(audited: bool) -> None:
+            for entry in entries:  # before the replies: a scrape after them must see these
+                if audited:
+                    METRICS.generated(entry)
+                else:
+                    METRICS.request(entry.op, "error", P.E_AUDIT)
             for key, frame, withheld in replies:
                 self.outbox.put(Outgoing(key, frame if audited else withheld, True))
             with self._lock:

@@ -19,10 +19,21 @@ VERSION = 1
 # Ops a client may send.
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
 OP_END_SESSION = "end_session"
-OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION)
+OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS)
 # Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
 MINOR = 2
-FEATURES = ("stream", "cancel", "deadline", "sessions", "response_cache", "roles", "duplicate_id", "cached_tokens")
+FEATURES = (
+    "stream",
+    "cancel",
+    "deadline",
+    "sessions",
+    "response_cache",
+    "roles",
+    "duplicate_id",
+    "cached_tokens",
+    "metrics",
+)
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -20,13 +21,14 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from appliance import __version__
+from appliance import __version__, reload
 from appliance.audit import AuditLog, Entry
 from appliance.audit.aggregate import Aggregator
 from appliance.audit.writer import AuditWriter
 from appliance.config import Config
 from appliance.errors import ApplianceError
 from appliance.loader import LoadedModel, load_model
+from appliance.metrics import METRICS
 from appliance.notify import Notifier
 from appliance.serving import roles
 from appliance.serving.admission import Admission, Peer, scoped
@@ -105,6 +107,20 @@ class Server:
         self._loaded: LoadedModel | Exception | None = None
         self.disconnect_cancels = 0
         self.frames_refused = 0
+        self._loaded_in = 0.0  # seconds the last reload's load took
+        self.reloads = 0  # generation published to `edge-appliance reload` (appliance.reload)
+        METRICS.watch(self)
+
+    def status_line(self) -> str:
+        """systemd's StatusText while serving (also after every reload, failed or not)."""
+        return f"serving {self.model.model_id} v{self.model.version} on {', '.join(self.config.server.endpoints)}"
+
+    def _publish_reload(self, ok: bool, message: str) -> None:
+        self.reloads += 1
+        try:
+            reload.publish(self.config.state_dir, reload.ReloadStatus(os.getpid(), self.reloads, ok, message))
+        except OSError as exc:  # the reload itself is done; only its reporting is lost
+            log.error("cannot write the reload status to %s: %s", self.config.state_dir, exc)
 
     def _secure(self) -> None:
         from appliance.transport.auth import load_clients, secure_server, start_authenticator
@@ -141,8 +157,10 @@ class Server:
         log.info("reload requested: loading the installed bundle beside the serving model")
 
         def load() -> None:
+            start = time.monotonic()
             try:
                 self._loaded = load_model(self.config)
+                self._loaded_in = time.monotonic() - start
             except Exception as exc:  # any failure keeps the old model serving
                 self._loaded = exc
             self._wake()
@@ -156,7 +174,9 @@ class Server:
         loaded, self._loader, self._loaded = self._loaded, None, None
         if isinstance(loaded, Exception):
             log.error("reload failed, still serving %s v%d: %s", self.model.model_id, self.model.version, loaded)
-            self.notifier.status(f"reload failed; serving {self.model.model_id} v{self.model.version}")
+            self.notifier.status(f"reload failed; {self.status_line()}")
+            self._publish_reload(False, f"reload failed, still serving v{self.model.version}: {loaded}")
+            METRICS.reloads.labels("failed").inc()
             return
         old = self.runner
         self.runner = self._make_runner(loaded)
@@ -169,7 +189,10 @@ class Server:
             loaded.version,
             sum(old.load().values()),
         )
-        self.notifier.ready(f"serving {loaded.model_id} v{loaded.version}")
+        self.notifier.ready(self.status_line())
+        self._publish_reload(True, f"now serving {loaded.model_id} v{loaded.version}")
+        METRICS.reloads.labels("ok").inc()
+        METRICS.model_loaded(loaded.model_id, loaded.version, self._loaded_in)
 
     def _reap_retired(self) -> None:
         for old in [r for r in self._retiring if r.idle()]:
@@ -247,12 +270,15 @@ class Server:
             return self._refuse(envelope, peer, exc, op=exc.op)
         if req.op == P.OP_GENERATE:
             return self._generate(envelope, peer, req)
+        METRICS.request(req.op, "ok")  # before the reply: a scrape after it must see it
         if req.op == P.OP_HEALTH:
             result = self.health()
         elif req.op == P.OP_INFO:
             result = self.info()
         elif req.op == P.OP_CANCEL:
             result = self._cancel(peer, req)
+        elif req.op == P.OP_METRICS:
+            result = {"format": "prometheus-text", "text": METRICS.render()}
         else:
             result = self._end_session(peer, req)
         changed = result.get("cancelled") or result.get("ended")
@@ -328,6 +354,7 @@ class Server:
     ) -> None:
         rid = rid or exc.request_id
         self.frames_refused += 1
+        METRICS.request(op, "rejected", exc.code)  # before the reply: a scrape after it must see it
         log.debug("refused %s from %s: %s %s", op, peer.identity, exc.code, exc.message)
         self._audit(peer, op, rid, "rejected", error_code=exc.code)
         self._reply(envelope, P.error_reply(rid, exc.code, exc.message, **extra))

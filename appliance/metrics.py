@@ -1,0 +1,145 @@
+"""Prometheus metrics: what the daemon did (counters, histograms) and what it holds now (gauges).
+
+One registry per process (``METRICS``); the serving code records events through its methods, and
+the gauges that describe live state (queue depth, running batch, KV cache and session memory,
+audit availability) are read from the serving ``Server`` at scrape time, so they are never stale.
+Exposed by the ``metrics`` op (role ``admin``) and, when ``[metrics] port`` is set, over HTTP on
+localhost. Every metric is described in docs/OPERATIONS.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+
+if TYPE_CHECKING:
+    from appliance.audit import Entry
+    from appliance.transport.server import Server
+
+log = logging.getLogger("appliance.metrics")
+
+PREFIX = "edge_appliance"
+disable_created_metrics()  # no *_created series: half the scrape, and restarts show as counter resets anyway
+# Seconds: from a cache hit (~1 ms) to a long generation on a slow CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests answered, by op and status (ok, error, rejected)",
+            ["op", "status"],
+            registry=r,
+        )
+        self.errors = Counter(f"{PREFIX}_request_errors", "Requests not served, by error code", ["code"], registry=r)
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Arrival to final reply of a generate request",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Arrival to admission into the running batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_s = Histogram(
+            f"{PREFIX}_decode_tokens_per_second",
+            "Per-request decode rate after the first token",
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of generate requests", registry=r)
+        self.completion_tokens = Counter(f"{PREFIX}_completion_tokens", "Tokens generated", registry=r)
+        self.audit_commit = Histogram(
+            f"{PREFIX}_audit_commit_seconds",
+            "One durable audit commit (a batch of rows)",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.audit_failures = Counter(f"{PREFIX}_audit_commit_failures", "Audit commits that failed", registry=r)
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info", "The served model (value 1)", ["model_id", "version"], registry=r
+        )
+        self.model_version = Gauge(f"{PREFIX}_model_version", "Version of the served model", registry=r)
+        self.model_load = Gauge(
+            f"{PREFIX}_model_load_seconds", "Verify, decrypt and build time of the served model", registry=r
+        )
+        self.reloads = Counter(f"{PREFIX}_reloads", "Reloads, by result (ok, failed)", ["result"], registry=r)
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for a slot", registry=r)
+        self.running = Gauge(f"{PREFIX}_running_batch_size", "Sequences in the running batch", registry=r)
+        self.queue_capacity = Gauge(f"{PREFIX}_queue_capacity", "Waiting requests accepted before 'busy'", registry=r)
+        self.kv_cache = Gauge(f"{PREFIX}_kv_cache_bytes", "KV cache memory the engine holds", registry=r)
+        self.session_bytes = Gauge(f"{PREFIX}_session_cache_bytes", "KV cache kept for conversations", registry=r)
+        self.sessions = Gauge(f"{PREFIX}_sessions", "Conversations kept", registry=r)
+        self.audit_up = Gauge(
+            f"{PREFIX}_audit_available", "1 while the audit store writes, 0 while requests are refused", registry=r
+        )
+
+    # -- events ---------------------------------------------------------------------------------
+    def request(self, op: str, status: str, code: str | None = None) -> None:
+        self.requests.labels(op, status).inc()
+        if code:
+            self.errors.labels(code).inc()
+
+    def generated(self, entry: Entry) -> None:
+        """A generate request ended (its audit entry carries every timing, in seconds)."""
+        self.request(entry.op, entry.status, entry.error_code)
+        self.prompt_tokens.inc(entry.prompt_tokens)
+        self.completion_tokens.inc(entry.completion_tokens)
+        if entry.total_ms is not None:
+            self.latency.observe(entry.total_ms)
+        if entry.queue_ms is not None:
+            self.queue_wait.observe(entry.queue_ms)
+        if entry.ttft_ms is not None:
+            self.ttft.observe(entry.ttft_ms)
+            if entry.completion_tokens > 1 and entry.total_ms > entry.ttft_ms:
+                self.tokens_per_s.observe((entry.completion_tokens - 1) / (entry.total_ms - entry.ttft_ms))
+
+    def model_loaded(self, model_id: str, version: int, seconds: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model_id, str(version)).set(1)
+        self.model_version.set(version)
+        self.model_load.set(seconds)
+
+    # -- live state -----------------------------------------------------------------------------
+    def watch(self, server: Server) -> None:
+        """Read live gauges from ``server`` at every scrape (``server.runner`` changes on reload)."""
+        self.queue_depth.set_function(lambda: server.runner.load()["waiting"])
+        self.running.set_function(lambda: server.runner.load()["running"])
+        self.queue_capacity.set(server.config.engine.max_queued)
+        self.kv_cache.set_function(lambda: getattr(server.model.engine, "cache_bytes", lambda: 0)())
+        self.session_bytes.set_function(lambda: server.sessions.stats()["session_bytes"])
+        self.sessions.set_function(lambda: server.sessions.stats()["sessions"])
+        self.audit_up.set_function(lambda: 1 if server.writer.healthy else 0)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+
+
+METRICS = Metrics()

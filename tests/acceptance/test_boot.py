@@ -1,0 +1,256 @@
+"""Acceptance: the README's USB flow on a booted Debian bookworm with no network, the shipped unit byte for byte.
+
+Host = the connected machine and the vendor's build host (wheelhouse, tiny model, vendor key, seal);
+container = the device (offline install from the stick, ``enroll --credstore``, install, the unit
+under its own systemd). The tests run in order and share one booted machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.acceptance.machine import REPO, Machine, cached_root, missing_tools
+from tests.conftest import BIN, run_cli
+
+pytestmark = pytest.mark.acceptance
+
+UNIT = "edge-appliance.service"
+VENV = "/opt/edge-appliance/venv"
+KEYS = "/etc/edge-appliance/keys"
+TRUST = "/etc/edge-appliance/trusted-vendors"
+STATE = "/var/lib/edge-appliance"
+CONFIG = "/etc/edge-appliance/appliance.toml"
+ENDPOINT = "tcp://127.0.0.1:5555"
+USB = "/media/usb"
+# CURVE on: every client call carries the operator's key and the device's public identity.
+CURVE = f"--server-key {USB}/press-04-identity.json --client-key /root/operator/client.key"
+EA = f"{VENV}/bin/edge-appliance"
+EP = f"{VENV}/bin/edge-provision"
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the acceptance boot needs root (systemd-nspawn); .ci/run runs as root"
+    if missing_tools():
+        return f"{', '.join(missing_tools())} not installed (.ci/run installs debootstrap and systemd-container)"
+    return None
+
+
+if _skip_reason():
+    pytest.skip(_skip_reason(), allow_module_level=True)
+
+
+def serving(version: int):
+    status = f"serving tiny v{version} on {ENDPOINT}"
+    return lambda p: p["ActiveState"] == "active" and p["SubState"] == "running" and p["StatusText"] == status
+
+
+@pytest.fixture(scope="module")
+def site(tiny_build, tmp_path_factory):
+    """Boot the device and run the README's steps 1-5 on it; yields (machine, host paths)."""
+    work = tmp_path_factory.mktemp("acceptance")
+    root = work / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(cached_root()), str(root)], check=True, timeout=600)
+    usb = root / USB.lstrip("/")
+    # 1. Software stick, on the connected machine.
+    run_cli("edge-provision", "wheelhouse", "--out", str(usb / "wheelhouse"))
+    # The vendor's key stays on the build host; the device gets only the public half.
+    vendor = work / "vendor"
+    run_cli("edge-provision", "keygen", "--vendor", str(vendor))
+    shutil.copy(vendor / "vendor-ed25519.pub", usb / "vendor-ed25519.pub")
+    machine = Machine(root, work / "boot.log")
+    try:
+        # 2. Install the software with no network at all (the container has loopback only).
+        assert machine.sh("ls /sys/class/net").stdout.split() == ["lo"]
+        machine.sh(f"sh {USB}/wheelhouse/install-offline.sh {VENV}", timeout=600)
+        # 3. Enroll, private keys sealed with systemd-creds; trust the vendor.
+        machine.sh(
+            f"{EP} enroll --keys {KEYS} --out {USB}/press-04-identity.json --device-id press-04 "
+            "--credstore /etc/credstore.encrypted"
+        )
+        machine.sh(f"mkdir -p {TRUST} && cp {USB}/vendor-ed25519.pub {TRUST}/")
+        # 4. Seal for that device, on the vendor's build host.
+        seal(tiny_build, vendor, usb, 1)
+        # 5. Install: a root tool reading credstore-sealed keys (no private key file exists anywhere).
+        assert machine.sh(f"ls {KEYS}").stdout.split() == ["device-identity.json"]
+        verified = machine.sh(f"{EP} verify {USB}/tiny-v1 --trust {TRUST} --keys {KEYS}").stdout
+        assert "every chunk" in verified
+        machine.sh(f"{EP} install {USB}/tiny-v1 --state {STATE} --trust {TRUST} --keys {KEYS}")
+        machine.sh(
+            f"{EA} init --out {CONFIG} --state-dir {STATE} --trust-dir {TRUST} --key-dir {KEYS} "
+            f"--audit-db {STATE}/audit.db --endpoint {ENDPOINT}"
+        )
+        # CURVE on, with one allow-listed operator key.
+        machine.sh(f"{EA} client-keygen --out /root/operator --name operator")
+        key = machine.sh("cat /root/operator/client.pub").stdout.strip()
+        (root / "etc/edge-appliance/clients.toml").write_text(
+            f'[[client]]\nname = "operator"\nkey = "{key}"\nrole = "admin"\n'
+        )
+        config = root / CONFIG.lstrip("/")
+        text = config.read_text()
+        config.write_text(
+            text.replace("curve = false", "curve = true").replace(
+                '# clients = "clients.toml"', 'clients = "clients.toml"'
+            )
+        )
+        # The unit: the file the wheel installed, which must be the repository's byte for byte.
+        shipped = (root / VENV.lstrip("/") / "share/edge-appliance" / UNIT).read_bytes()
+        assert shipped == (REPO / "systemd" / UNIT).read_bytes()
+        machine.sh(f"install -m 0644 {VENV}/share/edge-appliance/{UNIT} /etc/systemd/system/{UNIT}")
+        machine.sh("systemctl daemon-reload")
+        yield machine, work, vendor, usb
+    finally:
+        machine.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def seal(tiny_build, vendor, usb, version: int) -> None:
+    run_cli(
+        "edge-provision",
+        "seal",
+        "--model",
+        str(tiny_build / "onnx"),
+        "--model-id",
+        "tiny",
+        "--version",
+        str(version),
+        "--signing-key",
+        str(vendor / "vendor-ed25519.key"),
+        "--recipient",
+        str(usb / "press-04-identity.json"),
+        "--out",
+        str(usb / f"tiny-v{version}"),
+    )
+
+
+def test_enable_now_reaches_ready_with_status(site):
+    machine, *_ = site
+    machine.sh(f"systemctl enable --now {UNIT}", timeout=300)  # Type=notify: returns after READY=1
+    props = machine.wait_unit(UNIT, serving(1), 60, "the unit never reported serving v1")
+    assert props["NRestarts"] == "0"
+    journal = machine.sh(f"journalctl -u {UNIT} --no-pager -o cat").stdout
+    assert "CURVE on: server key" in journal
+    assert "degraded performance" not in journal  # /proc/cpuinfo is visible (no ProcSubset=pid)
+
+
+def test_ask_answers_over_curve_and_refuses_without_a_key(site):
+    machine, *_ = site
+    answer = machine.sh(f'{EA} ask "Return the" --max-tokens 8 --json {CURVE}').stdout
+    assert json.loads(answer)["type"] == "done"
+    refused = machine.sh(f'{EA} ask "Return the" --timeout 2 --retries 1', check=False)
+    assert refused.returncode != 0
+
+
+def test_reload_to_a_new_version_keeps_the_main_pid(site, tiny_build):
+    machine, _, vendor, usb = site
+    pid = machine.unit(UNIT)["MainPID"]
+    seal(tiny_build, vendor, usb, 2)
+    # A root install while the service runs: the slot must stay readable by the service's dynamic user.
+    machine.sh(f"{EP} install {USB}/tiny-v2 --state {STATE} --trust {TRUST} --keys {KEYS}")
+    machine.sh(f"systemctl reload {UNIT}", timeout=300)
+    props = machine.wait_unit(UNIT, serving(2), 60, "the reload never reported serving v2")
+    assert props["MainPID"] == pid
+    info = json.loads(machine.sh(f"{EA} info {CURVE}").stdout)
+    assert info["version"] == 2
+
+
+def test_failed_reload_fails_systemctl_reload_and_keeps_serving(site):
+    machine, *_ = site
+    pid = machine.unit(UNIT)["MainPID"]
+    machine.sh(f"mv {TRUST}/vendor-ed25519.pub /root/")  # the bundle can no longer be verified
+    try:
+        failed = machine.sh(f"systemctl reload {UNIT}", check=False, timeout=300)
+    finally:
+        machine.sh(f"mv /root/vendor-ed25519.pub {TRUST}/")
+    assert failed.returncode != 0
+    props = machine.unit(UNIT)
+    assert props["MainPID"] == pid and props["ActiveState"] == "active"
+    assert props["StatusText"] == f"reload failed; serving tiny v2 on {ENDPOINT}"
+    # journald got it at priority err; info lines stay out of `-p err`.
+    errors = machine.sh(f"journalctl -u {UNIT} -p err --no-pager -o cat").stdout
+    assert "reload failed, still serving tiny v2" in errors
+    assert "ready: listening" not in errors
+
+
+def test_stopped_daemon_is_killed_by_the_watchdog_and_restarted(site):
+    machine, *_ = site
+    before = machine.unit(UNIT)
+    machine.sh(f"kill -STOP {before['MainPID']}")
+    # WatchdogSec=30s as shipped: the kill comes at most 30 s after the last ping, then RestartSec=5s.
+    props = machine.wait_unit(
+        UNIT,
+        lambda p: serving(2)(p) and p["MainPID"] != before["MainPID"],
+        150,
+        "no watchdog restart after SIGSTOP",
+    )
+    assert int(props["NRestarts"]) == int(before["NRestarts"]) + 1
+    assert "Watchdog timeout" in machine.sh(f"journalctl -u {UNIT} --no-pager").stdout
+    assert json.loads(machine.sh(f'{EA} ask "Return the" --max-tokens 4 --json {CURVE}').stdout)["type"] == "done"
+
+
+def test_restart_loop_recovers_once_the_cause_is_fixed(site):
+    machine, *_ = site
+    cursor = machine.sh("journalctl -n 0 --show-cursor --no-pager").stdout.split("cursor: ")[-1].strip()
+    machine.sh(f"mv {TRUST}/vendor-ed25519.pub /root/ && systemctl restart --no-block {UNIT}")
+
+    def restarts() -> int:
+        out = machine.sh(f"journalctl -u {UNIT} --after-cursor='{cursor}' --no-pager -o cat").stdout
+        return out.count("Scheduled restart job")
+
+    try:
+        machine.wait_until(lambda: restarts() >= 2, 120, "the broken unit is not crash-looping")
+    finally:
+        machine.sh(f"mv /root/vendor-ed25519.pub {TRUST}/")
+    # StartLimitIntervalSec=0: it never gives up, so fixing the cause is enough.
+    machine.wait_unit(UNIT, serving(2), 120, "the unit did not come back after the fix")
+    errors = machine.sh(f"journalctl -u {UNIT} -p err --no-pager -o cat").stdout
+    assert "no trusted vendor keys" in errors
+
+
+def test_audit_chain_verifies_after_restarts_and_exports(site, tmp_path):
+    machine, work, _, usb = site
+    for _ in range(3):
+        machine.sh(f'{EA} ask "Return the" --max-tokens 4 --json {CURVE}')
+    verified = machine.sh(f"{EA} audit verify").stdout  # root tool, key_dir holds the device identity
+    assert verified.startswith("OK: ") and "not checked" not in verified
+    # The Ed25519 key is read from the credstore by a root tool.
+    exported = machine.sh(f"{EA} audit export --to {USB}/audit").stdout
+    assert exported.startswith("exported rows 1..")
+    # The reviewer verifies the stick on another machine (here: the host), without the daemon.
+    check = subprocess.run(
+        [
+            str(BIN / "edge-appliance"),
+            "audit",
+            "verify-export",
+            str(usb / "audit"),
+            "--device-key",
+            str(usb / "press-04-identity.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0 and check.stdout.startswith("OK: "), check.stdout + check.stderr
+
+
+def test_hardening_holds_and_is_scored(site):
+    machine, *_ = site
+    props = machine.sh(
+        f"systemctl show {UNIT} -p IPAddressDeny,IPAddressAllow,MemorySwapMax,TasksMax,PrivateUsers,"
+        "RestrictAddressFamilies,LimitCORE"
+    ).stdout
+    assert "PrivateUsers=yes" in props and "LimitCORE=0" in props
+    # Everything the service wrote and every installed slot is owner-only and owned by the service.
+    owners = machine.sh("find /var/lib/private/edge-appliance/slots -printf '%u %m\\n' | sort -u").stdout.split("\n")
+    assert {line.split()[1] for line in owners if line} <= {"700", "600"}
+    assert "root" not in {line.split()[0] for line in owners if line}
+    score = machine.sh(f"systemd-analyze security {UNIT} --no-pager", check=False).stdout
+    level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", score).group(1))
+    print(f"systemd-analyze security {UNIT}: {level}")
+    assert level <= 1.2  # 1.5 before AF_NETLINK, PrivateUsers, ~@privileged, IPAddressDeny, MemorySwapMax

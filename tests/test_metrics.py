@@ -1,0 +1,86 @@
+"""Prometheus metrics from a live daemon: a scrape parsed with prometheus-client's parser matches the traffic sent."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import msgpack
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.transport.client import Client, ClientError
+from tests.conftest import Daemon, free_port, provision_device
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict, sample_name: str, **labels) -> float:
+    family = sample_name.removesuffix("_total").removesuffix("_count").removesuffix("_sum").removesuffix("_bucket")
+    for s in families[family]:
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"no sample {sample_name}{labels} in {families[family]}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    device = provision_device(tiny_build, root / "site")
+    port = free_port()
+    device.config.write_text(device.config.read_text().replace("port = 0 ", f"port = {port} "))
+    daemon = Daemon(device, root / "daemon")
+    daemon.wait_for("READY=1")
+    yield device, port
+    daemon.stop()
+
+
+def test_scrape_matches_the_requests_sent(served):
+    device, port = served
+    before = scrape(port)
+    assert value(before, "edge_appliance_model_version") == 1
+    assert value(before, "edge_appliance_model_info", model_id="tiny", version="1") == 1
+    assert value(before, "edge_appliance_model_load_seconds") > 0
+    assert value(before, "edge_appliance_audit_available") == 1
+    usage = []
+    with Client(device.endpoint) as client:
+        for i in range(3):
+            final = client.complete(f"Return the {i}", max_tokens=5, ignore_eos=True)
+            usage.append(final["usage"])
+        client.health()
+        with pytest.raises(ClientError) as too_large:
+            client.complete("Return the value " * 400, max_tokens=5)
+        assert too_large.value.code == "too_large"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(device.endpoint)
+    sock.send(msgpack.packb({"v": 1, "op": "generate", "id": "x", "prompt": 7}))  # wrong type: rejected
+    assert msgpack.unpackb(sock.recv())["code"] == "bad_request"
+    sock.close(linger=0)
+    after = scrape(port)
+    assert value(after, "edge_appliance_requests_total", op="generate", status="ok") == 3
+    assert value(after, "edge_appliance_requests_total", op="health", status="ok") == 1
+    assert value(after, "edge_appliance_requests_total", op="generate", status="rejected") == 1  # too_large
+    assert value(after, "edge_appliance_requests_total", op="?", status="rejected") == 1  # unparseable: op unknown
+    assert value(after, "edge_appliance_request_errors_total", code="bad_request") == 1
+    assert value(after, "edge_appliance_request_errors_total", code="too_large") == 1
+    assert value(after, "edge_appliance_completion_tokens_total") == sum(u["completion_tokens"] for u in usage) == 15
+    assert value(after, "edge_appliance_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usage)
+    for hist in ("time_to_first_token_seconds", "request_duration_seconds", "queue_wait_seconds"):
+        assert value(after, f"edge_appliance_{hist}_count") == 3, hist
+        assert value(after, f"edge_appliance_{hist}_bucket", le="+Inf") == 3, hist
+    assert value(after, "edge_appliance_decode_tokens_per_second_count") == 3
+    assert value(after, "edge_appliance_audit_commit_seconds_count") >= 1  # group commit: batches, not rows
+    assert value(after, "edge_appliance_audit_commit_failures_total") == 0
+    assert value(after, "edge_appliance_queue_depth") == 0 and value(after, "edge_appliance_running_batch_size") == 0
+    assert value(after, "edge_appliance_kv_cache_bytes") > 0  # the decode arenas were allocated
+    assert value(after, "edge_appliance_queue_capacity") == 64
+
+
+def test_metrics_op_is_refused_without_the_admin_role(served):
+    device, _ = served
+    with Client(device.endpoint) as client, pytest.raises(ClientError) as refused:
+        client.call("metrics")
+    assert refused.value.code == "forbidden"
