@@ -8,14 +8,14 @@ load, so ``systemctl reload`` fails instead of reporting success while the old m
 
 from __future__ import annotations
 
-from appliance.errors import ApplianceError
-
 import json
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.errors import ApplianceError
 
 STATUS_FILE = ".reload-status.json"
 

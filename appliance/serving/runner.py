@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from appliance.audit import Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
-from appliance.serving.detokenize import Detokenizer
 from appliance.metrics import METRICS
+from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
