@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.audit import GENESIS, AuditLog, Entry, Filters, row_hash
+from appliance.audit.chain import SCHEMA_VERSION
 from appliance.audit.export import ExportError, export, prune, reveal, verify_export
 
 DEVICE = Ed25519PrivateKey.generate()
@@ -231,7 +232,9 @@ def test_schema_1_database_upgrades_in_place_with_rows_intact(tmp_path):
     con.commit()
     con.close()
     log = AuditLog(path, signing_key=DEVICE)
-    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == ("3",)
+    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     assert [r.request_id for r in log.rows()] == [f"old{i}" for i in range(1, 6)]
     log.record(Entry(request_id="new", op="generate", status="ok", prompt="p"))
     assert log.verify(PUBLIC).ok and log.rows()[-1].prev_hash == prev
