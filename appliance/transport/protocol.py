@@ -9,7 +9,7 @@ msgpack map with ``v``, ``id`` and ``type`` (``token``, ``done``, ``result`` or 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -19,7 +19,11 @@ VERSION = 1
 # Ops a client may send.
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
 OP_END_SESSION = "end_session"
-OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION)
+OP_AUTH_FAILED = "auth_failed"  # a gateway reports a refused credential, so the daemon audits it
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_AUTH_FAILED)
+
+# Roles an end user acting through a gateway may have (a gateway cannot delegate its own role).
+DELEGABLE_ROLES = ("infer", "admin")
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"
@@ -38,6 +42,7 @@ E_CANCELLED = "cancelled"
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"
 E_SESSION_BUSY = "session_busy"  # another request of the same session is in flight
+E_NOT_GATEWAY = "not_gateway"  # 'on_behalf_of' or 'auth_failed' from a client whose role is not 'gateway'
 ERROR_CODES = (
     E_MALFORMED,
     E_VERSION,
@@ -52,11 +57,13 @@ ERROR_CODES = (
     E_SHUTTING_DOWN,
     E_INTERNAL,
     E_SESSION_BUSY,
+    E_NOT_GATEWAY,
 )
 
 # Limits enforced on every request, independent of the model.
 MAX_ID_LEN = 64
 MAX_SESSION_LEN = 64
+MAX_IDENTITY_LEN = 64
 MAX_PROMPT_CHARS = 32_768
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
@@ -99,6 +106,8 @@ class Request:
     deadline_ms: int | None = None
     target: str | None = None  # the id a ``cancel`` refers to
     session: str | None = None  # conversation to continue (generate) or forget (end_session)
+    # (identity, role) of the end user a gateway acts for; for ``auth_failed``, the refused subject
+    on_behalf_of: tuple[str, str] | None = None
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -143,15 +152,33 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     op = msg.get("op")
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
+    behalf = _on_behalf_of(msg, rid, required=op == OP_AUTH_FAILED)
     if op == OP_CANCEL:
         target = _get(msg, "target", str, None, rid)
         _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)
-        return Request(op=op, id=rid, target=target)
+        return Request(op=op, id=rid, target=target, on_behalf_of=behalf)
     if op == OP_END_SESSION:
-        return Request(op=op, id=rid, session=_session(msg, rid, required=True))
+        return Request(op=op, id=rid, session=_session(msg, rid, required=True), on_behalf_of=behalf)
     if op != OP_GENERATE:
-        return Request(op=op, id=rid)
-    return _parse_generate(msg, rid, max_tokens_limit)
+        return Request(op=op, id=rid, on_behalf_of=behalf)
+    return replace(_parse_generate(msg, rid, max_tokens_limit), on_behalf_of=behalf)
+
+
+def _on_behalf_of(msg: dict, rid: str, required: bool) -> tuple[str, str] | None:
+    """``{"identity": str, "role": str}``: who a gateway forwards for (the daemon checks the sender is one)."""
+    behalf = _get(msg, "on_behalf_of", dict, None, rid)
+    if behalf is None:
+        _check(not required, f"{msg.get('op')} needs field 'on_behalf_of' (the refused subject)", rid)
+        return None
+    identity, role = behalf.get("identity"), behalf.get("role")
+    _check(
+        isinstance(identity, str) and 0 < len(identity) <= MAX_IDENTITY_LEN,
+        f"field 'on_behalf_of.identity' must be a string of 1..{MAX_IDENTITY_LEN} characters",
+        rid,
+    )
+    allowed = ("-", *DELEGABLE_ROLES) if required else DELEGABLE_ROLES
+    _check(role in allowed, f"field 'on_behalf_of.role' must be one of {', '.join(allowed)}", rid)
+    return identity, role
 
 
 def _session(msg: dict, rid: str, required: bool = False) -> str | None:

@@ -205,12 +205,15 @@ class Server:
     def _reply(self, envelope: list[bytes], frame: bytes) -> None:
         self.router.send_multipart([*envelope, frame])
 
-    def _reject(self, envelope: list[bytes], client: str, exc: P.ProtocolError, op: str = "?", **extra) -> None:
+    def _reject(
+        self, envelope: list[bytes], client: str, exc: P.ProtocolError, op: str = "?", role: str = "infer", **extra
+    ) -> None:
         self.runner.write_audit(
             Entry(
                 request_id=exc.request_id or "-",
                 op=op,
                 client=client,
+                role=role,
                 status="rejected",
                 model_id=self.model.model_id,
                 model_version=self.model.version,
@@ -229,9 +232,29 @@ class Server:
             req = P.parse_request(frames[-1].bytes, self.config.engine.max_new_tokens)
         except P.ProtocolError as exc:
             log.info("rejected request from %s: %s %s", client, exc.code, exc.message)
-            self._reject(envelope, client, exc)
+            self._reject(envelope, client, exc, role=role)
             return
-        if req.op == P.OP_HEALTH:
+        if req.on_behalf_of is not None:
+            if role != "gateway":
+                log.warning("refused %s from %s: role %s is not 'gateway'", req.op, client, role)
+                message = f"field 'on_behalf_of' (and op {P.OP_AUTH_FAILED!r}) is accepted only from a gateway client"
+                self._reject(envelope, client, P.ProtocolError(P.E_NOT_GATEWAY, message, req.id), req.op, role)
+                return
+            # The one place the audit subject is decided: a gateway's end user replaces the gateway itself.
+            client, role = req.on_behalf_of
+        if req.op == P.OP_AUTH_FAILED:
+            refused = Entry(
+                request_id=req.id,
+                op=req.op,
+                client=client,
+                role=role,
+                status="rejected",
+                error_code=P.E_UNAUTHORIZED,
+                model_id=self.model.model_id,
+                model_version=self.model.version,
+            )
+            self._reply(envelope, P.result_reply(req.id, {"audited": self.runner.write_audit(refused)}))
+        elif req.op == P.OP_HEALTH:
             self._reply(envelope, P.result_reply(req.id, self.health()))
         elif req.op == P.OP_INFO:
             self._reply(envelope, P.result_reply(req.id, self.info()))
@@ -248,7 +271,7 @@ class Server:
 
     def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
         def refuse(code: str, message: str, **extra) -> None:
-            self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, **extra)
+            self._reject(envelope, client, P.ProtocolError(code, message, req.id), op=req.op, role=role, **extra)
 
         if self.stop_event.is_set():
             return refuse(P.E_SHUTTING_DOWN, "the daemon is shutting down; retry against the restarted service")
