@@ -296,7 +296,8 @@ class UnixGatewayServer(GatewayServer):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.server_address)  # a socket left by a previous run
         socketserver.TCPServer.server_bind(self)
-        os.chmod(self.server_address, 0o660)
+        # Reachable by local users (a reverse proxy has its own uid); every request still needs an API key.
+        os.chmod(self.server_address, 0o666)
         self.server_name, self.server_port = "localhost", 0
 
 
