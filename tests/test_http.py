@@ -228,3 +228,83 @@ def test_health_needs_no_key(site):
     resp = conn.getresponse()
     assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
     conn.close()
+
+
+def _tls_files(out) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer, issuer_key, ca=False, san=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name, obj):
+        if isinstance(obj, x509.Certificate):
+            data = obj.public_bytes(serialization.Encoding.PEM)
+        else:
+            data = obj.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        (out / name).write_bytes(data)
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    write("ca.pem", cert("test-ca", ca_key, "test-ca", ca_key, ca=True))
+    loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server.pem", cert("gw", server_key, "test-ca", ca_key, san=loopback))
+    write("server.key", server_key)
+    write("client.pem", cert("ehr", client_key, "test-ca", ca_key))
+    write("client.key", client_key)
+
+
+def test_tls_with_client_certificates(site):
+    """A second gateway on the same daemon, serving HTTPS that requires a client certificate."""
+    import dataclasses
+    import ssl
+
+    tls = site.root / "tls"
+    tls.mkdir()
+    _tls_files(tls)
+    port = free_port()
+    text = site.device.config.read_text().replace(f'listen = "127.0.0.1:{site.port}"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace(
+        "timeout_s = 30",
+        f'timeout_s = 30\ntls_cert = "{tls}/server.pem"\ntls_key = "{tls}/server.key"\ntls_client_ca = "{tls}/ca.pem"',
+    )
+    config = site.device.config.with_name("appliance-tls.toml")
+    config.write_text(text)
+    gateway = Daemon(dataclasses.replace(site.device, config=config), site.root / "gw-tls", command="http")
+    try:
+        assert "over https" in gateway.wait_for("READY=1")
+        ctx = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+        ctx.load_cert_chain(str(tls / "client.pem"), str(tls / "client.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {site.key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["data"][0]["id"] == MODEL
+        conn.close()
+        no_cert = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=no_cert, timeout=30)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {site.key}"})
+            conn.getresponse()
+    finally:
+        gateway.stop()
