@@ -161,6 +161,13 @@ def test_a_request_over_the_limits_gets_400_naming_the_field(site, extra, param)
     assert err.value.status_code == 400 and err.value.param == param
 
 
+def test_a_refused_request_is_audited_as_the_end_user(site):
+    with pytest.raises(openai.BadRequestError) as err:
+        site.openai().completions.create(model=MODEL, prompt="hi", max_tokens=100_000)
+    row = site.wait_for_row(request_id=err.value.response.headers["x-request-id"])
+    assert row.client.startswith("ehr-plugin:") and (row.status, row.error_code) == ("rejected", P.E_BAD_REQUEST)
+
+
 def test_unknown_model_is_404(site):
     with pytest.raises(openai.NotFoundError) as err:
         site.openai().completions.create(model="gpt-4o", prompt="hi", max_tokens=1)
@@ -306,5 +313,37 @@ def test_tls_with_client_certificates(site):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {site.key}"})
             conn.getresponse()
+    finally:
+        gateway.stop()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def test_unix_socket_listener(site):
+    import dataclasses
+
+    path = site.root / "http.sock"
+    text = site.device.config.read_text().replace(f'listen = "127.0.0.1:{site.port}"', f'listen = "unix:{path}"')
+    config = site.device.config.with_name("appliance-unix.toml")
+    config.write_text(text)
+    gateway = Daemon(dataclasses.replace(site.device, config=config), site.root / "gw-unix", command="http")
+    try:
+        gateway.wait_for("READY=1")
+        conn = _UnixConnection(str(path))
+        body = json.dumps({"model": MODEL, "prompt": "Return the", "max_tokens": 2})
+        conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {site.key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] <= 2
+        conn.close()
     finally:
         gateway.stop()

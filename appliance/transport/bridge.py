@@ -13,6 +13,7 @@ import threading
 import uuid
 from typing import Any
 
+import msgpack
 import zmq
 
 from appliance.transport import protocol as P
@@ -74,7 +75,7 @@ class Bridge:
             events = dict(poller.poll(200))
             if self._pull in events:
                 while self._pull.poll(0):
-                    self._dealer.send(self._pull.recv())
+                    self._forward(self._pull.recv())
             if self._dealer in events:
                 while self._dealer.poll(0):
                     reply = P.decode_reply(self._dealer.recv_multipart()[-1])
@@ -82,6 +83,25 @@ class Bridge:
                         inbox = self._waiting.get(reply.get("id"))
                     if inbox is not None:  # replies for a request nobody waits for any more are dropped
                         inbox.put(reply)
+
+    def _forward(self, frame: bytes) -> None:
+        """Never block this thread on a daemon that is gone: its pipe full, the request is answered busy."""
+        try:
+            self._dealer.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            rid = msgpack.unpackb(frame, raw=False).get("id")
+            with self._lock:
+                inbox = self._waiting.get(rid)
+            if inbox is not None:
+                inbox.put(
+                    {
+                        "type": P.T_ERROR,
+                        "id": rid,
+                        "code": P.E_BUSY,
+                        "message": "the daemon is not reading",
+                        "retry_after_ms": 1000,
+                    }
+                )
 
     def _send(self, rid: str, op: str, fields: dict[str, Any]) -> Stream:
         stream = Stream(self, rid)
@@ -116,17 +136,18 @@ class Stream:
         self.id = rid
         self.inbox: queue.SimpleQueue[dict] = queue.SimpleQueue()
 
-    def next(self, timeout_s: float) -> dict:
-        try:
-            return self.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            raise BridgeError(f"no reply from the daemon at {self.bridge.endpoint} in {timeout_s:g}s") from None
-
     def poll(self, timeout_s: float) -> dict | None:
+        """The next reply, or None after ``timeout_s``."""
         try:
             return self.inbox.get(timeout=timeout_s)
         except queue.Empty:
             return None
+
+    def next(self, timeout_s: float) -> dict:
+        reply = self.poll(timeout_s)
+        if reply is None:
+            raise BridgeError(f"no reply from the daemon at {self.bridge.endpoint} in {timeout_s:g}s")
+        return reply
 
     def cancel(self) -> None:
         """Ask the daemon to end this request (its HTTP client left); the slot is freed within one step."""

@@ -70,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and chunked server-sent events
     server_version = "edge-appliance"
     server: GatewayServer
+    request_id: str | None = None
 
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.timeout_s  # bounds idle keep-alive and writes to a stalled client
@@ -93,6 +94,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch({"/v1/chat/completions": self._chat, "/v1/completions": self._completions})
 
     def _dispatch(self, routes: dict) -> None:
+        self.request_id = None  # the daemon's id of a forwarded request: X-Request-Id, the audit row's request_id
         path = self.path.split("?", 1)[0]
         try:
             route = routes.get(path)
@@ -159,7 +161,7 @@ class Handler(BaseHTTPRequestHandler):
             raise O.ApiError(400, f"the body is not valid JSON: {exc}") from None
 
     def _forward(self, call: O.Call, behalf: dict) -> None:
-        rid = uuid.uuid4().hex
+        rid = self.request_id = uuid.uuid4().hex
         stream = self.gateway.bridge.generate(rid, on_behalf_of=behalf, **call.fields)
         try:
             first = self._next(stream)
@@ -184,6 +186,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Request-Id", rid)
         self.end_headers()
         if call.chat:
             self._event(O.chunk(call, rid, "", first=True))
@@ -241,6 +244,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if retry_after_s is not None:
             self.send_header("Retry-After", str(retry_after_s))
+        if self.request_id is not None:
+            self.send_header("X-Request-Id", self.request_id)
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="edge-appliance"')
         self.end_headers()

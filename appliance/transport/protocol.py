@@ -78,6 +78,7 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.on_behalf_of: tuple[str, str] | None = None  # so a refused gateway request is audited as its user
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,14 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
     behalf = _on_behalf_of(msg, rid, required=op == OP_AUTH_FAILED)
+    try:
+        return _parse_op(msg, op, rid, behalf, max_tokens_limit)
+    except ProtocolError as exc:
+        exc.on_behalf_of = behalf
+        raise
+
+
+def _parse_op(msg: dict, op: str, rid: str, behalf: tuple[str, str] | None, max_tokens_limit: int) -> Request:
     if op == OP_CANCEL:
         target = _get(msg, "target", str, None, rid)
         _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)

@@ -226,22 +226,22 @@ class Server:
         if len(frames) < 2:
             return  # no routing envelope: nothing to answer
         envelope = [f.bytes for f in frames[:-1]]
-        client = _client_identity(frames[-1])
-        role = self.clients[client].role if client in self.clients else "infer"
+        sender = _client_identity(frames[-1])
+        sender_role = self.clients[sender].role if sender in self.clients else "infer"
         try:
             req = P.parse_request(frames[-1].bytes, self.config.engine.max_new_tokens)
         except P.ProtocolError as exc:
+            client, role = self._subject(sender, sender_role, exc.on_behalf_of) or (sender, sender_role)
             log.info("rejected request from %s: %s %s", client, exc.code, exc.message)
             self._reject(envelope, client, exc, role=role)
             return
-        if req.on_behalf_of is not None:
-            if role != "gateway":
-                log.warning("refused %s from %s: role %s is not 'gateway'", req.op, client, role)
-                message = f"field 'on_behalf_of' (and op {P.OP_AUTH_FAILED!r}) is accepted only from a gateway client"
-                self._reject(envelope, client, P.ProtocolError(P.E_NOT_GATEWAY, message, req.id), req.op, role)
-                return
-            # The one place the audit subject is decided: a gateway's end user replaces the gateway itself.
-            client, role = req.on_behalf_of
+        subject = self._subject(sender, sender_role, req.on_behalf_of)
+        if subject is None:
+            log.warning("refused %s from %s: role %s is not 'gateway'", req.op, sender, sender_role)
+            message = f"field 'on_behalf_of' (and op {P.OP_AUTH_FAILED!r}) is accepted only from a gateway client"
+            self._reject(envelope, sender, P.ProtocolError(P.E_NOT_GATEWAY, message, req.id), req.op, sender_role)
+            return
+        client, role = subject
         if req.op == P.OP_AUTH_FAILED:
             refused = Entry(
                 request_id=req.id,
@@ -268,6 +268,15 @@ class Server:
             )
         else:
             self._generate(envelope, client, role, req, frames[-1])
+
+    @staticmethod
+    def _subject(sender: str, role: str, on_behalf_of: tuple[str, str] | None) -> tuple[str, str] | None:
+        """The one place a request's subject (audit ``client`` and ``role``, the key of per-identity limits) is
+        decided: the CURVE ``User-Id`` and its allow-list role, or the end user a ``gateway`` names.
+        None when a client that is not a gateway names someone else."""
+        if on_behalf_of is None:
+            return sender, role
+        return on_behalf_of if role == "gateway" else None
 
     def _generate(self, envelope: list[bytes], client: str, role: str, req: P.Request, frame: zmq.Frame) -> None:
         def refuse(code: str, message: str, **extra) -> None:
