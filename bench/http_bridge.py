@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -40,7 +41,8 @@ PROMPT = "How do I reset the conveyor?"
 
 def site(config: Path, identity: Path, work: Path) -> tuple[Path, str, str, int]:
     """A copy of ``config`` with CURVE, a gateway and a client key, an API key and the [http] section."""
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # this run's keys only
+    work.mkdir(parents=True)
     gateway = client_keygen(work / "gateway", "bench-gateway", "gateway")
     client = client_keygen(work / "client", "bench-client", "infer")
     (work / "clients.toml").write_text(
@@ -64,7 +66,7 @@ def site(config: Path, identity: Path, work: Path) -> tuple[Path, str, str, int]
     return out, endpoint, key, port
 
 
-def zmq_requests(endpoint: str, curve: dict, n: int, new: int, out: list[float]) -> None:
+def zmq_requests(endpoint: str, curve: dict, new: int, n: int, out: list[float]) -> None:
     """``n`` streamed requests on one ZeroMQ connection; appends each one's time to first token."""
     with Client(endpoint, timeout_s=600, **curve) as c:
         for _ in range(n):
@@ -74,7 +76,7 @@ def zmq_requests(endpoint: str, curve: dict, n: int, new: int, out: list[float])
             out.append(first - t0)
 
 
-def http_requests(port: int, key: str, model: str, n: int, new: int, out: list[float]) -> None:
+def http_requests(port: int, key: str, model: str, new: int, n: int, out: list[float]) -> None:
     """``n`` streamed completions on one keep-alive HTTP connection; appends each one's time to first token."""
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": new, "stream": True, "ignore_eos": True})
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
@@ -92,6 +94,30 @@ def http_requests(port: int, key: str, model: str, n: int, new: int, out: list[f
             out.append(first - t0)
     finally:
         conn.close()
+
+
+def openai_transcript(port: int, key: str, model: str) -> dict:
+    """One streamed chat completion with the official client, kept verbatim for the record."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    request = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 32,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = list(client.chat.completions.create(**request))
+    return {
+        "client": "openai.OpenAI(base_url=..., api_key=...).chat.completions.create(**request)",
+        "request": request,
+        "chunks": len(chunks),
+        "first_chunk": chunks[0].model_dump(exclude_none=True),
+        "text": "".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+        "finish_reason": next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason),
+        "usage": chunks[-1].usage.model_dump(),
+    }
 
 
 def load(worker, clients: int, per_client: int, *args) -> list[float]:
@@ -170,6 +196,7 @@ def main() -> int:
         }
         load(zmq_requests, 1, 2, endpoint, curve, args.new_tokens)  # warm-ups
         load(http_requests, 1, 2, port, key, model, args.new_tokens)
+        transcript = openai_transcript(port, key, model)
         levels = {}
         for clients in args.clients:
             per_client = max(1, args.per_round // clients)
@@ -208,6 +235,7 @@ def main() -> int:
         "audit": "on",
         "response_cache": 0,
         "clients": levels,
+        "openai_transcript": transcript,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for clients, level in levels.items():

@@ -71,6 +71,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edge-appliance"
     server: GatewayServer
     request_id: str | None = None
+    # Every event is a small write: without TCP_NODELAY, Nagle holds it until the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.timeout_s  # bounds idle keep-alive and writes to a stalled client
@@ -264,6 +266,8 @@ class GatewayServer(ThreadingHTTPServer):
         self.gateway = gateway
         self.tls = tls
         self.slots = threading.BoundedSemaphore(gateway.config.max_connections)
+        # socketserver's default backlog of 5 drops a burst of connections; their SYN is retried after ~1 s.
+        self.request_queue_size = gateway.config.max_connections
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address) -> None:
