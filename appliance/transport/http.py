@@ -71,11 +71,11 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edge-appliance"
     server: GatewayServer
     request_id: str | None = None
-    # Every event is a small write: without TCP_NODELAY, Nagle holds it until the client's delayed ACK (~40 ms).
-    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.timeout_s  # bounds idle keep-alive and writes to a stalled client
+        # Every event is a small write: without TCP_NODELAY, Nagle holds it until the client's delayed ACK (~40 ms).
+        self.disable_nagle_algorithm = self.server.address_family != socket.AF_UNIX
         super().setup()
 
     @property
