@@ -115,11 +115,11 @@ class Bridge:
         with self._lock:
             self._waiting.pop(rid, None)
 
-    def call(self, op: str, **fields: Any) -> dict:
+    def call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict:
         """A one-reply op; returns the reply map (``result`` or ``error``)."""
         stream = self._send(uuid.uuid4().hex, op, fields)
         try:
-            return stream.next(self.timeout_s)
+            return stream.next(timeout_s or self.timeout_s)
         finally:
             stream.close()
 

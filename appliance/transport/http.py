@@ -35,6 +35,7 @@ log = logging.getLogger("appliance.http")
 
 INFO_TTL_S = 5.0  # how long the daemon's model id and features are reused before asking again
 WATCH_S = 0.25  # how often a waiting request checks that its HTTP client is still connected
+STARTUP_TRY_S = 5.0  # each start-up attempt to reach the daemon
 
 
 class ClientGone(Exception):
@@ -370,7 +371,9 @@ def reach_daemon(bridge: Bridge, stop: threading.Event, notifier: Notifier) -> d
     """Wait for the daemon, and check it accepts this gateway's ``on_behalf_of`` (``health`` is not audited)."""
     while not stop.is_set():
         try:
-            reply = bridge.call(P.OP_HEALTH, on_behalf_of={"identity": "gateway-startup-check", "role": "infer"})
+            # A short wait per try, so a stop request during start-up is honoured within seconds.
+            check = {"identity": "gateway-startup-check", "role": "infer"}
+            reply = bridge.call(P.OP_HEALTH, timeout_s=STARTUP_TRY_S, on_behalf_of=check)
         except BridgeError as exc:
             notifier.status(f"waiting for the daemon: {exc}")
             log.warning("%s; retrying (is this gateway's CURVE key in the daemon's allow-list?)", exc)
