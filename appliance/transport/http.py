@@ -35,7 +35,7 @@ log = logging.getLogger("appliance.http")
 
 INFO_TTL_S = 5.0  # how long the daemon's model id and features are reused before asking again
 WATCH_S = 0.25  # how often a waiting request checks that its HTTP client is still connected
-STARTUP_TRY_S = 5.0  # each start-up attempt to reach the daemon
+PROBE_S = 5.0  # longest wait for the daemon's answer to a start-up attempt or a /health probe
 
 
 class ClientGone(Exception):
@@ -72,6 +72,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "edge-appliance"
     server: GatewayServer
     request_id: str | None = None
+    body_read = False
 
     def setup(self) -> None:
         self.timeout = self.server.gateway.config.timeout_s  # bounds idle keep-alive and writes to a stalled client
@@ -98,6 +99,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict) -> None:
         self.request_id = None  # the daemon's id of a forwarded request: X-Request-Id, the audit row's request_id
+        self.body_read = False
         path = self.path.split("?", 1)[0]
         try:
             route = routes.get(path)
@@ -107,6 +109,8 @@ class Handler(BaseHTTPRequestHandler):
                 )
             route()
         except O.ApiError as exc:
+            # A body left unread (refused before it was parsed) must not be read as the next request.
+            self.close_connection = self.close_connection or (self.command == "POST" and not self.body_read)
             self._send_json(exc.status, exc.body(), exc.retry_after_s)
         except BridgeError as exc:
             log.error("%s", exc)
@@ -117,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- endpoints ----------------------------------------------------------------------------
     def _health(self) -> None:
         """Unauthenticated liveness for load balancers: only whether the daemon answers and its audit is ok."""
-        reply = self.gateway.bridge.call(P.OP_HEALTH)
+        reply = self.gateway.bridge.call(P.OP_HEALTH, timeout_s=PROBE_S)
         ok = reply["type"] == P.T_RESULT and reply["result"].get("status") == "ok"
         self._send_json(200 if ok else 503, {"status": "ok" if ok else "degraded"})
 
@@ -156,10 +160,11 @@ class Handler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             raise O.ApiError(411, "send the JSON body with a Content-Length header")
         if int(length) > self.gateway.config.max_body_bytes:
-            self.close_connection = True  # the unread body must not be parsed as the next request
             raise O.ApiError(413, f"the body is {length} bytes; the limit is {self.gateway.config.max_body_bytes}")
+        data = self.rfile.read(int(length))
+        self.body_read = True
         try:
-            return json.loads(self.rfile.read(int(length)))
+            return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise O.ApiError(400, f"the body is not valid JSON: {exc}") from None
 
@@ -373,7 +378,7 @@ def reach_daemon(bridge: Bridge, stop: threading.Event, notifier: Notifier) -> d
         try:
             # A short wait per try, so a stop request during start-up is honoured within seconds.
             check = {"identity": "gateway-startup-check", "role": "infer"}
-            reply = bridge.call(P.OP_HEALTH, timeout_s=STARTUP_TRY_S, on_behalf_of=check)
+            reply = bridge.call(P.OP_HEALTH, timeout_s=PROBE_S, on_behalf_of=check)
         except BridgeError as exc:
             notifier.status(f"waiting for the daemon: {exc}")
             log.warning("%s; retrying (is this gateway's CURVE key in the daemon's allow-list?)", exc)
