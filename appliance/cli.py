@@ -26,6 +26,7 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 def _client(args: argparse.Namespace):
     """A client from the common flags, with CURVE when --server-key and --client-key are given."""
+    from appliance.transport.auth import server_public_key
     from appliance.transport.client import Client
 
     server_key = keypair = None
@@ -36,7 +37,7 @@ def _client(args: argparse.Namespace):
 
         if not (args.server_key and args.client_key):
             raise ConfigError("CURVE needs both --server-key and --client-key")
-        server_key = _server_key(args.server_key)
+        server_key = server_public_key(args.server_key)
         path = Path(args.client_key)
         secret = bytes(read_private(path.name, path.parent)).strip()
         keypair = (zmq.curve_public(secret), secret)
@@ -49,24 +50,32 @@ def _client(args: argparse.Namespace):
     )
 
 
-def _server_key(value: str) -> bytes:
-    """A Z85 server key, or a device identity file carrying ``curve_public``."""
-    if len(value) == 40 and not Path(value).exists():
-        return value.encode()
-    from provisioning.keys import DeviceIdentity
-
-    return DeviceIdentity.load(Path(value)).curve_public.encode()
-
-
 def cmd_client_keygen(args: argparse.Namespace) -> int:
     from appliance.transport.auth import client_keygen
 
-    entry = client_keygen(Path(args.out), args.name)
+    entry = client_keygen(Path(args.out), args.name, args.role)
     print(
         f"wrote {args.out}/client.key (0600) and client.pub; add to the daemon's allow-list:\n\n"
-        f'[[client]]\nname = "{entry.name}"\nkey = "{entry.key}"\nrole = "infer"'
+        f'[[client]]\nname = "{entry.name}"\nkey = "{entry.key}"\nrole = "{entry.role}"'
     )
     return 0
+
+
+def cmd_http_keygen(args: argparse.Namespace) -> int:
+    from appliance.transport.api_keys import entry_toml, mint
+
+    key, entry = mint(args.name, args.role)
+    print(f"API key (shown once, store it in the client; only its hash is kept):\n\n    {key}\n", file=sys.stderr)
+    print(f"# add to the [http] keys file, then `systemctl reload edge-appliance-http`:\n{entry_toml(entry)}", end="")
+    return 0
+
+
+def cmd_http(args: argparse.Namespace) -> int:
+    from appliance.logs import setup_logging
+    from appliance.transport.http import run_gateway
+
+    setup_logging(args.log_level, args.log_format)
+    return run_gateway(load_config(_config_path(args)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -154,20 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=f"daemon config file (default: $EDGE_APPLIANCE_CONFIG or {DEFAULT_CONFIG})")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def log_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="minimum level logged (default: info)",
+        )
+        sp.add_argument(
+            "--log-format",
+            default="text",
+            choices=["text", "json"],
+            help="text for people, json for one object per line (default: text)",
+        )
+
     s = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify aware)")
-    s.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="minimum level logged (default: info)",
-    )
-    s.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text for people, json for one object per line (default: text)",
-    )
+    log_flags(s)
     s.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("http", help="run the OpenAI-compatible HTTP gateway in front of the daemon (docs/HTTP.md)")
+    log_flags(h)
+    h.set_defaults(func=cmd_http)
 
     def client_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--endpoint", help=f"daemon address (default: from --config, else {DEFAULT_ENDPOINT})")
@@ -217,7 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("client-keygen", help="make a CURVE key pair for a client and print its allow-list entry")
     k.add_argument("--out", required=True, help="directory for client.key (0600) and client.pub")
     k.add_argument("--name", required=True, help="the client's name in the allow-list and the audit log")
+    k.add_argument(
+        "--role",
+        default="infer",
+        choices=["infer", "admin", "gateway"],
+        help="allow-list role; gateway: the HTTP gateway, trusted to name its end users (default: infer)",
+    )
     k.set_defaults(func=cmd_client_keygen)
+
+    hk = sub.add_parser("http-keygen", help="mint an API key for the HTTP gateway and print its key-file entry")
+    hk.add_argument("--name", required=True, help="the key's name: its identity in the audit log (1..40 characters)")
+    hk.add_argument("--role", default="infer", choices=["infer", "admin"], help="role of the key (default: infer)")
+    hk.set_defaults(func=cmd_http_keygen)
 
     i = sub.add_parser("init", help="write a config file for a device")
     i.add_argument("--out", required=True, help="config file to write")

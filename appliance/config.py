@@ -15,6 +15,7 @@ else:  # Jetson JetPack 6 ships Python 3.10
 
 DEFAULT_CONFIG = Path("/etc/edge-appliance/appliance.toml")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 
 
 class ConfigError(ApplianceError):
@@ -74,6 +75,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible gateway (``edge-appliance http``), a client of the daemon with role ``gateway``."""
+
+    listen: str = DEFAULT_HTTP_LISTEN  # "host:port", or "unix:/path/to/socket"
+    keys: str | None = None  # API key file (hashes only; `edge-appliance http-keygen` prints entries)
+    daemon: str | None = None  # the daemon's ZeroMQ endpoint (default: the first of [server] endpoints)
+    client_key: str | None = None  # the gateway's CURVE secret key (its public key is allow-listed as "gateway")
+    server_key: str | None = None  # the daemon's CURVE public key: device-identity.json, or a file holding the Z85
+    tls_cert: str | None = None  # PEM certificate chain: serve HTTPS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates signed by it
+    timeout_s: float = 60.0  # longest wait for the daemon's next reply
+    max_connections: int = 64  # concurrent HTTP connections; more are answered 503 at once
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     trust_dir: Path
@@ -85,6 +103,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     sessions: SessionConfig = field(default_factory=SessionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
 
 
@@ -95,6 +114,7 @@ _SECTIONS = {
     "auth": AuthConfig,
     "sessions": SessionConfig,
     "metrics": MetricsConfig,
+    "http": HttpConfig,
 }
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
 
@@ -143,6 +163,11 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: [auth] anonymous_role must be one of {'|'.join(ROLES)}")
     if auth.clients:
         auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)), anonymous_role=auth.anonymous_role)
+    http = sections["http"]
+    files = ("keys", "client_key", "server_key", "tls_cert", "tls_key", "tls_client_ca")
+    http = HttpConfig(**{**http.__dict__, **{k: str(resolve(getattr(http, k))) for k in files if getattr(http, k)}})
+    if bool(http.tls_cert) != bool(http.tls_key) or (http.tls_client_ca and not http.tls_cert):
+        raise ConfigError(f"{path}: [http] TLS needs tls_cert and tls_key (tls_client_ca only with them)")
     return Config(
         state_dir=resolve(paths["state_dir"]),
         trust_dir=resolve(paths["trust_dir"]),
@@ -154,6 +179,7 @@ def load_config(path: Path) -> Config:
         auth=auth,
         sessions=sections["sessions"],
         metrics=sections["metrics"],
+        http=http,
         source=path,
     )
 
@@ -206,4 +232,11 @@ anonymous_role = "infer"    # role of every connection when CURVE is off (admin 
 
 [metrics]
 port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin
+
+[http]                      # `edge-appliance http`: OpenAI-compatible gateway (docs/HTTP.md); needs curve = true
+listen = "127.0.0.1:8080"   # "host:port" or "unix:/run/edge-appliance/http.sock"
+# keys = "http-keys.toml"   # API key hashes: `edge-appliance http-keygen --name NAME` prints an entry
+# client_key = "credentials/gateway.key"   # the gateway's CURVE secret; allow-list its key with role "gateway"
+# server_key = "device-identity.json"      # the daemon's CURVE public key
+# tls_cert = "http-cert.pem"               # serve HTTPS (with tls_key); tls_client_ca requires client certificates
 """

@@ -103,9 +103,10 @@ def device(tiny_build, tmp_path_factory) -> Device:
 
 
 class Daemon:
-    """`edge-appliance serve` as a real subprocess, with a NOTIFY_SOCKET the test owns."""
+    """`edge-appliance serve` (or another long-running command) as a real subprocess, with a NOTIFY_SOCKET
+    the test owns."""
 
-    def __init__(self, device: Device, tmp: Path, watchdog_usec: int = 200_000):
+    def __init__(self, device: Device, tmp: Path, watchdog_usec: int = 200_000, command: str = "serve"):
         tmp.mkdir(parents=True, exist_ok=True)
         self.notify_path = tmp / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -118,9 +119,9 @@ class Daemon:
         self._reader.start()
         env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), WATCHDOG_USEC=str(watchdog_usec))
         env.pop("WATCHDOG_PID", None)
-        self.log = open(tmp / "daemon.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.log = open(tmp / f"{command}.log", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [str(BIN / "edge-appliance"), "--config", str(device.config), "serve"],
+            [str(BIN / "edge-appliance"), "--config", str(device.config), command],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

@@ -13,19 +13,31 @@ import pytest
 from appliance.notify import Notifier
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "edge-appliance.service"
+HTTP_UNIT = UNIT.with_name("edge-appliance-http.service")
 
 
 @pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (.ci/run installs it)"
 )
-def test_unit_file_verifies_without_any_output(tmp_path):
-    # ExecStart must exist for verify to pass: point it at this venv's console script.
+def test_unit_files_verify_without_any_output(tmp_path):
+    # ExecStart must exist for verify to pass: point it at this venv's console script. Both units are
+    # verified together, so the gateway's After=/BindsTo= name a unit that exists.
     exe = Path(sys.executable).parent / "edge-appliance"
-    text = UNIT.read_text().replace("/opt/edge-appliance/venv/bin/edge-appliance", str(exe))
-    unit = tmp_path / "edge-appliance.service"
-    unit.write_text(text)
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    paths = []
+    for source in (UNIT, HTTP_UNIT):
+        unit = tmp_path / source.name
+        unit.write_text(source.read_text().replace("/opt/edge-appliance/venv/bin/edge-appliance", str(exe)))
+        paths.append(str(unit))
+    proc = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+
+
+def test_http_unit_declares_notify_watchdog_and_its_own_credential():
+    text = HTTP_UNIT.read_text()
+    for line in ("Type=notify", "WatchdogSec=", "BindsTo=edge-appliance.service", " http ", "gateway-curve.key"):
+        assert line in text, line
+    active = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not [line for line in active if "device-" in line and ".key" in line]  # never the device's keys
 
 
 def test_unit_declares_notify_watchdog_and_hardening():

@@ -4,18 +4,22 @@ connection gets ``[auth] anonymous_role``. A refused op is answered ``forbidden`
 - ``infer``: generate; cancel and end_session for its own requests and conversations; health; info.
 - ``admin``: everything ``infer`` may, plus ``metrics``, and cancel/end_session on behalf of any
   client (the ``identity`` field names it).
+- ``gateway`` (the HTTP gateway, docs/HTTP.md): forwards requests naming its end user in
+  ``on_behalf_of`` (whose role, ``infer`` or ``admin``, then applies), and reports refused API keys
+  with ``auth_failed``. Only a gateway may send either; the daemon trusts the identity it names.
 """
 
 from __future__ import annotations
 
 from appliance.transport import protocol as P
 
-INFER, ADMIN = "infer", "admin"
-ROLES = (INFER, ADMIN)
+INFER, ADMIN, GATEWAY = "infer", "admin", "gateway"
+ROLES = (INFER, ADMIN, GATEWAY)
 
 _OPS = {
     INFER: frozenset({P.OP_GENERATE, P.OP_CANCEL, P.OP_END_SESSION, P.OP_HEALTH, P.OP_INFO}),
     ADMIN: frozenset({P.OP_GENERATE, P.OP_CANCEL, P.OP_END_SESSION, P.OP_HEALTH, P.OP_INFO, P.OP_METRICS}),
+    GATEWAY: frozenset({P.OP_HEALTH, P.OP_INFO, P.OP_AUTH_FAILED}),  # everything else on behalf of a user
 }
 _ACT_FOR_OTHERS = frozenset({ADMIN})
 

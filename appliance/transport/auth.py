@@ -5,7 +5,7 @@ The allow-list is a TOML file of clients, each a CURVE public key (Z85) with a n
     [[client]]
     name = "press-line-4"
     key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"
-    role = "infer"          # infer | admin
+    role = "infer"          # infer | admin | gateway
 
 An unknown key fails the CURVE handshake: it gets no service at all, and the attempt is audited.
 An accepted connection's messages carry ``User-Id = name:fingerprint``, which is the audit subject.
@@ -112,11 +112,27 @@ def secure_server(sock: zmq.Socket, secret_z85: bytes) -> str:
     return public.decode()
 
 
-def client_keygen(out_dir: Path, name: str) -> ClientEntry:
+def client_keygen(out_dir: Path, name: str, role: str = "infer") -> ClientEntry:
     """A client key pair: ``client.key`` (secret, 0600) and ``client.pub``; returns its allow-list entry."""
     from provisioning.keys import write_private
 
     public, secret = zmq.curve_keypair()
     write_private(Path(out_dir) / "client.key", secret)
     (Path(out_dir) / "client.pub").write_bytes(public)
-    return ClientEntry(name, public.decode(), "infer")
+    return ClientEntry(name, public.decode(), role)
+
+
+def server_public_key(value: str) -> bytes:
+    """The daemon's CURVE public key: a Z85 string, a device-identity.json, or a file holding the Z85 key."""
+    path = Path(value)
+    if len(value) == 40 and not path.exists():
+        return value.encode()
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read the daemon's public key from {value}: {exc.strerror}") from None
+    if len(text) == 40:
+        return text.encode()
+    from provisioning.keys import DeviceIdentity
+
+    return DeviceIdentity.load(path).curve_public.encode()

@@ -9,7 +9,7 @@ msgpack map with ``v``, ``id`` and ``type`` (``token``, ``done``, ``result`` or 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -20,7 +20,8 @@ VERSION = 1
 OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL = "generate", "health", "info", "cancel"
 OP_END_SESSION = "end_session"
 OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
-OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS)
+OP_AUTH_FAILED = "auth_failed"  # a gateway reports a refused credential, so the daemon audits it
+OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS, OP_AUTH_FAILED)
 # Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
 MINOR = 2
 FEATURES = (
@@ -33,7 +34,11 @@ FEATURES = (
     "duplicate_id",
     "cached_tokens",
     "metrics",
+    "gateway",
 )
+
+# Roles an end user acting through a gateway may have (a gateway cannot delegate its own role).
+DELEGABLE_ROLES = ("infer", "admin")
 
 # Reply types.
 T_TOKEN, T_DONE, T_RESULT, T_ERROR = "token", "done", "result", "error"
@@ -54,6 +59,7 @@ E_INTERNAL = "internal"
 E_SESSION_BUSY = "session_busy"  # another request of the same session is in flight
 E_FORBIDDEN = "forbidden"  # the client's role may not do this
 E_DUPLICATE_ID = "duplicate_id"  # this client already has a request in flight with the same id
+E_NOT_GATEWAY = "not_gateway"  # 'on_behalf_of' or 'auth_failed' from a client whose role is not 'gateway'
 ERROR_CODES = (
     E_FORBIDDEN,
     E_DUPLICATE_ID,
@@ -70,11 +76,13 @@ ERROR_CODES = (
     E_SHUTTING_DOWN,
     E_INTERNAL,
     E_SESSION_BUSY,
+    E_NOT_GATEWAY,
 )
 
 # Limits enforced on every request, independent of the model.
 MAX_ID_LEN = 64
 MAX_SESSION_LEN = 64
+MAX_IDENTITY_LEN = 64
 MAX_PROMPT_CHARS = 32_768
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
@@ -96,6 +104,7 @@ class ProtocolError(Exception):
         self.message = message
         self.request_id = request_id
         self.op = op  # the op the request named, once it is known (for the audit row)
+        self.on_behalf_of: tuple[str, str] | None = None  # so a refused gateway request is audited as its user
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,8 @@ class Request:
     target: str | None = None  # the id a ``cancel`` refers to
     session: str | None = None  # conversation to continue (generate) or forget (end_session)
     identity: str | None = None  # admin only: the client whose request/session ``cancel``/``end_session`` names
+    # (identity, role) of the end user a gateway acts for; for ``auth_failed``, the refused subject
+    on_behalf_of: tuple[str, str] | None = None
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -177,23 +188,42 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     op = msg.get("op")
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
+    behalf = _on_behalf_of(msg, rid, required=op == OP_AUTH_FAILED)
     try:
-        return _parse_op(msg, op, rid, max_tokens_limit)
+        return _parse_op(msg, op, rid, behalf, max_tokens_limit)
     except ProtocolError as exc:
-        exc.op = op
+        exc.op, exc.on_behalf_of = op, behalf
         raise
 
 
-def _parse_op(msg: dict, op: str, rid: str, max_tokens_limit: int) -> Request:
+def _parse_op(msg: dict, op: str, rid: str, behalf: tuple[str, str] | None, max_tokens_limit: int) -> Request:
     if op == OP_CANCEL:
         target = _get(msg, "target", str, None, rid)
         _check(target is not None, "cancel needs field 'target' (the id of the request to cancel)", rid)
-        return Request(op=op, id=rid, target=target, identity=_identity(msg, rid))
+        return Request(op=op, id=rid, target=target, identity=_identity(msg, rid), on_behalf_of=behalf)
     if op == OP_END_SESSION:
-        return Request(op=op, id=rid, session=_session(msg, rid, required=True), identity=_identity(msg, rid))
+        session = _session(msg, rid, required=True)
+        return Request(op=op, id=rid, session=session, identity=_identity(msg, rid), on_behalf_of=behalf)
     if op != OP_GENERATE:
-        return Request(op=op, id=rid)
-    return _parse_generate(msg, rid, max_tokens_limit)
+        return Request(op=op, id=rid, on_behalf_of=behalf)
+    return replace(_parse_generate(msg, rid, max_tokens_limit), on_behalf_of=behalf)
+
+
+def _on_behalf_of(msg: dict, rid: str, required: bool) -> tuple[str, str] | None:
+    """``{"identity": str, "role": str}``: who a gateway forwards for (the daemon checks the sender is one)."""
+    behalf = _get(msg, "on_behalf_of", dict, None, rid)
+    if behalf is None:
+        _check(not required, f"{msg.get('op')} needs field 'on_behalf_of' (the refused subject)", rid)
+        return None
+    identity, role = behalf.get("identity"), behalf.get("role")
+    _check(
+        isinstance(identity, str) and 0 < len(identity) <= MAX_IDENTITY_LEN,
+        f"field 'on_behalf_of.identity' must be a string of 1..{MAX_IDENTITY_LEN} characters",
+        rid,
+    )
+    allowed = ("-", *DELEGABLE_ROLES) if required else DELEGABLE_ROLES
+    _check(role in allowed, f"field 'on_behalf_of.role' must be one of {', '.join(allowed)}", rid)
+    return identity, role
 
 
 def _identity(msg: dict, rid: str) -> str | None:

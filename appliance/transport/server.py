@@ -265,11 +265,18 @@ class Server:
             )
         try:
             req = P.parse_request(payload.bytes, self.config.engine.max_new_tokens)
+            peer = self._subject(peer, req.op, req.on_behalf_of, req.id)
             roles.check(peer.role, req)
         except P.ProtocolError as exc:
+            if exc.on_behalf_of is not None and peer.role == roles.GATEWAY:  # audited as the user it names
+                peer = Peer(*exc.on_behalf_of, peer.route)
             return self._refuse(envelope, peer, exc, op=exc.op)
         if req.op == P.OP_GENERATE:
             return self._generate(envelope, peer, req)
+        if req.op == P.OP_AUTH_FAILED:  # a gateway refused a credential: audit it as that subject
+            refused = Peer(req.on_behalf_of[0], "-", peer.route)
+            self._audit(refused, req.op, req.id, "rejected", error_code=P.E_UNAUTHORIZED)
+            return self._reply(envelope, P.result_reply(req.id, {"audited": True}))
         METRICS.request(req.op, "ok")  # before the reply: a scrape after it must see it
         if req.op == P.OP_HEALTH:
             result = self.health()
@@ -284,6 +291,21 @@ class Server:
         changed = result.get("cancelled") or result.get("ended")
         self._audit(peer, req.op, req.id, "ok", aggregate=not changed)
         self._reply(envelope, P.result_reply(req.id, result))
+
+    @staticmethod
+    def _subject(peer: Peer, op: str, on_behalf_of: tuple[str, str] | None, rid: str) -> Peer:
+        """The one place a request's subject (audit client and role, scope of its state) is decided:
+        the sender itself, or the end user a ``gateway`` names in ``on_behalf_of``."""
+        if on_behalf_of is None and op != P.OP_AUTH_FAILED:
+            return peer
+        if peer.role != roles.GATEWAY:
+            raise P.ProtocolError(
+                P.E_NOT_GATEWAY,
+                f"field 'on_behalf_of' (and op {P.OP_AUTH_FAILED!r}) is accepted only from a gateway client",
+                rid,
+                op=op,
+            )
+        return peer if op == P.OP_AUTH_FAILED else Peer(*on_behalf_of, peer.route)
 
     def _cancel(self, peer: Peer, req: P.Request) -> dict:
         key = scoped(req.identity or peer.identity, req.target)

@@ -1,0 +1,158 @@
+"""The gateway's connection to the daemon: one DEALER socket shared by every HTTP request thread.
+
+ZeroMQ sockets belong to one thread, so a single I/O thread owns the DEALER: request threads hand
+it frames through an inproc PUSH socket (used under a lock) and read the replies for their request
+id from their own queue. One connection for all requests keeps the gateway a single, allow-listed
+client of the daemon; a request that loses its HTTP client is ended with an explicit ``cancel``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from typing import Any
+
+import msgpack
+import zmq
+
+from appliance.transport import protocol as P
+
+SUBMIT = "inproc://gateway-submit"
+
+
+class BridgeError(Exception):
+    """The daemon did not answer in time (it is down, restarting, or refuses this gateway's key)."""
+
+
+class Bridge:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float,
+        curve_server_key: bytes | None = None,
+        curve_keypair: tuple[bytes, bytes] | None = None,
+    ):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._ctx = zmq.Context()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        if curve_server_key and curve_keypair:
+            self._dealer.curve_serverkey = curve_server_key
+            self._dealer.curve_publickey, self._dealer.curve_secretkey = curve_keypair
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(SUBMIT)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(SUBMIT)
+        self._push_lock = threading.Lock()
+        self._waiting: dict[str, queue.SimpleQueue[dict]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)
+
+    def start(self) -> None:
+        self._dealer.connect(self.endpoint)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for sock in (self._push, self._pull, self._dealer):
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(200))
+            if self._pull in events:
+                while self._pull.poll(0):
+                    self._forward(self._pull.recv())
+            if self._dealer in events:
+                while self._dealer.poll(0):
+                    reply = P.decode_reply(self._dealer.recv_multipart()[-1])
+                    with self._lock:
+                        inbox = self._waiting.get(reply.get("id"))
+                    if inbox is not None:  # replies for a request nobody waits for any more are dropped
+                        inbox.put(reply)
+
+    def _forward(self, frame: bytes) -> None:
+        """Never block this thread on a daemon that is gone: its pipe full, the request is answered busy."""
+        try:
+            self._dealer.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            rid = msgpack.unpackb(frame, raw=False).get("id")
+            with self._lock:
+                inbox = self._waiting.get(rid)
+            if inbox is not None:
+                inbox.put(
+                    {
+                        "type": P.T_ERROR,
+                        "id": rid,
+                        "code": P.E_BUSY,
+                        "message": "the daemon is not reading",
+                        "retry_after_ms": 1000,
+                    }
+                )
+
+    def _send(self, rid: str, op: str, fields: dict[str, Any]) -> Stream:
+        stream = Stream(self, rid)
+        with self._lock:
+            self._waiting[rid] = stream.inbox
+        with self._push_lock:
+            self._push.send(P.request(op, rid, **fields))
+        return stream
+
+    def _forget(self, rid: str) -> None:
+        with self._lock:
+            self._waiting.pop(rid, None)
+
+    def call(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict:
+        """A one-reply op; returns the reply map (``result`` or ``error``)."""
+        stream = self._send(uuid.uuid4().hex, op, fields)
+        try:
+            return stream.next(timeout_s or self.timeout_s)
+        finally:
+            stream.close()
+
+    def generate(self, rid: str, **fields: Any) -> Stream:
+        """Start a generation; read its ``token``/``done``/``error`` replies from the stream."""
+        return self._send(rid, P.OP_GENERATE, fields)
+
+
+class Stream:
+    """The replies to one request, in order."""
+
+    def __init__(self, bridge: Bridge, rid: str):
+        self.bridge = bridge
+        self.id = rid
+        self.inbox: queue.SimpleQueue[dict] = queue.SimpleQueue()
+
+    def poll(self, timeout_s: float) -> dict | None:
+        """The next reply, or None after ``timeout_s``."""
+        try:
+            return self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def next(self, timeout_s: float) -> dict:
+        reply = self.poll(timeout_s)
+        if reply is None:
+            raise BridgeError(f"no reply from the daemon at {self.bridge.endpoint} in {timeout_s:g}s")
+        return reply
+
+    def cancel(self) -> None:
+        """Ask the daemon to end this request (its HTTP client left); the slot is freed within one step."""
+        with self.bridge._push_lock:
+            self.bridge._push.send(P.request(P.OP_CANCEL, uuid.uuid4().hex, target=self.id))
+
+    def close(self) -> None:
+        self.bridge._forget(self.id)

@@ -1,0 +1,349 @@
+"""The OpenAI-compatible HTTP gateway: a live daemon (CURVE on) and a live `edge-appliance http` process,
+real sockets, the official `openai` client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+import openai
+import pytest
+import zmq
+
+from appliance.audit import AuditLog
+from appliance.audit.chain import sha256_text
+from appliance.config import load_config
+from appliance.transport import api_keys
+from appliance.transport import protocol as P
+from appliance.transport.client import Client
+from provisioning.keys import DeviceIdentity
+from tests.conftest import Daemon, free_port, provision_device, run_cli
+
+MODEL = "tiny"
+
+
+class Site:
+    def __init__(self, device, root, daemon, gateway, port, key, admin_key):
+        self.device, self.root, self.daemon, self.gateway = device, root, daemon, gateway
+        self.port, self.key, self.admin_key = port, key, admin_key
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    def openai(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key, max_retries=0, timeout=60)
+
+    def zmq_client(self, **kw) -> Client:
+        """The allow-listed ZeroMQ client (role infer), for comparisons and for refusals."""
+        secret = (self.root / "press4" / "client.key").read_bytes()
+        server = DeviceIdentity.load(self.device.identity).curve_public.encode()
+        pair = (zmq.curve_public(secret), secret)
+        return Client(self.device.endpoint, curve_server_key=server, curve_keypair=pair, **kw)
+
+    def audit_rows(self, **match) -> list:
+        rows = AuditLog(load_config(self.device.config).audit_db).rows()
+        return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
+
+    def wait_for_row(self, timeout: float = 30.0, **match):
+        """The audit row is committed before the daemon's final reply; poll until it is there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.audit_rows(**match)
+            if rows:
+                return rows[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no audit row matching {match}")
+
+
+def _mint(name: str, role: str, keys_file) -> str:
+    out = run_cli("edge-appliance", "http-keygen", "--name", name, "--role", role)
+    with keys_file.open("a") as f:
+        f.write(out.stdout.split("\n", 1)[1])  # the entry, without its comment line
+    return next(line.strip() for line in out.stderr.splitlines() if line.strip().startswith(api_keys.KEY_PREFIX))
+
+
+@pytest.fixture(scope="module")
+def site(tiny_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("http")
+    device = provision_device(tiny_build, root / "site")
+    allow = []
+    for name, role, out in (("press-line-4", "infer", "press4"), ("http-gateway", "gateway", "gateway")):
+        text = run_cli(
+            "edge-appliance", "client-keygen", "--out", str(root / out), "--name", name, "--role", role
+        ).stdout
+        allow.append(text[text.index("[[client]]") :])
+    (device.config.parent / "clients.toml").write_text("\n".join(allow))
+    keys_file = device.config.parent / "http-keys.toml"
+    key, admin_key = _mint("ehr-plugin", "infer", keys_file), _mint("ops-console", "admin", keys_file)
+    port = free_port()
+    text = device.config.read_text().replace("curve = false", 'curve = true\nclients = "clients.toml"')
+    text = text.replace(
+        'listen = "127.0.0.1:8080"',
+        f'listen = "127.0.0.1:{port}"\nkeys = "http-keys.toml"\nclient_key = "{root}/gateway/client.key"\n'
+        f'server_key = "{device.identity}"\ntimeout_s = 30',
+    )
+    device.config.write_text(text)
+    daemon = Daemon(device, root / "run")
+    daemon.wait_for("READY=1")
+    gateway = Daemon(device, root / "gw", command="http")
+    try:
+        gateway.wait_for("READY=1")
+        yield Site(device, root, daemon, gateway, port, key, admin_key)
+    finally:
+        gateway.stop()
+        daemon.stop()
+
+
+def test_gateway_is_ready_and_pings_the_watchdog(site):
+    assert "serving tiny over http" in site.gateway.wait_for("READY=1")
+    site.gateway.clear()
+    site.gateway.wait_for("WATCHDOG=1", timeout=5)
+
+
+def test_openai_client_streams_a_chat_completion(site):
+    stream = site.openai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reset the conveyor"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].choices == []
+    rid = chunks[0].id.removeprefix("chatcmpl-")
+    assert {c.id for c in chunks} == {chunks[0].id}
+    row = site.wait_for_row(request_id=rid)
+    entry = api_keys.load_keys(site.device.config.parent / "http-keys.toml")[0]
+    assert (row.client, row.role, row.status, row.completion_tokens) == (entry.identity, "infer", "ok", 8)
+    assert row.output_sha256 == sha256_text(text)  # the audited output is what the client received
+
+
+def test_non_streamed_completion_models_and_admin_role(site):
+    client = site.openai(site.admin_key)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    reply = client.completions.create(model=MODEL, prompt="Return the", max_tokens=4, extra_body={"ignore_eos": True})
+    assert reply.object == "text_completion" and reply.usage.completion_tokens == 4
+    assert reply.choices[0].finish_reason == "length"
+    row = site.wait_for_row(request_id=reply.id.removeprefix("cmpl-"))
+    assert row.client.startswith("ops-console:") and row.role == "admin"
+
+
+def test_wrong_api_key_gets_401_and_is_audited(site):
+    wrong = "ea-not-a-real-key"
+    with pytest.raises(openai.AuthenticationError) as err:
+        site.openai(wrong).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    row = site.wait_for_row(op=P.OP_AUTH_FAILED, client=f"unknown:{api_keys.fingerprint(wrong)}")
+    assert (row.status, row.error_code) == ("rejected", P.E_UNAUTHORIZED)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
+        ({"temperature": 9}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_a_request_over_the_limits_gets_400_naming_the_field(site, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        site.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body=extra
+        )
+    assert err.value.status_code == 400 and err.value.param == param
+
+
+def test_a_refused_request_is_audited_as_the_end_user(site):
+    with pytest.raises(openai.BadRequestError) as err:
+        site.openai().completions.create(model=MODEL, prompt="hi", max_tokens=100_000)
+    row = site.wait_for_row(request_id=err.value.response.headers["x-request-id"])
+    assert row.client.startswith("ehr-plugin:") and (row.status, row.error_code) == ("rejected", P.E_BAD_REQUEST)
+
+
+def test_unknown_model_is_404(site):
+    with pytest.raises(openai.NotFoundError) as err:
+        site.openai().completions.create(model="gpt-4o", prompt="hi", max_tokens=1)
+    assert err.value.param == "model"
+
+
+def test_sse_text_is_the_zeromq_reply_for_the_same_greedy_request(site):
+    prompt = "The conveyor belt"
+    # Different seeds keep both out of the response cache; greedy decoding ignores the seed.
+    with site.zmq_client() as client:
+        expected = client.complete(prompt, max_tokens=24, ignore_eos=True, seed=1)["text"]
+    stream = site.openai().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=0, seed=2, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = list(stream)
+    assert len(chunks) > 2 and expected
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert not site.audit_rows(request_id=chunks[0].id.removeprefix("cmpl-"))[0].cache_hit
+
+
+def _post_stream(site, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
+    headers = {"Authorization": f"Bearer {site.key}", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    return conn, conn.getresponse()
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(site):
+    body = {"model": MODEL, "prompt": "Return the", "max_tokens": 256, "stream": True, "ignore_eos": True}
+    conn, resp = _post_stream(site, body)
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    first = resp.readline()  # the first event: generation is running
+    rid = json.loads(first.removeprefix(b"data: "))["id"].removeprefix("cmpl-")
+    conn.sock.close()
+    resp.close()
+    row = site.wait_for_row(request_id=rid)
+    assert (row.status, row.error_code) == ("error", P.E_CANCELLED)
+    assert row.completion_tokens < 256
+    with site.zmq_client() as client:
+        assert client.health()["running"] == 0
+
+
+def test_streamed_error_before_the_first_token_is_an_http_status(site):
+    body = {"model": MODEL, "prompt": "x" * (P.MAX_PROMPT_CHARS + 1), "stream": True}
+    conn, resp = _post_stream(site, body)
+    error = json.loads(resp.read())["error"]
+    conn.close()
+    assert resp.status == 400 and error["param"] == "prompt"
+
+
+def test_on_behalf_of_from_a_non_gateway_client_is_refused_and_audited(site):
+    frame = P.request(
+        P.OP_GENERATE, "forged-1", prompt="hi", on_behalf_of={"identity": "ehr-plugin:0", "role": "admin"}
+    )
+    with site.zmq_client() as client:
+        reply = client.send_raw(frame)
+    assert (reply["type"], reply["code"]) == (P.T_ERROR, P.E_NOT_GATEWAY)
+    row = site.wait_for_row(request_id="forged-1")
+    assert row.client.startswith("press-line-4:") and (row.status, row.error_code) == ("rejected", P.E_NOT_GATEWAY)
+
+
+def test_health_needs_no_key(site):
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
+    conn.request("GET", "/health")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
+    conn.close()
+
+
+def _tls_files(out) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(name, key, issuer, issuer_key, ca=False, san=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(name, obj):
+        if isinstance(obj, x509.Certificate):
+            data = obj.public_bytes(serialization.Encoding.PEM)
+        else:
+            data = obj.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        (out / name).write_bytes(data)
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    write("ca.pem", cert("test-ca", ca_key, "test-ca", ca_key, ca=True))
+    loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server.pem", cert("gw", server_key, "test-ca", ca_key, san=loopback))
+    write("server.key", server_key)
+    write("client.pem", cert("ehr", client_key, "test-ca", ca_key))
+    write("client.key", client_key)
+
+
+def test_tls_with_client_certificates(site):
+    """A second gateway on the same daemon, serving HTTPS that requires a client certificate."""
+    import dataclasses
+    import ssl
+
+    tls = site.root / "tls"
+    tls.mkdir()
+    _tls_files(tls)
+    port = free_port()
+    text = site.device.config.read_text().replace(f'listen = "127.0.0.1:{site.port}"', f'listen = "127.0.0.1:{port}"')
+    text = text.replace(
+        "timeout_s = 30",
+        f'timeout_s = 30\ntls_cert = "{tls}/server.pem"\ntls_key = "{tls}/server.key"\ntls_client_ca = "{tls}/ca.pem"',
+    )
+    config = site.device.config.with_name("appliance-tls.toml")
+    config.write_text(text)
+    gateway = Daemon(dataclasses.replace(site.device, config=config), site.root / "gw-tls", command="http")
+    try:
+        assert "over https" in gateway.wait_for("READY=1")
+        ctx = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+        ctx.load_cert_chain(str(tls / "client.pem"), str(tls / "client.key"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {site.key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["data"][0]["id"] == MODEL
+        conn.close()
+        no_cert = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=no_cert, timeout=30)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {site.key}"})
+            conn.getresponse()
+    finally:
+        gateway.stop()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        import socket
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def test_unix_socket_listener(site):
+    import dataclasses
+
+    path = site.root / "http.sock"
+    text = site.device.config.read_text().replace(f'listen = "127.0.0.1:{site.port}"', f'listen = "unix:{path}"')
+    config = site.device.config.with_name("appliance-unix.toml")
+    config.write_text(text)
+    gateway = Daemon(dataclasses.replace(site.device, config=config), site.root / "gw-unix", command="http")
+    try:
+        gateway.wait_for("READY=1")
+        conn = _UnixConnection(str(path))
+        body = json.dumps({"model": MODEL, "prompt": "Return the", "max_tokens": 2})
+        conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {site.key}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] <= 2
+        conn.close()
+    finally:
+        gateway.stop()
