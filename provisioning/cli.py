@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .bundle import open_bundle, seal
 from .errors import ProvisioningError
-from .install import current_bundle, install, rollback, verify_fully
+from .install import INSTALL_LOG, current_bundle, install, rollback, verify_fully
 from .keys import (
     DEVICE_X25519,
     VENDOR_SIGNING,
@@ -86,13 +86,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    result = install(
-        Path(args.bundle),
-        Path(args.state),
-        load_trusted_vendors(Path(args.trust)),
-        load_x25519(DEVICE_X25519, Path(args.keys)),
-        allow_downgrade=args.allow_downgrade,
-    )
+    from tqdm import tqdm
+
+    with tqdm(desc="copying to staging", unit="B", unit_scale=True, disable=None, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = install(
+            Path(args.bundle),
+            Path(args.state),
+            load_trusted_vendors(Path(args.trust)),
+            load_x25519(DEVICE_X25519, Path(args.keys)),
+            allow_downgrade=args.allow_downgrade,
+            replace_model=args.replace_model,
+            progress=progress,
+        )
+    if result.replaced_model:
+        print(f"replaced model {result.replaced_model} (recorded in {Path(args.state) / INSTALL_LOG})")
     if result.changed:
         print(
             f"installed {result.model_id} v{result.version} into slot {result.slot}; restart or reload the "
@@ -182,7 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--state", required=True, help="device state directory")
     _trust_flag(i)
     i.add_argument("--keys", required=True, help="device private key directory")
-    i.add_argument("--allow-downgrade", action="store_true", help="install even if not newer than the installed one")
+    i.add_argument(
+        "--allow-downgrade", action="store_true", help="install even if not newer than this model id's highest version"
+    )
+    i.add_argument(
+        "--replace-model",
+        action="store_true",
+        help="install a bundle of another model id than the one served (recorded in the install log)",
+    )
     i.set_defaults(func=cmd_install)
     r = sub.add_parser("rollback", help="switch back to the previously installed slot")
     r.add_argument("--state", required=True, help="device state directory")
