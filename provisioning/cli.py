@@ -18,9 +18,11 @@ from .keys import (
     VENDOR_SIGNING,
     DeviceIdentity,
     enroll,
+    fingerprint,
     load_ed25519,
     load_trusted_vendors,
     load_x25519,
+    public_bytes,
     vendor_keygen,
 )
 
@@ -123,12 +125,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     from .wheelhouse import build_wheelhouse
 
-    wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version)
+    key_path = Path(args.signing_key)
+    signing = (
+        load_ed25519(key_path.name, key_path.parent) if key_path.is_file() else load_ed25519(VENDOR_SIGNING, key_path)
+    )
+    wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version, signing)
     print(
-        f"{len(wheels)} wheels, SHA256SUMS and install-offline.sh written to {args.out}; on the device run: "
-        f"sh {args.out}/install-offline.sh"
+        f"{len(wheels)} wheels, the signed wheels.lock and install-offline.sh written to {args.out}; on the device "
+        f"run: sh {args.out}/install-offline.sh (vendor key fingerprint for --first-trust: "
+        f"{fingerprint(public_bytes(signing.public_key()))})"
     )
     return 0
+
+
+def cmd_install_software(args: argparse.Namespace) -> int:
+    from . import stick
+
+    argv = [args.prefix, "--stick", args.stick, "--trust", args.trust]
+    return stick.main(argv)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -218,7 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(Jetson, JetPack 6); default: this machine",
     )
     w.add_argument("--python-version", help="target Python, e.g. 3.10 (JetPack 6); default: this interpreter")
+    w.add_argument("--signing-key", required=True, help="vendor signing key file or its directory (signs wheels.lock)")
     w.set_defaults(func=cmd_wheelhouse)
+    sw = sub.add_parser(
+        "install-software",
+        help="upgrade the software from a signed stick with this device's own (already trusted) installer",
+    )
+    sw.add_argument("stick", help="the stick's wheelhouse directory")
+    sw.add_argument("--prefix", default="/opt/edge-appliance/venv", help="virtual environment to install into")
+    _trust_flag(sw)
+    sw.set_defaults(func=cmd_install_software)
     return p
 
 

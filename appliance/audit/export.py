@@ -257,7 +257,7 @@ def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
         return VerifyResult(False, "; ".join(problems), total, checkpoints)
     return VerifyResult(
         True,
-        f"{len(exports)} export(s), rows {first_from}..{covered} with no gap, {total} rows, chain intact, "
+        f"{len(exports)} export(s), {total} rows, rows {first_from}..{covered} with no gap, chain intact, "
         f"{checkpoints} signed checkpoint(s) valid",
         total,
         checkpoints,
