@@ -494,3 +494,18 @@ def test_schema_3_database_upgrades_and_its_checkpoints_chain_on(tmp_path):
     assert after.ok and (after.checkpoints, after.signed_upto) == (4, 16), after.message
     sql(path, "DELETE FROM audit_checkpoints WHERE upto_seq = 8")  # the last legacy one: the chain notices
     assert "does not follow the checkpoint before it" in AuditLog(path).verify(PUBLIC).message
+
+
+def test_log_deleted_and_started_again_contradicts_the_exports_held(tmp_path):
+    log = fill(tmp_path / "a.db", 6)
+    usb = tmp_path / "usb"
+    export(log, usb, DEVICE, "dev")
+    log.close()
+    for f in tmp_path.glob("a.db*"):
+        f.unlink()  # the whole database removed; the daemon starts a new chain at row 1
+    log = fill(tmp_path / "a.db", 8)
+    assert log.verify(PUBLIC).ok
+    export(log, usb / "later", DEVICE, "dev")
+    shutil.move(str(next((usb / "later").iterdir())), usb / "audit-dev-000000001-000000008-b")
+    result = verify_export(usb, PUBLIC)
+    assert not result.ok and "row 1 differs between" in result.message, result.message

@@ -215,7 +215,7 @@ def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
     problems: list[str] = []
     total = checkpoints = 0
     covered = 0  # rows 1..covered (or from the series' start) are held by the exports read so far
-    seen: dict[int, str] = {}  # seq -> row_hash at export boundaries, to check that exports join up
+    seen: dict[int, tuple[str, str]] = {}  # seq -> (row_hash, export name): overlapping exports must agree
     last_checkpoint: str | None = None
     first_from = None
     for one in exports:
@@ -229,8 +229,14 @@ def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
             first_from, covered = start, start - 1
         if start > covered + 1:
             problems.append(f"rows {covered + 1}..{start - 1} missing before {one.name}: an export is missing")
-        elif start - 1 in seen and seen[start - 1] != manifest["prev_hash"]:
-            problems.append(f"{one.name}: does not continue the chain of the export before it")
+        elif start - 1 in seen and seen[start - 1][0] != manifest["prev_hash"]:
+            problems.append(f"{one.name}: does not continue the chain of {seen[start - 1][1]}")
+        differ = next((r["seq"] for r in rows if r["seq"] in seen and seen[r["seq"]][0] != r["row_hash"]), None)
+        if differ is not None:
+            problems.append(
+                f"row {differ} differs between {seen[differ][1]} and {one.name}: the log was rewritten, or cut "
+                "and written again"
+            )
         contiguous = start == covered + 1
         link = manifest.get("checkpoint_before")
         if contiguous and link is not None and last_checkpoint is not None and link != last_checkpoint:
@@ -246,7 +252,7 @@ def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
         if not result.ok:
             problems.append(f"{one.name}: {result.message}")
         total, checkpoints = total + result.rows, checkpoints + result.checkpoints
-        seen[end] = manifest["head_hash"]
+        seen.update((r["seq"], (r["row_hash"], one.name)) for r in rows)
         if end > covered:
             covered = end
             if manifest["checkpoints"]:
