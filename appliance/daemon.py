@@ -46,7 +46,9 @@ def open_audit(config: Config, *, for_writing: bool = True) -> AuditLog | None:
 
 
 def run_daemon(config: Config) -> int:
-    if not make_undumpable():  # before any key or model byte is in memory
+    if make_undumpable():  # before any key or model byte is in memory
+        log.info("process not dumpable: no core dumps, no ptrace or /proc/PID/mem reads by other processes")
+    else:
         log.warning("could not make the process undumpable (not Linux?): core dumps may contain the model")
     notifier = Notifier()
     notifier.status("opening audit log")

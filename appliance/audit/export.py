@@ -86,8 +86,9 @@ def export(
     audit.checkpoint_now()
     with Session(audit.engine) as s:
         last = s.scalars(select(Export).order_by(Export.to_seq.desc()).limit(1)).first()
-        start = since_seq if since_seq is not None else (last.to_seq + 1 if last else 1)
         anchor = audit.anchor(s)
+        first = anchor.seq + 1 if anchor else 1
+        start = since_seq if since_seq is not None else (last.to_seq + 1 if last else first)
         if anchor and start <= anchor.seq:
             raise ExportError(f"rows up to {anchor.seq} were pruned; export from {anchor.seq + 1} on")
         rows = list(s.scalars(select(AuditRecord).where(AuditRecord.seq >= start).order_by(AuditRecord.seq)))
