@@ -509,3 +509,29 @@ def test_log_deleted_and_started_again_contradicts_the_exports_held(tmp_path):
     shutil.move(str(next((usb / "later").iterdir())), usb / "audit-dev-000000001-000000008-b")
     result = verify_export(usb, PUBLIC)
     assert not result.ok and "row 1 differs between" in result.message, result.message
+
+
+def test_audit_cli_prunes_only_exported_rows_and_checks_against_the_exports(tmp_path):
+    from appliance.config import render_config
+    from provisioning.keys import DEVICE_ED25519, load_ed25519
+    from tests.conftest import run_cli
+
+    run_cli("edge-provision", "enroll", "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "id.json"))
+    config = tmp_path / "appliance.toml"
+    config.write_text(render_config("state", "trust", "keys", "audit.db"))
+    key = load_ed25519(DEVICE_ED25519, tmp_path / "keys")
+    log = AuditLog(tmp_path / "audit.db", signing_key=key, checkpoint_every=10)
+    log.record_many([Entry(request_id=f"r{i}", op="generate", status="ok") for i in range(30)])
+    log.close()
+    audit = ["edge-appliance", "--config", str(config), "audit"]
+    run_cli(*audit, "export", "--to", str(tmp_path / "usb"), "--since-seq", "11")
+    pruned = run_cli(*audit, "prune", "--exported-before", "2100-01-01").stdout
+    assert "removed 0 exported row(s)" in pruned and "rows after 0 are not in a contiguous series" in pruned
+    run_cli(*audit, "export", "--to", str(tmp_path / "usb"), "--since-seq", "1")
+    assert "removed 30 exported row(s)" in run_cli(*audit, "prune", "--exported-before", "2100-01-01").stdout
+    verify = [*audit, "verify", "--device-key", str(tmp_path / "id.json"), "--against", str(tmp_path / "usb")]
+    assert run_cli(*verify).stdout.startswith("OK: 0 rows (seq 31..30)")
+    sql(tmp_path / "audit.db", "UPDATE audit_meta SET value = '40' WHERE key = 'anchor_seq'")
+    forged = run_cli(*verify, check=False)
+    assert forged.returncode == 1 and "prune anchor at row 40: bad signature" in forged.stdout
+    assert "Traceback" not in forged.stderr
