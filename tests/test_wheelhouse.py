@@ -173,3 +173,23 @@ def test_installer_on_the_stick_uses_only_the_standard_library(wheelhouse):
         [sys.executable, "-I", "-S", str(wheelhouse / "install-offline.py"), "--help"], capture_output=True, text=True
     )
     assert proc.returncode == 0 and "--first-trust" in proc.stdout, proc.stderr
+
+
+def test_device_installer_refuses_the_same_tampered_stick(wheelhouse, tmp_path, trust):
+    """`edge-provision install-software` (the device's installed copy of the installer) applies the same checks."""
+    stick = copy_stick(wheelhouse, tmp_path)
+    evil_wheel(stick, tmp_path / "evil-ran")
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edge-provision"),
+            "install-software",
+            str(stick),
+            "--prefix",
+            str(tmp_path / "venv"),
+            "--trust",
+            str(trust),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "is not in the signed lock" in proc.stderr and "Traceback" not in proc.stderr
