@@ -151,10 +151,11 @@ def _read_regular(path: Path) -> bytes:
 def trusted_keys(trust: Path, stick: Path, first_trust: str | None) -> list[bytes]:
     """The vendor keys in the device's trust store; on first install, the stick's key if its
     fingerprint matches the one the operator got from the vendor over another channel."""
-    keys = [p.read_bytes() for p in sorted(trust.glob("*.pub"))] if trust.is_dir() else []
-    for path, key in zip(sorted(trust.glob("*.pub")), keys, strict=True):
-        if len(key) != 32:
-            raise StickError(f"{path}: a trusted vendor key must be 32 raw bytes, found {len(key)}")
+    keys = []
+    for path in sorted(trust.glob("*.pub")) if trust.is_dir() else []:
+        keys.append(path.read_bytes())
+        if len(keys[-1]) != 32:
+            raise StickError(f"{path}: a trusted vendor key must be 32 raw bytes, found {len(keys[-1])}")
     if keys:
         return keys
     if not first_trust:
