@@ -13,7 +13,7 @@ from appliance.loader import LoadedModel, load_model
 from appliance.metrics import METRICS
 from appliance.notify import Notifier
 from appliance.transport.server import BindError, Server
-from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519
+from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519, make_undumpable
 
 log = logging.getLogger("appliance.daemon")
 
@@ -47,6 +47,10 @@ def open_audit(config: Config, *, for_writing: bool = True) -> AuditLog | None:
 
 
 def run_daemon(config: Config) -> int:
+    if make_undumpable():  # before any key or model byte is in memory
+        log.info("process not dumpable: no core dumps, no ptrace or /proc/PID/mem reads by other processes")
+    else:
+        log.warning("could not make the process undumpable (not Linux?): core dumps may contain the model")
     notifier = Notifier()
     notifier.status("opening audit log")
     audit = open_audit(config)

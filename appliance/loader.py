@@ -1,9 +1,9 @@
 """Load the installed model: verify the bundle, unwrap its key, decrypt into memory, build the engine.
 
 Nothing decrypted touches the disk. The data key lives in a bytearray that is overwritten as soon
-as the payload is decrypted; the plaintext model buffer is overwritten once the engine holds its
-own copy. (Best effort: immutable copies inside OpenSSL, ONNX Runtime or Python's allocator are
-beyond reach.)
+as the payload is decrypted; the plaintext model buffer, and the one ``bytes`` copy ONNX Runtime
+needs, are overwritten once the engine is built (the engine drops its own references to them).
+(Best effort: copies inside OpenSSL, ONNX Runtime or Python's allocator are beyond reach.)
 """
 
 from __future__ import annotations
@@ -60,10 +60,12 @@ def load_model(config: Config) -> LoadedModel:
         tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
     finally:
         wipe(data_key)
+    model_bytes = bytes(model)  # ONNX Runtime takes only bytes: this copy is ours, wiped below
+    wipe(model)
     try:
         engine = create_engine(
             config.engine.kind,
-            bytes(model),
+            model_bytes,
             spec,
             num_slots=config.engine.max_batch,
             max_seq_len=config.engine.max_seq_len,
@@ -73,7 +75,8 @@ def load_model(config: Config) -> LoadedModel:
             affinity=config.engine.affinity,
         )
     finally:
-        wipe(model)
+        wipe(model_bytes)
+        del model_bytes
         for buf in external.values():
             wipe(buf)
     return LoadedModel(

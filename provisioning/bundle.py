@@ -271,6 +271,11 @@ def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
         sig = (root / SIGNATURE).read_bytes()
     except OSError as exc:
         raise BundleFormatError(f"{root}: not a bundle ({exc.strerror}: {exc.filename})") from None
+    return Bundle(root=root, manifest=verify_manifest(raw, sig, trusted, root))
+
+
+def verify_manifest(raw: bytes, sig: bytes, trusted: dict[str, Ed25519PublicKey], root: Path) -> dict:
+    """The manifest ``raw`` once its signature verifies and its schema is valid (``root`` only names it)."""
     if not any(_verifies(key, sig, raw) for key in trusted.values()):
         raise SignatureError(
             f"{root}/{SIGNATURE}: signature does not verify with any trusted vendor key "
@@ -281,7 +286,7 @@ def open_bundle(root: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle:
     except ValueError as exc:
         raise BundleFormatError(f"{root}/{MANIFEST}: not JSON ({exc})") from None
     validate_manifest(manifest, root)
-    return Bundle(root=root, manifest=manifest)
+    return manifest
 
 
 _PAYLOAD_PATH = re.compile(r"^payload/[0-9]{3,6}\.enc$")

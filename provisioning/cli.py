@@ -12,15 +12,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .bundle import open_bundle, seal
 from .errors import ProvisioningError
-from .install import current_bundle, install, rollback, verify_fully
+from .install import INSTALL_LOG, current_bundle, install, rollback, verify_fully
 from .keys import (
     DEVICE_X25519,
     VENDOR_SIGNING,
     DeviceIdentity,
     enroll,
+    fingerprint,
     load_ed25519,
     load_trusted_vendors,
     load_x25519,
+    public_bytes,
     vendor_keygen,
 )
 
@@ -86,13 +88,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    result = install(
-        Path(args.bundle),
-        Path(args.state),
-        load_trusted_vendors(Path(args.trust)),
-        load_x25519(DEVICE_X25519, Path(args.keys)),
-        allow_downgrade=args.allow_downgrade,
-    )
+    from tqdm import tqdm
+
+    with tqdm(desc="copying to staging", unit="B", unit_scale=True, disable=None, leave=False) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = install(
+            Path(args.bundle),
+            Path(args.state),
+            load_trusted_vendors(Path(args.trust)),
+            load_x25519(DEVICE_X25519, Path(args.keys)),
+            allow_downgrade=args.allow_downgrade,
+            replace_model=args.replace_model,
+            progress=progress,
+        )
+    if result.replaced_model:
+        print(f"replaced model {result.replaced_model} (recorded in {Path(args.state) / INSTALL_LOG})")
     if result.changed:
         print(
             f"installed {result.model_id} v{result.version} into slot {result.slot}; restart or reload the "
@@ -111,12 +125,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_wheelhouse(args: argparse.Namespace) -> int:
     from .wheelhouse import build_wheelhouse
 
-    wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version)
+    key_path = Path(args.signing_key)
+    signing = (
+        load_ed25519(key_path.name, key_path.parent) if key_path.is_file() else load_ed25519(VENDOR_SIGNING, key_path)
+    )
+    wheels = build_wheelhouse(Path(args.out), args.platform, args.python_version, signing)
     print(
-        f"{len(wheels)} wheels, SHA256SUMS and install-offline.sh written to {args.out}; on the device run: "
-        f"sh {args.out}/install-offline.sh"
+        f"{len(wheels)} wheels, the signed wheels.lock and install-offline.sh written to {args.out}; on the device "
+        f"run: sh {args.out}/install-offline.sh (vendor key fingerprint for --first-trust: "
+        f"{fingerprint(public_bytes(signing.public_key()))})"
     )
     return 0
+
+
+def cmd_install_software(args: argparse.Namespace) -> int:
+    from . import stick
+
+    argv = [args.prefix, "--stick", args.stick, "--trust", args.trust]
+    return stick.main(argv)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -182,7 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--state", required=True, help="device state directory")
     _trust_flag(i)
     i.add_argument("--keys", required=True, help="device private key directory")
-    i.add_argument("--allow-downgrade", action="store_true", help="install even if not newer than the installed one")
+    i.add_argument(
+        "--allow-downgrade", action="store_true", help="install even if not newer than this model id's highest version"
+    )
+    i.add_argument(
+        "--replace-model",
+        action="store_true",
+        help="install a bundle of another model id than the one served (recorded in the install log)",
+    )
     i.set_defaults(func=cmd_install)
     r = sub.add_parser("rollback", help="switch back to the previously installed slot")
     r.add_argument("--state", required=True, help="device state directory")
@@ -199,7 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(Jetson, JetPack 6); default: this machine",
     )
     w.add_argument("--python-version", help="target Python, e.g. 3.10 (JetPack 6); default: this interpreter")
+    w.add_argument("--signing-key", required=True, help="vendor signing key file or its directory (signs wheels.lock)")
     w.set_defaults(func=cmd_wheelhouse)
+    sw = sub.add_parser(
+        "install-software",
+        help="upgrade the software from a signed stick with this device's own (already trusted) installer",
+    )
+    sw.add_argument("stick", help="the stick's wheelhouse directory")
+    sw.add_argument("--prefix", default="/opt/edge-appliance/venv", help="virtual environment to install into")
+    _trust_flag(sw)
+    sw.set_defaults(func=cmd_install_software)
     return p
 
 

@@ -27,3 +27,7 @@ class IntegrityError(ProvisioningError):
 
 class InstallError(ProvisioningError):
     """The installed state cannot be changed as asked."""
+
+
+class UnsafeFileError(ProvisioningError):
+    """A file the installer must copy is a symbolic link, a device, a FIFO or otherwise not a regular file."""

@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,13 +112,36 @@ def unseal_credential(path: Path, name: str) -> bytearray:
     return bytearray(proc.stdout)
 
 
-def wipe(buf: bytearray) -> None:
+def wipe(buf: bytearray | bytes) -> None:
     """Overwrite secret bytes in place (memset, fast for multi-GB model buffers).
 
-    Best effort: copies made inside OpenSSL, ONNX Runtime or by Python itself are out of reach.
+    A ``bytes`` object is overwritten through its buffer address: only for a copy we made
+    ourselves, that no one else still reads (libraries such as ONNX Runtime accept only
+    ``bytes``). Best effort: copies made inside OpenSSL, ONNX Runtime or by Python itself are
+    out of reach.
     """
-    if len(buf):
-        ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
+    if isinstance(buf, bytearray):
+        if len(buf):
+            ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
+    elif len(buf) > 1:  # CPython shares the empty and one-byte objects: never write into those
+        ctypes.memset(ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value, 0, len(buf))
+
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+
+
+def make_undumpable() -> bool:
+    """``prctl(PR_SET_DUMPABLE, 0)``: no core dump of this process, and no other process of the same
+    user may ptrace it or read its ``/proc/PID/mem`` — it holds decrypted weights and keys.
+
+    Linux only (returns False elsewhere); returns whether the kernel now reports it not dumpable.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    return libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
 
 
 def load_x25519(name: str, key_dir: Path | None) -> X25519PrivateKey:

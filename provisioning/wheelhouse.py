@@ -1,15 +1,17 @@
-"""Offline installation of the appliance software itself: a wheelhouse for the USB stick.
+"""Offline installation of the appliance software itself: a signed wheelhouse for the USB stick.
 
-On a connected machine, ``edge-provision wheelhouse --out DIR`` downloads binary wheels of the
-runtime dependencies for the target platform, builds the appliance's own wheel, and writes
-``SHA256SUMS`` and ``install-offline.sh``. On the air-gapped device the script checks the sums
-and installs with ``pip install --no-index --find-links`` — nothing is fetched. The stick also carries the systemd
-unit (``edge-appliance.service``, the same bytes the wheel installs under ``share/edge-appliance``).
+On a connected machine, ``edge-provision wheelhouse --out DIR --signing-key KEY`` downloads binary
+wheels of the runtime dependencies for the target platform, builds the appliance's own wheel, and
+writes the lock of exactly those wheels signed by the vendor key (format and installer:
+``provisioning/stick.py``), the installer itself and ``install-offline.sh``. On the air-gapped
+device the installer verifies the lock against the device's trusted vendor keys and installs
+with ``pip install --no-index --require-hashes`` — nothing is fetched, nothing unlisted runs.
+The systemd unit travels inside the appliance's own wheel (``share/edge-appliance``), so it is
+covered by the signed lock like everything else on the stick.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -17,23 +19,19 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .errors import ProvisioningError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-DIST = "edge-appliance"
-UNIT = "edge-appliance.service"
+from . import stick
+from .errors import ProvisioningError
+from .keys import fingerprint, public_bytes
+
+DIST = stick.DIST
+INSTALLER = "install-offline.py"
 INSTALL_SCRIPT = """#!/bin/sh
-# Install edge-appliance from this directory, with no network access.
-#   sh install-offline.sh [PREFIX]        (default PREFIX: /opt/edge-appliance/venv)
-set -eu
+# Install edge-appliance from this stick with no network access: verifies the vendor-signed
+# wheels.lock, then installs exactly the locked wheels. Options: sh install-offline.sh --help
 HERE=$(cd "$(dirname "$0")" && pwd)
-PREFIX=${1:-/opt/edge-appliance/venv}
-PYTHON=${PYTHON:-python3}
-cd "$HERE"
-sha256sum --quiet -c SHA256SUMS || { echo "install-offline: a wheel is corrupt; re-copy the stick" >&2; exit 1; }
-"$PYTHON" -m venv "$PREFIX"
-"$PREFIX/bin/pip" install --quiet --no-index --find-links "$HERE" --no-cache-dir "$DIST_REQ"
-echo "installed: $("$PREFIX/bin/edge-appliance" --help >/dev/null && echo "$PREFIX/bin/edge-appliance")"
-echo "unit file: $PREFIX/share/edge-appliance/edge-appliance.service (install -m 0644 it into /etc/systemd/system/)"
+exec "${PYTHON:-python3}" -I -S "$HERE/install-offline.py" --stick "$HERE" "$@"
 """
 
 
@@ -85,8 +83,10 @@ def _pip(*args: str) -> None:
         raise ProvisioningError(f"pip {args[0]} failed: {last}")
 
 
-def build_wheelhouse(out: Path, platform: str | None, python_version: str | None) -> list[Path]:
-    """Fill ``out`` with wheels for ``platform``/``python_version`` (default: this machine)."""
+def build_wheelhouse(
+    out: Path, platform: str | None, python_version: str | None, signing_key: Ed25519PrivateKey
+) -> list[Path]:
+    """Fill ``out`` with wheels for ``platform``/``python_version`` (default: this machine) and their signed lock."""
     out.mkdir(parents=True, exist_ok=True)
     _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(project_root()))
     target = []
@@ -98,10 +98,13 @@ def build_wheelhouse(out: Path, platform: str | None, python_version: str | None
         target += ["--python-version", python_version, "--only-binary=:all:"]
     _pip("download", "--quiet", "--dest", str(out), *target, *runtime_requirements(python_version))
     wheels = sorted(out.glob("*.whl"))
-    shutil.copyfile(project_root() / "systemd" / UNIT, out / UNIT)
-    sums = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in [*wheels, out / UNIT])
-    (out / "SHA256SUMS").write_text(sums)
+    public = public_bytes(signing_key.public_key())
+    lock = stick.lock_bytes(wheels, fingerprint(public))
+    (out / stick.LOCK).write_bytes(lock)
+    (out / stick.LOCK_SIG).write_bytes(signing_key.sign(lock))
+    (out / stick.VENDOR_PUB).write_bytes(public)  # trusted only via --first-trust FINGERPRINT, never by itself
+    shutil.copyfile(stick.__file__, out / INSTALLER)
     script = out / "install-offline.sh"
-    script.write_text(INSTALL_SCRIPT.replace('"$DIST_REQ"', DIST))
+    script.write_text(INSTALL_SCRIPT)
     script.chmod(0o755)
     return wheels

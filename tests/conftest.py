@@ -106,7 +106,9 @@ class Daemon:
     """`edge-appliance serve` (or another long-running command) as a real subprocess, with a NOTIFY_SOCKET
     the test owns."""
 
-    def __init__(self, device: Device, tmp: Path, watchdog_usec: int = 200_000, command: str = "serve"):
+    def __init__(
+        self, device: Device, tmp: Path, watchdog_usec: int = 200_000, command: str = "serve", preexec_fn=None
+    ):
         tmp.mkdir(parents=True, exist_ok=True)
         self.notify_path = tmp / "notify.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -125,6 +127,8 @@ class Daemon:
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            cwd=tmp,  # where a core dump would land
+            preexec_fn=preexec_fn,
         )
         self.endpoint = device.endpoint
 

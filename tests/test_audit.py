@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.audit import GENESIS, AuditLog, Entry, Filters, row_hash
 from appliance.audit.chain import SCHEMA_VERSION
-from appliance.audit.export import ExportError, export, prune, reveal, verify_export
+from appliance.audit.export import ExportError, check_against_exports, export, prune, reveal, verify_export
 
 DEVICE = Ed25519PrivateKey.generate()
 PUBLIC = DEVICE.public_key()
@@ -336,9 +336,205 @@ def test_prune_removes_only_exported_rows_and_keeps_the_chain(tmp_path):
     log = fill(tmp_path / "a.db", 8)
     export(log, tmp_path / "usb", DEVICE, "dev")
     log.record_many([Entry(request_id=f"late{i}", op="generate", status="ok") for i in range(2)])
-    removed, anchor = prune(log, exported_before=log.rows()[-1].ts + 10)
-    assert (removed, anchor) == (8, 8)
+    result = prune(log, exported_before=log.rows()[-1].ts + 10, signing_key=DEVICE)
+    assert (result.removed, result.anchor_seq) == (8, 8)
     assert [r.seq for r in log.rows()] == [9, 10]
     assert log.verify(PUBLIC).ok
     sql(tmp_path / "a.db", "DELETE FROM audit_log WHERE seq = 9")
     assert AuditLog(tmp_path / "a.db").verify(PUBLIC).message.startswith("row 9 missing")
+
+
+# -- item 4: prune only below the last row contiguous exports hold --------------------------------
+
+
+def test_prune_refuses_rows_no_contiguous_export_holds(tmp_path):
+    log = fill(tmp_path / "a.db", 120, checkpoint_every=10)
+    export(log, tmp_path / "usb", DEVICE, "dev", since_seq=100)  # rows 100..120 only: 1..99 never exported
+    result = prune(log, exported_before=log.rows()[-1].ts + 10, signing_key=DEVICE)
+    assert (result.removed, result.exported_to) == (0, 0)
+    assert len(log.rows()) == 120 and log.verify(PUBLIC).ok
+    export(log, tmp_path / "usb", DEVICE, "dev", since_seq=1)  # the gap filled: now 1..120 are held
+    assert prune(log, exported_before=log.rows()[-1].ts + 10, signing_key=DEVICE).removed == 120
+
+
+def test_prune_stops_at_the_first_gap_between_exports(tmp_path):
+    log = fill(tmp_path / "a.db", 30, checkpoint_every=10)
+    export(log, tmp_path / "usb", DEVICE, "dev", since_seq=1)
+    log.record_many([Entry(request_id=f"n{i}", op="generate", status="ok") for i in range(20)])
+    export(log, tmp_path / "usb", DEVICE, "dev", since_seq=41)  # rows 31..40 skipped
+    result = prune(log, exported_before=log.rows()[-1].ts + 10, signing_key=DEVICE)
+    assert (result.removed, result.anchor_seq, result.exported_to) == (30, 30, 30)
+    assert log.rows()[0].seq == 31 and log.verify(PUBLIC).ok
+
+
+# -- item 5: chained checkpoints, signed anchor, signed position, gaps in a series ------------------
+
+
+def test_verify_reports_the_signed_position_and_the_unsigned_rows_after_it(tmp_path):
+    log = fill(tmp_path / "a.db", 25, checkpoint_every=10)
+    result = log.verify(PUBLIC)
+    assert result.ok and (result.signed_upto, result.unsigned) == (20, 5)
+    assert "signed up to row 20, 5 row(s) after it unsigned" in result.message
+    log.checkpoint_now()
+    assert (log.verify(PUBLIC).signed_upto, log.verify(PUBLIC).unsigned) == (25, 0)
+
+
+def test_deleting_a_checkpoint_between_others_breaks_the_checkpoint_chain(tmp_path):
+    fill(tmp_path / "a.db", 40, checkpoint_every=10).close()
+    sql(tmp_path / "a.db", "DELETE FROM audit_checkpoints WHERE upto_seq = 20")
+    result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
+    assert not result.ok and result.message.startswith(
+        "checkpoint at row 30 does not follow the checkpoint before it (row 10): checkpoints deleted"
+    ), result.message
+
+
+def test_deleting_later_checkpoints_leaves_the_rows_reported_unsigned(tmp_path):
+    log = fill(tmp_path / "a.db", 120, checkpoint_every=10)
+    log.checkpoint_now()
+    log.close()
+    sql(tmp_path / "a.db", "DELETE FROM audit_checkpoints WHERE upto_seq > 100")
+    result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
+    assert (result.signed_upto, result.unsigned) == (100, 20), result.message
+
+
+def test_log_cut_back_with_its_checkpoints_is_caught_by_the_reviewers_export(tmp_path):
+    """The attack from the review: rows 101..120 and their checkpoints deleted. The device alone cannot
+    tell this from a log that ended at 100; the export the reviewer holds can."""
+    log = fill(tmp_path / "a.db", 120, checkpoint_every=10)
+    export(log, tmp_path / "reviewer", DEVICE, "dev")
+    log.close()
+    sql(
+        tmp_path / "a.db",
+        "DELETE FROM audit_log WHERE seq > 100",
+        "DELETE FROM audit_checkpoints WHERE upto_seq > 100",
+        "DELETE FROM audit_exports",
+    )
+    log = AuditLog(tmp_path / "a.db")
+    assert log.verify(PUBLIC).ok  # consistent as far as the disk can tell...
+    assert check_against_exports(log, tmp_path / "reviewer", PUBLIC) == [
+        "the log ends at row 100 but export audit-dev-000000001-000000120, signed by this device, reaches row 120: "
+        "rows 101..120 were cut"
+    ]
+
+
+def test_forged_prune_anchor_is_detected(tmp_path):
+    """Rows 1..120 deleted and an anchor written by hand at row 120 (no device key to sign it)."""
+    fill(tmp_path / "a.db", 130, checkpoint_every=10).close()
+    con = sqlite3.connect(tmp_path / "a.db")
+    head = con.execute("SELECT row_hash FROM audit_log WHERE seq = 120").fetchone()[0]
+    con.close()
+    sql(
+        tmp_path / "a.db",
+        "DELETE FROM audit_log WHERE seq <= 120",
+        "DELETE FROM audit_checkpoints WHERE upto_seq <= 120",
+        "INSERT INTO audit_meta VALUES ('anchor_seq', '120')",
+        f"INSERT INTO audit_meta VALUES ('anchor_hash', '{head}')",
+    )
+    result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
+    assert not result.ok and result.message.startswith("prune anchor at row 120 is not signed"), result.message
+    sql(tmp_path / "a.db", f"INSERT INTO audit_meta VALUES ('anchor_signature', '{'ab' * 64}')")
+    result = AuditLog(tmp_path / "a.db").verify(PUBLIC)
+    assert not result.ok and "prune anchor at row 120: bad signature: forged" in result.message
+
+
+def test_signed_anchor_after_prune_verifies_and_the_checkpoint_chain_continues(tmp_path):
+    log = fill(tmp_path / "a.db", 25, checkpoint_every=10)
+    export(log, tmp_path / "usb", DEVICE, "dev")
+    assert prune(log, exported_before=log.rows()[-1].ts + 10, signing_key=DEVICE).anchor_seq == 25
+    log.record_many([Entry(request_id=f"n{i}", op="generate", status="ok") for i in range(10)])
+    result = log.verify(PUBLIC)
+    assert result.ok and (result.rows, result.checkpoints, result.signed_upto) == (10, 1, 35), result.message
+    second = export(log, tmp_path / "usb", DEVICE, "dev")
+    assert verify_export(tmp_path / "usb", PUBLIC).ok and second.from_seq == 26
+
+
+def test_missing_export_in_a_series_is_reported_with_every_gap(tmp_path):
+    log = fill(tmp_path / "a.db", 5)
+    usb = tmp_path / "usb"
+    paths = [export(log, usb, DEVICE, "dev").path]
+    for batch in range(4):
+        log.record_many([Entry(request_id=f"b{batch}-{i}", op="generate", status="ok") for i in range(5)])
+        paths.append(export(log, usb, DEVICE, "dev").path)
+    assert verify_export(usb, PUBLIC).ok
+    shutil.rmtree(paths[1])  # rows 6..10
+    shutil.rmtree(paths[3])  # rows 16..20
+    result = verify_export(usb, PUBLIC)
+    assert not result.ok
+    assert "rows 6..10 missing before audit-dev-000000011-000000015: an export is missing" in result.message
+    assert "rows 16..20 missing before audit-dev-000000021-000000025: an export is missing" in result.message
+
+
+V3_CHECKPOINT = b"edge-appliance/audit-checkpoint/v1"
+
+
+def test_schema_3_database_upgrades_and_its_checkpoints_chain_on(tmp_path):
+    """A database as schema 3 wrote it: unchained checkpoints signed with the v1 message, no link column."""
+    path = tmp_path / "v3.db"
+    log = AuditLog(path, checkpoint_every=4)  # no signing key: rows only
+    for i in range(10):
+        log.record(Entry(request_id=f"r{i}", op="generate", status="ok"))
+    log.close()
+    con = sqlite3.connect(path)
+    for upto in (4, 8):
+        head = con.execute("SELECT row_hash FROM audit_log WHERE seq = ?", (upto,)).fetchone()[0]
+        ts = 1700000000.0 + upto
+        message = V3_CHECKPOINT + json.dumps([upto, head, ts], separators=(",", ":")).encode()
+        con.execute(
+            "INSERT INTO audit_checkpoints (upto_seq, head_hash, ts, signature) VALUES (?, ?, ?, ?)",
+            (upto, head, ts, DEVICE.sign(message).hex()),
+        )
+    con.execute("ALTER TABLE audit_checkpoints DROP COLUMN prev_checkpoint")
+    con.execute("UPDATE audit_meta SET value = '3' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    log = AuditLog(path, signing_key=DEVICE, checkpoint_every=4)
+    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == ("4",)
+    before = log.verify(PUBLIC)
+    assert before.ok and (before.checkpoints, before.signed_upto, before.unsigned) == (2, 8, 2), before.message
+    for i in range(6):
+        log.record(Entry(request_id=f"new{i}", op="generate", status="ok"))
+    after = log.verify(PUBLIC)
+    assert after.ok and (after.checkpoints, after.signed_upto) == (4, 16), after.message
+    sql(path, "DELETE FROM audit_checkpoints WHERE upto_seq = 8")  # the last legacy one: the chain notices
+    assert "does not follow the checkpoint before it" in AuditLog(path).verify(PUBLIC).message
+
+
+def test_log_deleted_and_started_again_contradicts_the_exports_held(tmp_path):
+    log = fill(tmp_path / "a.db", 6)
+    usb = tmp_path / "usb"
+    export(log, usb, DEVICE, "dev")
+    log.close()
+    for f in tmp_path.glob("a.db*"):
+        f.unlink()  # the whole database removed; the daemon starts a new chain at row 1
+    log = fill(tmp_path / "a.db", 8)
+    assert log.verify(PUBLIC).ok
+    export(log, usb / "later", DEVICE, "dev")
+    shutil.move(str(next((usb / "later").iterdir())), usb / "audit-dev-000000001-000000008-b")
+    result = verify_export(usb, PUBLIC)
+    assert not result.ok and "row 1 differs between" in result.message, result.message
+
+
+def test_audit_cli_prunes_only_exported_rows_and_checks_against_the_exports(tmp_path):
+    from appliance.config import render_config
+    from provisioning.keys import DEVICE_ED25519, load_ed25519
+    from tests.conftest import run_cli
+
+    run_cli("edge-provision", "enroll", "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "id.json"))
+    config = tmp_path / "appliance.toml"
+    config.write_text(render_config("state", "trust", "keys", "audit.db"))
+    key = load_ed25519(DEVICE_ED25519, tmp_path / "keys")
+    log = AuditLog(tmp_path / "audit.db", signing_key=key, checkpoint_every=10)
+    log.record_many([Entry(request_id=f"r{i}", op="generate", status="ok") for i in range(30)])
+    log.close()
+    audit = ["edge-appliance", "--config", str(config), "audit"]
+    run_cli(*audit, "export", "--to", str(tmp_path / "usb"), "--since-seq", "11")
+    pruned = run_cli(*audit, "prune", "--exported-before", "2100-01-01").stdout
+    assert "removed 0 exported row(s)" in pruned and "rows after 0 are not in a contiguous series" in pruned
+    run_cli(*audit, "export", "--to", str(tmp_path / "usb"), "--since-seq", "1")
+    assert "removed 30 exported row(s)" in run_cli(*audit, "prune", "--exported-before", "2100-01-01").stdout
+    verify = [*audit, "verify", "--device-key", str(tmp_path / "id.json"), "--against", str(tmp_path / "usb")]
+    assert run_cli(*verify).stdout.startswith("OK: 0 rows (seq 31..30)")
+    sql(tmp_path / "audit.db", "UPDATE audit_meta SET value = '40' WHERE key = 'anchor_seq'")
+    forged = run_cli(*verify, check=False)
+    assert forged.returncode == 1 and "prune anchor at row 40: bad signature" in forged.stdout
+    assert "Traceback" not in forged.stderr

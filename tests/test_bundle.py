@@ -24,7 +24,9 @@ def parties():
     return vendor, device, trusted
 
 
-def make_bundle(tmp: Path, vendor, device, name="b", files=None, version=3) -> tuple[Path, dict[str, bytes]]:
+def make_bundle(
+    tmp: Path, vendor, device, name="b", files=None, version=3, model_id="m"
+) -> tuple[Path, dict[str, bytes]]:
     contents = files or {"model.onnx": os.urandom(3 * CHUNK + 123), "decoder.json": b'{"x": 1}', "empty": b""}
     src = tmp / f"{name}-src"
     src.mkdir()
@@ -34,7 +36,7 @@ def make_bundle(tmp: Path, vendor, device, name="b", files=None, version=3) -> t
     seal(
         {fid: src / fid for fid in contents},
         out,
-        model_id="m",
+        model_id=model_id,
         version=version,
         architecture="X",
         engines=[],

@@ -142,3 +142,30 @@ def test_enroll_into_systemd_credentials_never_writes_plaintext(tmp_path, monkey
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     key = load_x25519(DEVICE_X25519, None)
     assert public_bytes(key.public_key()) == DeviceIdentity.load(tmp_path / "id.json").x25519
+
+
+def test_cli_refuses_another_model_id_until_told_and_logs_the_replacement(site, tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+    from provisioning.install import read_install_log
+    from provisioning.keys import DeviceIdentity, load_ed25519
+
+    seal(
+        {"small": site / "src" / "small"},
+        tmp_path / "other",
+        model_id="other",
+        version=1_900_000_000,
+        architecture="X",
+        engines=[],
+        signing_key=load_ed25519("vendor-ed25519.key", site / "vendor"),
+        recipients=[X25519PublicKey.from_public_bytes(DeviceIdentity.load(site / "id.json").x25519)],
+    )
+    state = tmp_path / "state"
+    cmd = [*install_cmd(site, "v1")[:3], "--state", str(state), *install_cmd(site, "v1")[5:]]
+    subprocess.run(cmd, check=True, capture_output=True)
+    cmd[2] = str(tmp_path / "other")
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 1 and "--replace-model" in refused.stderr and "Traceback" not in refused.stderr
+    done = subprocess.run([*cmd, "--replace-model"], capture_output=True, text=True)
+    assert done.returncode == 0 and "replaced model m" in done.stdout, done.stderr
+    assert read_install_log(state)[-1]["action"] == "replace-model"

@@ -1,14 +1,23 @@
-"""The software installs in the air gap: wheelhouse built here, installed with no index at all."""
+"""The software installs in the air gap from a vendor-signed stick: exactly the locked wheels, nothing else."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from provisioning.keys import fingerprint, public_bytes
+from provisioning.stick import ed25519_verify
 from provisioning.wheelhouse import build_wheelhouse, compatible_platforms, runtime_requirements
+
+VENDOR = Ed25519PrivateKey.generate()
 
 
 def test_jetson_target_accepts_older_manylinux_wheels():
@@ -24,11 +33,46 @@ def test_markers_resolved_for_the_target_python():
     assert not any(r.startswith(("torch", "transformers")) for r in runtime_requirements("3.10"))
 
 
+def test_stdlib_ed25519_verify_agrees_with_openssl():
+    # RFC 8032 section 7.1, test 1 (empty message).
+    public = bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+    sig = bytes.fromhex(
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+    )
+    assert ed25519_verify(public, b"", sig)
+    for n in range(20):
+        key = Ed25519PrivateKey.generate()
+        message = os.urandom(n * 7)
+        sig = key.sign(message)
+        pub = public_bytes(key.public_key())
+        assert ed25519_verify(pub, message, sig)
+        assert not ed25519_verify(pub, message + b"x", sig)
+        assert not ed25519_verify(pub, message, sig[:40] + bytes([sig[40] ^ 1]) + sig[41:])
+        assert not ed25519_verify(public_bytes(VENDOR.public_key()), message, sig)
+    too_big_s = sig[:32] + (2**253).to_bytes(32, "little")  # s >= L is refused (malleability)
+    assert not ed25519_verify(pub, message, too_big_s)
+
+
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory):
     out = tmp_path_factory.mktemp("stick") / "wheelhouse"
-    build_wheelhouse(out, platform=None, python_version=None)
+    build_wheelhouse(out, platform=None, python_version=None, signing_key=VENDOR)
     return out
+
+
+@pytest.fixture
+def trust(tmp_path) -> Path:
+    path = tmp_path / "trusted-vendors"
+    path.mkdir()
+    (path / "vendor.pub").write_bytes(public_bytes(VENDOR.public_key()))
+    return path
+
+
+def copy_stick(wheelhouse: Path, tmp_path: Path) -> Path:
+    """A copy of the stick (hard links: cheap; tests replace files, never write into them)."""
+    stick = tmp_path / "stick"
+    shutil.copytree(wheelhouse, stick, copy_function=os.link)
+    return stick
 
 
 def offline_env() -> dict[str, str]:
@@ -36,16 +80,25 @@ def offline_env() -> dict[str, str]:
     return dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1")
 
 
-def test_install_offline_script_installs_a_working_runtime(wheelhouse, tmp_path):
-    prefix = tmp_path / "venv"
-    proc = subprocess.run(
-        ["sh", str(wheelhouse / "install-offline.sh"), str(prefix)],
+def install_offline(stick: Path, prefix: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["sh", str(stick / "install-offline.sh"), str(prefix), *args],
         capture_output=True,
         text=True,
-        env=offline_env(),
-        timeout=600,
+        env=dict(offline_env(), PYTHON=sys.executable),
+        timeout=timeout,
     )
+
+
+def test_install_offline_script_installs_a_working_runtime(wheelhouse, tmp_path):
+    """First install on a device with an empty trust store: the operator gives the vendor key's fingerprint."""
+    prefix, trust = tmp_path / "venv", tmp_path / "trusted-vendors"
+    wrong = install_offline(wheelhouse, prefix, "--trust", str(trust), "--first-trust", "00" * 16)
+    assert wrong.returncode == 1 and "not the vendor's key" in wrong.stderr and not prefix.exists()
+    right = fingerprint(public_bytes(VENDOR.public_key()))
+    proc = install_offline(wheelhouse, prefix, "--trust", str(trust), "--first-trust", right, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert (trust / "vendor.pub").read_bytes() == public_bytes(VENDOR.public_key())
     check = subprocess.run(
         [
             str(prefix / "bin" / "python"),
@@ -65,19 +118,83 @@ def test_install_offline_script_installs_a_working_runtime(wheelhouse, tmp_path)
     assert (prefix / "share" / "doc" / "edge-appliance" / "SYSTEMD.md").is_file()
 
 
-def test_corrupt_wheel_is_refused(wheelhouse, tmp_path):
-    import shutil
+def evil_wheel(stick: Path, marker: Path) -> Path:
+    """A higher version of a real dependency whose .pth file runs code at every interpreter start."""
+    wheel = stick / "msgpack-99.0.0-py3-none-any.whl"
+    info = "msgpack-99.0.0.dist-info"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("msgpack/__init__.py", "")
+        z.writestr("zz_evil.pth", f"import os; open({str(marker)!r}, 'w').write('ran')\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: msgpack\nVersion: 99.0.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return wheel
 
-    stick = tmp_path / "stick"
-    shutil.copytree(wheelhouse, stick)
+
+def test_unlisted_higher_version_wheel_is_refused_and_never_executed(wheelhouse, tmp_path, trust):
+    stick = copy_stick(wheelhouse, tmp_path)
+    marker = tmp_path / "evil-ran"
+    evil_wheel(stick, marker)
+    proc = install_offline(stick, tmp_path / "venv", "--trust", str(trust))
+    assert proc.returncode == 1
+    assert "msgpack-99.0.0-py3-none-any.whl is not in the signed lock" in proc.stderr, proc.stderr
+    assert not (tmp_path / "venv").exists() and not marker.exists()
+
+
+def test_modified_lock_fails_the_signature(wheelhouse, tmp_path, trust):
+    stick = copy_stick(wheelhouse, tmp_path)
+    evil = evil_wheel(stick, tmp_path / "evil-ran")
+    lock = json.loads((stick / "wheels.lock").read_text())
+    lock["wheels"].append({"file": evil.name, "name": "msgpack", "version": "99.0.0", "sha256": "0" * 64})
+    (stick / "wheels.lock").unlink()
+    (stick / "wheels.lock").write_text(json.dumps(lock, indent=2, sort_keys=True))
+    proc = install_offline(stick, tmp_path / "venv", "--trust", str(trust))
+    assert proc.returncode == 1 and "signature does not verify with any trusted vendor key" in proc.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_lock_signed_by_another_vendor_is_refused(wheelhouse, tmp_path):
+    other = tmp_path / "other-vendor"
+    other.mkdir()
+    (other / "vendor.pub").write_bytes(public_bytes(Ed25519PrivateKey.generate().public_key()))
+    proc = install_offline(wheelhouse, tmp_path / "venv", "--trust", str(other))
+    assert proc.returncode == 1 and "signature does not verify" in proc.stderr
+
+
+def test_corrupt_wheel_is_refused(wheelhouse, tmp_path, trust):
+    stick = copy_stick(wheelhouse, tmp_path)
     victim = next(stick.glob("msgpack-*.whl"))
-    victim.write_bytes(victim.read_bytes()[:-10])
-    proc = subprocess.run(
-        ["sh", str(stick / "install-offline.sh"), str(tmp_path / "venv")],
-        capture_output=True,
-        text=True,
-        env=offline_env(),
-        timeout=120,
-    )
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[:-10])
+    proc = install_offline(stick, tmp_path / "venv", "--trust", str(trust))
     assert proc.returncode != 0 and "corrupt" in proc.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_installer_on_the_stick_uses_only_the_standard_library(wheelhouse):
+    """Run with -I -S (no site-packages at all): the installer's --help works, so nothing else is imported."""
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", str(wheelhouse / "install-offline.py"), "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--first-trust" in proc.stdout, proc.stderr
+
+
+def test_device_installer_refuses_the_same_tampered_stick(wheelhouse, tmp_path, trust):
+    """`edge-provision install-software` (the device's installed copy of the installer) applies the same checks."""
+    stick = copy_stick(wheelhouse, tmp_path)
+    evil_wheel(stick, tmp_path / "evil-ran")
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edge-provision"),
+            "install-software",
+            str(stick),
+            "--prefix",
+            str(tmp_path / "venv"),
+            "--trust",
+            str(trust),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "is not in the signed lock" in proc.stderr and "Traceback" not in proc.stderr

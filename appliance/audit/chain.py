@@ -3,7 +3,8 @@
 SQLAlchemy 2 over SQLite in WAL mode with ``synchronous=FULL``: a row is on disk before the
 request's final reply is sent. Rows are hash-chained (``row_hash = SHA-256(prev_hash ||
 canonical JSON)``), and every ``checkpoint_every`` rows the device's Ed25519 key signs the chain
-head, so editing, deleting, inserting, reordering or truncating rows is detected and located.
+head and links to the checkpoint before it (``checkpoints``), so editing, deleting, inserting,
+reordering or truncating rows, and deleting checkpoints, is detected and located.
 Prompts and outputs are stored per the content policy: ``hash`` (digests only, default),
 ``encrypted`` (AES-256-GCM under a per-run audit key wrapped for the export recipient; the device
 keeps no key that opens them) or ``none`` (nothing about content).
@@ -19,21 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from sqlalchemy import Float, Integer, LargeBinary, String, create_engine, event, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from appliance.audit.checkpoints import GENESIS, Anchor, checkpoint_hash, sign_checkpoint, verify_checkpoints
 from appliance.audit.content import ContentSealer
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA_VERSION = 4
-GENESIS = "0" * 64
-CHECKPOINT_CONTEXT = b"edge-appliance/audit-checkpoint/v1"
+SCHEMA_VERSION = 5
 POLICIES = ("hash", "encrypted", "none")
 
 
@@ -77,7 +76,7 @@ class AuditRecord(Base):
     output_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
     # schema 3: 1 when the reply came from the response cache (NULL otherwise)
     cache_hit: Mapped[int | None] = mapped_column(Integer)
-    # schema 4: how many identical events this row stands for (NULL = 1; see audit/aggregate.py)
+    # schema 5: how many identical events this row stands for (NULL = 1; see audit/aggregate.py)
     occurrences: Mapped[int | None] = mapped_column(Integer)
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
@@ -100,6 +99,8 @@ class Checkpoint(Base):
     head_hash: Mapped[str] = mapped_column(String(64))
     ts: Mapped[float] = mapped_column(Float)
     signature: Mapped[str] = mapped_column(String(128))
+    # schema 4: checkpoint_hash of the previous checkpoint (NULL on checkpoints written before)
+    prev_checkpoint: Mapped[str | None] = mapped_column(String(64))
 
 
 class Export(Base):
@@ -155,10 +156,6 @@ def row_hash(prev_hash: str, fields: dict) -> str:
     return hashlib.sha256(bytes.fromhex(prev_hash) + canonical(fields)).hexdigest()
 
 
-def checkpoint_message(upto_seq: int, head_hash: str, ts: float) -> bytes:
-    return CHECKPOINT_CONTEXT + json.dumps([upto_seq, head_hash, ts], separators=(",", ":")).encode()
-
-
 @dataclass
 class Entry:
     """What the daemon knows about a request when it is audited (digests computed here)."""
@@ -199,6 +196,8 @@ class VerifyResult:
     message: str
     rows: int = 0
     checkpoints: int = 0
+    signed_upto: int = 0  # the last row a valid signed checkpoint (or the signed prune anchor) covers
+    unsigned: int = 0  # rows after it, protected by the hash chain only until the next checkpoint
 
 
 class AuditLog:
@@ -230,6 +229,7 @@ class AuditLog:
 
             upgrade(self.engine)
             self._head = self._load_head()
+            self._last_checkpoint = self._load_last_checkpoint()
             self._sealer = ContentSealer.start(self.engine, recipient) if content == "encrypted" else None
         except SQLAlchemyError as exc:
             raise AuditError(f"cannot open audit database {self.path}: {exc.orig or exc}") from None
@@ -240,13 +240,42 @@ class AuditLog:
             if last:
                 return last.seq, last.row_hash
             anchor = self.anchor(s)
-            return anchor if anchor else (0, GENESIS)
+            return (anchor.seq, anchor.row_hash) if anchor else (0, GENESIS)
+
+    def _load_last_checkpoint(self) -> str:
+        with Session(self.engine) as s:
+            last = s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq.desc()).limit(1)).first()
+            if last:
+                return checkpoint_hash(checkpoint_dict(last))
+            anchor = self.anchor(s)
+            return anchor.checkpoint if anchor else GENESIS
 
     @staticmethod
-    def anchor(s: Session) -> tuple[int, str] | None:
-        """After pruning: the seq and hash of the last removed row, where verification starts."""
-        seq, digest = s.get(Meta, "anchor_seq"), s.get(Meta, "anchor_hash")
-        return (int(seq.value), digest.value) if seq and digest else None
+    def anchor(s: Session) -> Anchor | None:
+        """After pruning: the signed position where verification starts (see ``checkpoints.Anchor``)."""
+        meta = {m.key: m.value for m in s.scalars(select(Meta).where(Meta.key.startswith("anchor_")))}
+        if "anchor_seq" not in meta:
+            return None
+        return Anchor(
+            seq=int(meta["anchor_seq"]),
+            row_hash=meta.get("anchor_hash", ""),
+            checkpoint=meta.get("anchor_checkpoint", GENESIS),
+            exported_to=int(meta.get("anchor_exported_to", meta["anchor_seq"])),
+            ts=float(meta.get("anchor_ts", 0)),
+            signature=meta.get("anchor_signature"),
+        )
+
+    @staticmethod
+    def set_anchor(s: Session, anchor: Anchor) -> None:
+        for key, value in (
+            ("seq", anchor.seq),
+            ("hash", anchor.row_hash),
+            ("checkpoint", anchor.checkpoint),
+            ("exported_to", anchor.exported_to),
+            ("ts", anchor.ts),
+            ("signature", anchor.signature),
+        ):
+            s.merge(Meta(key=f"anchor_{key}", value=str(value)))
 
     # -- writing -------------------------------------------------------------------------------
     def _fields(self, entry: Entry) -> dict:
@@ -301,16 +330,16 @@ class AuditLog:
                 with Session(self.engine) as s, s.begin():
                     s.execute(insert(AuditRecord), rows)  # Core bulk insert: no ORM unit of work per row
                     if checkpoint is not None:
-                        s.add(checkpoint)
+                        s.add(Checkpoint(**checkpoint))
             except SQLAlchemyError as exc:
                 raise AuditError(f"audit write failed ({exc.orig or exc})") from None
             self._head = (seq, prev)
+            if checkpoint is not None:
+                self._last_checkpoint = checkpoint_hash(checkpoint)
         return rows
 
-    def _checkpoint(self, seq: int, head: str) -> Checkpoint:
-        ts = round(time.time(), 6)
-        signature = self.signing_key.sign(checkpoint_message(seq, head, ts)).hex()
-        return Checkpoint(upto_seq=seq, head_hash=head, ts=ts, signature=signature)
+    def _checkpoint(self, seq: int, head: str) -> dict:
+        return sign_checkpoint(self.signing_key, seq, head, round(time.time(), 6), self._last_checkpoint)
 
     def checkpoint_now(self) -> None:
         """Sign the current head (at shutdown, before export) unless it is already signed."""
@@ -320,8 +349,11 @@ class AuditLog:
             seq, head = self._head
             with Session(self.engine) as s, s.begin():
                 last = s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq.desc()).limit(1)).first()
-                if seq and (last is None or last.upto_seq < seq):
-                    s.add(self._checkpoint(seq, head))
+                if not seq or (last is not None and last.upto_seq >= seq):
+                    return
+                checkpoint = self._checkpoint(seq, head)
+                s.add(Checkpoint(**checkpoint))
+            self._last_checkpoint = checkpoint_hash(checkpoint)
 
     def probe(self) -> bool:
         """Can the store write right now? (Used to leave the fail-closed state by itself.)"""
@@ -353,21 +385,35 @@ class AuditLog:
         return sorted(rows, key=lambda r: r.seq)
 
     def verify(self, device_key: Ed25519PublicKey | None = None) -> VerifyResult:
-        """Walk the chain from genesis (or the prune anchor); check signed checkpoints against it."""
+        """Walk the chain from genesis (or the signed prune anchor); check the chained, signed checkpoints."""
         with Session(self.engine) as s:
-            start = self.anchor(s) or (0, GENESIS)
+            anchor = self.anchor(s)
             checkpoints = list(s.scalars(select(Checkpoint).order_by(Checkpoint.upto_seq)))
             rows = [
                 {k: getattr(r, k) for k in ROW_FIELDS} for r in s.scalars(select(AuditRecord).order_by(AuditRecord.seq))
             ]
-        return verify_rows(rows, start, checkpoints=[_cp_dict(c) for c in checkpoints], device_key=device_key)
+        if anchor is not None and (problem := anchor.problem(device_key)):
+            return VerifyResult(False, problem)
+        return verify_rows(
+            rows,
+            (anchor.seq, anchor.row_hash) if anchor else (0, GENESIS),
+            checkpoints=[checkpoint_dict(c) for c in checkpoints],
+            device_key=device_key,
+            start_checkpoint=anchor.checkpoint if anchor else GENESIS,
+        )
 
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _cp_dict(c: Checkpoint) -> dict:
-    return {"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
+def checkpoint_dict(c: Checkpoint) -> dict:
+    return {
+        "upto_seq": c.upto_seq,
+        "head_hash": c.head_hash,
+        "ts": c.ts,
+        "prev_checkpoint": c.prev_checkpoint,
+        "signature": c.signature,
+    }
 
 
 def verify_rows(
@@ -377,8 +423,12 @@ def verify_rows(
     checkpoints: list[dict],
     device_key: Ed25519PublicKey | None,
     expected_end: tuple[int, str] | None = None,
+    start_checkpoint: str | None = None,
 ) -> VerifyResult:
     """Check a sequence of rows (from the database or an export) and name the first problem.
+
+    ``start_checkpoint`` is the checkpoint hash the first chained checkpoint must link to (None:
+    not known). The result says up to which row signatures vouch for the rows and how many follow.
 
     ``rows`` are in storage order (SQLite rowid order, or line order of an export), which is how a
     swap of two rows shows up as reordering rather than as two edits.
@@ -410,38 +460,22 @@ def verify_rows(
         return VerifyResult(
             False, f"rows end at {last_seq}, manifest says {expected_end[0]}: truncated", len(hashes) - 1
         )
-    good = 0
-    for cp in checkpoints:
-        if cp["upto_seq"] <= start[0]:
-            continue
-        if cp["upto_seq"] > last_seq:
-            return VerifyResult(
-                False,
-                f"rows {last_seq + 1}..{cp['upto_seq']} missing: a signed checkpoint covers "
-                f"row {cp['upto_seq']} but the log ends at {last_seq}: truncated",
-                last_seq - start[0],
-            )
-        if hashes.get(cp["upto_seq"]) != cp["head_hash"]:
-            return VerifyResult(
-                False,
-                f"checkpoint at row {cp['upto_seq']} does not match the chain: rows rewritten",
-                last_seq - start[0],
-            )
-        if device_key is not None:
-            try:
-                device_key.verify(
-                    bytes.fromhex(cp["signature"]), checkpoint_message(cp["upto_seq"], cp["head_hash"], cp["ts"])
-                )
-            except (InvalidSignature, ValueError):
-                return VerifyResult(False, f"checkpoint at row {cp['upto_seq']}: bad signature", last_seq - start[0])
-        good += 1
     count = last_seq - start[0]
+    problem, good, signed_upto = verify_checkpoints(
+        checkpoints, hashes, start[0], last_seq, start_checkpoint, device_key
+    )
+    if problem:
+        return VerifyResult(False, problem, count, good, signed_upto, last_seq - signed_upto)
+    unsigned = last_seq - signed_upto
+    checked = "" if device_key is not None else " (signatures not checked)"
     return VerifyResult(
         True,
-        f"{count} rows (seq {start[0] + 1}..{last_seq}), chain intact, {good} signed "
-        f"checkpoint(s) valid, head {prev[:16]}",
+        f"{count} rows (seq {start[0] + 1}..{last_seq}), chain intact, {good} signed checkpoint(s) valid{checked}; "
+        f"signed up to row {signed_upto}, {unsigned} row(s) after it unsigned; head {prev[:16]}",
         count,
         good,
+        signed_upto,
+        unsigned,
     )
 
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from appliance.audit.chain import AuditLog, Filters
+from appliance.config import ConfigError
 from provisioning.keys import (
     DEVICE_ED25519,
     IDENTITY_FILE,
@@ -39,8 +40,6 @@ def _device_public(config, explicit: str | None):
 
 
 def _open(config) -> AuditLog:
-    from appliance.config import ConfigError
-
     if not config.audit_db.exists():
         raise ConfigError(f"no audit database at {config.audit_db} (the daemon creates it on first start)")
     return AuditLog(config.audit_db)
@@ -114,10 +113,15 @@ def printable(text: str) -> str:
 
 
 def cmd_verify(args, config) -> int:
+    from appliance.audit.export import check_against_exports
+
     key = _device_public(config, args.device_key)
+    if args.against and key is None:
+        raise ConfigError("--against needs the device's public key: pass --device-key device-identity.json")
     audit = _open(config)
     try:
         result = audit.verify(key)
+        cut = check_against_exports(audit, Path(args.against), key) if args.against else []
     finally:
         audit.close()
     note = (
@@ -126,8 +130,9 @@ def cmd_verify(args, config) -> int:
         else " (no device-identity.json in [paths] key_dir: checkpoint signatures NOT checked; "
         "pass --device-key or point key_dir at the directory enroll wrote it to)"
     )
-    print(("OK: " if result.ok else "TAMPERED: ") + result.message + note)
-    return 0 if result.ok else 1
+    ok = result.ok and not cut
+    print(("OK: " if ok else "TAMPERED: ") + "; ".join([*cut, result.message]) + note)
+    return 0 if ok else 1
 
 
 def cmd_export(args, config) -> int:
@@ -169,12 +174,16 @@ def cmd_reveal(args, _config) -> int:
 def cmd_prune(args, config) -> int:
     from appliance.audit.export import prune
 
+    signing = load_ed25519(DEVICE_ED25519, config.key_dir)
     audit = _open(config)
     try:
-        removed, anchor = prune(audit, args.exported_before)
+        result = prune(audit, args.exported_before, signing)
     finally:
         audit.close()
-    print(f"removed {removed} exported row(s); the chain now starts after anchor row {anchor}")
+    print(
+        f"removed {result.removed} exported row(s); the chain now starts after the signed anchor at row "
+        f"{result.anchor_seq}; rows after {result.exported_to} are not in a contiguous series of exports and are kept"
+    )
     return 0
 
 
@@ -203,6 +212,10 @@ def add_parser(sub) -> None:
         "verify", help="check the live database's chain and signed checkpoints; names the first broken row"
     )
     av.add_argument("--device-key", help="device identity file (default: device-identity.json in key_dir)")
+    av.add_argument(
+        "--against",
+        help="the reviewer's exports (a directory of them): report rows they hold that the log no longer has",
+    )
     ae = asub.add_parser("export", help="write the rows since the last export, signed, to a directory (USB)")
     ae.add_argument("--to", required=True, help="directory to write into, e.g. /media/usb/audit")
     ae.add_argument("--since-seq", type=int, help="start at this row instead of after the last completed export")
@@ -213,7 +226,9 @@ def add_parser(sub) -> None:
     ar.add_argument("dir", help="an export directory")
     ar.add_argument("--device-key", required=True, help="the device's identity file")
     ar.add_argument("--reviewer-key", required=True, help="the reviewer's X25519 private key file (0600)")
-    ap = asub.add_parser("prune", help="delete rows that are exported and older than a date; keeps an anchor")
+    ap = asub.add_parser(
+        "prune", help="delete rows older than a date that contiguous exports hold; leaves a signed anchor"
+    )
     ap.add_argument("--exported-before", required=True, type=parse_time, help="cut-off time (unix or ISO, UTC)")
     for p in (al, av, ae, ax, ar, ap):
         p.set_defaults(func=lambda args: run(args))

@@ -2,10 +2,15 @@
 
 An export is a directory ``audit-<device>-<from>-<to>/`` holding ``rows.jsonl`` (one row per line,
 binary fields base64), ``manifest.json`` (row range, the hash before the first row, chain head,
-count, SHA-256 of rows.jsonl, the signed checkpoints in range, the content keys needed to open
-sealed rows) and ``manifest.sig`` (Ed25519 by the device). It is written under a ``.partial-``
+count, SHA-256 of rows.jsonl, the chained signed checkpoints in range and the hash of the one
+before them, the content keys needed to open sealed rows) and ``manifest.sig`` (Ed25519 by the
+device). It is written under a ``.partial-``
 name, fsynced, then renamed: a pulled stick leaves no directory that verifies, and the next export
 starts again from the last *completed* one.
+
+Exports held by the reviewer are the external anchor: ``verify_export`` over a series reports
+every gap between them, ``check_against_exports`` shows whether the device's log still contains
+what was exported, and ``prune`` removes only rows that contiguous exports hold.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from appliance.audit.chain import (
-    GENESIS,
     ROW_FIELDS,
     AuditError,
     AuditLog,
@@ -34,15 +38,17 @@ from appliance.audit.chain import (
     Checkpoint,
     ContentKey,
     Export,
-    Meta,
     VerifyResult,
+    checkpoint_dict,
     verify_rows,
 )
+from appliance.audit.checkpoints import GENESIS, Anchor, checkpoint_hash
 from appliance.audit.content import open_sealed, unwrap_content_key
 from provisioning.install import fsync_path
 from provisioning.keys import fingerprint, public_bytes, wipe
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: checkpoints carry prev_checkpoint; manifest carries checkpoint_before
+READABLE_FORMATS = (1, 2)
 ROWS, MANIFEST, SIGNATURE = "rows.jsonl", "manifest.json", "manifest.sig"
 BINARY = ("prompt_sealed", "output_sealed")
 
@@ -80,22 +86,29 @@ def export(
     audit.checkpoint_now()
     with Session(audit.engine) as s:
         last = s.scalars(select(Export).order_by(Export.to_seq.desc()).limit(1)).first()
-        start = since_seq if since_seq is not None else (last.to_seq + 1 if last else 1)
         anchor = audit.anchor(s)
-        if anchor and start <= anchor[0]:
-            raise ExportError(f"rows up to {anchor[0]} were pruned; export from {anchor[0] + 1} on")
+        first = anchor.seq + 1 if anchor else 1
+        start = since_seq if since_seq is not None else (last.to_seq + 1 if last else first)
+        if anchor and start <= anchor.seq:
+            raise ExportError(f"rows up to {anchor.seq} were pruned; export from {anchor.seq + 1} on")
         rows = list(s.scalars(select(AuditRecord).where(AuditRecord.seq >= start).order_by(AuditRecord.seq)))
         if not rows:
             return ExportResult(None, start, start - 1, 0)
         before = s.scalars(select(AuditRecord.row_hash).where(AuditRecord.seq == start - 1)).first()
-        prev_hash = before or (anchor[1] if anchor and anchor[0] == start - 1 else GENESIS)
+        prev_hash = before or (anchor.row_hash if anchor and anchor.seq == start - 1 else GENESIS)
         end = rows[-1].seq
         checkpoints = [
-            {"upto_seq": c.upto_seq, "head_hash": c.head_hash, "ts": c.ts, "signature": c.signature}
+            checkpoint_dict(c)
             for c in s.scalars(
                 select(Checkpoint).where(Checkpoint.upto_seq.between(start, end)).order_by(Checkpoint.upto_seq)
             )
         ]
+        earlier = s.scalars(
+            select(Checkpoint).where(Checkpoint.upto_seq < start).order_by(Checkpoint.upto_seq.desc()).limit(1)
+        ).first()
+        checkpoint_before = (
+            checkpoint_hash(checkpoint_dict(earlier)) if earlier else (anchor.checkpoint if anchor else GENESIS)
+        )
         key_ids = {r.content_key_id for r in rows if r.content_key_id is not None}
         keys = {
             str(k.id): json.loads(k.wrapped) for k in s.scalars(select(ContentKey).where(ContentKey.id.in_(key_ids)))
@@ -119,6 +132,7 @@ def export(
         "rows_sha256": hashlib.sha256(body).hexdigest(),
         "exported_at": round(time.time(), 3),
         "checkpoints": checkpoints,
+        "checkpoint_before": checkpoint_before,
         "content_keys": keys,
     }
     raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -146,6 +160,11 @@ def read_export(path: Path, device_key: Ed25519PublicKey) -> tuple[dict, list[di
     except InvalidSignature:
         raise ExportError(f"{path}/{SIGNATURE}: bad signature (manifest altered, or not this device's key)") from None
     manifest = json.loads(raw)
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ExportError(
+            f"{path}: export format {manifest.get('format')!r}, this software reads {READABLE_FORMATS}; "
+            "upgrade edge-appliance on this PC"
+        )
     if hashlib.sha256(body).hexdigest() != manifest["rows_sha256"]:
         rows = _parse_lines(body)
         result = verify_rows(
@@ -170,43 +189,115 @@ def _parse_lines(body: bytes) -> list[dict]:
     return rows
 
 
-def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
-    """Verify one export directory, or every export in a directory and the chain across them."""
-    exports = (
-        sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists())
-        if not (path / MANIFEST).exists()
-        else [path]
-    )
+def _export_dirs(path: Path) -> list[Path]:
+    if (path / MANIFEST).exists():
+        return [path]
+    exports = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists()]
     if not exports:
         raise ExportError(f"{path}: no audit export found")
-    total, checkpoints, head = 0, 0, None
+    return exports
+
+
+def _range(one: Path) -> tuple[int, int]:
+    try:
+        manifest = json.loads((one / MANIFEST).read_bytes())
+        return int(manifest["from_seq"]), int(manifest["to_seq"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (0, 0)  # unreadable: read_export reports it in order
+
+
+def verify_export(path: Path, device_key: Ed25519PublicKey) -> VerifyResult:
+    """Verify one export directory, or every export in a directory as one series.
+
+    Every problem is reported, not only the first: each damaged export, and each gap between
+    exports (rows no export in the series holds) or break in the row or checkpoint chain across them.
+    """
+    exports = sorted(_export_dirs(path), key=_range)
+    problems: list[str] = []
+    total = checkpoints = 0
+    covered = 0  # rows 1..covered (or from the series' start) are held by the exports read so far
+    seen: dict[int, tuple[str, str]] = {}  # seq -> (row_hash, export name): overlapping exports must agree
+    last_checkpoint: str | None = None
+    first_from = None
     for one in exports:
         try:
             manifest, rows = read_export(one, device_key)
         except ExportError as exc:
-            return VerifyResult(False, str(exc), total, checkpoints)
-        if head is not None and manifest["prev_hash"] != head[1] and manifest["from_seq"] == head[0] + 1:
-            return VerifyResult(False, f"{one.name}: does not continue the chain of the previous export", total)
+            problems.append(str(exc))
+            continue
+        start, end = manifest["from_seq"], manifest["to_seq"]
+        if first_from is None:
+            first_from, covered = start, start - 1
+        if start > covered + 1:
+            problems.append(f"rows {covered + 1}..{start - 1} missing before {one.name}: an export is missing")
+        elif start - 1 in seen and seen[start - 1][0] != manifest["prev_hash"]:
+            problems.append(f"{one.name}: does not continue the chain of {seen[start - 1][1]}")
+        differ = next((r["seq"] for r in rows if r["seq"] in seen and seen[r["seq"]][0] != r["row_hash"]), None)
+        if differ is not None:
+            problems.append(
+                f"row {differ} differs between {seen[differ][1]} and {one.name}: the log was rewritten, or cut "
+                "and written again"
+            )
+        contiguous = start == covered + 1
+        link = manifest.get("checkpoint_before")
+        if contiguous and link is not None and last_checkpoint is not None and link != last_checkpoint:
+            problems.append(f"{one.name}: its first checkpoint does not follow the last one of the export before it")
         result = verify_rows(
             rows,
-            (manifest["from_seq"] - 1, manifest["prev_hash"]),
+            (start - 1, manifest["prev_hash"]),
             checkpoints=manifest["checkpoints"],
             device_key=device_key,
-            expected_end=(manifest["to_seq"], manifest["head_hash"]),
+            expected_end=(end, manifest["head_hash"]),
+            start_checkpoint=link,
         )
         if not result.ok:
-            return VerifyResult(False, f"{one.name}: {result.message}", total + result.rows, checkpoints)
-        total, checkpoints, head = (
-            total + result.rows,
-            checkpoints + result.checkpoints,
-            (manifest["to_seq"], manifest["head_hash"]),
-        )
+            problems.append(f"{one.name}: {result.message}")
+        total, checkpoints = total + result.rows, checkpoints + result.checkpoints
+        seen.update((r["seq"], (r["row_hash"], one.name)) for r in rows)
+        if end > covered:
+            covered = end
+            if manifest["checkpoints"]:
+                last_checkpoint = checkpoint_hash(manifest["checkpoints"][-1])
+            elif contiguous and link is not None:
+                last_checkpoint = link
+    if problems:
+        return VerifyResult(False, "; ".join(problems), total, checkpoints)
     return VerifyResult(
         True,
-        f"{len(exports)} export(s), {total} rows, chain intact, {checkpoints} signed checkpoint(s) valid",
+        f"{len(exports)} export(s), {total} rows, rows {first_from}..{covered} with no gap, chain intact, "
+        f"{checkpoints} signed checkpoint(s) valid",
         total,
         checkpoints,
     )
+
+
+def check_against_exports(audit: AuditLog, path: Path, device_key: Ed25519PublicKey) -> list[str]:
+    """What the device's log no longer holds of the exports at ``path`` (the reviewer's copies).
+
+    The exports are signed by the device, so a log cut back, or rewritten and re-chained, after
+    an export contradicts the export's ``to_seq`` and ``head_hash``.
+    """
+    problems = []
+    with Session(audit.engine) as s:
+        last = s.scalar(select(func.max(AuditRecord.seq)))
+        anchor = audit.anchor(s)
+        for one in _export_dirs(path):
+            manifest, _ = read_export(one, device_key)
+            end, head = manifest["to_seq"], manifest["head_hash"]
+            held = s.scalar(select(AuditRecord.row_hash).where(AuditRecord.seq == end))
+            if held is not None:
+                if held != head:
+                    problems.append(f"row {end} differs from export {one.name}: rows rewritten")
+            elif anchor is not None and end <= anchor.seq:
+                if end == anchor.seq and anchor.row_hash != head:
+                    problems.append(f"prune anchor at row {end} differs from export {one.name}: rows rewritten")
+            else:
+                ends = f"ends at row {last}" if last else "holds no rows"
+                problems.append(
+                    f"the log {ends} but export {one.name}, signed by this device, reaches row {end}: "
+                    f"rows {(last or 0) + 1}..{end} were cut"
+                )
+    return problems
 
 
 def reveal(path: Path, device_key: Ed25519PublicKey, reviewer: X25519PrivateKey) -> list[dict]:
@@ -229,21 +320,45 @@ def reveal(path: Path, device_key: Ed25519PublicKey, reviewer: X25519PrivateKey)
     return rows
 
 
-def prune(audit: AuditLog, exported_before: float) -> tuple[int, int]:
-    """Delete rows older than ``exported_before`` that a completed export holds; keep an anchor row hash.
+def exported_to(s: Session, base: int) -> int:
+    """The last row that completed exports hold without a gap from row ``base + 1`` on."""
+    covered = base
+    for start, end in s.execute(select(Export.from_seq, Export.to_seq).order_by(Export.from_seq)):
+        if start > covered + 1:
+            break
+        covered = max(covered, end)
+    return covered
 
-    Returns (rows removed, new anchor seq). Verification then starts at the anchor.
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: int
+    anchor_seq: int
+    exported_to: int  # rows after this one are not in a contiguous series of exports
+
+
+def prune(audit: AuditLog, exported_before: float, signing_key: Ed25519PrivateKey) -> PruneResult:
+    """Delete rows older than ``exported_before`` that contiguous completed exports hold; leave a signed anchor.
+
+    Rows after a gap in the exports are never removed, even if a later export holds them.
+    Verification then starts at the anchor, whose signature it checks.
     """
     with audit._lock, Session(audit.engine) as s, s.begin():
-        exported = s.scalar(select(func.max(Export.to_seq))) or 0
+        old = audit.anchor(s)
+        base = old.seq if old else 0
+        covered = exported_to(s, base)
         last = s.scalar(
-            select(func.max(AuditRecord.seq)).where(AuditRecord.seq <= exported, AuditRecord.ts < exported_before)
+            select(func.max(AuditRecord.seq)).where(AuditRecord.seq <= covered, AuditRecord.ts < exported_before)
         )
-        if not last:
-            return 0, (audit.anchor(s) or (0, GENESIS))[0]
-        anchor_hash = s.scalar(select(AuditRecord.row_hash).where(AuditRecord.seq == last))
+        if not last or last <= base:
+            return PruneResult(0, base, covered)
+        row_hash = s.scalar(select(AuditRecord.row_hash).where(AuditRecord.seq == last))
+        newest = s.scalars(
+            select(Checkpoint).where(Checkpoint.upto_seq <= last).order_by(Checkpoint.upto_seq.desc()).limit(1)
+        ).first()
+        checkpoint = checkpoint_hash(checkpoint_dict(newest)) if newest else (old.checkpoint if old else GENESIS)
+        anchor = Anchor.signed(signing_key, last, row_hash, checkpoint, covered, round(time.time(), 6))
         removed = s.execute(delete(AuditRecord).where(AuditRecord.seq <= last)).rowcount
         s.execute(delete(Checkpoint).where(Checkpoint.upto_seq <= last))
-        s.merge(Meta(key="anchor_seq", value=str(last)))
-        s.merge(Meta(key="anchor_hash", value=anchor_hash))
-    return removed, last
+        audit.set_anchor(s, anchor)
+    return PruneResult(removed, last, covered)

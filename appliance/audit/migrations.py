@@ -28,11 +28,21 @@ def _v2_to_v3(conn) -> None:
 
 
 def _v3_to_v4(conn) -> None:
+    """Checkpoints are chained: each signs the previous one's hash. Earlier checkpoints keep their
+    unchained signatures (NULL link); the first new checkpoint links to the last of them. A prune
+    anchor from schema 3 cannot be signed here (no key, and signing it would launder a forged one):
+    ``verify`` reports it as unsigned until the next ``prune``."""
+    # A schema-1 database gets the checkpoint table from ``create_all`` at step 1 -> 2, already with the column.
+    if "prev_checkpoint" not in {c["name"] for c in inspect(conn).get_columns("audit_checkpoints")}:
+        conn.execute(text("ALTER TABLE audit_checkpoints ADD COLUMN prev_checkpoint VARCHAR(64)"))
+
+
+def _v4_to_v5(conn) -> None:
     """Aggregated events carry their count (NULL on every earlier row: one event each, hashes unchanged)."""
     conn.execute(text("ALTER TABLE audit_log ADD COLUMN occurrences INTEGER"))
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
 
 
 def upgrade(engine) -> None:

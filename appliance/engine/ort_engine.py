@@ -66,6 +66,9 @@ class OrtEngine(PaddedKVEngine):
             self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"ONNX Runtime could not load the model: {exc}") from None
+        # The session keeps the serialized (decrypted) model only to rebuild itself in set_providers(),
+        # which we never call; without this reference the caller's copy can be wiped and freed.
+        self.session._model_bytes = None
         self._names = input_names(spec.num_layers)
         got = [i.name for i in self.session.get_inputs()]
         if got != self._names:

@@ -59,22 +59,23 @@ def site(tiny_build, tmp_path_factory):
     subprocess.run(["cp", "-a", "--reflink=auto", str(cached_root()), str(root)], check=True, timeout=600)
     usb = root / USB.lstrip("/")
     # 1. Software stick, on the connected machine.
-    run_cli("edge-provision", "wheelhouse", "--out", str(usb / "wheelhouse"))
     # The vendor's key stays on the build host; the device gets only the public half.
     vendor = work / "vendor"
     run_cli("edge-provision", "keygen", "--vendor", str(vendor))
+    run_cli("edge-provision", "wheelhouse", "--out", str(usb / "wheelhouse"), "--signing-key", str(vendor))
     shutil.copy(vendor / "vendor-ed25519.pub", usb / "vendor-ed25519.pub")
     machine = Machine(root, work / "boot.log")
     try:
         # 2. Install the software with no network at all (the container has loopback only).
         assert machine.sh("ls /sys/class/net").stdout.split() == ["lo"]
-        machine.sh(f"sh {USB}/wheelhouse/install-offline.sh {VENV}", timeout=600)
+        # First trust: the vendor's public key, delivered with the device (docs/BUNDLE.md), before any code runs.
+        machine.sh(f"mkdir -p {TRUST} && cp {USB}/vendor-ed25519.pub {TRUST}/")
+        machine.sh(f"sh {USB}/wheelhouse/install-offline.sh {VENV} --trust {TRUST}", timeout=600)
         # 3. Enroll, private keys sealed with systemd-creds; trust the vendor.
         machine.sh(
             f"{EP} enroll --keys {KEYS} --out {USB}/press-04-identity.json --device-id press-04 "
             "--credstore /etc/credstore.encrypted"
         )
-        machine.sh(f"mkdir -p {TRUST} && cp {USB}/vendor-ed25519.pub {TRUST}/")
         # 4. Seal for that device, on the vendor's build host.
         seal(tiny_build, vendor, usb, 1)
         # 5. Install: a root tool reading credstore-sealed keys (no private key file exists anywhere).
