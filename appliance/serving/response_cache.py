@@ -36,6 +36,8 @@ def cache_key(req: Request, model_version: object) -> str | None:
         [
             str(model_version),
             req.prompt,
+            list(req.messages or ()),
+            req.reasoning,
             req.max_tokens,
             s.temperature,
             s.top_k,

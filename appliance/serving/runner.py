@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from appliance.audit import AuditError, AuditLog, Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
+from appliance.serving.chat import ReasoningSplitter, split_reasoning
+from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
@@ -36,13 +38,15 @@ class Job:
     text: str = ""  # output so far, stop strings already cut
     sent: int = 0  # characters of ``text`` already streamed
     index: int = field(default=0)
-    # Incremental detokenization (as in vLLM): only tokens after ``prefix_offset`` are decoded per step.
-    prefix_offset: int = 0
-    read_offset: int = 0
+    detokenizer: Detokenizer | None = None  # set by the runner when the job is submitted
     restore: Session | None = None  # the session state this turn continues (its cache is loaded at admission)
     history: list[int] = field(default_factory=list)  # conversation tokens already in the restored cache
     cache_key: str | None = None  # response-cache key when the request is deterministic
     cache_hit: bool = False
+    prompt_text: str = ""  # what this turn added as text (the rendered chat for ``messages``), for the audit
+    chat: list[dict] | None = None  # the conversation including this turn's messages (chat requests)
+    opens_reasoning: bool = False  # the prompt ended with <think>: the output starts inside reasoning
+    splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class EngineRunner(threading.Thread):
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the waiting queue is full."""
         hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
+        job.detokenizer = Detokenizer(self.model.tokenizer.decode)
+        if job.request.reasoning != "inline":
+            job.splitter = ReasoningSplitter(job.opens_reasoning)
         with self._work:
             if hit is not None:  # answered from memory: finished at once, audited like any other request
                 job.seq.output_ids, job.text, job.cache_hit = list(hit.output_ids), hit.text, True
@@ -179,9 +186,7 @@ class EngineRunner(threading.Thread):
                     CachedResponse(job.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
                 )
             if job.cache_hit and job.request.stream and job.text:
-                self.outbox.put(
-                    Outgoing(seq.key, P.token_reply(job.request.id, 0, job.text, seq.output_ids[-1]), False)
-                )
+                self._stream(job, job.text, seq.output_ids[-1], final=True)
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
         self._finalize([(seq, error) for seq in seqs])
@@ -197,6 +202,7 @@ class EngineRunner(threading.Thread):
             cached=engine.length(seq.slot),
             nbytes=sum(int(t.nbytes) for t in cache),
             model_version=str(self.model.version),
+            messages=None if job.chat is None else [*job.chat, {"role": "assistant", "content": job.text}],
         )
 
     def _advance(self, seqs: list[Sequence], logits) -> None:
@@ -216,17 +222,14 @@ class EngineRunner(threading.Thread):
         """Stream newly completed text, holding back a partial UTF-8 character and any tail that could
         still become a stop string (so nothing streamed is ever retracted).
 
-        Decodes only the last few tokens each step (constant work per token, not the whole output):
-        the offsets advance only at a completed character, so each window starts on a clean boundary.
+        Decodes only the last few tokens each step (constant work per token, not the whole output).
         """
-        ids, decode, stops = job.seq.output_ids, self.model.tokenizer.decode, job.request.stop
-        prefix = decode(ids[job.prefix_offset : job.read_offset])
-        window = decode(ids[job.prefix_offset :])
+        ids, stops = job.seq.output_ids, job.request.stop
         finished = job.seq.finish is not None
-        if (window.endswith("\ufffd") or len(window) <= len(prefix)) and not finished:
+        new = job.detokenizer.step(ids, finished)
+        if new is None:
             return
-        job.prefix_offset, job.read_offset = job.read_offset, len(ids)
-        text = job.text + window[len(prefix) :]
+        text = job.text + new
         for stop in stops:
             at = text.find(stop, max(0, len(job.text) - len(stop) + 1))
             if at >= 0:
@@ -236,12 +239,25 @@ class EngineRunner(threading.Thread):
                 break
         job.text = text
         upto = len(text) if finished else len(text) - _stop_prefix_len(text, stops)
-        if upto > job.sent and job.request.stream:
-            token_id = ids[-1] if ids else -1
-            frame = P.token_reply(job.request.id, job.index, text[job.sent : upto], token_id)
-            self.outbox.put(Outgoing(job.seq.key, frame, False))
-            job.index += 1
+        if (upto > job.sent or finished) and job.request.stream:
+            self._stream(job, text[job.sent : upto], ids[-1] if ids else -1, finished)
         job.sent = max(job.sent, upto)
+
+    def _stream(self, job: Job, delta: str, token_id: int, final: bool) -> None:
+        """Queue a token frame for ``delta``, its reasoning split off (or dropped, for ``hide``)."""
+        reasoning = None
+        if job.splitter is not None:
+            reasoning, delta = job.splitter.feed(delta)
+            if final:
+                held_reasoning, held_answer = job.splitter.flush()
+                reasoning, delta = reasoning + held_reasoning, delta + held_answer
+            if job.request.reasoning == "hide":
+                reasoning = None
+        if not delta and not reasoning:
+            return
+        frame = P.token_reply(job.request.id, job.index, delta, token_id, reasoning or None)
+        self.outbox.put(Outgoing(job.seq.key, frame, False))
+        job.index += 1
 
     def _finalize(self, items: list[tuple[Sequence, tuple[str, str] | None]]) -> None:
         """Audit every sequence that ended this step in one commit, then queue their final replies."""
@@ -253,7 +269,12 @@ class EngineRunner(threading.Thread):
             job = self._jobs.pop(seq.key)
             usage = {"prompt_tokens": entry.prompt_tokens, "completion_tokens": entry.completion_tokens}
             if entry.error_code is None:
-                frame = P.done_reply(job.request.id, job.text, seq.finish.value, usage, timings)
+                reasoning, answer = None, job.text
+                if job.request.reasoning != "inline":
+                    reasoning, answer = split_reasoning(job.text, job.opens_reasoning)
+                if job.request.reasoning == "hide":
+                    reasoning = None
+                frame = P.done_reply(job.request.id, answer, seq.finish.value, usage, timings, reasoning)
             else:
                 frame = P.error_reply(job.request.id, entry.error_code, message)
             withheld = P.error_reply(
@@ -300,7 +321,7 @@ class EngineRunner(threading.Thread):
             status="ok" if error is None else "error",
             model_id=self.model.model_id,
             model_version=self.model.version,
-            prompt=job.request.prompt,
+            prompt=job.prompt_text,
             output=job.text,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=n_out,

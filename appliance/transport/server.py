@@ -21,10 +21,11 @@ from appliance.audit.writer import AuditWriter
 from appliance.config import Config
 from appliance.loader import LoadedModel, load_model
 from appliance.notify import Notifier
+from appliance.serving.chat import ChatError, opens_reasoning
 from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import EngineRunner, Job
 from appliance.serving.scheduler import Scheduler, Sequence
-from appliance.serving.sessions import SessionBusy, SessionStore
+from appliance.serving.sessions import Session, SessionBusy, SessionStore
 from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.server")
@@ -124,7 +125,7 @@ class Server:
             num_slots=model.engine.num_slots,
             max_queued=self.config.engine.max_queued,
             max_seq_len=model.engine.max_seq_len,
-            eos_token_id=model.spec.eos_token_id,
+            eos_token_ids=model.spec.eos_token_ids,
             prefill_chunk=self.config.engine.prefill_chunk,
         )
         return EngineRunner(
@@ -257,9 +258,8 @@ class Server:
         key = _route_key(envelope, req.id)
         if key in self._routes:
             return refuse(P.E_BAD_REQUEST, f"a request with id {req.id!r} is already in flight on this connection")
-        spec, version = self.model.spec, self.model.version
-        ids = [spec.bos_token_id, *self.model.tokenizer.encode(req.prompt).ids]
-        restore, history, feed = None, [], ids
+        version = self.model.version
+        restore = None
         if req.session is not None:
             try:
                 restore = self.sessions.acquire(req.session, str(version))
@@ -268,8 +268,15 @@ class Server:
                     P.E_SESSION_BUSY,
                     f"session {req.session!r} has a request in flight; send the next turn after its reply",
                 )
-            if restore is not None:  # a later turn: no BOS, and only what the cache lacks is prefilled
-                history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids[1:]
+        try:
+            text, ids, chat = self._prompt(req, restore)
+        except P.ProtocolError as exc:
+            if req.session is not None:
+                self.sessions.release(req.session, restore)
+            return refuse(exc.code, exc.message)
+        history, feed = [], ids
+        if restore is not None:  # a later turn: only what the cache lacks is prefilled
+            history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids
         context = len(history) + len(feed)
         room = self.model.engine.max_seq_len - context
         if room < 1:
@@ -301,6 +308,9 @@ class Server:
             role=role,
             restore=restore,
             history=history,
+            prompt_text=text,
+            chat=chat,
+            opens_reasoning=opens_reasoning(text),
             cache_key=cache_key(req, version) if self.responses is not None else None,
         )
         if not self.runner.submit(job):
@@ -312,6 +322,38 @@ class Server:
         if fd is not None:
             self._fd_keys.setdefault(fd, set()).add(key)
             self._key_fd[key] = fd
+
+    def _prompt(self, req: P.Request, restore: Session | None) -> tuple[str, list[int], list[dict] | None]:
+        """The text this turn adds, its token ids, and the conversation so far (chat requests).
+
+        ``prompt`` is raw text after the BOS (a new conversation's, when the model has one);
+        ``messages`` go through the chat template, which writes any BOS itself. A later turn of a chat
+        session renders only what its new messages add after the cached reply."""
+        encode = self.model.tokenizer.encode
+        if req.messages is None:
+            if restore is not None and restore.messages is not None:
+                raise P.ProtocolError(
+                    P.E_BAD_REQUEST, f"session {req.session!r} is a chat; continue it with 'messages'"
+                )
+            bos = self.model.spec.bos_token_id
+            head = [] if restore is not None or bos is None else [bos]
+            return req.prompt, [*head, *encode(req.prompt, add_special_tokens=False).ids], None
+        template = self.model.chat
+        if template is None:
+            raise P.ProtocolError(
+                P.E_BAD_REQUEST, f"model {self.model.model_id} has no chat template; send 'prompt' instead"
+            )
+        new = list(req.messages)
+        try:
+            if restore is None:
+                chat, text = new, template.render(new)
+            elif restore.messages is None:
+                raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
+            else:
+                chat, text = restore.messages + new, template.continuation(restore.messages, new)
+        except ChatError as exc:
+            raise P.ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
+        return text, encode(text, add_special_tokens=False).ids, chat
 
     def _forget(self, key: str) -> None:
         self._routes.pop(key, None)
