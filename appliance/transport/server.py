@@ -416,6 +416,7 @@ class Server:
             "version": self.model.version,
             "bundle_id": self.model.bundle_id,
             "architecture": self.model.spec.architecture,
+            "chat_template": self.model.chat is not None,  # whether generate accepts 'messages'
             "engine": self.model.engine.kind,
             "limits": {
                 "max_batch": self.model.engine.num_slots,
