@@ -16,7 +16,7 @@ from appliance.transport.client import Client
 from edge_models import reference_tokenizers as R
 from tests.conftest import Daemon, provision_device, run_cli
 
-WORDS = "conveyor valve reset pressure sensor motor belt operator manual alarm".split()
+WORDS = ["conveyor", "valve", "reset", "pressure", "sensor", "motor", "belt", "operator", "manual", "alarm"]
 DOCS = [f"Document {i}: the {WORDS[i % 10]} of line {i} needs a {WORDS[(i * 3) % 10]} check." for i in range(120)]
 TRICKY = "naïve 中文 😀 reset"
 
