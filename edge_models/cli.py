@@ -42,12 +42,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .export import export_decoder
     from .tokenizer import copy_tokenizer_files
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
     spec = export_decoder(model, Path(args.out))
     copied = copy_tokenizer_files(Path(args.model), Path(args.out))
     print(
