@@ -184,12 +184,23 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     rates = []
     for _ in range(rounds):
         logits = eng.prefill([(0, ids)])
+        tokens = [int(np.argmax(logits[0]))]
         start = time.perf_counter()
         for _ in range(NEW_TOKENS - 1):
-            logits = eng.decode([(0, int(np.argmax(logits[0])))])
+            logits = eng.decode([(0, tokens[-1])])
+            tokens.append(int(np.argmax(logits[0])))
         rates.append((NEW_TOKENS - 1) / (time.perf_counter() - start))
         eng.release(0)
     out["decode_tokens_per_s"] = statistics.median(rates)
+    # How many greedy tokens pass before the first one with text a client can be sent (random weights
+    # sample ids outside the tokenizer's vocabulary, which decode to nothing, and partial characters).
+    from tokenizers import Tokenizer
+
+    from appliance.serving.detokenize import Detokenizer
+
+    detok = Detokenizer(Tokenizer.from_file(str(q4 / "tokenizer.json")).decode)
+    emitted = [bool(detok.step(tokens[: n + 1])) for n in range(len(tokens))]
+    out["first_text_after_tokens"] = emitted.index(True) + 1 if any(emitted) else None
     print("RESULT " + json.dumps(out))
 
 
@@ -378,6 +389,12 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
                 )
                 rates.append(final["timings"]["tokens_per_s"])
             out["decode_tokens_per_s"] = statistics.median(rates)
+            # a client streaming a longer answer sees its first token event only once there is text
+            t0, first = time.perf_counter(), None
+            for event in client.generate(prompts["32"]["text"], max_tokens=NEW_TOKENS, ignore_eos=True):
+                if event["type"] == "token" and first is None:
+                    first = time.perf_counter()
+            out["first_text_event_ms_32"] = (first - t0) * 1000 if first else None
             out["steady_rss_mb"] = proc_status(proc.pid)["VmRSS"]
             out["peak_rss_mb"] = proc_status(proc.pid)["VmHWM"]
     finally:
@@ -394,6 +411,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per figure (default: 3)")
     p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai comparison")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
+    p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
@@ -418,7 +436,7 @@ def main() -> int:
         "stages": previous.get("stages", {}),
     }  # fmt: skip
     prepare_site(args.work)
-    for name in ("checkpoint", "export", "quantize", "seal", "install"):
+    for name in () if args.serve_only else ("checkpoint", "export", "quantize", "seal", "install"):
         if not done[name] or name not in result["stages"]:
             result["stages"][name] = measured(name, args)
         out_path.write_text(json.dumps(result, indent=2))
@@ -435,7 +453,9 @@ def main() -> int:
     print(f"[scale] daemon: {result['daemon']}", flush=True)
     result["in_process"] = measured("engine", args)
     out_path.write_text(json.dumps(result, indent=2))
-    if not args.no_genai:
+    if args.serve_only:
+        result.update({k: previous[k] for k in ("onnxruntime_genai_int4",) if k in previous})
+    elif not args.no_genai:
         try:
             import onnxruntime_genai  # noqa: F401
         except ImportError:
