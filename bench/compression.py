@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_models.compress import calibration_batches, load_checkpoint  # noqa: E402
 from edge_models.data import build_dataset  # noqa: E402
-from edge_models.tokenizer import checkpoint_special_ids  # noqa: E402
 from edge_models.distill import DistillConfig, distill, heldout_loss  # noqa: E402
 from edge_models.prune import measure_importance, non_embedding_parameters, prune, target_for_budget  # noqa: E402
+from edge_models.tokenizer import checkpoint_special_ids  # noqa: E402
 
 
 def main() -> int:
