@@ -70,6 +70,7 @@ bench: provision
 	cp build/quant/quantize-report.json bench/results/quantize_demo.json
 	$(BIN)/python bench/compression.py --teacher $(BUILD)/teacher
 	$(BIN)/python bench/prune_realistic.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(DEMO) build

@@ -103,9 +103,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if not args.prompt:
             print("edge-appliance ask: a prompt is required", file=sys.stderr)
             return 2
+        chat = not args.raw and client.info().get("chat_template", False)
+        if args.system and not chat:
+            why = "--raw sends plain text" if args.raw else "the model has no chat template"
+            print(f"edge-appliance ask: --system needs chat ({why})", file=sys.stderr)
+            return 2
+        if chat:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            params.update(messages=[*system, {"role": "user", "content": args.prompt}], reasoning=args.reasoning)
         final: dict = {}
-        for event in client.generate(args.prompt, **params):
+        for event in client.generate(None if chat else args.prompt, **params):
             if event["type"] == "token" and not args.json:
+                if event.get("reasoning"):  # the model's thinking goes to stderr; stdout carries the answer
+                    print(event["reasoning"], end="", file=sys.stderr, flush=True)
                 print(event["text"], end="", flush=True)
             final = event
     if args.json:
@@ -207,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
         "`ask --session ID` continues it and prefills only the new text",
     )
     a.add_argument("--end-session", metavar="ID", help="forget conversation ID instead of asking (prompt ignored)")
+    a.add_argument(
+        "--system",
+        help="system message (chat models); on a session give it with the first turn only, as each turn's "
+        "messages are added to the conversation",
+    )
+    a.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as plain text, not as a chat message (the default when the model has a chat template)",
+    )
+    a.add_argument(
+        "--reasoning",
+        choices=["separate", "hide", "inline"],
+        default="separate",
+        help="R1-style <think> reasoning: to stderr apart from the answer (default), hidden, or inline as written",
+    )
     client_flags(a)
     a.set_defaults(func=cmd_ask)
 

@@ -22,8 +22,8 @@ def warm_up(model: LoadedModel) -> float:
     """One prefill and one decode step so the first real request does not pay allocation costs."""
     start = time.monotonic()
     engine = model.engine
-    engine.prefill([(0, [model.spec.bos_token_id] * 8)])
-    engine.decode([(0, model.spec.bos_token_id)])
+    engine.prefill([(0, [model.spec.pad_token_id] * 8)])
+    engine.decode([(0, model.spec.pad_token_id)])
     engine.release(0)
     return time.monotonic() - start
 

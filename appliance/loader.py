@@ -15,12 +15,15 @@ from tokenizers import Tokenizer
 from appliance.config import Config
 from appliance.engine import DecoderSpec, Engine, create_engine
 from appliance.errors import ApplianceError
+from appliance.serving.chat import ChatTemplate
 from provisioning.bundle import Bundle
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
 
 MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer.json"
 EXTERNAL_DATA_FILE = "model.onnx.data"  # weights of models past the 2 GB protobuf limit
+# Optional: the tokenizer's config (special tokens, ``chat_template``) and a template file beside it.
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
 
 
 class ModelLoadError(ApplianceError):
@@ -35,6 +38,7 @@ class LoadedModel:
     engine: Engine
     tokenizer: Tokenizer
     spec: DecoderSpec
+    chat: ChatTemplate | None = None  # the checkpoint's chat template; None: ``messages`` are refused
 
 
 def installed_bundle(config: Config) -> Bundle:
@@ -58,6 +62,10 @@ def load_model(config: Config) -> LoadedModel:
             external[EXTERNAL_DATA_FILE] = bundle.decrypt_into(EXTERNAL_DATA_FILE, data_key)
         spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(SPEC_FILE, data_key)))
         tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
+        present = {f.id for f in bundle.files()}
+        chat = ChatTemplate.from_files(
+            *(bytes(bundle.decrypt_into(f, data_key)) if f in present else None for f in CHAT_FILES)
+        )
     finally:
         wipe(data_key)
     model_bytes = bytes(model)  # ONNX Runtime takes only bytes: this copy is ours, wiped below
@@ -86,4 +94,5 @@ def load_model(config: Config) -> LoadedModel:
         engine=engine,
         tokenizer=tokenizer,
         spec=spec,
+        chat=chat,
     )

@@ -24,6 +24,7 @@ from edge_models.compress import calibration_batches, load_checkpoint  # noqa: E
 from edge_models.data import build_dataset  # noqa: E402
 from edge_models.distill import DistillConfig, distill, heldout_loss  # noqa: E402
 from edge_models.prune import measure_importance, non_embedding_parameters, prune, target_for_budget  # noqa: E402
+from edge_models.tokenizer import checkpoint_special_ids  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +38,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     teacher, tok = load_checkpoint(Path(args.teacher))
-    ds = build_dataset(tok, seq_len=128, stride=64)
+    special = checkpoint_special_ids(Path(args.teacher))
+    ds = build_dataset(tok, seq_len=128, stride=64, bos_id=special["bos_token_id"], eos_id=special["eos_token_id"])
     heldout = ds.heldout
     target = target_for_budget(teacher, args.target)
     pruned = prune(teacher, measure_importance(teacher, calibration_batches(ds.train)), target)

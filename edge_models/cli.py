@@ -42,18 +42,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
-
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .export import export_decoder
+    from .tokenizer import copy_tokenizer_files
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
     spec = export_decoder(model, Path(args.out))
-    tok = Path(args.model) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, Path(args.out) / "tokenizer.json")
-    print(f"exported {spec.architecture} ({spec.num_layers} layers) to {args.out}")
+    copied = copy_tokenizer_files(Path(args.model), Path(args.out))
+    print(
+        f"exported {spec.architecture} ({spec.num_layers} layers) to {args.out}; "
+        f"tokenizer files: {', '.join(copied) or 'none'}"
+    )
     return 0
 
 
@@ -106,7 +108,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .prune import describe, measure_importance, non_embedding_parameters, prune, target_for_budget
 
     teacher, tok = load_checkpoint(Path(args.model))
-    ds = _dataset(args, tok)
+    ds = _dataset(args, tok, Path(args.model))
     target = _shape(args) or target_for_budget(teacher, args.target or 0.5)
     student = prune(teacher, measure_importance(teacher, calibration_batches(ds.train)), target)
     save_checkpoint(student, Path(args.model), Path(args.out))
@@ -123,7 +125,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     teacher, tok = load_checkpoint(Path(args.teacher))
     student, _ = load_checkpoint(Path(args.student))
-    ds = _dataset(args, tok)
+    ds = _dataset(args, tok, Path(args.teacher))
     history = distill(
         student,
         teacher,
@@ -144,12 +146,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .compress import encode_prompts, load_checkpoint
+    from .data import corpus_windows
     from .evaluate import evaluate
+    from .tokenizer import checkpoint_special_ids
 
     model, tok = load_checkpoint(Path(args.model))
     teacher = load_checkpoint(Path(args.teacher))[0] if args.teacher else None
-    ds = _dataset(args, tok)
-    report = evaluate(model, teacher, ds.heldout, encode_prompts(tok), Path(args.model))
+    special = checkpoint_special_ids(Path(args.model))
+    bos, eos = special["bos_token_id"], special["eos_token_id"]
+    if args.data:  # the user's own corpus: all of it, not a held-out slice
+        windows, corpus_tokens = corpus_windows(tok, [Path(p) for p in args.data], args.seq_len, bos, eos)
+        scored = {"corpus_tokens": corpus_tokens, "scored": "whole corpus"}
+    else:
+        windows, scored = _dataset(args, tok, Path(args.model)).heldout, {"scored": "held-out split (5%)"}
+    report = evaluate(model, teacher, windows, encode_prompts(tok, bos), Path(args.model))
+    report.update(scored)
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
@@ -160,10 +171,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
+    from appliance.engine.spec import DecoderSpec
+
     from .quantize import MODES, compare_modes
 
     tok = Tokenizer.from_file(str(Path(args.onnx) / "tokenizer.json"))
-    ds = _dataset(args, tok)
+    spec = DecoderSpec.from_json((Path(args.onnx) / "decoder.json").read_text())
+    ds = _dataset(args, tok, bos_id=spec.bos_token_id, eos_id=spec.eos_token_id)
     modes = MODES if args.mode == "all" else (args.mode,)
     report = compare_modes(Path(args.onnx), Path(args.out), ds.heldout, modes)
     (Path(args.out) / "quantize-report.json").write_text(json.dumps(report, indent=2))
@@ -176,11 +190,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset(args: argparse.Namespace, tokenizer):
+def _dataset(
+    args: argparse.Namespace,
+    tokenizer,
+    checkpoint: Path | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+):
+    """Train/held-out windows framed by the checkpoint's own special ids (or the ones given)."""
     from .data import build_dataset
+    from .tokenizer import checkpoint_special_ids
 
+    if checkpoint is not None:
+        special = checkpoint_special_ids(checkpoint)
+        bos_id, eos_id = special["bos_token_id"], special["eos_token_id"]
     return build_dataset(
-        tokenizer, [Path(p) for p in args.data] if args.data else None, seq_len=args.seq_len, stride=args.stride
+        tokenizer,
+        [Path(p) for p in args.data] if args.data else None,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        bos_id=bos_id,
+        eos_id=eos_id,
     )
 
 
@@ -268,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(di)
     _train_flags(di)
     di.set_defaults(func=cmd_distill)
-    ev = sub.add_parser("eval", help="perplexity, agreement/KL with a teacher, distinct-n, size (JSON)")
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity, agreement/KL with a teacher, distinct-n, size (JSON); with --data, over the whole corpus",
+    )
     ev.add_argument("--model", required=True, help="checkpoint directory to evaluate")
     ev.add_argument("--teacher", help="teacher checkpoint to compare with")
     ev.add_argument("--out", help="write the JSON report here too")

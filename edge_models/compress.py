@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,14 +17,15 @@ from .data import build_dataset
 from .distill import DistillConfig, distill
 from .evaluate import evaluate
 from .prune import PruneTarget, describe, measure_importance, prune, shape_of, target_for_budget
+from .tokenizer import checkpoint_special_ids, copy_tokenizer_files
 
 log = logging.getLogger("edge_models.compress")
 PROMPTS = ["Return the", "Raise ValueError if", "The socket module"]
 
 
-def encode_prompts(tokenizer) -> list[list[int]]:
-    bos = tokenizer.token_to_id("<|bos|>")
-    return [[bos, *tokenizer.encode(p).ids] for p in PROMPTS]
+def encode_prompts(tokenizer, bos_id: int | None) -> list[list[int]]:
+    head = [] if bos_id is None else [bos_id]
+    return [[*head, *tokenizer.encode(p, add_special_tokens=False).ids] for p in PROMPTS]
 
 
 def load_checkpoint(path: Path):
@@ -38,9 +38,7 @@ def load_checkpoint(path: Path):
 
 def save_checkpoint(model, tokenizer_dir: Path, out: Path) -> None:
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (tokenizer_dir / name).exists():
-            shutil.copy(tokenizer_dir / name, out / name)
+    copy_tokenizer_files(tokenizer_dir, out)
 
 
 def calibration_batches(windows, count: int = 8, batch: int = 8):
@@ -69,8 +67,10 @@ def compress(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher, tok = load_checkpoint(teacher_dir)
-    ds = build_dataset(tok, data, seq_len=seq_len, stride=stride)
-    prompts = encode_prompts(tok)
+    special = checkpoint_special_ids(teacher_dir)
+    bos, eos = special["bos_token_id"], special["eos_token_id"]
+    ds = build_dataset(tok, data, seq_len=seq_len, stride=stride, bos_id=bos, eos_id=eos)
+    prompts = encode_prompts(tok, bos)
     importance = measure_importance(teacher, calibration_batches(ds.train))
     chosen = shape or target_for_budget(teacher, target or 0.5)
     student = prune(teacher, importance, chosen)
@@ -82,7 +82,7 @@ def compress(
     teacher_eval = evaluate(teacher, None, ds.heldout, prompts, Path(teacher_dir))
     if export:
         export_decoder(student, out / "onnx")
-        shutil.copy(Path(teacher_dir) / "tokenizer.json", out / "onnx" / "tokenizer.json")
+        copy_tokenizer_files(Path(teacher_dir), out / "onnx")
     report = {
         "teacher": {**teacher_eval, "shape": shape_of(teacher)},
         "pruned": {**before, "shape": shape_of(student)},

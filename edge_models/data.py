@@ -66,6 +66,29 @@ def clean(docs: list[str], min_chars: int = 20, max_chars: int = 200_000) -> lis
     return out
 
 
+def encode_documents(tokenizer, docs: list[str], bos_id: int | None, eos_id: int | None) -> list[list[int]]:
+    """Token ids of each document, framed by the ids that are not None; the tokenizer's own
+    post-processor is bypassed so a BOS is never added twice."""
+    head, tail = [t for t in (bos_id,) if t is not None], [t for t in (eos_id,) if t is not None]
+    return [[*head, *e.ids, *tail] for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+
+
+def corpus_windows(
+    tokenizer, paths: list[Path], seq_len: int, bos_id: int | None = None, eos_id: int | None = None
+) -> tuple[np.ndarray, int]:
+    """Every document of ``paths`` (no held-out split: a site scoring a model on its own manuals wants
+    all of them) as non-overlapping windows, and the corpus's token count. A corpus shorter than one
+    window is scored as a single shorter window; otherwise the last partial window (< ``seq_len``
+    tokens) is the only part not scored."""
+    docs = clean(read_documents(paths))
+    if not docs:
+        raise DataError(f"no documents of at least 20 characters in {', '.join(map(str, paths))}")
+    stream = [t for doc in encode_documents(tokenizer, docs, bos_id, eos_id) for t in doc]
+    if len(stream) < 2:
+        raise DataError("the corpus is shorter than two tokens; nothing to score")
+    return pack_windows([stream], min(seq_len, len(stream) - 1)), len(stream)
+
+
 @dataclass(frozen=True)
 class Dataset:
     train: np.ndarray  # [N, seq_len + 1] sliding windows
@@ -74,9 +97,16 @@ class Dataset:
 
 
 def build_dataset(
-    tokenizer, paths: list[Path] | None = None, seq_len: int = 512, stride: int = 128, heldout_percent: int = 5
+    tokenizer,
+    paths: list[Path] | None = None,
+    seq_len: int = 512,
+    stride: int = 128,
+    heldout_percent: int = 5,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
 ) -> Dataset:
-    """Tokenize documents (bos … eos each) into training windows every ``stride`` tokens."""
+    """Tokenize documents (``bos_id`` … ``eos_id`` each, either left out when None: Qwen-family
+    tokenizers have no BOS) into training windows every ``stride`` tokens."""
     if paths:
         docs = clean(read_documents(paths))
         train_docs = [d for d in docs if not is_heldout(d, heldout_percent)]
@@ -89,13 +119,8 @@ def build_dataset(
             f"need documents on both sides of the split; got {len(train_docs)} train, "
             f"{len(heldout_docs)} held-out (add data or raise --heldout-percent)"
         )
-    bos, eos = tokenizer.token_to_id("<|bos|>"), tokenizer.token_to_id("<|eos|>")
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        return [[bos, *e.ids, eos] for e in tokenizer.encode_batch(texts)]
-
-    train = pack_windows(encode(train_docs), seq_len, stride)
-    heldout = pack_windows(encode(heldout_docs), seq_len)
+    train = pack_windows(encode_documents(tokenizer, train_docs, bos_id, eos_id), seq_len, stride)
+    heldout = pack_windows(encode_documents(tokenizer, heldout_docs, bos_id, eos_id), seq_len)
     return Dataset(
         train,
         heldout,

@@ -164,7 +164,7 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     from .corpus import build_corpus
     from .export import export_decoder
     from .teacher import build_model, deepseek_v3_config
-    from .tokenizer import save_tokenizer, special_ids, train_tokenizer
+    from .tokenizer import copy_tokenizer_files, save_tokenizer, special_ids, train_tokenizer
     from .train import pack_windows, perplexity, train_causal_lm
 
     recipe = recipe_hash(shape, train, vocab_size)
@@ -196,7 +196,7 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
 
     onnx_dir = out / "teacher-onnx"
     spec = export_decoder(model, onnx_dir)
-    shutil.copy(teacher_dir / "tokenizer.json", onnx_dir / "tokenizer.json")
+    copy_tokenizer_files(teacher_dir, onnx_dir)
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)
     with torch.no_grad():
         sample_ids = model.generate(

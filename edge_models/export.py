@@ -17,6 +17,8 @@ from pathlib import Path
 
 from appliance.engine.spec import DecoderSpec, input_names, output_names
 
+from .tokenizer import special_token_ids
+
 
 def _cache_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
     """Run one token through the model and read the per-layer cache tensor shapes."""
@@ -41,11 +43,20 @@ def decoder_spec(model) -> DecoderSpec:
         value_shape=value_shape,
         vocab_size=cfg.vocab_size,
         max_positions=cfg.max_position_embeddings,
-        pad_token_id=int(cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id),
-        bos_token_id=int(cfg.bos_token_id),
-        eos_token_id=int(cfg.eos_token_id),
+        **special_token_ids(cfg.to_dict(), _generation_config(model), _source_dir(model)),
         weight_bytes=_active_weight_bytes(model),
     )
+
+
+def _generation_config(model) -> dict | None:
+    generation = getattr(model, "generation_config", None)
+    return generation.to_dict() if generation is not None else None
+
+
+def _source_dir(model) -> Path | None:
+    """The checkpoint directory the model was loaded from (its tokenizer decides the BOS), if any."""
+    path = Path(getattr(model, "name_or_path", "") or "")
+    return path if str(path) and path.is_dir() else None
 
 
 def _active_weight_bytes(model) -> int:

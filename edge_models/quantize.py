@@ -19,8 +19,9 @@ import numpy as np
 from appliance.engine.ort_engine import OrtEngine
 from appliance.engine.spec import DecoderSpec
 
+from .tokenizer import copy_tokenizer_files
+
 MODES = ("q4", "q8", "int8")
-COMPANIONS = ("decoder.json", "tokenizer.json")
 
 
 def quantize(onnx_dir: Path, out_dir: Path, mode: str) -> Path:
@@ -32,8 +33,8 @@ def quantize(onnx_dir: Path, out_dir: Path, mode: str) -> Path:
     src, dst = Path(onnx_dir) / "model.onnx", out_dir / "model.onnx"
     with _quiet():
         _run(mode, src, dst)
-    for name in COMPANIONS:
-        shutil.copy(Path(onnx_dir) / name, out_dir / name)
+    shutil.copy(Path(onnx_dir) / "decoder.json", out_dir / "decoder.json")
+    copy_tokenizer_files(Path(onnx_dir), out_dir)
     _update_weight_bytes(src, dst, out_dir / "decoder.json")
     return out_dir
 
@@ -113,10 +114,10 @@ def onnx_perplexity(onnx_dir: Path, windows: np.ndarray, limit: int = 64) -> flo
 def decode_speed(onnx_dir: Path, new_tokens: int = 64, rounds: int = 3) -> float:
     """Median batch-1 greedy decode tokens/s through the appliance engine."""
     engine = _engine(onnx_dir)
-    bos = engine.spec.bos_token_id
+    head = [] if engine.spec.bos_token_id is None else [engine.spec.bos_token_id]
     rates = []
     for _ in range(rounds):
-        logits = engine.prefill([(0, [bos, 40, 41, 42, 43, 44, 45, 46])])
+        logits = engine.prefill([(0, [*head, 40, 41, 42, 43, 44, 45, 46])])
         start = time.perf_counter()
         for _ in range(new_tokens):
             logits = engine.decode([(0, int(np.argmax(logits[0])))])

@@ -1,7 +1,11 @@
-"""Byte-level BPE tokenizer trained on the local corpus (no hub, no download)."""
+"""Tokenizers: the demo's byte-level BPE trained on the local corpus (no hub, no download), and the
+special ids and companion files of any checkpoint's tokenizer (BOS or none, one EOS or several)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,8 +39,6 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
     """Write ``tokenizer.json`` plus the config transformers' fast tokenizer loader expects."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(
@@ -52,3 +54,71 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
             indent=2,
         )
     )
+
+
+# What travels with a graph into the sealed model directory: the tokenizer, its config (special tokens and,
+# for chat models, ``chat_template``) and a template kept beside it (newer checkpoints ship chat_template.jinja).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files ``src`` has into ``dst``; returns the names copied."""
+    copied = [name for name in TOKENIZER_FILES if (Path(src) / name).is_file()]
+    for name in copied:
+        shutil.copy(Path(src) / name, Path(dst) / name)
+    return copied
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def special_token_ids(config: Mapping, generation: Mapping | None = None, tokenizer_dir: Path | None = None) -> dict:
+    """``pad_token_id``, ``bos_token_id`` (None when prompts start without one), ``eos_token_id`` and
+    ``eos_token_ids`` of a checkpoint, from its config.json, generation_config.json and tokenizer.
+
+    The tokenizer decides the BOS: Qwen2's config names a ``bos_token_id`` its tokenizer never adds
+    (``bos_token`` is null), and DeepSeek-R1-Distill-Qwen's config names a different id than the
+    ``<｜begin▁of▁sentence｜>`` its tokenizer adds. Every end id counts: generation_config.json lists
+    several (``<|im_end|>`` and ``<|endoftext|>``) where config.json names one.
+    """
+    generation = generation or {}
+    bos = generation.get("bos_token_id", config.get("bos_token_id"))
+    eos = _ids(generation.get("eos_token_id")) + _ids(config.get("eos_token_id"))
+    tok_cfg_path = Path(tokenizer_dir) / "tokenizer_config.json" if tokenizer_dir else None
+    if tok_cfg_path is not None and tok_cfg_path.is_file() and (tok_cfg_path.parent / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+        tok = Tokenizer.from_file(str(tok_cfg_path.parent / "tokenizer.json"))
+        bos_text, eos_text = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
+        bos = tok.token_to_id(bos_text) if bos_text else None
+        if eos_text and tok.token_to_id(eos_text) is not None:
+            eos.append(tok.token_to_id(eos_text))
+    if not eos:
+        raise ValueError("the checkpoint names no end-of-sequence token (eos_token_id in config.json)")
+    eos = list(dict.fromkeys(eos))
+    pad = config.get("pad_token_id", generation.get("pad_token_id"))
+    return {
+        "pad_token_id": int(pad if pad is not None else eos[0]),
+        "bos_token_id": None if bos is None else int(bos),
+        "eos_token_id": eos[0],
+        "eos_token_ids": tuple(eos),
+    }
+
+
+def checkpoint_special_ids(checkpoint_dir: Path) -> dict:
+    """``special_token_ids`` of a checkpoint directory (config.json, generation_config.json, tokenizer)."""
+
+    def read(name: str) -> dict:
+        path = Path(checkpoint_dir) / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    return special_token_ids(read("config.json"), read("generation_config.json"), Path(checkpoint_dir))

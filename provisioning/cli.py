@@ -28,7 +28,9 @@ from .keys import (
 
 MODEL_FILES = ("model.onnx", "decoder.json", "tokenizer.json")
 DEFAULT_TRUST = "/etc/edge-appliance/trusted-vendors"
-OPTIONAL_FILES = ("model.onnx.data",)  # external weights of models past 2 GB
+# External weights of models past 2 GB; the tokenizer's config (special tokens, chat template) and a
+# chat_template.jinja, which the daemon needs to render ``messages``.
+OPTIONAL_FILES = ("model.onnx.data", "tokenizer_config.json", "chat_template.jinja")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

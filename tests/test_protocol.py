@@ -24,6 +24,14 @@ def test_generate_defaults():
     assert req.sampling.greedy
 
 
+def test_generate_with_messages():
+    req = parse(op="generate", messages=[{"role": "user", "content": "hi"}], reasoning="hide")
+    assert (req.messages, req.prompt, req.reasoning) == (({"role": "user", "content": "hi"},), "", "hide")
+    assert (
+        parse(op="generate", prompt="hi").reasoning == "separate" and parse(op="generate", prompt="hi").messages is None
+    )
+
+
 def test_missing_id_gets_a_generated_one():
     assert len(parse(op="health").id) == 32
 
@@ -42,6 +50,22 @@ def test_missing_id_gets_a_generated_one():
         ({"op": "generate", "prompt": "x", "stream": 1}, P.E_BAD_REQUEST, "stream"),
         ({"op": "generate", "prompt": "x" * (P.MAX_PROMPT_CHARS + 1)}, P.E_TOO_LARGE, "prompt"),
         ({"op": "generate", "prompt": "x", "id": "x" * 65}, P.E_BAD_REQUEST, "id"),
+        (
+            {"op": "generate", "prompt": "x", "messages": [{"role": "user", "content": "x"}]},
+            P.E_BAD_REQUEST,
+            "exactly one",
+        ),
+        ({"op": "generate", "messages": []}, P.E_BAD_REQUEST, "messages"),
+        ({"op": "generate", "messages": [{"role": "user"}]}, P.E_BAD_REQUEST, "messages[0]"),
+        ({"op": "generate", "messages": [{"role": "user", "content": 1}]}, P.E_BAD_REQUEST, "content"),
+        ({"op": "generate", "messages": [{"role": "", "content": "x"}]}, P.E_BAD_REQUEST, "role"),
+        ({"op": "generate", "messages": "hi"}, P.E_BAD_REQUEST, "messages"),
+        (
+            {"op": "generate", "messages": [{"role": "user", "content": "x" * (P.MAX_PROMPT_CHARS + 1)}]},
+            P.E_TOO_LARGE,
+            "messages",
+        ),
+        ({"op": "generate", "prompt": "x", "reasoning": "show"}, P.E_BAD_REQUEST, "reasoning"),
         ({"op": "cancel"}, P.E_BAD_REQUEST, "target"),
         ({"op": "reboot"}, P.E_UNKNOWN_OP, "reboot"),
     ],

@@ -12,7 +12,7 @@ def seq(key: str, prompt_len: int = 3, max_tokens: int = 5, deadline: float | No
 
 
 def test_waiting_requests_fill_free_slots_in_arrival_order():
-    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=64, eos_token_ids=(EOS,))
     a, b, c = seq("a"), seq("b"), seq("c")
     for x in (a, b, c):
         assert s.add(x)
@@ -22,7 +22,7 @@ def test_waiting_requests_fill_free_slots_in_arrival_order():
 
 
 def test_request_joins_as_soon_as_another_leaves():
-    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=64, eos_token_ids=(EOS,))
     a, b = seq("a", max_tokens=1), seq("b")
     s.add(a)
     s.add(b)
@@ -34,7 +34,7 @@ def test_request_joins_as_soon_as_another_leaves():
 
 
 def test_running_sequences_with_tokens_decode():
-    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=64, eos_token_ids=(EOS,))
     a = seq("a")
     s.add(a)
     s.schedule(now=0.0)
@@ -43,13 +43,13 @@ def test_running_sequences_with_tokens_decode():
 
 
 def test_full_queue_refuses():
-    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_ids=(EOS,))
     assert s.add(seq("a")) and s.add(seq("b"))
     assert not s.add(seq("c"))
 
 
 def test_eos_finishes_without_adding_the_token():
-    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_ids=(EOS,))
     a = seq("a")
     s.add(a)
     s.schedule(now=0.0)
@@ -58,7 +58,7 @@ def test_eos_finishes_without_adding_the_token():
 
 
 def test_ignore_eos_keeps_generating():
-    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_ids=(EOS,))
     a = Sequence(key="a", prompt_ids=[1], max_tokens=2, ignore_eos=True)
     s.add(a)
     s.schedule(now=0.0)
@@ -67,7 +67,7 @@ def test_ignore_eos_keeps_generating():
 
 
 def test_context_limit_finishes_the_sequence():
-    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=5, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=2, max_seq_len=5, eos_token_ids=(EOS,))
     a = seq("a", prompt_len=3, max_tokens=100)
     s.add(a)
     s.schedule(now=0.0)
@@ -76,7 +76,7 @@ def test_context_limit_finishes_the_sequence():
 
 
 def test_deadline_expires_waiting_and_running_requests():
-    s = Scheduler(num_slots=1, max_queued=5, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=5, max_seq_len=64, eos_token_ids=(EOS,))
     running, waiting = seq("r", deadline=5.0), seq("w", deadline=3.0)
     s.add(running)
     s.schedule(now=0.0)
@@ -88,7 +88,7 @@ def test_deadline_expires_waiting_and_running_requests():
 
 
 def test_cancel_frees_the_slot_for_the_next_request():
-    s = Scheduler(num_slots=1, max_queued=5, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=5, max_seq_len=64, eos_token_ids=(EOS,))
     a, b = seq("a"), seq("b")
     s.add(a)
     s.add(b)
@@ -100,7 +100,7 @@ def test_cancel_frees_the_slot_for_the_next_request():
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding():
-    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=1024, eos_token_id=EOS, prefill_chunk=64)
+    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=1024, eos_token_ids=(EOS,), prefill_chunk=64)
     short = seq("short", prompt_len=4, max_tokens=50)
     s.add(short)
     s.schedule(now=0.0)
@@ -120,7 +120,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding
 
 
 def test_prefill_budget_is_shared_oldest_first_and_admission_waits_for_budget():
-    s = Scheduler(num_slots=3, max_queued=10, max_seq_len=1024, eos_token_id=EOS, prefill_chunk=100)
+    s = Scheduler(num_slots=3, max_queued=10, max_seq_len=1024, eos_token_ids=(EOS,), prefill_chunk=100)
     a, b, c = seq("a", prompt_len=130), seq("b", prompt_len=50), seq("c", prompt_len=10)
     for x in (a, b, c):
         s.add(x)
@@ -133,7 +133,7 @@ def test_prefill_budget_is_shared_oldest_first_and_admission_waits_for_budget():
 
 
 def test_context_limit_counts_restored_session_tokens():
-    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=20, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=20, eos_token_ids=(EOS,))
     turn = Sequence(key="t2", prompt_ids=[1, 5, 6], max_tokens=50, feed_ids=[9, 5, 6], base_len=15, arrival=0.0)
     s.add(turn)
     s.schedule(now=0.0)
@@ -143,8 +143,20 @@ def test_context_limit_counts_restored_session_tokens():
 
 
 def test_a_cache_hit_finishes_without_a_slot():
-    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=64, eos_token_id=EOS)
+    s = Scheduler(num_slots=1, max_queued=10, max_seq_len=64, eos_token_ids=(EOS,))
     hit = seq("hit")
     s.finish_now(hit, Finish.LENGTH)
     plan = s.schedule(now=0.0)
     assert plan.finished == [hit] and hit.slot is None and s.free_slots == [0]
+
+
+def test_any_of_several_eos_ids_finishes_the_sequence():
+    """Qwen-family checkpoints list two end ids (<|im_end|>, <|endoftext|>) in generation_config.json."""
+    s = Scheduler(num_slots=2, max_queued=10, max_seq_len=64, eos_token_ids=(EOS, 9))
+    a, b = seq("a"), seq("b")
+    s.add(a)
+    s.add(b)
+    s.schedule(now=0.0)
+    assert not s.on_token(a, 7, now=0.1)
+    assert s.on_token(a, 9, now=0.2) and a.finish is Finish.EOS and a.output_ids == [7]
+    assert s.on_token(b, EOS, now=0.2) and b.finish is Finish.EOS and b.output_ids == []

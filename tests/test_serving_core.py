@@ -50,7 +50,7 @@ def test_stop_matching_picks_the_earliest_stop():
 
 
 def test_admission_picks_the_client_with_fewest_running():
-    sched = Scheduler(num_slots=2, max_queued=8, max_seq_len=64, eos_token_id=0)
+    sched = Scheduler(num_slots=2, max_queued=8, max_seq_len=64, eos_token_ids=(0,))
     for i in range(3):
         sched.add(Sequence(key=f"a{i}", prompt_ids=[1, 2], max_tokens=4, owner="a"))
     sched.add(Sequence(key="b0", prompt_ids=[1, 2], max_tokens=4, owner="b"))
@@ -59,7 +59,7 @@ def test_admission_picks_the_client_with_fewest_running():
 
 
 def test_a_cancel_racing_the_last_token_finishes_the_request_once():
-    sched = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_id=0)
+    sched = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_ids=(0,))
     seq = Sequence(key="k", prompt_ids=[1, 2], max_tokens=1)
     sched.add(seq)
     sched.schedule()
@@ -104,7 +104,7 @@ def test_a_request_whose_sampling_fails_ends_alone(device):
     sessions = SessionStore(1 << 20, 60, 8)
     admission = Admission(sessions, None, max_per_client=8)
     woke = threading.Event()
-    sched = Scheduler(num_slots=2, max_queued=4, max_seq_len=model.engine.max_seq_len, eos_token_id=-1)
+    sched = Scheduler(num_slots=2, max_queued=4, max_seq_len=model.engine.max_seq_len, eos_token_ids=(-1,))
     runner = EngineRunner(model, sched, writer, wake=woke.set, sessions=sessions)
     peer = Peer("tester", "infer", b"r")
     good = P.Request(op=P.OP_GENERATE, id="good", prompt="Return the", max_tokens=12)

@@ -33,10 +33,16 @@ class DecoderSpec:
     vocab_size: int
     max_positions: int
     pad_token_id: int
-    bos_token_id: int
-    eos_token_id: int
+    bos_token_id: int | None  # None: the tokenizer has no BOS (Qwen family); prompts start without one
+    eos_token_id: int  # the primary end-of-sequence id
     weight_bytes: int = 0  # bytes of weights read per decode step (for bandwidth accounting)
     format: int = DECODER_FORMAT
+    # Every id that ends generation (generation_config.json lists several, e.g. <|im_end|> and <|endoftext|>);
+    # always starts with ``eos_token_id``, so a decoder.json written before this field still loads.
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(dict.fromkeys((self.eos_token_id, *self.eos_token_ids))))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -48,4 +54,5 @@ class DecoderSpec:
             raise ValueError(f"decoder.json format {data.get('format')!r} is not supported (expected {DECODER_FORMAT})")
         data["key_shape"] = tuple(data["key_shape"])
         data["value_shape"] = tuple(data["value_shape"])
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         return cls(**data)

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass
 
 from appliance.loader import LoadedModel
+from appliance.serving.chat import ChatError, opens_reasoning
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import Job
 from appliance.serving.scheduler import Sequence
-from appliance.serving.sessions import SessionBusy, SessionStore
+from appliance.serving.sessions import Session, SessionBusy, SessionStore
 from appliance.transport import protocol as P
 
 
@@ -51,10 +52,9 @@ class Admission:
                 "wait for one to finish",
                 req.id,
             )
-        spec, engine = model.spec, model.engine
-        ids = [spec.bos_token_id, *model.tokenizer.encode(req.prompt).ids]
+        engine = model.engine
         session = scoped(peer.identity, req.session) if req.session is not None else None
-        restore, history, feed = None, [], ids
+        restore = None
         if session is not None:
             try:
                 restore = self.sessions.acquire(session, str(model.version))
@@ -64,8 +64,15 @@ class Admission:
                     f"session {req.session!r} has a request in flight; send the next turn after its reply",
                     req.id,
                 ) from None
-            if restore is not None:  # a later turn: no BOS, and only what the cache lacks is prefilled
-                history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids[1:]
+        try:
+            text, ids, chat = prompt_tokens(model, req, restore)
+        except P.ProtocolError:
+            if session is not None:
+                self.sessions.release(session, restore)
+            raise
+        history, feed = [], ids
+        if restore is not None:  # a later turn: only what the cache lacks is prefilled
+            history, feed = restore.tokens[: restore.cached], restore.tokens[restore.cached :] + ids
         context = len(history) + len(feed)
         room = engine.max_seq_len - context
         if room < 1:
@@ -99,9 +106,43 @@ class Admission:
             restore=restore,
             history=history,
             cache_key=key,
+            prompt_text=text,
+            chat=chat,
+            opens_reasoning=opens_reasoning(text),
         )
 
     def abandon(self, job: Job) -> None:
         """Undo ``admit`` for a job the engine did not take (its queue was full)."""
         if job.seq.session is not None:
             self.sessions.release(job.seq.session, job.restore)
+
+
+def prompt_tokens(
+    model: LoadedModel, req: P.Request, restore: Session | None
+) -> tuple[str, list[int], list[dict] | None]:
+    """The text this turn adds, its token ids, and the conversation so far (chat requests).
+
+    ``prompt`` is raw text after the BOS (a new conversation's, when the model has one);
+    ``messages`` go through the chat template, which writes any BOS itself. A later turn of a chat
+    session renders only what its new messages add after the cached reply."""
+    encode = model.tokenizer.encode
+    if req.messages is None:
+        if restore is not None and restore.messages is not None:
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} is a chat; continue it with 'messages'")
+        bos = model.spec.bos_token_id
+        head = [] if restore is not None or bos is None else [bos]
+        return req.prompt, [*head, *encode(req.prompt, add_special_tokens=False).ids], None
+    template = model.chat
+    if template is None:
+        raise P.ProtocolError(P.E_BAD_REQUEST, f"model {model.model_id} has no chat template; send 'prompt' instead")
+    new = list(req.messages)
+    try:
+        if restore is None:
+            chat, text = new, template.render(new)
+        elif restore.messages is None:
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
+        else:
+            chat, text = restore.messages + new, template.continuation(restore.messages, new)
+    except ChatError as exc:
+        raise P.ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
+    return text, encode(text, add_special_tokens=False).ids, chat

@@ -2,8 +2,10 @@
 
 As in vLLM, each step decodes only the tokens after ``prefix_offset``; the offsets advance only at a
 completed character, so each window starts on a clean boundary and the work per token is constant.
-Text is streamed only once it can no longer change: a partial UTF-8 character and any tail that
-could still become a stop string are held back, so nothing streamed is ever retracted.
+Text is streamed only once it can no longer change: a partial UTF-8 character (byte-level BPE,
+``<0xNN>`` byte fallback) and any tail that could still become a stop string are held back, so
+nothing streamed is ever retracted. Special tokens are skipped, as ``Tokenizer.decode`` does by
+default: ``<|im_end|>`` never reaches a client.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ def cache_key(req: Request, model_version: object, identity: str) -> str | None:
             identity,
             str(model_version),
             req.prompt,
+            list(req.messages or ()),
+            req.reasoning,
             req.stream,
             req.max_tokens,
             s.temperature,

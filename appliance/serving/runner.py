@@ -14,6 +14,7 @@ from appliance.audit import Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
 from appliance.metrics import METRICS
+from appliance.serving.chat import ReasoningSplitter, split_reasoning
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
@@ -42,6 +43,10 @@ class Job:
     cache_key: str | None = None  # response-cache key when the request is deterministic
     cache_hit: bool = False
     error: tuple[str, str] | None = None  # (code, message) when this request alone failed
+    prompt_text: str = ""  # what this turn added as text (the rendered chat for ``messages``), for the audit
+    chat: list[dict] | None = None  # the conversation including this turn's messages (chat requests)
+    opens_reasoning: bool = False  # the prompt ended with <think>: the output starts inside reasoning
+    splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class EngineRunner(threading.Thread):
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the waiting queue is full."""
         hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
+        if job.request.reasoning != "inline":
+            job.splitter = ReasoningSplitter(job.opens_reasoning)
         with self._work:
             if hit is not None:  # answered from memory: finished at once, audited like any other request
                 job.seq.output_ids, job.detok.text, job.cache_hit = list(hit.output_ids), hit.text, True
@@ -179,9 +186,7 @@ class EngineRunner(threading.Thread):
                     CachedResponse(job.detok.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
                 )
             if job.cache_hit and job.request.stream and job.detok.text:
-                self.outbox.put(
-                    Outgoing(seq.key, P.token_reply(job.request.id, 0, job.detok.text, seq.output_ids[-1]), False)
-                )
+                self._stream(job, job.detok.text, seq.output_ids[-1], final=True)
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
         self._finalize([(seq, error) for seq in live])
@@ -197,6 +202,7 @@ class EngineRunner(threading.Thread):
             cached=engine.length(seq.slot),
             nbytes=sum(int(t.nbytes) for t in cache),
             model_version=str(self.model.version),
+            messages=None if job.chat is None else [*job.chat, {"role": "assistant", "content": job.detok.text}],
         )
 
     def _advance(self, seqs: list[Sequence], logits) -> None:
@@ -227,10 +233,24 @@ class EngineRunner(threading.Thread):
         if job.detok.stopped:
             with self._lock:
                 self.scheduler.stop(seq)
-        if fresh and job.request.stream:
-            token_id = seq.output_ids[-1] if seq.output_ids else -1
-            self.outbox.put(Outgoing(seq.key, P.token_reply(job.request.id, job.index, fresh, token_id), False))
-            job.index += 1
+        if (fresh or seq.finish is not None) and job.request.stream:
+            self._stream(job, fresh, seq.output_ids[-1] if seq.output_ids else -1, seq.finish is not None)
+
+    def _stream(self, job: Job, delta: str, token_id: int, final: bool) -> None:
+        """Queue a token frame for ``delta``, its reasoning split off (or dropped, for ``hide``)."""
+        reasoning = None
+        if job.splitter is not None:
+            reasoning, delta = job.splitter.feed(delta)
+            if final:
+                held_reasoning, held_answer = job.splitter.flush()
+                reasoning, delta = reasoning + held_reasoning, delta + held_answer
+            if job.request.reasoning == "hide":
+                reasoning = None
+        if not delta and not reasoning:
+            return
+        frame = P.token_reply(job.request.id, job.index, delta, token_id, reasoning or None)
+        self.outbox.put(Outgoing(job.seq.key, frame, False))
+        job.index += 1
 
     def _finalize(self, items: list[tuple[Sequence, tuple[str, str] | None]]) -> None:
         """Audit every sequence that ended this step in one commit, then queue their final replies."""
@@ -282,7 +302,7 @@ class EngineRunner(threading.Thread):
             status="ok" if error is None else "error",
             model_id=self.model.model_id,
             model_version=self.model.version,
-            prompt=job.request.prompt,
+            prompt=job.prompt_text,
             output=job.detok.text,
             prompt_tokens=prompt_tokens,
             completion_tokens=n_out,
@@ -303,7 +323,14 @@ class EngineRunner(threading.Thread):
         if seq.first_token_at and n_out > 1 and not job.cache_hit:
             timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "cached_tokens": seq.base_len}
-        frame = P.done_reply(job.request.id, job.detok.text, seq.finish.value, usage, timings, cache_hit=job.cache_hit)
+        reasoning, answer = None, job.detok.text
+        if job.request.reasoning != "inline":
+            reasoning, answer = split_reasoning(job.detok.text, job.opens_reasoning)
+        if job.request.reasoning == "hide":
+            reasoning = None
+        frame = P.done_reply(
+            job.request.id, answer, seq.finish.value, usage, timings, reasoning, cache_hit=job.cache_hit
+        )
         return entry, frame
 
 

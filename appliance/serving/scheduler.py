@@ -86,13 +86,20 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_queued: int, max_seq_len: int, eos_token_id: int, prefill_chunk: int = 256):
+    def __init__(
+        self,
+        num_slots: int,
+        max_queued: int,
+        max_seq_len: int,
+        eos_token_ids: tuple[int, ...],
+        prefill_chunk: int = 256,
+    ):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be >= 1")
         self.prefill_chunk = prefill_chunk
         self.max_queued = max_queued
         self.max_seq_len = max_seq_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(eos_token_ids)  # any of them ends a sequence
         self.free_slots = list(range(num_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -171,7 +178,7 @@ class Scheduler:
             return True
         if seq.first_token_at is None:
             seq.first_token_at = now
-        if token == self.eos_token_id and not seq.ignore_eos:
+        if token in self.eos_token_ids and not seq.ignore_eos:
             self._finish(seq, Finish.EOS)
             return True
         seq.output_ids.append(token)

@@ -28,6 +28,7 @@ class Session:
     nbytes: int
     model_version: str
     last_used: float = field(default_factory=time.monotonic)
+    messages: list[dict] | None = None  # a chat's conversation so far, replies included (None: raw prompts)
 
 
 class SessionStore:

@@ -118,8 +118,9 @@ class Client:
     def info(self) -> dict:
         return self.call(P.OP_INFO)
 
-    def generate(self, prompt: str, request_id: str | None = None, **params: Any) -> Iterator[dict]:
-        """Stream a generation: yields ``token`` events, then the final ``done`` event.
+    def generate(self, prompt: str | None = None, request_id: str | None = None, **params: Any) -> Iterator[dict]:
+        """Stream a generation: yields ``token`` events, then the final ``done`` event. Give ``prompt``
+        or ``messages=[{"role": ..., "content": ...}]`` (rendered with the model's chat template).
 
         Retried (same id) only while nothing has been received; once tokens flowed a timeout raises.
         """
@@ -142,7 +143,7 @@ class Client:
                 raise ClientError("timeout", f"stream from {self.endpoint} stalled for {self.timeout_ms} ms")
         raise ClientError("timeout", f"no reply from {self.endpoint} after {self.retries} attempt(s)")
 
-    def complete(self, prompt: str, **params: Any) -> dict:
+    def complete(self, prompt: str | None = None, **params: Any) -> dict:
         """Run a generation to the end and return the final ``done`` event."""
         final: dict = {}
         for event in self.generate(prompt, **params):

@@ -35,6 +35,8 @@ FEATURES = (
     "cached_tokens",
     "metrics",
     "gateway",
+    "messages",
+    "reasoning",
 )
 
 # Roles an end user acting through a gateway may have (a gateway cannot delegate its own role).
@@ -83,7 +85,12 @@ ERROR_CODES = (
 MAX_ID_LEN = 64
 MAX_SESSION_LEN = 64
 MAX_IDENTITY_LEN = 64
-MAX_PROMPT_CHARS = 32_768
+MAX_PROMPT_CHARS = 32_768  # of ``prompt``, or of all ``messages`` contents together
+MAX_MESSAGES = 256
+MAX_ROLE_CHARS = 32
+# What a reply does with R1-style ``<think>…</think>`` reasoning: stream and return it apart from the
+# answer (``reasoning`` fields), drop it, or leave it in the text as the model wrote it.
+REASONING_MODES = ("separate", "hide", "inline")
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 128
@@ -136,6 +143,8 @@ class Request:
     identity: str | None = None  # admin only: the client whose request/session ``cancel``/``end_session`` names
     # (identity, role) of the end user a gateway acts for; for ``auth_failed``, the refused subject
     on_behalf_of: tuple[str, str] | None = None
+    messages: tuple[dict, ...] | None = None  # [{role, content}] rendered with the model's chat template
+    reasoning: str = "separate"  # one of REASONING_MODES
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -245,10 +254,20 @@ def _session(msg: dict, rid: str, required: bool = False) -> str | None:
 
 def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     prompt = _get(msg, "prompt", str, None, rid)
-    _check(prompt is not None, "generate needs field 'prompt' (a string)", rid)
-    _check(len(prompt) > 0, "field 'prompt' must not be empty", rid)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ProtocolError(E_TOO_LARGE, f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}", rid)
+    messages = _messages(msg, rid)
+    _check(
+        (prompt is None) != (messages is None),
+        "generate needs exactly one of 'prompt' (a string) and 'messages' (a list of {role, content} maps)",
+        rid,
+    )
+    if prompt is not None:
+        _check(len(prompt) > 0, "field 'prompt' must not be empty", rid)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ProtocolError(
+                E_TOO_LARGE, f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}", rid
+            )
+    reasoning = _get(msg, "reasoning", str, "separate", rid)
+    _check(reasoning in REASONING_MODES, f"field 'reasoning' must be one of {', '.join(REASONING_MODES)}", rid)
     max_tokens = _get(msg, "max_tokens", int, DEFAULT_MAX_TOKENS, rid)
     _check(1 <= max_tokens <= max_tokens_limit, f"field 'max_tokens' must be 1..{max_tokens_limit}", rid)
     temperature = float(_get(msg, "temperature", (int, float), 0.0, rid))
@@ -279,7 +298,9 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     return Request(
         op=OP_GENERATE,
         id=rid,
-        prompt=prompt,
+        prompt=prompt or "",
+        messages=messages,
+        reasoning=reasoning,
         max_tokens=max_tokens,
         sampling=Sampling(temperature, top_k, top_p, penalty, seed),
         stop=tuple(stop),
@@ -290,27 +311,57 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     )
 
 
+def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
+    """``messages``: 1..MAX_MESSAGES maps of exactly ``role`` and ``content`` strings."""
+    messages = _get(msg, "messages", list, None, rid)
+    if messages is None:
+        return None
+    _check(0 < len(messages) <= MAX_MESSAGES, f"field 'messages' must hold 1..{MAX_MESSAGES} messages", rid)
+    for n, m in enumerate(messages):
+        _check(
+            isinstance(m, dict)
+            and set(m) == {"role", "content"}
+            and isinstance(m["role"], str)
+            and 0 < len(m["role"]) <= MAX_ROLE_CHARS
+            and isinstance(m["content"], str),
+            f"messages[{n}] must be a map of exactly 'role' (a string of 1..{MAX_ROLE_CHARS} characters) and "
+            "'content' (a string)",
+            rid,
+        )
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > MAX_PROMPT_CHARS:
+        raise ProtocolError(E_TOO_LARGE, f"messages hold {chars} characters; the limit is {MAX_PROMPT_CHARS}", rid)
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
 def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def token_reply(rid: str, index: int, text: str, token_id: int) -> bytes:
-    return _pack({"v": VERSION, "id": rid, "type": T_TOKEN, "index": index, "text": text, "token": token_id})
+def token_reply(rid: str, index: int, text: str, token_id: int, reasoning: str | None = None) -> bytes:
+    """A streamed piece: answer ``text`` and, with ``reasoning: separate``, the ``reasoning`` it adds."""
+    reply = {"v": VERSION, "id": rid, "type": T_TOKEN, "index": index, "text": text, "token": token_id}
+    if reasoning is not None:
+        reply["reasoning"] = reasoning
+    return _pack(reply)
 
 
-def done_reply(rid: str, text: str, finish_reason: str, usage: dict, timings: dict, **extra: Any) -> bytes:
-    return _pack(
-        {
-            **extra,
-            "v": VERSION,
-            "id": rid,
-            "type": T_DONE,
-            "text": text,
-            "finish_reason": finish_reason,
-            "usage": usage,
-            "timings": timings,
-        }
-    )
+def done_reply(
+    rid: str, text: str, finish_reason: str, usage: dict, timings: dict, reasoning: str | None = None, **extra: Any
+) -> bytes:
+    reply = {
+        **extra,
+        "v": VERSION,
+        "id": rid,
+        "type": T_DONE,
+        "text": text,
+        "finish_reason": finish_reason,
+        "usage": usage,
+        "timings": timings,
+    }
+    if reasoning is not None:
+        reply["reasoning"] = reasoning
+    return _pack(reply)
 
 
 def result_reply(rid: str, result: dict) -> bytes:

@@ -141,7 +141,7 @@ class Server:
             num_slots=model.engine.num_slots,
             max_queued=self.config.engine.max_queued,
             max_seq_len=model.engine.max_seq_len,
-            eos_token_id=model.spec.eos_token_id,
+            eos_token_ids=model.spec.eos_token_ids,
             prefill_chunk=self.config.engine.prefill_chunk,
         )
         return EngineRunner(
@@ -494,6 +494,7 @@ class Server:
             "version": self.model.version,
             "bundle_id": self.model.bundle_id,
             "architecture": self.model.spec.architecture,
+            "chat_template": self.model.chat is not None,  # whether generate accepts 'messages'
             "engine": self.model.engine.kind,
             "limits": {
                 "max_batch": self.model.engine.num_slots,

@@ -1,0 +1,232 @@
+"""Chat: ``messages`` rendered with the checkpoint's own chat template, and R1-style reasoning split
+from the answer as it streams.
+
+The template is untrusted code shipped with the checkpoint, so it runs in Jinja2's immutable
+sandbox, set up exactly as transformers' ``apply_chat_template`` sets it up (same options, globals
+and filters), so the daemon feeds the model the very text it was trained on. Pure: no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# The special-token variables transformers passes to every template (its ``special_tokens_map``).
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_REPLY_MARK = "\x00edge-appliance reply\x00"  # stands for a generated reply while locating its template frame
+
+
+class ChatError(ValueError):
+    """The conversation cannot be rendered (the template refused it, or it cannot be continued)."""
+
+
+class _Generation(jinja2.ext.Extension):
+    """``{% generation %}…{% endgeneration %}`` (assistant-mask markers in newer templates) renders its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+class _TemplateDict:
+    """``dict`` for templates without attribute access to the type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """``namespace`` refusing underscore-prefixed attributes (no route to CPython internals)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters, which changes the text the model sees.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
+    )
+    return env
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    source: str
+    tokens: dict[str, str]  # bos_token, eos_token, ... as the template sees them
+
+    @classmethod
+    def from_files(cls, tokenizer_config: str | bytes | None, jinja: str | bytes | None = None) -> ChatTemplate | None:
+        """The template of a checkpoint: ``chat_template.jinja`` when present, else tokenizer_config.json's
+        ``chat_template`` (a string, or a list of named templates of which ``default`` is used); None
+        when it has none."""
+        config = json.loads(tokenizer_config) if tokenizer_config else {}
+        source = jinja.decode("utf-8") if isinstance(jinja, bytes) else jinja
+        if source is None:
+            source = config.get("chat_template")
+            if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+                source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        if not source:
+            return None
+        tokens = {name: _token_text(config[name]) for name in TEMPLATE_TOKENS if config.get(name) is not None}
+        return cls(source, tokens)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the model reads it (what ``apply_chat_template(tokenize=False)`` returns)."""
+        try:
+            template = _compiled(self.source)
+            return template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.tokens,
+            )
+        except jinja2.exceptions.TemplateError as exc:
+            raise ChatError(f"the model's chat template refused the conversation: {exc}") from None
+
+    def continuation(self, history: list[dict], new: list[dict]) -> str:
+        """The text a later turn adds to a conversation whose last message, the model's reply, is
+        already in the KV cache: the template's close of that reply, then ``new`` with the prompt
+        for the next reply. ``history`` ends with that reply (``role: assistant``)."""
+        closed = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}], False)
+        extended = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}, *new], True)
+        if _REPLY_MARK not in closed or not extended.startswith(closed):
+            raise ChatError(
+                "this model's chat template renders earlier turns differently once a turn is added; "
+                "send the whole conversation in 'messages' without a session"
+            )
+        return closed[closed.index(_REPLY_MARK) + len(_REPLY_MARK) :] + extended[len(closed) :]
+
+
+_CACHE: dict[str, jinja2.Template] = {}
+
+
+def _compiled(source: str) -> jinja2.Template:
+    if source not in _CACHE:
+        try:
+            _CACHE[source] = _environment().from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as exc:
+            raise ChatError(f"the model's chat template does not compile: {exc}") from None
+    return _CACHE[source]
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """R1 templates end the generation prompt with ``<think>``: the reply starts inside reasoning."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
+class ReasoningSplitter:
+    """Splits streamed model output into reasoning (inside ``<think>…</think>``) and answer.
+
+    Works on text deltas as they stream: a tag split across tokens (``</th`` + ``ink>``) is held back
+    until it is complete or proven not to be a tag. Reasoning only opens at the start of the output
+    (or is already open when the prompt ended with ``<think>``); a ``<think>`` later in an answer is
+    answer text. The whitespace between ``</think>`` and the answer is dropped.
+    """
+
+    def __init__(self, in_reasoning: bool = False):
+        self._state = "reasoning" if in_reasoning else "start"
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """Add ``text``; returns the (reasoning, answer) text that is now certain."""
+        self._pending += text
+        reasoning, answer = "", ""
+        while True:
+            if self._state == "start":
+                head = self._pending.lstrip()
+                if head.startswith(THINK_OPEN):
+                    self._state, self._pending = "reasoning", head[len(THINK_OPEN) :]
+                    continue
+                if THINK_OPEN.startswith(head):  # empty, or a part of the tag: wait
+                    return reasoning, answer
+                self._state = "answer"
+            if self._state == "reasoning":
+                at = self._pending.find(THINK_CLOSE)
+                if at < 0:
+                    keep = _partial_suffix(self._pending, THINK_CLOSE)
+                    cut = len(self._pending) - keep
+                    reasoning += self._pending[:cut]
+                    self._pending = self._pending[cut:]
+                    return reasoning, answer
+                reasoning += self._pending[:at]
+                self._state, self._pending = "after", self._pending[at + len(THINK_CLOSE) :]
+            if self._state == "after":
+                self._pending = self._pending.lstrip()
+                if not self._pending:
+                    return reasoning, answer
+                self._state = "answer"
+            answer += self._pending
+            self._pending = ""
+            return reasoning, answer
+
+    def flush(self) -> tuple[str, str]:
+        """The output ended: whatever was held back is final (an unclosed reasoning stays reasoning)."""
+        pending, self._pending = self._pending, ""
+        if self._state == "reasoning":
+            return pending, ""
+        return "", pending if self._state in ("start", "answer") else ""
+
+
+def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str, str]:
+    """(reasoning, answer) of a whole output, exactly as streaming it through a splitter gives."""
+    splitter = ReasoningSplitter(in_reasoning)
+    r1, a1 = splitter.feed(text)
+    r2, a2 = splitter.flush()
+    return r1 + r2, a1 + a2
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of ``tag``."""
+    return max((k for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)

@@ -1,0 +1,489 @@
+"""A real-scale build and serve: a checkpoint with DeepSeek-R1-Distill-Qwen-1.5B's (or -7B's) exact
+config (random bf16 weights, safetensors, an R1-Distill-shaped tokenizer trained locally) through
+export, q4 quantization, seal, install and the daemon.
+
+Every stage runs in its own process; its wall time and peak RSS (``ru_maxrss`` of that child, from
+``os.wait4``) are recorded. Then: bundle size, daemon load time and RSS (``VmRSS``/``VmHWM`` from
+/proc), time to first token at 32/512/2048-token prompts and decode tokens/s through the daemon,
+the same figures for the same q4 graph in process (its own process, same engine settings), and
+onnxruntime-genai int4 built from the same checkpoint (its own process, same thread count) when
+installed. Stages already done are reused (delete ``--work`` to rebuild).
+
+    python bench/scale.py                   # 1.5B shape -> bench/results/scale.json
+    python bench/scale.py --shape 7b        # 7B shape   -> bench/results/scale-7b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+PROMPT_LENGTHS = (32, 512, 2048)
+NEW_TOKENS = 64
+MAX_SEQ_LEN = 2304  # the longest prompt plus room to generate
+
+# config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-{1.5B,7B} (weights random; tokenizer built locally)
+SHAPES = {
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, tie_word_embeddings=False),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, rope_theta=10000.0, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, tie_word_embeddings=False),
+}  # fmt: skip
+
+
+# -- stages (each runs in a child process: `scale.py --stage NAME`) -----------------------------
+def stage_checkpoint(work: Path, shape: str) -> None:
+    """Random bf16 weights written tensor by tensor into safetensors, plus config and tokenizer files."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edge_models import reference_tokenizers as R
+    from edge_models.corpus import build_corpus
+
+    ckpt = work / "checkpoint"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tok = R.qwen_style(build_corpus().train[:6000], 8192)
+    bos, eos = tok.token_to_id("<｜begin▁of▁sentence｜>"), tok.token_to_id("<｜end▁of▁sentence｜>")
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        **SHAPES[shape],
+    }
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
+    (ckpt / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}))
+    config = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>", "add_bos_token": True}
+    R.save(tok, ckpt, config, R.R1_DISTILL_TEMPLATE)
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        name: torch.ones(s, dtype=torch.bfloat16)
+        if name.endswith("norm.weight")
+        else (torch.randn(s, generator=gen, dtype=torch.bfloat16) * 0.02)
+        for name, s in shapes.items()
+    }
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
+def stage_export(work: Path) -> None:
+    _run([str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "onnx")])
+
+
+def stage_quantize(work: Path) -> None:
+    from edge_models.quantize import quantize
+
+    quantize(work / "onnx", work / "q4", "q4")
+
+
+def stage_seal(work: Path) -> None:
+    site = work / "site"
+    _run(
+        [
+            str(BIN / "edge-provision"),
+            "seal",
+            "--model",
+            str(work / "q4"),
+            "--model-id",
+            "r1-distill-shape",
+            "--version",
+            "1",
+            "--signing-key",
+            str(site / "vendor" / "vendor-ed25519.key"),
+            "--recipient",
+            str(site / "device-identity.json"),
+            "--out",
+            str(work / "bundle"),
+        ]
+    )
+
+
+def stage_install(work: Path) -> None:
+    site = work / "site"
+    _run(
+        [
+            str(BIN / "edge-provision"),
+            "install",
+            str(work / "bundle"),
+            "--state",
+            str(site / "state"),
+            "--trust",
+            str(site / "trust"),
+            "--keys",
+            str(site / "credentials"),
+        ]
+    )
+
+
+def stage_engine(work: Path, threads: int, rounds: int) -> None:
+    """The q4 graph in process with the daemon's engine settings; prints its figures as JSON."""
+    import numpy as np
+
+    from appliance.engine import DecoderSpec
+    from appliance.engine.ort_engine import OrtEngine
+
+    q4 = work / "q4"
+    spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
+    t0 = time.perf_counter()
+    eng = OrtEngine(
+        (q4 / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN, threads=threads, spin=True
+    )
+    load = time.perf_counter() - t0
+    prompts = json.loads((work / "prompts.json").read_text())
+    out = {"load_s": load, "ttft_ms": {}, "rounds": rounds}
+    for n in PROMPT_LENGTHS:
+        ids = prompts[str(n)]["ids"]
+        times = []
+        for _ in range(rounds + 1):  # the first warms up
+            start = time.perf_counter()
+            logits = eng.prefill([(0, ids)])
+            int(np.argmax(logits[0]))
+            times.append(time.perf_counter() - start)
+            eng.release(0)
+        out["ttft_ms"][n] = statistics.median(times[1:]) * 1000
+    ids = prompts["32"]["ids"]
+    rates = []
+    for _ in range(rounds):
+        logits = eng.prefill([(0, ids)])
+        tokens = [int(np.argmax(logits[0]))]
+        start = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            logits = eng.decode([(0, tokens[-1])])
+            tokens.append(int(np.argmax(logits[0])))
+        rates.append((NEW_TOKENS - 1) / (time.perf_counter() - start))
+        eng.release(0)
+    out["decode_tokens_per_s"] = statistics.median(rates)
+    # How many greedy tokens pass before the first one with text a client can be sent (random weights
+    # sample ids outside the tokenizer's vocabulary, which decode to nothing, and partial characters).
+    from tokenizers import Tokenizer
+
+    from appliance.serving.detokenize import Detokenizer
+
+    detok = Detokenizer(Tokenizer.from_file(str(q4 / "tokenizer.json")).decode)
+    emitted = [bool(detok.step(tokens[: n + 1])) for n in range(len(tokens))]
+    out["first_text_after_tokens"] = emitted.index(True) + 1 if any(emitted) else None
+    print("RESULT " + json.dumps(out))
+
+
+def stage_genai_build(work: Path) -> None:
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(work / "checkpoint"),
+            "-o",
+            str(work / "genai-int4"),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(work / "genai-cache"),
+        ]
+    )
+
+
+def stage_genai(work: Path, threads: int, rounds: int) -> None:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    path = work / "genai-int4"
+    cfg = json.loads((path / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    (path / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    t0 = time.perf_counter()
+    model = og.Model(str(path))
+    load = time.perf_counter() - t0
+    prompts = json.loads((work / "prompts.json").read_text())
+    out = {"load_s": load, "ttft_ms": {}, "rounds": rounds}
+
+    def generate(ids: list[int], new: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(np.array(ids, np.int32))
+        gen.generate_next_token()
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            gen.generate_next_token()
+        return t1 - t0, (new - 1) / max(time.perf_counter() - t1, 1e-9)
+
+    for n in PROMPT_LENGTHS:
+        ids = prompts[str(n)]["ids"]
+        out["ttft_ms"][n] = statistics.median(generate(ids, 1)[0] for _ in range(rounds + 1)) * 1000
+    out["decode_tokens_per_s"] = statistics.median(generate(prompts["32"]["ids"], NEW_TOKENS)[1] for _ in range(rounds))
+    print("RESULT " + json.dumps(out))
+
+
+# -- driver --------------------------------------------------------------------------------------
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def measured(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
+    """Run one stage in a child process: wall seconds, peak RSS (the child and its children), output."""
+    cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--shape", args.shape]
+    cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), *extra]
+    print(f"[scale] {name} ...", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {name} failed ({proc.returncode})")
+    # ru_maxrss of a waited-for child covers the largest of it and its own waited-for descendants
+    row = {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            row.update(json.loads(line[7:]))
+    print(f"[scale] {name}: {row}", flush=True)
+    return row
+
+
+def prepare_site(work: Path) -> None:
+    """Vendor key, device enrollment and trust (setup, not timed): what `make provision` does once."""
+    site = work / "site"
+    if (site / "device-identity.json").exists():
+        return
+    _run([str(BIN / "edge-provision"), "keygen", "--vendor", str(site / "vendor")])
+    _run(
+        [str(BIN / "edge-provision"), "enroll", "--keys", str(site / "credentials"), "--out",
+         str(site / "device-identity.json"), "--device-id", "scale-bench"]
+    )  # fmt: skip
+    (site / "trust").mkdir(parents=True, exist_ok=True)
+    (site / "trust" / "vendor.pub").write_bytes((site / "vendor" / "vendor-ed25519.pub").read_bytes())
+
+
+def write_prompts(work: Path) -> dict:
+    """Prompt texts that the daemon tokenizes to exactly 32/512/2048 ids (BOS included)."""
+    from tokenizers import Tokenizer
+
+    from appliance.engine import DecoderSpec
+    from edge_models.corpus import build_corpus
+
+    tok = Tokenizer.from_file(str(work / "q4" / "tokenizer.json"))
+    spec = DecoderSpec.from_json((work / "q4" / "decoder.json").read_text())
+    head = [] if spec.bos_token_id is None else [spec.bos_token_id]
+    stream = tok.encode("\n\n".join(build_corpus().heldout + build_corpus().train[:400]), add_special_tokens=False).ids
+    prompts = {}
+    for n in PROMPT_LENGTHS:
+        cut = n - len(head)
+        while True:
+            text = tok.decode(stream[:cut])
+            ids = [*head, *tok.encode(text, add_special_tokens=False).ids]
+            if len(ids) <= n:
+                break
+            cut -= 1
+        prompts[str(n)] = {"text": text, "ids": ids}
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    return prompts
+
+
+def proc_status(pid: int) -> dict:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {k: round(int(fields[k].split()[0]) / 1024) for k in ("VmRSS", "VmHWM")}
+
+
+def serve(work: Path, threads: int, rounds: int) -> dict:
+    """Start the daemon on the installed bundle; load time, RSS, client-side and server-side TTFT, decode rate."""
+    from appliance.config import render_config
+    from appliance.transport.client import Client, ClientError
+    from bench.common import free_port
+
+    site = work / "site"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    text = render_config("state", "trust", "credentials", "audit.db", endpoint, max_batch=4)
+    text = text.replace("threads = 0 ", f"threads = {threads} ").replace(
+        "max_seq_len = 512", f"max_seq_len = {MAX_SEQ_LEN}"
+    )
+    text = text.replace("response_cache = 256", "response_cache = 0").replace(
+        "max_new_tokens = 256", "max_new_tokens = 128"
+    )
+    (site / "appliance.toml").write_text(text)
+    prompts = json.loads((work / "prompts.json").read_text())
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(site / "appliance.toml"), "serve"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with Client(endpoint, timeout_s=600, retries=1) as client:
+            while True:  # the daemon binds its socket only once the model is loaded and warmed up
+                try:
+                    client.health()
+                    break
+                except ClientError:
+                    if proc.poll() is not None:
+                        raise SystemExit(f"the daemon exited ({proc.returncode}) while loading") from None
+            load = time.perf_counter() - start
+            loaded_rss = proc_status(proc.pid)
+            out = {
+                "load_s": round(load, 1),
+                "rss_after_load_mb": loaded_rss["VmRSS"],
+                "peak_rss_load_mb": loaded_rss["VmHWM"],
+            }
+            out["ttft_ms"], out["server_ttft_ms"] = {}, {}
+            for n in PROMPT_LENGTHS:
+                client_ms, server_ms = [], []
+                for r in range(rounds + 1):  # the first warms up
+                    t0 = time.perf_counter()
+                    first = None
+                    # one token: its reply is the first the client sees either way (random weights mostly
+                    # sample ids whose text is empty or a partial character, which streaming holds back)
+                    for event in client.generate(prompts[str(n)]["text"], max_tokens=1, ignore_eos=True):
+                        first = first or time.perf_counter()
+                        final = event
+                    if r:
+                        client_ms.append((first - t0) * 1000)
+                        server_ms.append(final["timings"]["ttft_ms"])
+                out["ttft_ms"][n] = statistics.median(client_ms)
+                out["server_ttft_ms"][n] = statistics.median(server_ms)
+            rates = []
+            for _ in range(rounds):
+                final = client.complete(
+                    prompts["32"]["text"], max_tokens=NEW_TOKENS, ignore_eos=True, reasoning="inline"
+                )
+                rates.append(final["timings"]["tokens_per_s"])
+            out["decode_tokens_per_s"] = statistics.median(rates)
+            # a client streaming a longer answer sees its first token event only once there is text
+            t0, first = time.perf_counter(), None
+            for event in client.generate(prompts["32"]["text"], max_tokens=NEW_TOKENS, ignore_eos=True):
+                if event["type"] == "token" and first is None:
+                    first = time.perf_counter()
+            out["first_text_event_ms_32"] = (first - t0) * 1000 if first else None
+            out["steady_rss_mb"] = proc_status(proc.pid)["VmRSS"]
+            out["peak_rss_mb"] = proc_status(proc.pid)["VmHWM"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="checkpoint shape (default: 1.5b)")
+    p.add_argument("--work", type=Path, help="build directory (default: build/scale-SHAPE)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default: 2)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per figure (default: 3)")
+    p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai comparison")
+    p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
+    p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
+    if args.stage:
+        return run_stage(args)
+    args.work.mkdir(parents=True, exist_ok=True)
+    done = {
+        "checkpoint": (args.work / "checkpoint" / "model.safetensors").exists(),
+        "export": (args.work / "onnx" / "decoder.json").exists(),
+        "quantize": (args.work / "q4" / "decoder.json").exists(),
+        "seal": (args.work / "bundle" / "manifest.json").exists(),
+        "install": (args.work / "site" / "state" / "current").exists(),
+    }
+    out_path = args.out or ROOT / "bench" / "results" / (
+        "scale.json" if args.shape == "1.5b" else f"scale-{args.shape}.json"
+    )
+    previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    result = {
+        "shape": {"name": args.shape, **SHAPES[args.shape]},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
+                    "note": "shared with other jobs while measured; stages run one after another"},
+        "stages": previous.get("stages", {}),
+    }  # fmt: skip
+    prepare_site(args.work)
+    for name in () if args.serve_only else ("checkpoint", "export", "quantize", "seal", "install"):
+        if not done[name] or name not in result["stages"]:
+            result["stages"][name] = measured(name, args)
+        out_path.write_text(json.dumps(result, indent=2))
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    result["bytes"] = {
+        "checkpoint": size(args.work / "checkpoint"),
+        "onnx_fp32": size(args.work / "onnx"),
+        "onnx_q4": size(args.work / "q4"),
+        "bundle": size(args.work / "bundle"),
+    }
+    write_prompts(args.work)
+    result["daemon"] = serve(args.work, args.threads, args.rounds)
+    out_path.write_text(json.dumps(result, indent=2))
+    print(f"[scale] daemon: {result['daemon']}", flush=True)
+    result["in_process"] = measured("engine", args)
+    out_path.write_text(json.dumps(result, indent=2))
+    if args.serve_only:
+        result.update({k: previous[k] for k in ("onnxruntime_genai_int4",) if k in previous})
+    elif not args.no_genai:
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except ImportError:
+            result["onnxruntime_genai"] = "not installed (pip install onnxruntime-genai==0.18.0)"
+        else:
+            if not (args.work / "genai-int4" / "genai_config.json").exists():
+                result["stages"]["genai_build"] = measured("genai_build", args)
+            result["onnxruntime_genai_int4"] = measured("genai", args)
+    out_path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    work = args.work
+    stages = {
+        "checkpoint": lambda: stage_checkpoint(work, args.shape),
+        "export": lambda: stage_export(work),
+        "quantize": lambda: stage_quantize(work),
+        "seal": lambda: stage_seal(work),
+        "install": lambda: stage_install(work),
+        "engine": lambda: stage_engine(work, args.threads, args.rounds),
+        "genai_build": lambda: stage_genai_build(work),
+        "genai": lambda: stage_genai(work, args.threads, args.rounds),
+    }
+    stages[args.stage]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
