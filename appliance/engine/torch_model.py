@@ -24,6 +24,22 @@ from .base import EngineError
 from .torch_quant import int8_per_channel, make_linear
 
 FAMILIES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+DEEPSEEK_KEYS = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "first_k_dense_replace",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "moe_intermediate_size",
+    "n_shared_experts",
+)
 
 
 @dataclass(frozen=True)
@@ -91,15 +107,10 @@ class ModelConfig:
         )
         if family != "deepseek_v3":
             return cls(**common)
-        keys = (
-            "q_lora_rank kv_lora_rank qk_nope_head_dim qk_rope_head_dim v_head_dim first_k_dense_replace "
-            "n_routed_experts num_experts_per_tok n_group topk_group norm_topk_prob routed_scaling_factor "
-            "moe_intermediate_size n_shared_experts"
-        ).split()
         return cls(
             **{**common, "head_dim": cfg["qk_rope_head_dim"]},
             rope_interleave=bool(cfg.get("rope_interleave", False)),
-            **{k: cfg[k] for k in keys},
+            **{k: cfg[k] for k in DEEPSEEK_KEYS},
         )
 
     def cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
