@@ -171,21 +171,39 @@ def engine_round(engine: TorchEngine, ids: list[int], new: int) -> tuple[float, 
 
 
 def hf_round(model, ids: list[int], new: int, device: str) -> tuple[float, float]:
-    """transformers.generate: TTFT = a 1-token generate; decode rate from a ``new``-token one."""
+    """transformers.generate (greedy, static cache): TTFT and decode tokens/s from the times its
+    streamer hook sees each token (synchronized, as the engine's host-side logits are)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value) -> None:  # called with the prompt, then once per new token
+            sync(device)
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    clock = Clock()
     x = torch.tensor([ids], device=device)
-    kw = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
     sync(device)
     start = time.perf_counter()
-    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-    sync(device)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw)
-    sync(device)
-    return ttft, (new - 1) / max(time.perf_counter() - start - ttft, 1e-9)
+    model.generate(
+        x,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        cache_implementation="static",
+        streamer=clock,
+    )
+    first, last = clock.times[1], clock.times[-1]
+    return first - start, (new - 1) / (last - first)
 
 
-def in_process(ckpt: Path, device: str, rounds: int, new: int, copy_bw: float) -> dict:
+def in_process(ckpt: Path, device: str, rounds: int, new: int, copy_bw: float, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from appliance.engine import DecoderSpec
@@ -198,6 +216,7 @@ def in_process(ckpt: Path, device: str, rounds: int, new: int, copy_bw: float) -
         num_slots=1,
         max_seq_len=max(prompt_lengths(ckpt, new)) + new + 8,
         device=device,
+        threads=threads,
     )
     dtype = engine.dtype
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
@@ -228,7 +247,7 @@ def in_process(ckpt: Path, device: str, rounds: int, new: int, copy_bw: float) -
 
 
 # -- the daemon --------------------------------------------------------------------------------
-def provision(ckpt: Path, site: Path, max_batch: int, max_seq_len: int) -> Path:
+def provision(ckpt: Path, site: Path, max_batch: int, max_seq_len: int, threads: int) -> Path:
     """Vendor key, device identity, a sealed bundle of the checkpoint (torch engine), installed."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -259,7 +278,9 @@ def provision(ckpt: Path, site: Path, max_batch: int, max_seq_len: int) -> Path:
         str(site / "trust"), "--keys", str(site / "keys"))  # fmt: skip
     config = site / "appliance.toml"
     text = render_config("state", "trust", "keys", "audit.db", max_batch=max_batch)
-    text = text.replace("max_seq_len = 512 ", f"max_seq_len = {max_seq_len} ")
+    text = text.replace("max_seq_len = 512 ", f"max_seq_len = {max_seq_len} ").replace(
+        "threads = 0 ", f"threads = {threads} "
+    )
     config.write_text(text.replace("max_new_tokens = 256 ", f"max_new_tokens = {max_seq_len} "))
     return config
 
@@ -297,9 +318,9 @@ def load(endpoint: str, prompt: str, clients: int, new: int) -> float:
     return total[0] / (time.perf_counter() - start)
 
 
-def served(ckpt: Path, site: Path, rounds: int, new: int) -> dict:
+def served(ckpt: Path, site: Path, rounds: int, new: int, threads: int) -> dict:
     lengths = prompt_lengths(ckpt, new)
-    config = provision(ckpt, site, max_batch=max(CLIENTS), max_seq_len=max(lengths) + new + 8)
+    config = provision(ckpt, site, max_batch=max(CLIENTS), max_seq_len=max(lengths) + new + 8, threads=threads)
     out: dict = {}
     with daemon(config, name="gpu") as endpoint, Client(endpoint, timeout_s=600) as client:
         out["engine"] = client.call("info").get("engine")
@@ -350,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", type=Path, help="demo build directory (edge-models demo --out DIR); skipped if absent")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per point (default: 5)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default: 128)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for both runtimes (default: 1 with --device cpu)"
+    )
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh temporary one)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json", help="results JSON")
     args = p.parse_args(argv)
@@ -358,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the daemon must pick the CPU too
+    threads = args.threads or (1 if args.device == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)  # the same explicit count for the engine and transformers
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     rounds, new = (2, 16) if args.small else (args.rounds, args.new_tokens)
     result = {"environment": environment(args.device), "small": args.small, "rounds": rounds, "new_tokens": new}
+    result["threads"] = threads
     result["copy_bandwidth_gb_s"] = copy_bandwidth(args.device, 0.25 if args.small else 1.0) / 1e9
     print(f"device-to-device copy: {result['copy_bandwidth_gb_s']:.1f} GB/s", flush=True)
     models = {"r1-distill-qwen-1.5b-shape" + ("-small" if args.small else ""): None}
@@ -370,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, demo in models.items():
         ckpt = demo_checkpoint(demo, work / name) if demo else build_distill_shape(work / name, args.small, args.device)
         print(f"[{name}] engine vs transformers.generate, in process", flush=True)
-        entry = {"in_process": in_process(ckpt, args.device, rounds, new, result["copy_bandwidth_gb_s"] * 1e9)}
+        entry = {"in_process": in_process(ckpt, args.device, rounds, new, result["copy_bandwidth_gb_s"] * 1e9, threads)}
         print(f"[{name}] daemon", flush=True)
-        entry["daemon"] = served(ckpt, work / f"site-{name}", rounds, new)
+        entry["daemon"] = served(ckpt, work / f"site-{name}", rounds, new, threads)
         result["models"][name] = entry
         print(json.dumps(entry, indent=2), flush=True)
     if args.demo is None or "demo-student" not in result["models"]:

@@ -185,11 +185,8 @@ class Attention(nn.Module):
         write_cache(value_cache, rows, write, v)
         width = visible.shape[-1]
         keys, values = key_cache[rows, :, :width], value_cache[rows, :, :width]
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, c.num_kv_heads, groups * s, c.head_dim)  # grouped heads share their key/value head
-        scores = torch.matmul(q, keys.transpose(2, 3)).view(b, c.num_heads, s, width) * c.head_dim**-0.5
-        probs = attend(scores, visible).to(q.dtype).view(b, c.num_kv_heads, groups * s, width)
-        out = torch.matmul(probs, values).view(b, c.num_heads, s, c.head_dim)
+        # SDPA (fused kernels on CUDA; grouped heads share their key/value head without a copy)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
