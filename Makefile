@@ -39,7 +39,8 @@ $(DEMO)/device-identity.json: | $(VENV)/.installed $(VENDOR)/vendor-ed25519.pub
 
 $(BUILD)/bundle/manifest.json: $(BUILD)/report.json $(DEMO)/device-identity.json $(VENDOR)/vendor-ed25519.pub
 	rm -rf $(BUILD)/bundle
-	$(BIN)/edge-provision seal --model $(BUILD)/onnx --model-id demo-deepseek-v3-tiny --version $$(date +%s) \
+	$(BIN)/edge-provision seal --model $(BUILD)/onnx --torch $(BUILD)/student/student \
+		--model-id demo-deepseek-v3-tiny --version $$(date +%s) \
 		--signing-key $(VENDOR)/vendor-ed25519.key --recipient $(DEMO)/device-identity.json --out $(BUILD)/bundle
 
 provision: $(BUILD)/bundle/manifest.json

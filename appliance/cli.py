@@ -158,6 +158,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from appliance.selftest import as_dicts, format_table, run_selftest
+
+    rows = run_selftest(load_config(_config_path(args)), tokens=args.tokens)
+    print(json.dumps(as_dicts(rows), indent=2) if args.json else format_table(rows))
+    return 1 if any(r.verdict == "DIFFERS" for r in rows) else 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -272,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("--role", default="infer", choices=["infer", "admin"], help="role of the key (default: infer)")
     hk.set_defaults(func=cmd_http_keygen)
 
+    t = sub.add_parser(
+        "selftest",
+        help="load the installed bundle on every engine this device runs: greedy parity with ONNX Runtime, "
+        "batch-1 tokens/s and bandwidth, one table (exit 1 when a same-precision engine differs)",
+    )
+    t.add_argument("--tokens", type=int, default=32, help="greedy tokens per engine (default: 32)")
+    t.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    t.set_defaults(func=cmd_selftest)
     i = sub.add_parser("init", help="write a config file for a device")
     i.add_argument("--out", required=True, help="config file to write")
     i.add_argument("--state-dir", default="state", help="installed bundles (relative to the config file)")

@@ -16,6 +16,7 @@ else:  # Jetson JetPack 6 ships Python 3.10
 DEFAULT_CONFIG = Path("/etc/edge-appliance/appliance.toml")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+ENGINE_KINDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
 
 class ConfigError(ApplianceError):
@@ -33,7 +34,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: str = "onnxruntime"
+    kind: str = "auto"  # auto | onnxruntime | torch | tensorrt (appliance.engine.select)
     threads: int = 0
     max_batch: int = 4
     max_queued: int = 64
@@ -43,6 +44,7 @@ class EngineConfig:
     spin: bool = True  # ONNX Runtime worker threads spin between ops (lower latency, busier cores)
     affinity: str = ""  # ONNX Runtime intra-op thread affinities, e.g. "1;2" (empty: not pinned)
     response_cache: int = 256  # identical deterministic requests answered from memory (0 disables)
+    quantize: str = "none"  # torch engine: weight-only none | int8 | int4, applied at load
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,9 @@ def load_config(path: Path) -> Config:
     def resolve(p: str | None) -> Path | None:
         return None if p is None else (base / p).resolve()
 
+    engine = sections["engine"]
+    if engine.kind not in ENGINE_KINDS or engine.quantize not in ("none", "int8", "int4"):
+        raise ConfigError(f"{path}: [engine] kind must be {'|'.join(ENGINE_KINDS)} and quantize none|int8|int4")
     audit = sections["audit"]
     if audit.recipient:
         audit = AuditConfig(**{**audit.__dict__, "recipient": str(resolve(audit.recipient))})
@@ -203,7 +208,8 @@ max_per_client = 16         # requests one client may have running or queued
 turn_budget_ms = 20         # loop time spent reading requests before replies and the watchdog
 
 [engine]
-kind = "onnxruntime"
+kind = "auto"               # auto: TensorRT plan for this GPU > torch on CUDA > onnxruntime (CPU); or name one
+# quantize = "int8"         # torch engine only: weight-only int8 | int4 at load (default none)
 threads = 0                 # 0 = automatic: one per 16 MB of weights read per token, at most the cores
 max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'

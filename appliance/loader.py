@@ -1,27 +1,32 @@
 """Load the installed model: verify the bundle, unwrap its key, decrypt into memory, build the engine.
 
 Nothing decrypted touches the disk. The data key lives in a bytearray that is overwritten as soon
-as the payload is decrypted; the plaintext model buffer, and the one ``bytes`` copy ONNX Runtime
+as the payload is decrypted; the plaintext model buffer, and the one ``bytes`` copy the engine
 needs, are overwritten once the engine is built (the engine drops its own references to them).
 (Best effort: copies inside OpenSSL, ONNX Runtime or Python's allocator are beyond reach.)
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
 from appliance.config import Config
 from appliance.engine import DecoderSpec, Engine, create_engine
+from appliance.engine.plan_cache import PlanCache
+from appliance.engine.select import Choice, DeviceCaps, PlanMismatchError, choose_engine, probe_device
 from appliance.errors import ApplianceError
 from appliance.serving.chat import ChatTemplate
-from provisioning.bundle import Bundle
+from provisioning.bundle import Bundle, EngineEntry
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
 
+log = logging.getLogger("appliance.loader")
 MODEL_FILE, SPEC_FILE, TOKENIZER_FILE = "model.onnx", "decoder.json", "tokenizer.json"
 EXTERNAL_DATA_FILE = "model.onnx.data"  # weights of models past the 2 GB protobuf limit
+PLAN_CACHE_DIR = "plan-cache"  # under state_dir: TensorRT plans built on this device, encrypted
 # Optional: the tokenizer's config (special tokens, ``chat_template``) and a template file beside it.
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")
 
@@ -50,42 +55,44 @@ def installed_bundle(config: Config) -> Bundle:
     return bundle
 
 
-def load_model(config: Config) -> LoadedModel:
+def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None = None) -> LoadedModel:
+    """Decrypt the installed bundle into the engine ``kind`` (default: ``[engine] kind``) selects."""
     bundle = installed_bundle(config)
+    kind = kind or config.engine.kind
+    caps = caps or (DeviceCaps() if kind == "onnxruntime" else probe_device())
     device_key = load_x25519(DEVICE_X25519, config.key_dir)
     data_key = bundle.unwrap_key(device_key)
-    del device_key
-    external: dict[str, bytearray] = {}
+    files: dict[str, bytearray] = {}
     try:
-        model = bundle.decrypt_into(MODEL_FILE, data_key)
-        if any(f.id == EXTERNAL_DATA_FILE for f in bundle.files()):
-            external[EXTERNAL_DATA_FILE] = bundle.decrypt_into(EXTERNAL_DATA_FILE, data_key)
         spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(SPEC_FILE, data_key)))
         tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
         present = {f.id for f in bundle.files()}
         chat = ChatTemplate.from_files(
             *(bytes(bundle.decrypt_into(f, data_key)) if f in present else None for f in CHAT_FILES)
         )
+        try:
+            choice = choose_engine(kind, bundle.engines(), caps)
+        except PlanMismatchError as exc:
+            choice = _plan_built_here(config, bundle, caps, exc)
+        log.info("engine %s (%s): %s", choice.entry.kind, choice.entry.dtype, choice.reason)
+        for file_id in choice.entry.files:
+            files[file_id] = bundle.decrypt_into(file_id, data_key)
+        if choice.entry.kind == "tensorrt" and not choice.entry.files:
+            cache = PlanCache(config.state_dir / PLAN_CACHE_DIR, device_key)
+            files["plan"] = bytearray(
+                cache.get_or_build(
+                    bundle.manifest["bundle_id"],
+                    choice.entry.target,
+                    lambda: _build_plan(bundle, data_key, spec, config),
+                )
+            )
     finally:
         wipe(data_key)
-    model_bytes = bytes(model)  # ONNX Runtime takes only bytes: this copy is ours, wiped below
-    wipe(model)
+        del device_key
     try:
-        engine = create_engine(
-            config.engine.kind,
-            model_bytes,
-            spec,
-            num_slots=config.engine.max_batch,
-            max_seq_len=config.engine.max_seq_len,
-            threads=config.engine.threads,
-            external=external,
-            spin=config.engine.spin,
-            affinity=config.engine.affinity,
-        )
+        engine = _create(choice.entry, files, spec, config)
     finally:
-        wipe(model_bytes)
-        del model_bytes
-        for buf in external.values():
+        for buf in files.values():
             wipe(buf)
     return LoadedModel(
         model_id=bundle.model_id,
@@ -96,3 +103,47 @@ def load_model(config: Config) -> LoadedModel:
         spec=spec,
         chat=chat,
     )
+
+
+def _create(entry: EngineEntry, files: dict[str, bytearray], spec: DecoderSpec, config: Config) -> Engine:
+    main = {"onnxruntime": MODEL_FILE, "torch": "model.safetensors"}.get(entry.kind)
+    model = files.pop(main) if main else next(iter(files.values()))
+    model_bytes = bytes(model)  # the engines take bytes: this copy is ours, wiped below
+    wipe(model)
+    try:
+        return create_engine(
+            entry.kind,
+            model_bytes,
+            spec,
+            num_slots=config.engine.max_batch,
+            max_seq_len=config.engine.max_seq_len,
+            threads=config.engine.threads,
+            external={k: v for k, v in files.items() if k == EXTERNAL_DATA_FILE},
+            spin=config.engine.spin,
+            affinity=config.engine.affinity,
+            checkpoint_config=bytes(files["config.json"]) if "config.json" in files else None,
+            quantize=config.engine.quantize,
+        )
+    finally:
+        wipe(model_bytes)
+        del model_bytes
+
+
+def _plan_built_here(config: Config, bundle: Bundle, caps: DeviceCaps, refused: PlanMismatchError) -> Choice:
+    """``kind = "tensorrt"`` and no sealed plan fits this device: build one here from the float32 ONNX
+    graph (TensorRT cannot parse ONNX Runtime's MatMulNBits) and cache it encrypted, if possible."""
+    onnx = next((e for e in bundle.engines() if e.kind == "onnxruntime" and e.dtype == "float32"), None)
+    if onnx is None or not (caps.cuda and caps.tensorrt):
+        raise refused
+    target = {"compute_capability": caps.compute_capability, "tensorrt": caps.tensorrt}
+    return Choice(EngineEntry("tensorrt", (), "float16", target), f"plan built on this device ({refused})")
+
+
+def _build_plan(bundle: Bundle, data_key: bytearray, spec: DecoderSpec, config: Config) -> bytes:
+    from edge_models.tensorrt_build import build_plan
+
+    graph = bundle.decrypt_into(MODEL_FILE, data_key)
+    try:
+        return build_plan(bytes(graph), spec, max_batch=config.engine.max_batch, max_seq_len=config.engine.max_seq_len)
+    finally:
+        wipe(graph)

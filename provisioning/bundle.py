@@ -35,11 +35,14 @@ from . import keywrap
 from .errors import BundleFormatError, IntegrityError, RecipientError, SignatureError
 from .keys import fingerprint, public_bytes, wipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engine entries carry their files, dtype and target (torch, TensorRT plans)
+READABLE_FORMATS = (1, 2)
+ENGINE_KINDS = ("onnxruntime", "torch", "tensorrt")
 MAGIC = b"edge-appliance/bundle/v1"
 DEFAULT_CHUNK = 1 << 20
 TAG = 16
 MANIFEST, SIGNATURE, PAYLOAD_DIR = "manifest.json", "manifest.sig", "payload"
+FORMAT1_ONNX_FILES = ("model.onnx", "model.onnx.data")
 
 
 def _b64(data: bytes) -> str:
@@ -58,6 +61,25 @@ def chunk_aad(bundle_id: bytes, file_id: str, index: int, last: bool) -> bytes:
 def wrap_key(data_key: bytes, recipient: X25519PublicKey, bundle_id: bytes) -> dict:
     """Wrap ``data_key`` for one device: its manifest entry."""
     return keywrap.wrap(data_key, recipient, MAGIC + bundle_id)
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One way to run the model: the payload files an engine kind loads, their dtype, and for a
+    TensorRT plan the target it was built for (``compute_capability`` like ``"8.7"``, ``tensorrt``
+    like ``"10.3.0"``): a plan runs only on that GPU model and TensorRT version."""
+
+    kind: str
+    files: tuple[str, ...]
+    dtype: str
+    target: dict
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "files": list(self.files), "dtype": self.dtype, "target": dict(self.target)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineEntry:
+        return cls(kind=d["kind"], files=tuple(d["files"]), dtype=d["dtype"], target=dict(d.get("target", {})))
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,26 @@ class FileEntry:
             nonce_prefix=bytes.fromhex(d["nonce_prefix"]),
             ciphertext_sha256=d["ciphertext_sha256"],
         )
+
+
+TORCH_FILES = ("model.safetensors", "config.json")  # a transformers checkpoint, for the torch engine
+
+
+def infer_engines(files: dict[str, Path]) -> list[EngineEntry]:
+    """Engine entries for the payload files that need no target: ONNX (float32, or the weight-only
+    ``MatMulNBits`` quantization edge_models applies) and a safetensors checkpoint (stored dtype,
+    cast at load: bf16 on CUDA, float32 on CPU)."""
+    entries = []
+    onnx = [f for f in FORMAT1_ONNX_FILES if f in files]
+    if "model.onnx" in files:
+        graph = Path(files["model.onnx"]).read_bytes()
+        entries.append(
+            EngineEntry("onnxruntime", tuple(onnx), "matmulnbits" if b"MatMulNBits" in graph else "float32", {})
+        )
+    if all(f in files for f in TORCH_FILES):
+        config = json.loads(Path(files["config.json"]).read_text())
+        entries.append(EngineEntry("torch", TORCH_FILES, str(config.get("dtype") or config.get("torch_dtype")), {}))
+    return entries
 
 
 def _chunk_count(size: int, chunk_size: int) -> int:
@@ -119,7 +161,7 @@ def seal(
     model_id: str,
     version: int,
     architecture: str,
-    engines: list[dict],
+    engines: list[EngineEntry] | None,
     signing_key: Ed25519PrivateKey,
     recipients: Iterable[X25519PublicKey],
     chunk_size: int = DEFAULT_CHUNK,
@@ -129,6 +171,8 @@ def seal(
 ) -> dict:
     """Encrypt ``files`` (file id → plaintext path) into a new bundle directory; returns the manifest.
 
+    ``engines`` lists the engine kinds the payload carries; empty or None infers them from the file
+    ids (``infer_engines``).
     ``bundle_id`` and ``data_key`` are fresh random values unless given (re-sealing the same
     payload for another set of devices); per-file nonce prefixes are always fresh.
     """
@@ -156,7 +200,7 @@ def seal(
         "model_id": model_id,
         "version": int(version),
         "architecture": architecture,
-        "engines": engines,
+        "engines": [e.to_dict() for e in (engines or infer_engines(files))],
         "created": int(time.time()),
         "vendor_key": fingerprint(public_bytes(signing_key.public_key())),
         "files": entries,
@@ -190,6 +234,14 @@ class Bundle:
 
     def files(self) -> list[FileEntry]:
         return [FileEntry.from_dict(f) for f in self.manifest["files"]]
+
+    def engines(self) -> list[EngineEntry]:
+        """The engine kinds this bundle carries. A format-1 bundle carries ONNX only (its engines
+        list was informational), read as one float32 ``onnxruntime`` entry over its ONNX files."""
+        if self.manifest["format"] == 1:
+            ids = [f.id for f in self.files()]
+            return [EngineEntry("onnxruntime", tuple(f for f in FORMAT1_ONNX_FILES if f in ids), "float32", {})]
+        return [EngineEntry.from_dict(e) for e in self.manifest["engines"]]
 
     def file(self, file_id: str) -> FileEntry:
         for entry in self.files():
@@ -305,10 +357,10 @@ def validate_manifest(manifest: object, root: Path) -> None:
 
     if not isinstance(manifest, dict):
         raise bad("not a JSON object")
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in READABLE_FORMATS or isinstance(manifest.get("format"), bool):
         raise BundleFormatError(
             f"{root}: bundle format {manifest.get('format')!r}, this software reads "
-            f"{FORMAT_VERSION}; upgrade the appliance software first"
+            f"{', '.join(map(str, READABLE_FORMATS))}; upgrade the appliance software first"
         )
     for name, kind in (
         ("bundle_id", str),
@@ -348,11 +400,38 @@ def validate_manifest(manifest: object, root: Path) -> None:
             raise bad(f"file {entry['id']!r}: nonce_prefix or ciphertext_sha256 malformed")
         seen_ids.add(entry["id"])
         seen_paths.add(entry["path"])
+    if manifest["format"] >= 2:
+        _validate_engines(manifest["engines"], seen_ids, bad)
     for entry in manifest["recipients"]:
         if not isinstance(entry, dict) or not all(
             isinstance(entry.get(k), str) for k in ("fingerprint", "ephemeral", "nonce", "wrapped_key")
         ):
             raise bad("a recipients[] entry lacks fingerprint/ephemeral/nonce/wrapped_key strings")
+
+
+_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")
+
+
+def _validate_engines(engines: list, file_ids: set[str], bad) -> None:
+    """Format 2: every engine entry names a known kind, files the bundle holds, a dtype, and (a
+    TensorRT plan) the GPU compute capability and TensorRT version it was built for. An empty list
+    is well-formed; the loader then refuses to serve, naming what is missing."""
+    for entry in engines:
+        if not isinstance(entry, dict) or entry.get("kind") not in ENGINE_KINDS:
+            raise bad(f"engine entry {entry!r} has no kind among {ENGINE_KINDS}")
+        files, target = entry.get("files"), entry.get("target", {})
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f in file_ids for f in files):
+            raise bad(f"{entry['kind']} engine names files {files!r} that the bundle does not hold")
+        if not isinstance(entry.get("dtype"), str) or not isinstance(target, dict):
+            raise bad(f"{entry['kind']} engine lacks a dtype string or its target is not an object")
+        if entry["kind"] == "tensorrt" and not (
+            isinstance(target.get("compute_capability"), str)
+            and _CAPABILITY.match(target["compute_capability"])
+            and isinstance(target.get("tensorrt"), str)
+            and _VERSION.match(target["tensorrt"])
+        ):
+            raise bad('a tensorrt engine needs target {"compute_capability": "8.7", "tensorrt": "10.3.0"}')
 
 
 def _is_hex(value: object, nbytes: int) -> bool:

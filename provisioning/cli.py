@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from .bundle import open_bundle, seal
+from .bundle import TORCH_FILES, EngineEntry, infer_engines, open_bundle, seal
 from .errors import ProvisioningError
 from .install import INSTALL_LOG, current_bundle, install, rollback, verify_fully
 from .keys import (
@@ -62,22 +62,47 @@ def cmd_seal(args: argparse.Namespace) -> int:
     recipients = [X25519PublicKey.from_public_bytes(DeviceIdentity.load(Path(r)).x25519) for r in args.recipient]
     spec = json.loads((model_dir / "decoder.json").read_text())
     files = {f: model_dir / f for f in MODEL_FILES + OPTIONAL_FILES if (model_dir / f).is_file()}
+    if args.torch:
+        checkpoint = Path(args.torch)
+        lacking = [f for f in TORCH_FILES if not (checkpoint / f).is_file()]
+        if lacking:
+            raise ProvisioningError(
+                f"{checkpoint} lacks {', '.join(lacking)}; give a transformers checkpoint saved with safetensors"
+            )
+        files.update({f: checkpoint / f for f in TORCH_FILES})
+    engines = infer_engines(files) + [_plan_entry(spec_text, files) for spec_text in args.tensorrt_plan or []]
     manifest = seal(
         files,
         Path(args.out),
         model_id=args.model_id,
         version=args.version,
         architecture=spec["architecture"],
-        engines=[{"kind": "onnxruntime", "file": "model.onnx"}],
+        engines=engines,
         signing_key=signing,
         recipients=recipients,
         chunk_size=args.chunk_size,
     )
+    kinds = ", ".join(f"{e['kind']} ({e['dtype']})" for e in manifest["engines"])
     print(
         f"sealed {args.model_id} v{args.version} → {args.out} (bundle {manifest['bundle_id']}, "
-        f"{len(recipients)} recipient(s))"
+        f"{len(recipients)} recipient(s); engines: {kinds})"
     )
     return 0
+
+
+def _plan_entry(value: str, files: dict[str, Path]) -> EngineEntry:
+    """``PLAN:CC:TRT[:DTYPE]`` → a tensorrt engine entry; the plan joins the payload under its file name."""
+    parts = value.rsplit(":", 3)
+    if len(parts) < 3 or (len(parts) == 3 and not parts[0]):
+        raise ProvisioningError(f"--tensorrt-plan {value!r}: expected PLAN:COMPUTE_CAPABILITY:TENSORRT[:DTYPE]")
+    if len(parts) == 3:
+        parts.append("float16")
+    path, cc, trt, dtype = Path(parts[0]), parts[1], parts[2], parts[3]
+    if not path.is_file():
+        raise ProvisioningError(f"--tensorrt-plan: {path} is not a file")
+    file_id = f"tensorrt/sm{cc}-trt{trt}/{path.name}"
+    files[file_id] = path
+    return EngineEntry("tensorrt", (file_id,), dtype, {"compute_capability": cc, "tensorrt": trt})
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -199,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipient", required=True, action="append", help="device identity file (repeatable)")
     s.add_argument("--out", required=True, help="bundle directory to create (must not exist)")
     s.add_argument("--chunk-size", type=int, default=1 << 20, help="plaintext bytes per AES-GCM chunk (default 1 MiB)")
+    s.add_argument(
+        "--torch",
+        help="transformers checkpoint directory (model.safetensors, config.json) to carry for the torch engine",
+    )
+    s.add_argument(
+        "--tensorrt-plan",
+        action="append",
+        metavar="PLAN:CC:TRT[:DTYPE]",
+        help="TensorRT plan and the target it was built for, e.g. plan.bin:8.7:10.3.0:float16 (repeatable)",
+    )
     s.set_defaults(func=cmd_seal)
     v = sub.add_parser("verify", help="check a bundle without installing it (writes nothing)")
     v.add_argument("bundle", help="bundle directory")

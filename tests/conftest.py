@@ -59,8 +59,11 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def provision_device(tiny_build: Path, root: Path, version: int = 1) -> Device:
-    """Vendor keygen, device enroll, seal, install: the same commands `make run` uses."""
+def provision_device(
+    tiny_build: Path, root: Path, version: int = 1, onnx: str = "onnx", torch: bool = False, kind: str = "auto"
+) -> Device:
+    """Vendor keygen, device enroll, seal, install: the same commands `make run` uses. ``torch`` also
+    seals the student's safetensors checkpoint (for the torch engine); ``kind`` is ``[engine] kind``."""
     vendor, keys, trust, state = (
         root / "vendor",
         root / "device" / "credentials",
@@ -76,7 +79,7 @@ def provision_device(tiny_build: Path, root: Path, version: int = 1) -> Device:
         "edge-provision",
         "seal",
         "--model",
-        str(tiny_build / "onnx"),
+        str(tiny_build / onnx),
         "--model-id",
         "tiny",
         "--version",
@@ -89,11 +92,13 @@ def provision_device(tiny_build: Path, root: Path, version: int = 1) -> Device:
         str(bundle),
         "--chunk-size",
         str(1 << 16),
+        *(["--torch", str(tiny_build / "student" / "student")] if torch else []),
     )
     run_cli("edge-provision", "install", str(bundle), "--state", str(state), "--trust", str(trust), "--keys", str(keys))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = root / "device" / "appliance.toml"
-    config.write_text(render_config("state", "trust", "credentials", "state/audit.db", endpoint, max_batch=4))
+    text = render_config("state", "trust", "credentials", "state/audit.db", endpoint, max_batch=4)
+    config.write_text(text.replace('kind = "auto"', f'kind = "{kind}"', 1))
     return Device(root, config, state, keys, trust, vendor, identity, bundle, endpoint)
 
 

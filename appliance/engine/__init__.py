@@ -17,11 +17,15 @@ def create_engine(
     external: dict[str, bytearray] | None = None,
     spin: bool = True,
     affinity: str = "",
+    checkpoint_config: bytes | None = None,
+    quantize: str = "none",
 ) -> Engine:
     """Build the backend named ``kind`` from an in-memory model (never a path to plaintext).
 
-    ``external`` maps external-data file names the graph refers to (``model.onnx.data``) to their
-    decrypted contents, for models past the 2 GB protobuf limit.
+    ``model`` is the ONNX graph (onnxruntime), the safetensors weights (torch, with the checkpoint's
+    ``config.json`` as ``checkpoint_config``) or the serialized plan (tensorrt). ``external`` maps
+    external-data file names the graph refers to (``model.onnx.data``) to their decrypted contents,
+    for models past the 2 GB protobuf limit. torch is imported only for kind ``torch``/``tensorrt``.
     """
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
@@ -36,8 +40,26 @@ def create_engine(
             spin=spin,
             affinity=affinity,
         )
+    if kind == "torch":
+        try:
+            from .torch_engine import TorchEngine
+        except ImportError as exc:
+            raise EngineError(
+                f"the torch engine needs torch and safetensors ({exc}); use engine kind 'onnxruntime'"
+            ) from None
+        if checkpoint_config is None:
+            raise EngineError("the torch engine needs the checkpoint's config.json; the bundle lacks it")
+        return TorchEngine(
+            model,
+            checkpoint_config,
+            spec,
+            num_slots=num_slots,
+            max_seq_len=max_seq_len,
+            quantize=quantize,
+            threads=threads,
+        )
     if kind == "tensorrt":
         from .trt_engine import TrtEngine
 
         return TrtEngine(model, spec, num_slots=num_slots, max_seq_len=max_seq_len)
-    raise EngineError(f"unknown engine kind {kind!r}; use 'onnxruntime' or 'tensorrt'")
+    raise EngineError(f"unknown engine kind {kind!r}; use 'onnxruntime', 'torch' or 'tensorrt'")
