@@ -87,7 +87,8 @@ class _Initializers:
     def add(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
         self.bytes[name] = array.nbytes
-        if self._file is None:
+        # Shape-carrying constants (split sizes) must stay inline: shape inference cannot read external data.
+        if self._file is None or array.nbytes < 1024:
             self.tensors.append(onnx.numpy_helper.from_array(array, name))
             return name
         t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
