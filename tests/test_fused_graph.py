@@ -172,3 +172,37 @@ def test_external_data_graph_loads_from_memory_and_matches(family, tmp_path):
     )
     prompts = [PROMPTS[1]]
     assert engine_greedy(eng, prompts, 10, 2) == hf_greedy(model, prompts, 10, 2)
+
+
+def test_quantized_fused_graphs_report_perplexity_drift(family, tmp_path):
+    from edge_models.quantize import onnx_perplexity
+
+    model, graph_dir = family
+    windows = np.random.default_rng(0).integers(3, 1024, (4, 33))
+    base = onnx_perplexity(graph_dir, windows)
+    for mode, bound in (("q8", 0.01), ("q4", 0.1)):
+        build_fused_decoder(model.config, Weights.from_module(model), tmp_path / mode, quant=mode)
+        drift = onnx_perplexity(tmp_path / mode, windows) / base - 1
+        assert abs(drift) < bound, (mode, drift)
+
+
+def test_q4_fused_graph_serves_from_a_sealed_bundle(tiny_build, tmp_path):
+    """`edge-models export --quantize q4` on a safetensors checkpoint, sealed, installed, loaded by the
+    appliance's loader (decrypted in memory): the same greedy tokens as the graph run directly."""
+    import shutil
+
+    from appliance.config import load_config
+    from appliance.loader import load_model
+    from tests.conftest import provision_device, run_cli
+
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    AutoModelForCausalLM.from_config(CONFIGS["qwen2"]()).save_pretrained(hf)
+    build = tmp_path / "build"
+    run_cli("edge-models", "export", "--model", str(hf), "--out", str(build / "onnx"), "--quantize", "q4")
+    shutil.copy(tiny_build / "onnx" / "tokenizer.json", build / "onnx" / "tokenizer.json")
+    device = provision_device(build, tmp_path / "site")
+    loaded = load_model(load_config(device.config))
+    assert isinstance(loaded.engine, StaticCacheEngine) and loaded.spec.cache == "static"
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    assert engine_greedy(loaded.engine, prompts, 10, 2) == engine_greedy(engine(build / "onnx"), prompts, 10, 2)
