@@ -54,6 +54,7 @@ class StaticCacheEngine:
         self.cache = [np.zeros((num_slots, h, self.max_seq_len + 1, d), np.float32) for h, d in shapes]
         self._lengths = [0] * num_slots
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
+        self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
 
     # -- the Engine interface --------------------------------------------------------------------
     def length(self, slot: int) -> int:
@@ -110,13 +111,19 @@ class StaticCacheEngine:
         if max(self._lengths[s] for s in slots) + 1 > self.max_seq_len:
             raise EngineError(f"sequence would exceed max_seq_len {self.max_seq_len}")
         lo, hi = min(slots), max(slots) + 1
-        ids = np.full((hi - lo, 1), self.spec.pad_token_id, np.int64)
+        io, ids, seqlens, total = self._decode_binding(lo, hi - lo)
+        ids[:] = self.spec.pad_token_id
         for slot, token in batch:
             ids[slot - lo, 0] = token
         # Every row in the range writes at its own length: the real token for decoding slots, a pad
         # token past the end (overwritten later, never attended) for the others.
-        seqlens = np.array(self._lengths[lo:hi], np.int32)
-        logits = self._run(lo, ids, seqlens, int(seqlens.max()) + 1, out=self._logits[: hi - lo])
+        seqlens[:] = self._lengths[lo:hi]
+        total[...] = seqlens.max() + 1
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
+        logits = self._logits[: hi - lo]
         for slot in slots:
             self._lengths[slot] += 1
         self.stats.decode_steps += 1
@@ -131,32 +138,42 @@ class StaticCacheEngine:
         return self._run(0, np.array([tokens], np.int64), np.array([n - 1], np.int32), n, cache=scratch)[0]
 
     # -- execution -------------------------------------------------------------------------------
-    def _run(
-        self,
-        row: int,
-        ids: np.ndarray,
-        seqlens: np.ndarray,
-        total: int,
-        out: np.ndarray | None = None,
-        cache: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Run rows ``row .. row + len(ids)`` of the cache in place; returns logits ``[rows, S, V]``."""
+    def _decode_binding(self, row: int, n: int):
+        """The I/O binding of a decode step over rows ``row .. row + n``, made once per row range and
+        reused while the batch stays the same: the step then only writes its token ids and lengths
+        into the bound input arrays (ONNX Runtime reads numpy memory in place)."""
+        if self._bound is not None and self._bound[0] == (row, n):
+            return self._bound[1]
+        import onnxruntime as ort
+
+        ids, seqlens, total = np.zeros((n, 1), np.int64), np.zeros(n, np.int32), np.zeros((), np.int32)
+        io = self._bind(row, n, self.cache, self._logits[:n])
+        for name, array in (("input_ids", ids), ("seqlens_k", seqlens), ("total_sequence_length", total)):
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self._bound = ((row, n), (io, ids, seqlens, total))
+        return self._bound[1]
+
+    def _bind(self, row: int, n: int, cache: list[np.ndarray], out: np.ndarray | None):
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("seqlens_k", seqlens)
-        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         if out is None:
             io.bind_output("logits", "cpu")
         else:
             io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        n = ids.shape[0]
-        for past, present, t in zip(self._inputs[3:], self._outputs[1:], cache or self.cache, strict=True):
+        for past, present, t in zip(self._inputs[3:], self._outputs[1:], cache, strict=True):
             view = t[row : row + n]  # rows are contiguous: a pointer and a shape, no copy
             shape, ptr = list(view.shape), view.ctypes.data
             io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
             io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
+        return io
+
+    def _run(self, row: int, ids: np.ndarray, seqlens: np.ndarray, total: int, cache=None) -> np.ndarray:
+        """Run rows ``row .. row + len(ids)`` of ``cache`` (the engine's) in place; returns logits ``[rows, S, V]``."""
+        io = self._bind(row, ids.shape[0], cache or self.cache, None)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         try:
             self.session.run_with_iobinding(io)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
-        return out if out is not None else io.get_outputs()[0].numpy()
+        return io.get_outputs()[0].numpy()
