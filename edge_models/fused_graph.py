@@ -141,9 +141,12 @@ class _Graph:
         out = out or f"{name}.out"
         if bits:
             packed, scales = quantize_blocks(weight, bits)
+            inputs = [x, self.init.add(f"{name}.qweight", packed), self.init.add(f"{name}.scales", scales)]
+            if bias is not None:  # MatMulNBits adds the bias itself (inputs 3-4: zero points, g_idx)
+                inputs += ["", "", self.init.add(f"{name}.bias", bias)]
             (y,) = self.node(
                 "MatMulNBits",
-                [x, self.init.add(f"{name}.qweight", packed), self.init.add(f"{name}.scales", scales)],
+                inputs,
                 out,
                 domain="com.microsoft",
                 K=k,
@@ -152,10 +155,10 @@ class _Graph:
                 block_size=BLOCK_SIZE,
                 accuracy_level=4,  # int8 compute on CPU: the fast path for MatMulNBits
             )
-        else:
-            (y,) = self.node("MatMul", [x, self.init.add(f"{name}.weight", weight.T)], out)
+            return y
+        (y,) = self.node("MatMul", [x, self.init.add(f"{name}.weight", weight.T)], out if bias is None else f"{out}.mm")
         if bias is not None:
-            (y,) = self.node("Add", [y, self.init.add(f"{name}.bias", bias)], f"{name}.biased")
+            (y,) = self.node("Add", [y, self.init.add(f"{name}.bias", bias)], out)
         return y
 
 
