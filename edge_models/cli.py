@@ -42,18 +42,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from . import fused_graph
     from .export import export_decoder
     from .tokenizer import copy_tokenizer_files
 
-    # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
-    spec = export_decoder(model, Path(args.out))
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    try:
+        fused_graph.check_supported(config)
+        fused = not args.traced and any(Path(args.model).glob("*.safetensors"))
+    except fused_graph.UnsupportedModel:
+        fused = False
+    if fused:  # straight from the safetensors, one tensor at a time: the model is never loaded whole
+        weights = fused_graph.Weights.from_safetensors(Path(args.model))
+        spec = fused_graph.build_fused_decoder(config, weights, Path(args.out), args.quantize)
+    else:
+        import torch
+
+        # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
+        spec = export_decoder(model, Path(args.out), quant=args.quantize, traced=args.traced)
     copied = copy_tokenizer_files(Path(args.model), Path(args.out))
     print(
-        f"exported {spec.architecture} ({spec.num_layers} layers) to {args.out}; "
+        f"exported {spec.architecture} ({spec.num_layers} layers, {spec.cache} cache) to {args.out}; "
         f"tokenizer files: {', '.join(copied) or 'none'}"
     )
     return 0
@@ -267,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a local Hugging Face checkpoint directory to ONNX with KV cache")
     e.add_argument("--model", required=True, help="checkpoint directory (config.json + weights; never a hub id)")
     e.add_argument("--out", required=True, help="output directory for model.onnx and decoder.json")
+    e.add_argument(
+        "--quantize",
+        choices=("q4", "q8"),
+        help="fused graphs (Qwen2/Llama): write every projection and the LM head in 4 or 8 bits (default: fp32)",
+    )
+    e.add_argument("--traced", action="store_true", help="trace through torch.onnx instead of writing the fused graph")
     e.set_defaults(func=cmd_export)
     c = sub.add_parser("compress", help="prune → distill → evaluate → export, with a summary table")
     c.add_argument("--teacher", required=True, help="teacher checkpoint directory (local; never a hub id)")

@@ -219,12 +219,29 @@ EXPORT_REVISION = 2  # 2: MLA with the latent up-projection absorbed
 PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
 
 
-def export_decoder(model, out_dir: Path, external_data: bool | None = None) -> DecoderSpec:
+def export_decoder(
+    model, out_dir: Path, external_data: bool | None = None, quant: str | None = None, traced: bool = False
+) -> DecoderSpec:
     """Export ``model`` to ``out_dir/model.onnx`` and write ``decoder.json``; returns the spec.
 
-    Weights go to ``model.onnx.data`` beside the graph when ``external_data`` is True, or when left
-    as None and the weights would exceed the 2 GB protobuf limit (any 7B model).
+    Qwen2 and Llama get the fused static-cache graph (``fused_graph``), quantized while it is written
+    when ``quant`` is ``"q4"``/``"q8"``; other families (and ``traced=True``) are traced through
+    ``torch.onnx`` (quantize those afterwards with ``quantize.py``). Weights go to ``model.onnx.data``
+    beside the graph when ``external_data`` is True, or when left as None and the weights would
+    exceed the 2 GB protobuf limit (any 7B model).
     """
+    from edge_models import fused_graph
+
+    if not traced:
+        try:
+            fused_graph.check_supported(model.config)
+        except fused_graph.UnsupportedModel:
+            pass
+        else:
+            weights = fused_graph.Weights.from_module(model)
+            return fused_graph.build_fused_decoder(model.config, weights, out_dir, quant, external_data)
+    if quant is not None:
+        raise ValueError(f"{type(model).__name__} is exported traced; quantize it afterwards (edge-models quantize)")
     import torch
     from transformers.exporters import exporter_onnx
 

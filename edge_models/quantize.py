@@ -2,7 +2,9 @@
 
 Modes: ``q4`` / ``q8`` — ONNX Runtime ``MatMulNBits`` (weights in 4 or 8 bits, blocks of 32,
 int8 compute on CPU, ``accuracy_level=4``); ``int8`` — dynamic int8 quantization of every MatMul.
-The routed experts' 3-D weight tensors (DeepSeek MoE) and the embedding stay in fp32.
+The routed experts' 3-D weight tensors (DeepSeek MoE) and the embedding stay in fp32. Fused graphs
+(``edge_models.fused_graph``) are better quantized while they are written (``edge-models export
+--quantize``); quantizing their fp32 graph here gives the same operators.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.engine.ort_engine import OrtEngine
+from appliance.engine import create_engine
 from appliance.engine.spec import DecoderSpec
 
 from .tokenizer import copy_tokenizer_files
@@ -89,21 +91,19 @@ def _run(mode: str, src: Path, dst: Path) -> None:
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
-def _engine(onnx_dir: Path, slots: int = 1) -> OrtEngine:
+def _engine(onnx_dir: Path, slots: int = 1):
     spec = DecoderSpec.from_json((Path(onnx_dir) / "decoder.json").read_text())
-    return OrtEngine((Path(onnx_dir) / "model.onnx").read_bytes(), spec, num_slots=slots, max_seq_len=1024)
+    return create_engine(
+        "onnxruntime", (Path(onnx_dir) / "model.onnx").read_bytes(), spec, num_slots=slots, max_seq_len=1024
+    )
 
 
 def onnx_perplexity(onnx_dir: Path, windows: np.ndarray, limit: int = 64) -> float:
     """Perplexity of the ONNX graph itself (what the appliance runs) on held-out windows."""
     engine = _engine(onnx_dir)
-    names = engine._names
     total, count = 0.0, 0
     for window in windows[:limit]:
-        ids = window[None, :-1]
-        mask = np.ones_like(ids)
-        feeds = dict(zip(names, [ids, mask, np.arange(ids.shape[1])[None], *engine.empty_cache(1)], strict=True))
-        logits = engine.session.run(["logits"], feeds)[0][0].astype(np.float64)
+        logits = engine.score([int(t) for t in window[:-1]]).astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         total -= float(logp[np.arange(len(window) - 1), window[1:]].sum())

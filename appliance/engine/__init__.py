@@ -29,8 +29,9 @@ def create_engine(
     """
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
+        from .static_cache import StaticCacheEngine
 
-        return OrtEngine(
+        return (StaticCacheEngine if spec.cache == "static" else OrtEngine)(
             model,
             spec,
             num_slots=num_slots,

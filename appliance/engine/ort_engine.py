@@ -24,7 +24,44 @@ def auto_threads(weight_bytes: int) -> int:
     return 0 if wanted >= cores else wanted
 
 
+def ort_session(
+    model: bytes, spec: DecoderSpec, threads: int, external: dict[str, bytearray] | None, spin: bool, affinity: str
+):
+    """A CPU ``InferenceSession`` over the decrypted model bytes; returns it and the intra-op thread count."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or auto_threads(spec.weight_bytes)
+    if threads:  # 0: ONNX Runtime's own default, one pinned thread per physical core
+        opts.intra_op_num_threads = threads
+    # One graph runs at a time (the engine thread); parallelism is inside operators.
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning workers cut per-op wake-up latency (decode runs many small ops) at the cost of busy
+    # cores between steps; turn it off on machines shared with other work (bench/inference.py's thread sweep).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if affinity:  # e.g. "1;2" pins the intra-op workers (threads-1 entries); see ONNX Runtime's docs
+        opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)
+    if external:
+        # ONNX Runtime copies what it needs while the session is created; the caller wipes after.
+        names = list(external)
+        opts.add_external_initializers_from_files_in_memory(
+            names, [external[n] for n in names], [len(external[n]) for n in names]
+        )
+    try:
+        session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise EngineError(f"ONNX Runtime could not load the model: {exc}") from None
+    # The session keeps the serialized (decrypted) model only to rebuild itself in set_providers(),
+    # which we never call; without this reference the caller's copy can be wiped and freed.
+    session._model_bytes = None
+    return session, threads
+
+
 class OrtEngine(PaddedKVEngine):
+    """Traced graphs (``cache: "concat"``); fused static-cache graphs run in ``StaticCacheEngine``."""
+
     kind = "onnxruntime"
 
     def __init__(
@@ -40,41 +77,22 @@ class OrtEngine(PaddedKVEngine):
         affinity: str = "",
         keep_resident: bool = True,
     ):
-        import onnxruntime as ort
-
         super().__init__(spec, num_slots, max_seq_len, keep_resident=keep_resident)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.threads = threads or auto_threads(spec.weight_bytes)
-        if self.threads:  # 0: ONNX Runtime's own default, one pinned thread per physical core
-            opts.intra_op_num_threads = self.threads
-        # One graph runs at a time (the engine thread); parallelism is inside operators.
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning workers cut per-op wake-up latency (decode runs many small ops) at the cost of busy
-        # cores between steps; turn it off on machines shared with other work (bench/inference.py's thread sweep).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if affinity:  # e.g. "1;2" pins the intra-op workers (threads-1 entries); see ONNX Runtime's docs
-            opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)
-        if external:
-            # ONNX Runtime copies what it needs while the session is created; the caller wipes after.
-            names = list(external)
-            opts.add_external_initializers_from_files_in_memory(
-                names, [external[n] for n in names], [len(external[n]) for n in names]
-            )
-        try:
-            self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"ONNX Runtime could not load the model: {exc}") from None
-        # The session keeps the serialized (decrypted) model only to rebuild itself in set_providers(),
-        # which we never call; without this reference the caller's copy can be wiped and freed.
-        self.session._model_bytes = None
+        self.session, self.threads = ort_session(model, spec, threads, external, spin, affinity)
         self._names = input_names(spec.num_layers)
         got = [i.name for i in self.session.get_inputs()]
         if got != self._names:
             raise EngineError(f"model inputs {got[:4]}... do not match decoder.json ({self._names[:4]}...)")
 
         self._outputs = output_names(spec.num_layers)
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity); no slot is touched."""
+        ids = np.array([tokens], np.int64)
+        feeds = dict(
+            zip(self._names, [ids, np.ones_like(ids), np.arange(len(tokens))[None], *self.empty_cache(1)], strict=True)
+        )
+        return self.session.run(["logits"], feeds)[0][0]
 
     def _empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, np.float32)

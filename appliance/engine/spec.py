@@ -1,9 +1,11 @@
 """``decoder.json``: what the runtime must know about an exported decoder graph.
 
 Written by ``edge_models.export`` next to ``model.onnx`` and sealed into the bundle with it.
-Graph inputs: ``input_ids [B,S]``, ``attention_mask [B,P+S]``, ``position_ids [B,S]`` and per
+Traced graphs (``cache: "concat"``) take ``input_ids [B,S]``, ``attention_mask [B,P+S]``, ``position_ids [B,S]`` and per
 layer ``past.i.key [B,Hk,P,Dk]`` / ``past.i.value [B,Hv,P,Dv]``; outputs ``logits [B,S,V]`` and
-``present.i.key`` / ``present.i.value`` with ``P+S`` positions.
+``present.i.key`` / ``present.i.value`` with ``P+S`` positions. Fused graphs (``cache: "static"``)
+take ``input_ids``, ``seqlens_k [B]``, ``total_sequence_length`` and the fixed-size cache buffers,
+which they update in place (see ``edge_models.fused_graph``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ DECODER_FORMAT = 1
 
 def input_names(num_layers: int) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")
+    ]
+
+
+def static_input_names(num_layers: int) -> list[str]:
+    """Inputs of a static-cache graph (``edge_models.fused_graph``): the cache is read and written in place."""
+    return ["input_ids", "seqlens_k", "total_sequence_length"] + [
         f"past.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")
     ]
 
@@ -36,6 +45,9 @@ class DecoderSpec:
     bos_token_id: int | None  # None: the tokenizer has no BOS (Qwen family); prompts start without one
     eos_token_id: int  # the primary end-of-sequence id
     weight_bytes: int = 0  # bytes of weights read per decode step (for bandwidth accounting)
+    # "concat": past in, past+new out (export.py's traced graphs); "static": one [rows, H, max_seq_len, D]
+    # buffer per tensor, written in place at each row's length (fused_graph.py)
+    cache: str = "concat"
     format: int = DECODER_FORMAT
     # Every id that ends generation (generation_config.json lists several, e.g. <|im_end|> and <|endoftext|>);
     # always starts with ``eos_token_id``, so a decoder.json written before this field still loads.

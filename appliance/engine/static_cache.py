@@ -1,0 +1,179 @@
+"""The static KV cache (gpt-fast style) for fused graphs: a slot is a row, written in place.
+
+Each cache tensor is one preallocated ``[num_slots, kv_heads, max_seq_len + 1, head_dim]`` array.
+The graph's ``GroupQueryAttention`` reads and writes it where it lies (past and present bound to
+the same memory), at each row's own length (``seqlens_k``), so:
+
+- **decode** binds the contiguous rows from the lowest to the highest decoding slot; a slot in that
+  range that is not decoding gets a pad token written one position past its end (the spare
+  ``+ 1`` position when full), which its next real step overwrites. Nothing is gathered when a
+  request joins or leaves, and a steady step copies no cache bytes on the host.
+- **prefill** runs one row at a time (ONNX Runtime's GroupQueryAttention takes a batch of new
+  multi-token rows only when none has a past) and appends: a whole prompt, a chunk of one, or
+  the next turn of a restored session.
+- **save / load** copy one row's first ``length`` positions out or in (``[1, H, L, D]`` per tensor,
+  the same format as the padded engine's, so sessions do not care which cache made them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import EngineError
+from .ort_engine import ort_session
+from .padded import EngineStats
+from .spec import DecoderSpec, output_names, static_input_names
+
+
+class StaticCacheEngine:
+    kind = "onnxruntime"
+
+    def __init__(
+        self,
+        model: bytes,
+        spec: DecoderSpec,
+        *,
+        num_slots: int,
+        max_seq_len: int,
+        threads: int = 0,
+        external: dict[str, bytearray] | None = None,
+        spin: bool = True,
+        affinity: str = "",
+    ):
+        self.spec = spec
+        self.num_slots = num_slots
+        self.max_seq_len = min(max_seq_len, spec.max_positions)
+        self.stats = EngineStats()
+        self.session, self.threads = ort_session(model, spec, threads, external, spin, affinity)
+        self._inputs = static_input_names(spec.num_layers)
+        got = [i.name for i in self.session.get_inputs()]
+        if got != self._inputs:
+            raise EngineError(f"model inputs {got[:4]}... do not match a static-cache decoder.json")
+        self._outputs = output_names(spec.num_layers)
+        shapes = [spec.key_shape, spec.value_shape] * spec.num_layers
+        self.cache = [np.zeros((num_slots, h, self.max_seq_len + 1, d), np.float32) for h, d in shapes]
+        self._lengths = [0] * num_slots
+        self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
+        self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
+
+    # -- the Engine interface --------------------------------------------------------------------
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def release(self, slot: int) -> None:
+        self._lengths[slot] = 0
+
+    def save(self, slot: int) -> list[np.ndarray]:
+        """A compact copy of the slot's cache (one ``[1,H,L,D]`` array per tensor), e.g. for a session."""
+        length = self._lengths[slot]
+        if length == 0:
+            raise EngineError("save of a slot that holds nothing")
+        out = [t[slot : slot + 1, :, :length].copy() for t in self.cache]
+        self.stats.copied_bytes += sum(a.nbytes for a in out)
+        return out
+
+    def load(self, slot: int, cache: list[np.ndarray]) -> None:
+        """Restore a cache made by ``save`` into an empty slot (copied: the saved one stays valid)."""
+        if self._lengths[slot]:
+            raise EngineError("load into a slot that is in use")
+        length = int(cache[0].shape[2])
+        if length > self.max_seq_len:
+            raise EngineError(f"saved cache of {length} tokens exceeds max_seq_len {self.max_seq_len}")
+        for t, saved in zip(self.cache, cache, strict=True):
+            t[slot, :, :length] = saved[0]
+        self.stats.copied_bytes += sum(int(a.nbytes) for a in cache)
+        self._lengths[slot] = length
+
+    def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
+        """Append each row's tokens to its slot (a whole prompt or the next chunk of one); returns the
+        logits after each row's last new token ``[len(batch), vocab]``."""
+        for slot, tokens in batch:
+            if not tokens:
+                raise EngineError("prefill of an empty token list")
+            if self._lengths[slot] + len(tokens) > self.max_seq_len:
+                raise EngineError(
+                    f"sequence of {self._lengths[slot] + len(tokens)} tokens exceeds max_seq_len {self.max_seq_len}"
+                )
+        rows = []
+        for slot, tokens in batch:
+            total = self._lengths[slot] + len(tokens)
+            logits = self._run(slot, np.array([tokens], np.int64), np.array([total - 1], np.int32), total)
+            self._lengths[slot] = total
+            self.stats.prefill_tokens += len(tokens)
+            rows.append(logits[0, -1])
+        return np.stack(rows)
+
+    def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
+        """Append one ``(slot, token)`` per row; returns next-token logits ``[len(batch), vocab]``."""
+        slots = [slot for slot, _ in batch]
+        if min(self._lengths[s] for s in slots) == 0:
+            raise EngineError("decode on a slot that was never prefilled")
+        if max(self._lengths[s] for s in slots) + 1 > self.max_seq_len:
+            raise EngineError(f"sequence would exceed max_seq_len {self.max_seq_len}")
+        lo, hi = min(slots), max(slots) + 1
+        io, ids, seqlens, total = self._decode_binding(lo, hi - lo)
+        ids[:] = self.spec.pad_token_id
+        for slot, token in batch:
+            ids[slot - lo, 0] = token
+        # Every row in the range writes at its own length: the real token for decoding slots, a pad
+        # token past the end (overwritten later, never attended) for the others.
+        seqlens[:] = self._lengths[lo:hi]
+        total[...] = seqlens.max() + 1
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
+        logits = self._logits[: hi - lo]
+        for slot in slots:
+            self._lengths[slot] += 1
+        self.stats.decode_steps += 1
+        self.stats.resident_steps += 1
+        return logits[np.array(slots) - lo, 0]
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity), in a private cache."""
+        shapes = [(t.shape[1], t.shape[3]) for t in self.cache]
+        scratch = [np.zeros((1, h, len(tokens), d), np.float32) for h, d in shapes]
+        n = len(tokens)
+        return self._run(0, np.array([tokens], np.int64), np.array([n - 1], np.int32), n, cache=scratch)[0]
+
+    # -- execution -------------------------------------------------------------------------------
+    def _decode_binding(self, row: int, n: int):
+        """The I/O binding of a decode step over rows ``row .. row + n``, made once per row range and
+        reused while the batch stays the same: the step then only writes its token ids and lengths
+        into the bound input arrays (ONNX Runtime reads numpy memory in place)."""
+        if self._bound is not None and self._bound[0] == (row, n):
+            return self._bound[1]
+        import onnxruntime as ort
+
+        ids, seqlens, total = np.zeros((n, 1), np.int64), np.zeros(n, np.int32), np.zeros((), np.int32)
+        io = self._bind(row, n, self.cache, self._logits[:n])
+        for name, array in (("input_ids", ids), ("seqlens_k", seqlens), ("total_sequence_length", total)):
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self._bound = ((row, n), (io, ids, seqlens, total))
+        return self._bound[1]
+
+    def _bind(self, row: int, n: int, cache: list[np.ndarray], out: np.ndarray | None):
+        io = self.session.io_binding()
+        if out is None:
+            io.bind_output("logits", "cpu")
+        else:
+            io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        for past, present, t in zip(self._inputs[3:], self._outputs[1:], cache, strict=True):
+            view = t[row : row + n]  # rows are contiguous: a pointer and a shape, no copy
+            shape, ptr = list(view.shape), view.ctypes.data
+            io.bind_input(past, "cpu", 0, np.float32, shape, ptr)
+            io.bind_output(present, "cpu", 0, np.float32, shape, ptr)
+        return io
+
+    def _run(self, row: int, ids: np.ndarray, seqlens: np.ndarray, total: int, cache=None) -> np.ndarray:
+        """Run rows ``row .. row + len(ids)`` of ``cache`` (the engine's) in place; returns logits ``[rows, S, V]``."""
+        io = self._bind(row, ids.shape[0], cache or self.cache, None)
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("seqlens_k", seqlens)
+        io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        try:
+            self.session.run_with_iobinding(io)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
+        return io.get_outputs()[0].numpy()

@@ -1,0 +1,319 @@
+"""Fused decoder graphs (Qwen2, Llama) written straight from the weights, with an in-place static KV cache.
+
+Unlike ``export.py`` (which traces the PyTorch model), this writes the graph node by node with ONNX
+Runtime's contrib operators, the way onnxruntime-genai's model builder does:
+
+- ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (RMSNorm with the
+  residual add folded in),
+- one packed QKV and one packed gate/up projection per layer (``MatMulNBits`` when quantized),
+- ``GroupQueryAttention`` with its built-in rotary embedding and the cache shared between
+  ``past`` and ``present`` (``[rows, kv_heads, max_seq_len, head_dim]`` per layer, updated in place
+  at each row's own position ``seqlens_k``), so a row is a slot and rows may be ragged.
+
+Weights are read one tensor at a time through ``Weights`` (a state dict or safetensors files) and
+quantized as they are read, so the model never needs to be whole in fp32. Past the 2 GB protobuf
+limit, tensors are appended to ``model.onnx.data`` as they are produced.
+
+Graph inputs: ``input_ids [B,S]`` int64, ``seqlens_k [B]`` int32 (each row's cached length after
+this step, minus one), ``total_sequence_length`` int32 scalar, ``past.i.key`` / ``past.i.value``
+``[B,Hkv,T,D]``. Outputs ``logits [B,S,V]`` and ``present.i.*``, the same buffers as ``past``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from appliance.engine.spec import DecoderSpec, output_names, static_input_names
+
+FAMILIES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+QUANT_BITS = {"q4": 4, "q8": 8}
+BLOCK_SIZE = 32
+EXTERNAL_DATA = "model.onnx.data"
+PROTOBUF_LIMIT = 2_000_000_000
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture or shape has no fused graph; the traced export handles it."""
+
+
+class Weights:
+    """Tensor-by-tensor access to a checkpoint: ``names``, ``shape(name)`` and ``get(name)`` (fp32)."""
+
+    def __init__(self, names: set[str], shape: Callable[[str], tuple[int, ...]], get: Callable[[str], np.ndarray]):
+        self.names, self.shape, self.get = names, shape, get
+
+    @classmethod
+    def from_module(cls, model) -> Weights:
+        """A loaded transformers model: each tensor is converted to fp32 only when it is read."""
+        state = model.state_dict()
+        return cls(
+            set(state),
+            lambda n: tuple(state[n].shape),
+            lambda n: state[n].detach().float().numpy(),
+        )
+
+    @classmethod
+    def from_safetensors(cls, checkpoint: Path) -> Weights:
+        """The ``*.safetensors`` files of a checkpoint directory, memory-mapped (bf16/fp16 as shipped)."""
+        from safetensors import safe_open
+
+        handles, where = [], {}
+        for path in sorted(Path(checkpoint).glob("*.safetensors")):
+            f = safe_open(str(path), framework="pt")
+            handles.append(f)
+            where.update(dict.fromkeys(f.keys(), f))
+        if not where:
+            raise UnsupportedModel(f"{checkpoint} has no *.safetensors files")
+        return cls(
+            set(where),
+            lambda n: tuple(where[n].get_slice(n).get_shape()),
+            lambda n: where[n].get_tensor(n).float().numpy(),
+        )
+
+
+class _Initializers:
+    """Collects the graph's constant tensors, inline or appended to the external data file."""
+
+    def __init__(self, out_dir: Path, external: bool):
+        self.tensors: list[TensorProto] = []
+        self.bytes: dict[str, int] = {}
+        self._file = open(out_dir / EXTERNAL_DATA, "wb") if external else None  # noqa: SIM115 - closed in close()
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        self.bytes[name] = array.nbytes
+        # Shape-carrying constants (split sizes) must stay inline: shape inference cannot read external data.
+        if self._file is None or array.nbytes < 1024:
+            self.tensors.append(onnx.numpy_helper.from_array(array, name))
+            return name
+        t = TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t.data_location = TensorProto.EXTERNAL
+        offset = self._file.tell()
+        self._file.write(array.tobytes())
+        for key, value in (("location", EXTERNAL_DATA), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=key, value=value)
+        self.tensors.append(t)
+        return name
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def quantize_blocks(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits`` operands for a Linear weight ``[N, K]`` (out, in): symmetric blocks of 32 along K.
+
+    Uses ONNX Runtime's own quantization kernel (the one its MatMulNBitsQuantizer calls), so the
+    packing is exactly what the operator reads. Returns packed ``[N, blocks, blob]`` and scales."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    n, k = weight.shape
+    pad = (-k) % BLOCK_SIZE
+    kn = np.ascontiguousarray(np.pad(weight, ((0, 0), (0, pad))).T.astype(np.float32))  # [K, N]
+    blocks = (k + pad) // BLOCK_SIZE
+    packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), np.uint8)
+    scales = np.zeros(n * blocks, np.float32)
+    zero_points = np.zeros(n * ((blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
+    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    kernel(packed, kn, scales, zero_points, BLOCK_SIZE, n, k + pad, True)
+    return packed, scales
+
+
+class _Graph:
+    """Node-by-node graph construction; each helper returns the name of its output."""
+
+    def __init__(self, init: _Initializers, bits: int | None):
+        self.init, self.bits, self.nodes = init, bits, []
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, domain: str = "", **attrs) -> list[str]:
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
+        return outputs
+
+    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None, out: str = "") -> str:
+        """``x @ weight.T (+ bias)`` for a Linear weight ``[N, K]``, 4/8-bit when the graph is quantized."""
+        bits, (n, k) = self.bits, weight.shape
+        out = out or f"{name}.out"
+        if bits:
+            packed, scales = quantize_blocks(weight, bits)
+            inputs = [x, self.init.add(f"{name}.qweight", packed), self.init.add(f"{name}.scales", scales)]
+            if bias is not None:  # MatMulNBits adds the bias itself (inputs 3-4: zero points, g_idx)
+                inputs += ["", "", self.init.add(f"{name}.bias", bias)]
+            (y,) = self.node(
+                "MatMulNBits",
+                inputs,
+                out,
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=BLOCK_SIZE,
+                accuracy_level=4,  # int8 compute on CPU: the fast path for MatMulNBits
+            )
+            return y
+        (y,) = self.node("MatMul", [x, self.init.add(f"{name}.weight", weight.T)], out if bias is None else f"{out}.mm")
+        if bias is not None:
+            (y,) = self.node("Add", [y, self.init.add(f"{name}.bias", bias)], out)
+        return y
+
+
+def _rotary_tables(config, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[positions, head_dim/2]`` from the family's own rotary module (handles rope scaling)."""
+    import importlib
+
+    family = type(config).__name__.removesuffix("Config")
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    rotary = getattr(module, f"{family}RotaryEmbedding")(config)
+    freqs = np.arange(positions, dtype=np.float64)[:, None] * rotary.inv_freq.double().numpy()[None, :]
+    scale = float(rotary.attention_scaling)
+    return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
+
+
+def check_supported(config) -> None:
+    arch = (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+    if arch not in FAMILIES:
+        raise UnsupportedModel(f"no fused graph for {arch}; fused families: {', '.join(FAMILIES)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 16:
+        raise UnsupportedModel(f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention's rotary needs it)")
+
+
+def _token_id(value, fallback: int) -> int:
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return int(fallback if value is None else value)
+
+
+def build_fused_decoder(
+    config, weights: Weights, out_dir: Path, quant: str | None = None, external_data: bool | None = None
+) -> DecoderSpec:
+    """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama checkpoint.
+
+    ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
+    with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token)."""
+    check_supported(config)
+    if quant is not None and quant not in QUANT_BITS:
+        raise ValueError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_BITS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = sum(4 * int(np.prod(weights.shape(n))) for n in weights.names) > PROTOBUF_LIMIT
+    arch = (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+    layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    eps = float(config.rms_norm_eps)
+    init = _Initializers(out_dir, external_data)
+    g = _Graph(init, QUANT_BITS.get(quant))
+    w = weights.get
+
+    def maybe(name: str) -> np.ndarray | None:
+        return w(name) if name in weights.names else None
+
+    # Positions up to max_positions inclusive: an idle row in a decode batch writes one scratch slot past its end.
+    cos, sin = _rotary_tables(config, config.max_position_embeddings + 1)
+    init.add("cos_cache", cos)
+    init.add("sin_cache", sin)
+    embed = w("model.embed_tokens.weight")
+    (x,) = g.node("Gather", [init.add("embed_tokens", embed), "input_ids"], "embedded")
+    residual = None
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        h, residual = _norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
+        attn = p + "self_attn."
+        qkv_w = np.concatenate([w(attn + f"{t}_proj.weight") for t in "qkv"])
+        biases = [maybe(attn + f"{t}_proj.bias") for t in "qkv"]
+        qkv_b = np.concatenate(biases) if all(b is not None for b in biases) else None
+        qkv = g.linear(h, qkv_w, f"layer{i}.qkv", qkv_b)
+        del qkv_w
+        (a, _, _) = g.node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length"]
+            + ["cos_cache", "sin_cache"],
+            [f"layer{i}.attn", f"present.{i}.key", f"present.{i}.value"],
+            domain="com.microsoft",
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+        )
+        o = g.linear(a, w(attn + "o_proj.weight"), f"layer{i}.o", maybe(attn + "o_proj.bias"))
+        h, residual = _norm(g, o, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
+        mlp = p + "mlp."
+        gate_up = g.linear(h, np.concatenate([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")]), f"layer{i}.gu")
+        ffn = config.intermediate_size
+        halves = init.add(f"layer{i}.split", np.array([ffn, ffn], np.int64))
+        gate, up = g.node("Split", [gate_up, halves], [f"layer{i}.gate", f"layer{i}.up"], axis=-1)
+        (sig,) = g.node("Sigmoid", [gate], f"layer{i}.sigmoid")
+        (silu,) = g.node("Mul", [gate, sig], f"layer{i}.silu")
+        (act,) = g.node("Mul", [silu, up], f"layer{i}.act")
+        x = g.linear(act, w(mlp + "down_proj.weight"), f"layer{i}.down")
+    h, _ = _norm(g, x, residual, w("model.norm.weight"), "final_norm", eps)
+    head = maybe("lm_head.weight")
+    head = embed if head is None else head
+    del embed
+    # The LM head is the largest matrix a decode step reads: 4-bit in q4 graphs, like onnxruntime-genai's int4.
+    g.linear(h, head, "lm_head", out="logits")
+    init.close()
+
+    spec = DecoderSpec(
+        architecture=arch,
+        num_layers=layers,
+        key_shape=(kv_heads, head_dim),
+        value_shape=(kv_heads, head_dim),
+        vocab_size=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        pad_token_id=_token_id(config.pad_token_id, _token_id(config.eos_token_id, 0)),
+        bos_token_id=_token_id(config.bos_token_id, _token_id(config.eos_token_id, 0)),
+        eos_token_id=_token_id(config.eos_token_id, 0),
+        weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
+        + config.hidden_size * 4,
+        cache="static",
+    )
+    _save(g, spec, out_dir)
+    return spec
+
+
+def _norm(g: _Graph, x: str, residual: str | None, gamma: np.ndarray, name: str, eps: float) -> tuple[str, str]:
+    """RMSNorm of ``x + residual``; returns (normalized, the new residual stream)."""
+    weight = g.init.add(f"{name}.weight", gamma)
+    if residual is None:
+        (y,) = g.node("SimplifiedLayerNormalization", [x, weight], f"{name}.out", axis=-1, epsilon=eps)
+        return y, x
+    y, _, _, total = g.node(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, weight],
+        [f"{name}.out", "", "", f"{name}.residual"],
+        domain="com.microsoft",
+        epsilon=eps,
+    )
+    return y, total
+
+
+def _save(g: _Graph, spec: DecoderSpec, out_dir: Path) -> None:
+    f32, kv = TensorProto.FLOAT, spec.key_shape
+    cache = [
+        helper.make_tensor_value_info(name, f32, ["batch", kv[0], "max_seq_len", kv[1]])
+        for name in static_input_names(spec.num_layers)[3:]
+    ]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        *cache,
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", spec.vocab_size])] + [
+        helper.make_tensor_value_info(name, f32, ["batch", kv[0], "max_seq_len", kv[1]])
+        for name in output_names(spec.num_layers)[1:]
+    ]
+    graph = helper.make_graph(g.nodes, f"{spec.architecture}-fused", inputs, outputs, g.init.tensors)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
+    model.producer_name = "edge-models fused_graph"
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    (out_dir / "decoder.json").write_text(spec.to_json())

@@ -1,0 +1,208 @@
+"""Fused Qwen2/Llama graphs on the static in-place cache: token-exact parity with transformers,
+slots joining and leaving, sessions, and a q4 graph served from a sealed bundle.
+
+The checkpoints are written as safetensors and the graphs built from those files tensor by tensor,
+the path `edge-models export` takes for real checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from appliance.engine import DecoderSpec, create_engine
+from appliance.engine.static_cache import StaticCacheEngine
+from edge_models.fused_graph import Weights, build_fused_decoder
+from edge_models.parity import engine_greedy, hf_greedy
+
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=1024,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+CONFIGS = {
+    "qwen2": lambda: Qwen2Config(**SHAPE, architectures=["Qwen2ForCausalLM"]),
+    "llama": lambda: LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"]),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request, tmp_path_factory):
+    """(transformers model, fp32 fused graph dir) for one family, built from its safetensors."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp(request.param)
+    AutoModelForCausalLM.from_config(CONFIGS[request.param]()).save_pretrained(root / "hf")
+    model = AutoModelForCausalLM.from_pretrained(root / "hf", local_files_only=True).eval()
+    config = AutoConfig.from_pretrained(root / "hf", local_files_only=True)
+    build_fused_decoder(config, Weights.from_safetensors(root / "hf"), root / "onnx")
+    return model, root / "onnx"
+
+
+def engine(graph_dir, slots: int = 4) -> StaticCacheEngine:
+    spec = DecoderSpec.from_json((graph_dir / "decoder.json").read_text())
+    eng = create_engine("onnxruntime", (graph_dir / "model.onnx").read_bytes(), spec, num_slots=slots, max_seq_len=128)
+    assert isinstance(eng, StaticCacheEngine)
+    return eng
+
+
+PROMPTS = [[1, 50, 60, 70, 80, 90, 100, 110], [1, 300, 301], [1, 7, 8, 9, 10, 11]]
+
+
+def test_graph_uses_fused_operators(family):
+    _, graph_dir = family
+    ops = [n.op_type for n in onnx.load(str(graph_dir / "model.onnx")).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Concat" not in ops
+    assert ops.count("SkipSimplifiedLayerNormalization") == 4 and ops.count("MatMul") == 2 * 4 + 1
+
+
+def test_batch_of_one_matches_transformers(family):
+    model, graph_dir = family
+    prompts = [PROMPTS[0]]
+    assert engine_greedy(engine(graph_dir), prompts, 20, 2) == hf_greedy(model, prompts, 20, 2)
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (1, 2, 0)], ids=["longest-first", "longest-last"])
+def test_ragged_batch_matches_transformers(family, order):
+    model, graph_dir = family
+    prompts = [PROMPTS[i] for i in order]
+    assert engine_greedy(engine(graph_dir), prompts, 16, 2) == hf_greedy(model, prompts, 16, 2)
+
+
+def greedy_from(eng, slot: int, logits: np.ndarray, n: int) -> list[int]:
+    out = [int(np.argmax(logits[0]))]
+    for _ in range(n - 1):
+        out.append(int(np.argmax(eng.decode([(slot, out[-1])])[0])))
+    return out
+
+
+def test_chunked_prefill_equals_one_shot(family):
+    _, graph_dir = family
+    prompt = [1] + list(range(40, 77))
+    one, chunked = engine(graph_dir), engine(graph_dir)
+    whole = one.prefill([(0, prompt)])
+    for start in range(0, len(prompt), 8):
+        last = chunked.prefill([(0, prompt[start : start + 8])])
+    np.testing.assert_allclose(last, whole, rtol=1e-4, atol=1e-4)
+    assert greedy_from(chunked, 0, last, 12) == greedy_from(one, 0, whole, 12)
+
+
+def test_requests_joining_and_leaving_mid_decode_match_running_alone(family):
+    """Slots 0, 3 and 1 join at different steps, slot 0 leaves early: every stream equals its solo
+    run, and no step copies cache bytes on the host (nothing is gathered when the batch changes)."""
+    _, graph_dir = family
+    alone = [engine_greedy(engine(graph_dir, 1), [p], 14, 2)[0] for p in PROMPTS]
+    eng = engine(graph_dir)
+    slot_of = {0: 0, 1: 3, 2: 1}
+    joins, limits = {0: 0, 1: 3, 2: 6}, {0: 8, 1: 14, 2: 14}
+    outs: dict[int, list[int]] = {}
+
+    def pick(row: np.ndarray) -> int:
+        row = row.copy()
+        row[2] = -np.inf
+        return int(np.argmax(row))
+
+    for step in range(30):
+        for req, at in joins.items():
+            if at == step:
+                outs[req] = [pick(eng.prefill([(slot_of[req], PROMPTS[req])])[0])]
+        active = [r for r in outs if len(outs[r]) < limits[r]]
+        for r in outs:
+            if len(outs[r]) == limits[r] and eng.length(slot_of[r]):
+                eng.release(slot_of[r])
+        if not active:
+            break
+        logits = eng.decode([(slot_of[r], outs[r][-1]) for r in active])
+        for row, r in enumerate(active):
+            outs[r].append(pick(logits[row]))
+    assert outs[0] == alone[0][:8] and outs[1] == alone[1] and outs[2] == alone[2]
+    assert eng.stats.copied_bytes == 0 and eng.stats.decode_steps > 0
+
+
+def test_session_save_and_load_continue_exactly(family):
+    _, graph_dir = family
+    prompt = [1] + list(range(40, 60))
+    eng = engine(graph_dir)
+    first = greedy_from(eng, 0, eng.prefill([(0, prompt)]), 6)
+    saved = eng.save(0)
+    eng.release(0)
+    eng.prefill([(0, [1, 5, 6, 7])])  # the row is reused by someone else meanwhile
+    eng.load(2, saved)
+    assert eng.length(2) == len(prompt) + 5
+    cont = eng.prefill([(2, [first[-1]])])
+    ref = engine(graph_dir).prefill([(0, prompt + first)])
+    np.testing.assert_allclose(cont, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_q8_graph_matches_transformers_and_q4_stays_close(family, tmp_path):
+    model, graph_dir = family
+    weights = Weights.from_module(model)
+    for mode in ("q8", "q4"):
+        build_fused_decoder(model.config, weights, tmp_path / mode, quant=mode)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q4" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops  # the LM head too
+    prompts = [PROMPTS[0]]
+    ref = hf_greedy(model, prompts, 12, 2)
+    assert engine_greedy(engine(tmp_path / "q8"), prompts, 12, 2) == ref
+    q4 = engine(tmp_path / "q4").prefill([(0, PROMPTS[0])])
+    fp32 = engine(graph_dir).prefill([(0, PROMPTS[0])])
+    assert np.corrcoef(q4[0], fp32[0])[0, 1] > 0.95
+
+
+def test_external_data_graph_loads_from_memory_and_matches(family, tmp_path):
+    model, _ = family
+    spec = build_fused_decoder(model.config, Weights.from_module(model), tmp_path, external_data=True)
+    weights = bytearray((tmp_path / "model.onnx.data").read_bytes())
+    (tmp_path / "model.onnx.data").unlink()
+    eng = create_engine(
+        "onnxruntime",
+        (tmp_path / "model.onnx").read_bytes(),
+        spec,
+        num_slots=1,
+        max_seq_len=64,
+        external={"model.onnx.data": weights},
+    )
+    prompts = [PROMPTS[1]]
+    assert engine_greedy(eng, prompts, 10, 2) == hf_greedy(model, prompts, 10, 2)
+
+
+def test_quantized_fused_graphs_report_perplexity_drift(family, tmp_path):
+    from edge_models.quantize import onnx_perplexity
+
+    model, graph_dir = family
+    windows = np.random.default_rng(0).integers(3, 1024, (4, 33))
+    base = onnx_perplexity(graph_dir, windows)
+    for mode, bound in (("q8", 0.01), ("q4", 0.1)):
+        build_fused_decoder(model.config, Weights.from_module(model), tmp_path / mode, quant=mode)
+        drift = onnx_perplexity(tmp_path / mode, windows) / base - 1
+        assert abs(drift) < bound, (mode, drift)
+
+
+def test_q4_fused_graph_serves_from_a_sealed_bundle(tiny_build, tmp_path):
+    """`edge-models export --quantize q4` on a safetensors checkpoint, sealed, installed, loaded by the
+    appliance's loader (decrypted in memory): the same greedy tokens as the graph run directly."""
+    import shutil
+
+    from appliance.config import load_config
+    from appliance.loader import load_model
+    from tests.conftest import provision_device, run_cli
+
+    torch.manual_seed(0)
+    hf = tmp_path / "hf"
+    AutoModelForCausalLM.from_config(CONFIGS["qwen2"]()).save_pretrained(hf)
+    build = tmp_path / "build"
+    run_cli("edge-models", "export", "--model", str(hf), "--out", str(build / "onnx"), "--quantize", "q4")
+    shutil.copy(tiny_build / "onnx" / "tokenizer.json", build / "onnx" / "tokenizer.json")
+    device = provision_device(build, tmp_path / "site")
+    loaded = load_model(load_config(device.config))
+    assert isinstance(loaded.engine, StaticCacheEngine) and loaded.spec.cache == "static"
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    assert engine_greedy(loaded.engine, prompts, 10, 2) == engine_greedy(engine(build / "onnx"), prompts, 10, 2)
