@@ -81,3 +81,27 @@ def test_daemon_errors_become_openai_errors():
     busy = O.daemon_error({"code": P.E_BUSY, "message": "queue full", "retry_after_ms": 250}, call)
     assert (busy.status, busy.retry_after_s, busy.code) == (429, 1, "rate_limit_exceeded")
     assert O.daemon_error({"code": P.E_TOO_LARGE, "message": "long"}, call).param == "messages"
+
+
+@pytest.mark.parametrize(
+    ("behalf", "message"),
+    [
+        ({"identity": "x:1", "role": "gateway"}, "on_behalf_of.role"),
+        ({"identity": "", "role": "infer"}, "on_behalf_of.identity"),
+        ({"identity": "x" * 65, "role": "infer"}, "on_behalf_of.identity"),
+    ],
+)
+def test_on_behalf_of_is_validated_and_cannot_delegate_the_gateway_role(behalf, message):
+    frame = P.request(P.OP_GENERATE, "r1", prompt="hi", on_behalf_of=behalf)
+    with pytest.raises(P.ProtocolError, match=message) as err:
+        P.parse_request(frame, 256)
+    assert err.value.code == P.E_BAD_REQUEST
+
+
+def test_a_refused_request_still_names_its_end_user():
+    frame = P.request(
+        P.OP_GENERATE, "r2", prompt="hi", max_tokens=10_000, on_behalf_of={"identity": "u", "role": "admin"}
+    )
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_request(frame, 256)
+    assert err.value.on_behalf_of == ("u", "admin")

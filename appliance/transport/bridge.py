@@ -107,9 +107,16 @@ class Bridge:
         stream = Stream(self, rid)
         with self._lock:
             self._waiting[rid] = stream.inbox
-        with self._push_lock:
-            self._push.send(P.request(op, rid, **fields))
+        self._submit(P.request(op, rid, **fields))
         return stream
+
+    def _submit(self, frame: bytes) -> None:
+        with self._push_lock:
+            self._push.send(frame)
+
+    def cancel(self, rid: str) -> None:
+        """Ask the daemon to end request ``rid`` (its HTTP client left); the slot is freed within one step."""
+        self._submit(P.request(P.OP_CANCEL, uuid.uuid4().hex, target=rid))
 
     def _forget(self, rid: str) -> None:
         with self._lock:
@@ -150,9 +157,7 @@ class Stream:
         return reply
 
     def cancel(self) -> None:
-        """Ask the daemon to end this request (its HTTP client left); the slot is freed within one step."""
-        with self.bridge._push_lock:
-            self.bridge._push.send(P.request(P.OP_CANCEL, uuid.uuid4().hex, target=self.id))
+        self.bridge.cancel(self.id)
 
     def close(self) -> None:
         self.bridge._forget(self.id)
