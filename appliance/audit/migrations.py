@@ -39,7 +39,8 @@ def _v3_to_v4(conn) -> None:
 
 def _v4_to_v5(conn) -> None:
     """Aggregated events carry their count (NULL on every earlier row: one event each, hashes unchanged)."""
-    conn.execute(text("ALTER TABLE audit_log ADD COLUMN occurrences INTEGER"))
+    if "occurrences" not in {c["name"] for c in inspect(conn).get_columns("audit_log")}:
+        conn.execute(text("ALTER TABLE audit_log ADD COLUMN occurrences INTEGER"))
 
 
 STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}

@@ -103,6 +103,7 @@ class Server:
         self._routes: dict[str, list[bytes]] = {}  # scoped request key -> reply envelope
         self._route_keys: dict[bytes, set[str]] = {}  # routing id -> its requests in flight
         self._in_flight: dict[str, int] = {}  # identity -> requests in flight
+        self._owners: dict[str, str] = {}  # scoped request key -> its identity
         self._loader: threading.Thread | None = None
         self._loaded: LoadedModel | Exception | None = None
         self.disconnect_cancels = 0
@@ -342,6 +343,7 @@ class Server:
             err = P.ProtocolError(P.E_BUSY, "the waiting queue is full")
             return self._refuse(envelope, peer, err, op=req.op, rid=req.id, retry_after_ms=250)
         self._routes[key] = envelope
+        self._owners[key] = peer.identity
         self._route_keys.setdefault(peer.route, set()).add(key)
         self._in_flight[peer.identity] = self._in_flight.get(peer.identity, 0) + 1
 
@@ -354,7 +356,7 @@ class Server:
             keys.discard(key)
             if not keys:
                 del self._route_keys[envelope[0]]
-        identity = key.split("\x1f", 1)[0]
+        identity = self._owners.pop(key)
         left = self._in_flight.get(identity, 1) - 1
         if left > 0:
             self._in_flight[identity] = left
