@@ -26,7 +26,8 @@ def reachable_copies(length: int, prefix: bytes) -> list[str]:
     holders = []
     for obj in gc.get_objects():
         for ref in gc.get_referents(obj):
-            if isinstance(ref, (bytes, bytearray)) and len(ref) == length and ref[: len(prefix)] == prefix:
+            # type(), not isinstance(): some lazy module attributes warn when their class is asked for
+            if type(ref) in (bytes, bytearray) and len(ref) == length and ref[: len(prefix)] == prefix:
                 holders.append(type(obj).__name__)
     return holders
 
