@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from appliance.audit.chain import AuditLog, Filters
+from appliance.audit.chain import CHAINED_FIELDS, AuditLog, Filters
 from appliance.config import ConfigError
 from provisioning.keys import (
     DEVICE_ED25519,
@@ -61,35 +61,9 @@ def cmd_list(args, config) -> int:
     finally:
         audit.close()
     if args.json:
-        out = [
-            {
-                k: getattr(r, k)
-                for k in (
-                    "seq",
-                    "ts",
-                    "request_id",
-                    "client",
-                    "role",
-                    "op",
-                    "model_id",
-                    "model_version",
-                    "prompt_sha256",
-                    "output_sha256",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "queue_ms",
-                    "ttft_ms",
-                    "total_ms",
-                    "status",
-                    "error_code",
-                    "finish_reason",
-                    "cache_hit",
-                    "occurrences",
-                    "row_hash",
-                )
-            }
-            for r in rows
-        ]
+        # Sealed content stays out of a listing; everything else the chain covers, and the row hash.
+        fields = (*CHAINED_FIELDS, "cache_hit", "occurrences", "row_hash")
+        out = [{k: getattr(r, k) for k in fields} for r in rows]
         print(json.dumps(out, indent=2))
         return 0
     print(
