@@ -45,7 +45,12 @@ class Weights:
     """Tensor-by-tensor access to a checkpoint: ``names``, ``shape(name)`` and ``get(name)`` (fp32)."""
 
     def __init__(self, names: set[str], shape: Callable[[str], tuple[int, ...]], get: Callable[[str], np.ndarray]):
-        self.names, self.shape, self.get = names, shape, get
+        self.names, self.shape, self._get = names, shape, get
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise UnsupportedModel(f"the checkpoint has no tensor {name!r}; is it a complete Qwen2/Llama checkpoint?")
+        return self._get(name)
 
     @classmethod
     def from_module(cls, model) -> Weights:
@@ -62,10 +67,9 @@ class Weights:
         """The ``*.safetensors`` files of a checkpoint directory, memory-mapped (bf16/fp16 as shipped)."""
         from safetensors import safe_open
 
-        handles, where = [], {}
+        where = {}
         for path in sorted(Path(checkpoint).glob("*.safetensors")):
             f = safe_open(str(path), framework="pt")
-            handles.append(f)
             where.update(dict.fromkeys(f.keys(), f))
         if not where:
             raise UnsupportedModel(f"{checkpoint} has no *.safetensors files")
@@ -175,6 +179,7 @@ def _rotary_tables(config, positions: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_supported(config) -> None:
+    """Raise ``UnsupportedModel`` unless ``config`` describes a family and shape with a fused graph."""
     arch = (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
     if arch not in FAMILIES:
         raise UnsupportedModel(f"no fused graph for {arch}; fused families: {', '.join(FAMILIES)}")
