@@ -375,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="CPU threads for both runtimes (default: 1 with --device cpu)"
     )
     p.add_argument("--work", type=Path, help="scratch directory (default: a fresh temporary one)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json", help="results JSON")
+    p.add_argument(
+        "--out", type=Path, help="results JSON (default: bench/results/gpu.json; with --small gpu_<device>_smoke.json)"
+    )
     args = p.parse_args(argv)
+    results = ROOT / "bench" / "results"
+    args.out = args.out or results / (f"gpu_{args.device}_smoke.json" if args.small else "gpu.json")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA GPU visible; run with --device cpu --small for a smoke run", file=sys.stderr)
         return 2
