@@ -46,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from . import fused_graph
     from .export import export_decoder
-    from .tokenizer import copy_tokenizer_files
+    from .tokenizer import checkpoint_special_ids, copy_tokenizer_files
 
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     try:
@@ -56,7 +56,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         fused = False
     if fused:  # straight from the safetensors, one tensor at a time: the model is never loaded whole
         weights = fused_graph.Weights.from_safetensors(Path(args.model))
-        spec = fused_graph.build_fused_decoder(config, weights, Path(args.out), args.quantize)
+        special = checkpoint_special_ids(Path(args.model))
+        spec = fused_graph.build_fused_decoder(config, weights, Path(args.out), args.quantize, special=special)
     else:
         import torch
 

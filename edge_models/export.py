@@ -239,7 +239,8 @@ def export_decoder(
             pass
         else:
             weights = fused_graph.Weights.from_module(model)
-            return fused_graph.build_fused_decoder(model.config, weights, out_dir, quant, external_data)
+            special = special_token_ids(model.config.to_dict(), _generation_config(model), _source_dir(model))
+            return fused_graph.build_fused_decoder(model.config, weights, out_dir, quant, external_data, special)
     if quant is not None:
         raise ValueError(f"{type(model).__name__} is exported traced; quantize it afterwards (edge-models quantize)")
     import torch

@@ -30,6 +30,8 @@ from onnx import TensorProto, helper
 
 from appliance.engine.spec import DecoderSpec, output_names, static_input_names
 
+from .tokenizer import special_token_ids
+
 FAMILIES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
 QUANT_BITS = {"q4": 4, "q8": 8}
 BLOCK_SIZE = 32
@@ -188,19 +190,20 @@ def check_supported(config) -> None:
         raise UnsupportedModel(f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention's rotary needs it)")
 
 
-def _token_id(value, fallback: int) -> int:
-    if isinstance(value, list | tuple):
-        value = value[0] if value else None
-    return int(fallback if value is None else value)
-
-
 def build_fused_decoder(
-    config, weights: Weights, out_dir: Path, quant: str | None = None, external_data: bool | None = None
+    config,
+    weights: Weights,
+    out_dir: Path,
+    quant: str | None = None,
+    external_data: bool | None = None,
+    special: dict | None = None,
 ) -> DecoderSpec:
     """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama checkpoint.
 
     ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
-    with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token)."""
+    with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token).
+    ``special``: the checkpoint's pad/BOS/EOS ids as ``edge_models.tokenizer.special_token_ids`` finds
+    them (its tokenizer decides the BOS, generation_config.json adds end ids); default: config.json's."""
     check_supported(config)
     if quant is not None and quant not in QUANT_BITS:
         raise ValueError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_BITS)}")
@@ -272,9 +275,7 @@ def build_fused_decoder(
         value_shape=(kv_heads, head_dim),
         vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
-        pad_token_id=_token_id(config.pad_token_id, _token_id(config.eos_token_id, 0)),
-        bos_token_id=_token_id(config.bos_token_id, _token_id(config.eos_token_id, 0)),
-        eos_token_id=_token_id(config.eos_token_id, 0),
+        **(special or special_token_ids(config.to_dict())),
         weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
         + config.hidden_size * 4,
         cache="static",
