@@ -148,6 +148,18 @@ def test_ask_answers_over_curve_and_refuses_without_a_key(site):
     assert refused.returncode != 0
 
 
+def test_metrics_op_answers_the_admin_over_curve(site):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    machine, *_ = site
+    text = machine.sh(f"{EA} metrics {CURVE}").stdout
+    families = text_string_to_metric_families(text)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert samples[("edge_appliance_requests_total", (("op", "generate"), ("status", "ok")))] >= 1
+    assert samples[("edge_appliance_model_version", ())] == 1
+    assert samples[("edge_appliance_audit_available", ())] == 1
+
+
 def test_reload_to_a_new_version_keeps_the_main_pid(site, tiny_build):
     machine, _, vendor, usb = site
     pid = machine.unit(UNIT)["MainPID"]
