@@ -488,7 +488,9 @@ def test_schema_3_database_upgrades_and_its_checkpoints_chain_on(tmp_path):
     con.commit()
     con.close()
     log = AuditLog(path, signing_key=DEVICE, checkpoint_every=4)
-    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == ("4",)
+    assert sqlite3.connect(path).execute("SELECT value FROM audit_meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     before = log.verify(PUBLIC)
     assert before.ok and (before.checkpoints, before.signed_upto, before.unsigned) == (2, 8, 2), before.message
     for i in range(6):

@@ -81,19 +81,20 @@ def test_a_late_disconnect_only_cancels_its_own_generation():
     assert conns.disconnected(12) == {b"new"}
 
 
-def test_aggregator_writes_one_row_per_interval_and_loses_no_event():
+def test_aggregator_writes_a_burst_then_one_row_per_interval_and_loses_no_event():
     written: list[Entry] = []
-    agg = Aggregator(written.extend, interval_s=10.0, max_keys=2)
-    refusal = Entry(request_id="x", op="?", status="rejected", client="p1", error_code=P.E_MALFORMED)
+    agg = Aggregator(written.extend, interval_s=10.0, burst=3, max_keys=2)
     for t in range(100):
-        agg.add(refusal, now=float(t) / 100)
+        agg.add(
+            Entry(request_id=f"r{t}", op="?", status="rejected", client="p1", error_code=P.E_MALFORMED), now=t / 100
+        )
     agg.add(Entry(request_id="y", op="?", status="rejected", client="p2", error_code=P.E_MALFORMED), now=0.5)
     agg.add(Entry(request_id="z", op="?", status="rejected", client="p3", error_code=P.E_MALFORMED), now=0.5)
-    assert len(written) == 3  # first event of each key (p3 overflowed into "*")
-    assert written[2].client == OVERFLOW_PEER
+    assert [e.request_id for e in written] == ["r0", "r1", "r2", "y", "-"]  # p3 overflowed into "*"
+    assert written[-1].client == OVERFLOW_PEER
     agg.flush(now=20.0)
     assert sum(e.occurrences for e in written) == 102
-    assert written[-1].occurrences == 99 and written[-1].request_id == "-"
+    assert written[-1].occurrences == 97 and written[-1].request_id == "-"
 
 
 def test_a_request_whose_sampling_fails_ends_alone(device):

@@ -42,7 +42,9 @@ def test_session_turn_equals_full_reprefill_and_prefills_only_new_tokens(daemon,
     # the whole conversation re-prefilled from scratch: turn 1, its answer, turn 2 (no second BOS)
     full = p1 + out1 + tok.encode(TURN2).ids
     assert second["text"] == tok.decode(greedy_ids(model, full, 6))
-    assert second["usage"]["prompt_tokens"] == len(tok.encode(TURN2).ids)  # this turn's own tokens, no BOS
+    # usage counts the whole context the model attends to, and how much of it came from the kept cache
+    assert second["usage"]["prompt_tokens"] == len(full)
+    assert second["usage"]["cached_tokens"] == len(full) - 1 - len(tok.encode(TURN2).ids)
     # prefilled this turn: the last answer token (never fed) and turn 2's tokens, not the history
     assert after["prefill_tokens"] - before["prefill_tokens"] == 1 + len(tok.encode(TURN2).ids)
 

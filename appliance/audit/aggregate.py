@@ -2,9 +2,10 @@
 
 Refusals (bad frames, unknown CURVE keys, forbidden ops) and status reads cost the attacker nothing
 to send; writing a row for each would let one peer fill the disk and stall every request behind
-its fsyncs. The first event of each (peer, op, code) in an interval is written at once; the rest
-are counted and written as one row (``occurrences`` = the count) when the interval ends. Nothing
-is dropped: every event is in exactly one row's count.
+its fsyncs. The first ``burst`` events of each (peer, op, code) in an interval are written at once,
+each with its own request id (ordinary refusals stay individually visible); the rest are counted
+and written as one row (``occurrences`` = the count) when the interval ends. Nothing is dropped:
+every event is in exactly one row's count.
 """
 
 from __future__ import annotations
@@ -22,15 +23,19 @@ OVERFLOW_PEER = "*"  # where events go when too many distinct peers flood at onc
 class _Bucket:
     first: Entry  # the row written when the interval opened
     opened: float
-    extra: int = 0  # events since, not yet written
+    written: int = 1  # events of this interval written as their own rows
+    extra: int = 0  # events past the burst, not yet written
 
 
 class Aggregator:
     """Not thread-safe: owned by the serving loop, which calls ``flush`` every turn."""
 
-    def __init__(self, write: Callable[[list[Entry]], None], interval_s: float = 10.0, max_keys: int = 4096):
+    def __init__(
+        self, write: Callable[[list[Entry]], None], interval_s: float = 10.0, burst: int = 10, max_keys: int = 4096
+    ):
         self._write = write
         self.interval_s = interval_s
+        self.burst = burst
         self.max_keys = max_keys
         self._buckets: dict[tuple[str, str, str], _Bucket] = {}
         self.events = 0
@@ -47,6 +52,9 @@ class Aggregator:
             bucket = self._buckets.get(key)
         if bucket is None:
             self._buckets[key] = _Bucket(entry, now)
+            self._emit([entry])
+        elif bucket.written < self.burst:
+            bucket.written += 1
             self._emit([entry])
         else:
             bucket.extra += 1

@@ -14,7 +14,7 @@ from appliance.audit import Entry
 from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
 from appliance.metrics import METRICS
-from appliance.serving.chat import ReasoningSplitter, split_reasoning
+from appliance.serving.chat import THINK_OPEN, ReasoningSplitter, split_reasoning
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
@@ -81,12 +81,18 @@ class EngineRunner(threading.Thread):
         self._stopping = False
         self.tokens_generated = 0
         self.request_failures = 0  # requests ended by a fault in their own sampling/detokenization
+        # R1-style reasoning is split only for models that can produce it (a <think> token or template);
+        # for the rest the splitter would hold back leading whitespace for nothing.
+        chat = model.chat
+        self.reasons = model.tokenizer.token_to_id(THINK_OPEN) is not None or (
+            chat is not None and THINK_OPEN in chat.source
+        )
 
     # -- called from the server thread ---------------------------------------------------------
     def submit(self, job: Job) -> bool:
         """Queue a job; False when the waiting queue is full."""
         hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
-        if job.request.reasoning != "inline":
+        if job.request.reasoning != "inline" and self.reasons:
             job.splitter = ReasoningSplitter(job.opens_reasoning)
         with self._work:
             if hit is not None:  # answered from memory: finished at once, audited like any other request
@@ -324,7 +330,7 @@ class EngineRunner(threading.Thread):
             timings["tokens_per_s"] = round((n_out - 1) / max(end - seq.first_token_at, 1e-9), 2)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out, "cached_tokens": seq.base_len}
         reasoning, answer = None, job.detok.text
-        if job.request.reasoning != "inline":
+        if job.splitter is not None:
             reasoning, answer = split_reasoning(job.detok.text, job.opens_reasoning)
         if job.request.reasoning == "hide":
             reasoning = None

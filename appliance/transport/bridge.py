@@ -104,7 +104,7 @@ class Bridge:
                 )
 
     def _send(self, rid: str, op: str, fields: dict[str, Any]) -> Stream:
-        stream = Stream(self, rid)
+        stream = Stream(self, rid, fields.get("on_behalf_of"))
         with self._lock:
             self._waiting[rid] = stream.inbox
         self._submit(P.request(op, rid, **fields))
@@ -114,9 +114,10 @@ class Bridge:
         with self._push_lock:
             self._push.send(frame)
 
-    def cancel(self, rid: str) -> None:
-        """Ask the daemon to end request ``rid`` (its HTTP client left); the slot is freed within one step."""
-        self._submit(P.request(P.OP_CANCEL, uuid.uuid4().hex, target=rid))
+    def cancel(self, rid: str, on_behalf_of: dict | None = None) -> None:
+        """Ask the daemon to end request ``rid`` (its HTTP client left); the slot is freed within one step.
+        Request ids are scoped to the identity that sent them, so the cancel names the same end user."""
+        self._submit(P.request(P.OP_CANCEL, uuid.uuid4().hex, target=rid, on_behalf_of=on_behalf_of))
 
     def _forget(self, rid: str) -> None:
         with self._lock:
@@ -138,9 +139,10 @@ class Bridge:
 class Stream:
     """The replies to one request, in order."""
 
-    def __init__(self, bridge: Bridge, rid: str):
+    def __init__(self, bridge: Bridge, rid: str, on_behalf_of: dict | None = None):
         self.bridge = bridge
         self.id = rid
+        self.on_behalf_of = on_behalf_of
         self.inbox: queue.SimpleQueue[dict] = queue.SimpleQueue()
 
     def poll(self, timeout_s: float) -> dict | None:
@@ -157,7 +159,7 @@ class Stream:
         return reply
 
     def cancel(self) -> None:
-        self.bridge.cancel(self.id)
+        self.bridge.cancel(self.id, self.on_behalf_of)
 
     def close(self) -> None:
         self.bridge._forget(self.id)

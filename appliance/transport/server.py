@@ -490,7 +490,8 @@ class Server:
         return {
             "protocol": P.VERSION,
             "protocol_minor": P.MINOR,
-            "features": list(P.FEATURES),
+            # 'messages' only where the model has a chat template to render them with
+            "features": [f for f in P.FEATURES if f != "messages" or self.model.chat is not None],
             "software": __version__,
             "model_id": self.model.model_id,
             "version": self.model.version,
