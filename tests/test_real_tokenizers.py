@@ -172,7 +172,9 @@ def test_a_chat_session_continues_with_only_the_new_messages(qwen_checkpoint, qw
     history = [*first, {"role": "assistant", "content": one["text"]}]
     added = template.continuation(history, second)
     assert added.startswith("<｜end▁of▁sentence｜><｜User｜>And then?")
-    assert two["usage"]["prompt_tokens"] == len(tok.encode(added, add_special_tokens=False).ids)
+    # prefilled this turn: the last reply token (never fed) and what the new messages add, not the history
+    fed = two["usage"]["prompt_tokens"] - two["usage"]["cached_tokens"]
+    assert fed == 1 + len(tok.encode(added, add_special_tokens=False).ids)
 
 
 def test_a_raw_prompt_gets_no_bos_when_the_tokenizer_has_none(qwen_checkpoint, qwen_daemon):
