@@ -330,8 +330,8 @@ def proc_status(pid: int) -> dict:
     return {k: round(int(fields[k].split()[0]) / 1024) for k in ("VmRSS", "VmHWM")}
 
 
-def serve(work: Path, threads: int, rounds: int) -> dict:
-    """Start the daemon on the installed bundle; load time, RSS, client-side and server-side TTFT, decode rate."""
+def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float]:
+    """The daemon on the installed bundle (4 slots, ``MAX_SEQ_LEN``, ``threads``); returns once it answers."""
     from appliance.config import render_config
     from appliance.transport.client import Client, ClientError
     from bench.common import free_port
@@ -346,20 +346,27 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
         "max_new_tokens = 256", "max_new_tokens = 128"
     )
     (site / "appliance.toml").write_text(text)
-    prompts = json.loads((work / "prompts.json").read_text())
     start = time.perf_counter()
     proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(site / "appliance.toml"), "serve"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    with Client(endpoint, timeout_s=600, retries=1) as client:
+        while True:  # the daemon binds its socket only once the model is loaded and warmed up
+            try:
+                client.health()
+                return proc, endpoint, time.perf_counter() - start
+            except ClientError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"the daemon exited ({proc.returncode}) while loading") from None
+
+
+def serve(work: Path, threads: int, rounds: int) -> dict:
+    """Start the daemon on the installed bundle; load time, RSS, client-side and server-side TTFT, decode rate."""
+    from appliance.transport.client import Client
+
+    prompts = json.loads((work / "prompts.json").read_text())
+    proc, endpoint, load = start_daemon(work, threads)
     try:
         with Client(endpoint, timeout_s=600, retries=1) as client:
-            while True:  # the daemon binds its socket only once the model is loaded and warmed up
-                try:
-                    client.health()
-                    break
-                except ClientError:
-                    if proc.poll() is not None:
-                        raise SystemExit(f"the daemon exited ({proc.returncode}) while loading") from None
-            load = time.perf_counter() - start
             loaded_rss = proc_status(proc.pid)
             out = {
                 "load_s": round(load, 1),
@@ -403,6 +410,47 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
     return out
 
 
+def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
+    """Daemon and in-process engine rounds alternated (ABAB) at the 32-token prompt, so machine load hits
+    both alike: client-side and server-side TTFT through the daemon against the engine's own."""
+    import numpy as np
+
+    from appliance.engine import DecoderSpec
+    from appliance.engine.ort_engine import OrtEngine
+    from appliance.transport.client import Client
+
+    prompt = json.loads((work / "prompts.json").read_text())["32"]
+    spec = DecoderSpec.from_json((work / "q4" / "decoder.json").read_text())
+    proc, endpoint, _ = start_daemon(work, threads)
+    try:
+        eng = OrtEngine((work / "q4" / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN,
+                        threads=threads, spin=True)  # fmt: skip
+        engine_ms, client_ms, server_ms = [], [], []
+        with Client(endpoint, timeout_s=600, retries=1) as client:
+            for r in range(rounds + 1):
+                t0 = time.perf_counter()
+                int(np.argmax(eng.prefill([(0, prompt["ids"])])[0]))
+                t1 = time.perf_counter()
+                eng.release(0)
+                final = client.complete(prompt["text"], max_tokens=1, ignore_eos=True)
+                t2 = time.perf_counter()
+                if r:  # the first round warms up
+                    engine_ms.append((t1 - t0) * 1000)
+                    client_ms.append((t2 - t1) * 1000)
+                    server_ms.append(final["timings"]["ttft_ms"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {
+        "prompt_tokens": len(prompt["ids"]),
+        "rounds": rounds,
+        "engine_ms": statistics.median(engine_ms),
+        "daemon_client_ms": statistics.median(client_ms),
+        "daemon_server_ttft_ms": statistics.median(server_ms),
+        "runs": {"engine": engine_ms, "daemon_client": client_ms, "daemon_server": server_ms},
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="checkpoint shape (default: 1.5b)")
@@ -412,6 +460,7 @@ def main() -> int:
     p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai comparison")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
+    p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
@@ -436,6 +485,11 @@ def main() -> int:
         "stages": previous.get("stages", {}),
     }  # fmt: skip
     prepare_site(args.work)
+    if args.ttft_probe:
+        previous["ttft_probe_32"] = ttft_probe(args.work, args.threads, args.rounds)
+        out_path.write_text(json.dumps(previous, indent=2))
+        print(json.dumps(previous["ttft_probe_32"], indent=2))
+        return 0
     for name in () if args.serve_only else ("checkpoint", "export", "quantize", "seal", "install"):
         if not done[name] or name not in result["stages"]:
             result["stages"][name] = measured(name, args)
