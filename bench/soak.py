@@ -94,7 +94,7 @@ def worker(n: int, endpoint: str, stop: threading.Event, stats: Stats) -> None:
                         for _ in stream:
                             pass
                     except ClientError as exc:
-                        stats.error(exc.code)
+                        stats.error(f"{kind}:{exc.code}")
                     continue
                 session = f"s{n}" if kind == "session" else None
                 final = client.complete(
@@ -105,7 +105,7 @@ def worker(n: int, endpoint: str, stop: threading.Event, stats: Stats) -> None:
                 if session and rng.random() < 0.2:
                     client.end_session(session)
         except ClientError as exc:
-            stats.error(exc.code)
+            stats.error(f"{kind}:{exc.code}")
 
 
 def main() -> int:

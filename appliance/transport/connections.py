@@ -25,6 +25,9 @@ class Connections:
     def accepted(self, fd: int) -> None:
         self._generation[fd] = self._generation.get(fd, 0) + 1
 
+    def knows(self, route: bytes) -> bool:
+        return route in self._bound
+
     def seen(self, route: bytes, fd: int | None) -> None:
         """A message from ``route`` arrived on descriptor ``fd`` (None when libzmq cannot tell)."""
         if fd is None or route in self._bound:

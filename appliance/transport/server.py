@@ -240,6 +240,10 @@ class Server:
                 ),
             )
             return True
+        if not self.connections.knows(route):
+            # A new connection: its ACCEPTED (and any DISCONNECTED of a previous owner of its descriptor)
+            # may have been queued while this turn was reading; attribute those first.
+            self._on_monitor()
         self.connections.seen(route, _source_fd(payload))
         self._handle(envelope, self._peer(route, payload), payload)
         return True
