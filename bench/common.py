@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,3 +53,21 @@ def daemon(config_path: Path, name: str = "bench", audit_store: str | None = Non
         proc.terminate()
         proc.wait(timeout=30)
         cfg.unlink()
+
+
+def genai_generate(model, ids: list[int], new: int) -> tuple[float, float]:
+    """One greedy onnxruntime-genai generation of ``new`` tokens after ``ids``: (time to first token s,
+    decode tokens/s after it). ``model`` is an ``onnxruntime_genai.Model`` (threads set in its config)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(np.array(ids, np.int32))
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        gen.generate_next_token()
+    return t1 - t0, (new - 1) / max(time.perf_counter() - t1, 1e-9)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.config import render_config  # noqa: E402
 from appliance.engine import DecoderSpec, create_engine  # noqa: E402
 from appliance.transport.client import Client  # noqa: E402
-from bench.common import daemon  # noqa: E402
+from bench.common import daemon, genai_generate  # noqa: E402
 
 TEXT = (
     "Return the number of bytes in the buffer. Raise ValueError if the socket is closed or the "
@@ -199,20 +199,8 @@ def worker_genai(path: Path, ids: list[int], new: int, threads: int) -> tuple[fl
     import onnxruntime_genai as og
 
     model = og.Model(str(path))  # threads: overlaid in its genai_config.json
-    result = (0.0, 0.0)
-    for _ in range(2):  # the first run warms up
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(np.array(ids, np.int32))
-        gen.generate_next_token()
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            gen.generate_next_token()
-        result = (t1 - t0, (new - 1) / (time.perf_counter() - t1))
-        del gen
-    return result
+    genai_generate(model, ids, new)  # warm-up
+    return genai_generate(model, ids, new)
 
 
 def make_engine(onnx_dir: Path, ids: list[int], new: int, threads: int):

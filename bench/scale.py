@@ -225,8 +225,9 @@ def stage_genai_build(work: Path) -> None:
 
 
 def stage_genai(work: Path, threads: int, rounds: int) -> None:
-    import numpy as np
     import onnxruntime_genai as og
+
+    from bench.common import genai_generate
 
     path = work / "genai-int4"
     cfg = json.loads((path / "genai_config.json").read_text())
@@ -239,16 +240,7 @@ def stage_genai(work: Path, threads: int, rounds: int) -> None:
     out = {"load_s": load, "ttft_ms": {}, "rounds": rounds}
 
     def generate(ids: list[int], new: int) -> tuple[float, float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new, min_length=len(ids) + new, do_sample=False)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(np.array(ids, np.int32))
-        gen.generate_next_token()
-        t1 = time.perf_counter()
-        for _ in range(new - 1):
-            gen.generate_next_token()
-        return t1 - t0, (new - 1) / max(time.perf_counter() - t1, 1e-9)
+        return genai_generate(model, ids, new)
 
     for n in PROMPT_LENGTHS:
         ids = prompts[str(n)]["ids"]
