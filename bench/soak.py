@@ -135,6 +135,8 @@ def main() -> int:
         end = time.monotonic() + args.minutes * 60
         while time.monotonic() < end:
             time.sleep(min(args.interval, max(0.0, end - time.monotonic())))
+            if daemon.poll() is not None:
+                raise SystemExit(f"soak: the daemon exited with status {daemon.returncode} during the run")
             lat = sorted(stats.take())
             row = {
                 "t_s": round(args.minutes * 60 - (end - time.monotonic()), 1),
