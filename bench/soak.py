@@ -59,12 +59,12 @@ class Stats:
             return out
 
 
-def worker(n: int, endpoint: str, stop: threading.Event, stats: Stats) -> None:
+def worker(n: int, endpoint: str, stop: threading.Event, stats: Stats, run: str) -> None:
     rng = random.Random(n)
     i = 0
     while not stop.is_set():
         i += 1
-        rid = f"soak{n}-{i}"
+        rid = f"{run}-{n}-{i}"  # unique per run, so the audit check never matches an earlier run's rows
         kind = rng.choice(("stream", "stream", "session", "cancel", "disconnect", "hostile"))
         try:
             if kind == "hostile":
@@ -128,7 +128,8 @@ def main() -> int:
         with Client(endpoint, timeout_s=120, retries=3) as c:
             c.health()
         stats, stop = Stats(), threading.Event()
-        threads = [threading.Thread(target=worker, args=(n, endpoint, stop, stats)) for n in range(args.clients)]
+        run = f"soak{int(time.time())}"
+        threads = [threading.Thread(target=worker, args=(n, endpoint, stop, stats, run)) for n in range(args.clients)]
         for t in threads:
             t.start()
         intervals = []
@@ -156,7 +157,7 @@ def main() -> int:
         daemon.terminate()
         daemon.wait(timeout=60)
     audit = AuditLog(config.audit_db)
-    audited = {r.request_id for r in audit.rows() if r.op == "generate" and r.request_id.startswith("soak")}
+    audited = {r.request_id for r in audit.rows() if r.op == "generate" and r.request_id.startswith(run)}
     audit.close()
     missing = sorted(stats.finished_ids - audited)
     first, last = intervals[0]["rss_mib"], intervals[-1]["rss_mib"]
