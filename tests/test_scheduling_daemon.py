@@ -70,7 +70,9 @@ def test_overload_answers_busy_and_every_request_gets_exactly_one_final_reply(ti
     busy = [v[0] for v in finals.values() if v[0]["type"] == "error"]
     done = [v[0] for v in finals.values() if v[0]["type"] == "done"]
     assert busy and all(b["code"] == P.E_BUSY and b["retry_after_ms"] > 0 for b in busy)
-    assert len(done) >= 3 and all(r["usage"]["completion_tokens"] == 16 for r in done)
+    # The queue holds max_queued (2) waiting requests; whether the first one had already moved into the
+    # running batch when the third arrived depends on timing, so 2 accepted is the guaranteed minimum.
+    assert len(done) >= 2 and all(r["usage"]["completion_tokens"] == 16 for r in done)
 
 
 def test_concurrent_streams_do_not_block_health(daemon):
