@@ -227,7 +227,7 @@ def build_fused_decoder(
     init.add("cos_cache", cos)
     init.add("sin_cache", sin)
     embed = w("model.embed_tokens.weight")
-    (x,) = g.node("Gather", [init.add("embed_tokens", embed), "input_ids"], "embedded")
+    x = embedding(g, embed)
     residual = None
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -262,10 +262,8 @@ def build_fused_decoder(
         x = g.linear(act, w(mlp + "down_proj.weight"), f"layer{i}.down")
     h, _ = _norm(g, x, residual, w("model.norm.weight"), "final_norm", eps)
     head = maybe("lm_head.weight")
-    head = embed if head is None else head
-    del embed
-    # The LM head is the largest matrix a decode step reads: 4-bit in q4 graphs, like onnxruntime-genai's int4.
-    g.linear(h, head, "lm_head", out="logits")
+    lm_head(g, h, embed if head is None else head)
+    del embed, head
     init.close()
 
     spec = DecoderSpec(
@@ -282,6 +280,18 @@ def build_fused_decoder(
     )
     _save(g, spec, out_dir)
     return spec
+
+
+def embedding(g: _Graph, table: np.ndarray) -> str:
+    """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``."""
+    (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
+    return x
+
+
+def lm_head(g: _Graph, h: str, head: np.ndarray) -> str:
+    """The LM head ``[vocab, hidden]`` (the embedding table when tied) → ``logits``."""
+    # The LM head is the largest matrix a decode step reads: 4-bit in q4 graphs, like onnxruntime-genai's int4.
+    return g.linear(h, head, "lm_head", out="logits")
 
 
 def _norm(g: _Graph, x: str, residual: str | None, gamma: np.ndarray, name: str, eps: float) -> tuple[str, str]:
