@@ -25,9 +25,13 @@ point) flattened to ``[rows, in * bits / 8]`` with scales ``[experts, rows, in /
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from .fused_graph import BLOCK_SIZE, UnsupportedModel, Weights, _Graph, quantize_blocks
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .fused_graph import BLOCK_SIZE, UnsupportedModel, Weights, _Graph, _Initializers, quantize_blocks
 
 # A router_probs entry that can never win top-k against log(weight) >= log(smallest float), and
 # whose softmax weight underflows to exactly 0.
@@ -50,7 +54,7 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
         "ConstantOfShape",
         [shape],
         f"{name}.not_chosen",
-        value=_tensor(np.array([_NOT_CHOSEN], np.float32), f"{name}.not_chosen_value"),
+        value=numpy_helper.from_array(np.array([_NOT_CHOSEN], np.float32), f"{name}.not_chosen_value"),
     )
     (probs,) = g.node("ScatterElements", [base, chosen.indices, log_weights], f"{name}.probs_3d", axis=-1)
     (probs,) = g.node(
@@ -86,6 +90,23 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     (total,) = g.node("ReduceSum", [routing_weights, axes], f"{name}.weight_sum", keepdims=1)
     (y,) = g.node("Mul", [y, total], f"{name}.routed")
     return y
+
+
+def routed_experts_model(config, weights: Weights, prefix: str, bits: int | None = None) -> onnx.ModelProto:
+    """One layer's routed experts as a standalone graph ``x [B,S,hidden]`` → ``routed``: for tests and
+    benchmarks of the operator on its own (the decoder builders call ``routed_experts`` instead)."""
+    g = _Graph(_Initializers(Path("."), external=False), bits)
+    y = routed_experts(g, "x", weights, prefix, config, "moe")
+    value = ["batch", "sequence", config.hidden_size]
+    graph = helper.make_graph(
+        g.nodes,
+        "routed-experts",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, value)],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, value)],
+        g.init.tensors,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
 class _Choice:
@@ -226,9 +247,3 @@ def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: st
             for k in shapes
         )
     return tuple(_Operand(g.init.add(f"{name}.{k}.weight", full[k])) for k in shapes)
-
-
-def _tensor(array: np.ndarray, name: str):
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(array, name)

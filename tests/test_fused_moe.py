@@ -8,13 +8,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-from edge_models.fused_graph import UnsupportedModel, Weights, _Graph, _Initializers, quantize_blocks
-from edge_models.fused_moe import routed_experts
+from edge_models.fused_graph import UnsupportedModel, Weights, quantize_blocks
+from edge_models.fused_moe import routed_experts_model
 
 PREFIX = "model.layers.1.mlp."
 SHAPE = dict(hidden_size=64, moe_intermediate_size=32, n_shared_experts=1, hidden_act="silu")
@@ -75,21 +74,6 @@ def checkpoint_weights(moe, stacked: bool = True) -> Weights:
     return Weights(set(state), lambda n: state[n].shape, lambda n: state[n])
 
 
-def build(config, weights: Weights, tmp_path, bits: int | None = None) -> tuple[onnx.ModelProto, _Graph]:
-    g = _Graph(_Initializers(tmp_path, external=False), bits)
-    y = routed_experts(g, "x", weights, PREFIX, config, "layer1.moe")
-    hidden = config.hidden_size
-    graph = helper.make_graph(
-        g.nodes,
-        "routed-experts",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", hidden])],
-        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["batch", "sequence", hidden])],
-        g.init.tensors,
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=10), g
-
-
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -106,15 +90,15 @@ def relative_error(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_expert"])
-def test_v3_grouped_routing_with_correction_bias_equals_transformers(tmp_path, stacked):
+def test_v3_grouped_routing_with_correction_bias_equals_transformers(stacked):
     config = v3_config()
     moe = random_moe(config)
     x = hidden_states(config)
-    model, _ = build(config, checkpoint_weights(moe, stacked), tmp_path)
+    model = routed_experts_model(config, checkpoint_weights(moe, stacked), PREFIX)
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
-def test_v3_correction_bias_changes_the_choice_not_the_weights(tmp_path):
+def test_v3_correction_bias_changes_the_routing_of_the_test_weights():
     """The bias must matter here (else the test above could not tell it from plain top-k)."""
     config = v3_config()
     moe = random_moe(config)
@@ -125,31 +109,31 @@ def test_v3_correction_bias_changes_the_choice_not_the_weights(tmp_path):
     assert np.abs(reference(moe, x) - reference(unbiased, x)).max() > 1e-2
 
 
-def test_v3_without_normalization_equals_transformers(tmp_path):
+def test_v3_without_normalization_equals_transformers():
     config = v3_config(norm_topk_prob=False)
     moe = random_moe(config)
     x = hidden_states(config)
-    model, _ = build(config, checkpoint_weights(moe), tmp_path)
+    model = routed_experts_model(config, checkpoint_weights(moe), PREFIX)
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
 @pytest.mark.parametrize("norm_topk_prob", [False, True], ids=["no_norm", "norm"])
-def test_v2_routing_equals_transformers(tmp_path, topk_method, norm_topk_prob):
+def test_v2_routing_equals_transformers(topk_method, norm_topk_prob):
     config = v2_config(topk_method, norm_topk_prob)
     moe = random_moe(config)
     x = hidden_states(config)
-    model, _ = build(config, checkpoint_weights(moe, stacked=False), tmp_path)
+    model = routed_experts_model(config, checkpoint_weights(moe, stacked=False), PREFIX)
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family", ["v3", "v2"])
-def test_quantized_experts_stay_within_stated_error(tmp_path, bits, family):
+def test_quantized_experts_stay_within_stated_error(bits, family):
     config = v3_config() if family == "v3" else v2_config("group_limited_greedy")
     moe = random_moe(config)
     x = hidden_states(config, batch=4, sequence=8)
-    model, _ = build(config, checkpoint_weights(moe), tmp_path, bits)
+    model = routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits)
     assert [n.op_type for n in model.graph.node if n.domain == "com.microsoft"] == ["QMoE"]
     assert relative_error(run(model, x), reference(moe, x)) < TOLERANCE[bits]
 
@@ -163,13 +147,13 @@ def dequantized(weight: np.ndarray, bits: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_experts_compute_with_exactly_the_packed_weights(tmp_path, bits):
+def test_quantized_experts_compute_with_exactly_the_packed_weights(bits):
     """The packing is right: against transformers running the dequantized weights, only the int8
     activations differ (a wrong interleave, nibble order or scale layout gives errors near 100%)."""
     config = v3_config()
     moe = random_moe(config)
     x = hidden_states(config, batch=4, sequence=8)
-    model, _ = build(config, checkpoint_weights(moe), tmp_path, bits)
+    model = routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits)
     inter, scale = config.moe_intermediate_size, config.routed_scaling_factor
     with torch.no_grad():
         for gate_up, down in zip(moe.experts.gate_up_proj, moe.experts.down_proj, strict=True):
@@ -181,46 +165,46 @@ def test_quantized_experts_compute_with_exactly_the_packed_weights(tmp_path, bit
     assert relative_error(run(model, x), reference(moe, x)) < ACTIVATION_TOLERANCE
 
 
-def test_single_token_decode_step_equals_transformers(tmp_path):
+def test_single_token_decode_step_equals_transformers():
     config = v3_config()
     moe = random_moe(config)
     x = hidden_states(config, batch=1, sequence=1)
-    model, _ = build(config, checkpoint_weights(moe), tmp_path)
+    model = routed_experts_model(config, checkpoint_weights(moe), PREFIX)
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_graph_does_not_grow_with_the_number_of_experts(tmp_path, bits):
+def test_graph_does_not_grow_with_the_number_of_experts(bits):
     sizes = []
     for experts in (4, 32):
         config = v3_config(experts, n_group=2, topk_group=1, num_experts_per_tok=2)
-        _, g = build(config, checkpoint_weights(random_moe(config)), tmp_path, bits)
-        sizes.append([n.op_type for n in g.nodes])
+        model = routed_experts_model(config, checkpoint_weights(random_moe(config)), PREFIX, bits)
+        sizes.append([n.op_type for n in model.graph.node])
     assert sizes[0] == sizes[1]
     assert sizes[0].count("QMoE" if bits else "MoE") == 1
 
 
-def test_experts_are_read_one_tensor_at_a_time(tmp_path):
+def test_experts_are_read_one_tensor_at_a_time():
     config = v3_config()
     weights = checkpoint_weights(random_moe(config), stacked=False)
     largest = []
     read = weights._get
     weights._get = lambda n: largest.append(read(n).size) or read(n)
-    build(config, weights, tmp_path, bits=4)
+    routed_experts_model(config, weights, PREFIX, bits=4)
     assert max(largest) == config.hidden_size * config.moe_intermediate_size
 
 
-def test_quantized_experts_need_block_aligned_sizes(tmp_path):
+def test_quantized_experts_need_block_aligned_sizes():
     config = v3_config()
     config.moe_intermediate_size = 48
     moe = random_moe(config)
     with pytest.raises(UnsupportedModel, match="divisible by 32"):
-        build(config, checkpoint_weights(moe), tmp_path, bits=4)
+        routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits=4)
 
 
-def test_unknown_v2_topk_method_is_refused(tmp_path):
+def test_unknown_v2_topk_method_is_refused():
     config = v2_config("greedy")
     moe = random_moe(config)
     config.topk_method = "noaux_tc"
     with pytest.raises(UnsupportedModel, match="topk_method"):
-        build(config, checkpoint_weights(moe), tmp_path)
+        routed_experts_model(config, checkpoint_weights(moe), PREFIX)
