@@ -9,11 +9,17 @@ The routing is DeepSeek's own, computed in the graph with a fixed number of node
   expert). Like transformers' ``DeepseekV2TopkRouter`` (our parity reference), V2 never
   normalizes the selected weights, whatever ``norm_topk_prob`` says.
 
-Both operators select and weigh experts themselves from ``router_probs``: a softmax over the
-top ``k`` entries of each row (ONNX Runtime 1.32 CPU kernels, checked against a reference in
-``tests/test_fused_moe.py``). So the graph hands them ``log(weight)`` at the experts DeepSeek chose
-and a large negative value elsewhere: the operator's softmax then yields ``weight / sum(weights)``,
-and when the model does not normalize one ``Mul`` by ``sum(weights)`` restores the scale.
+The operators pick the top ``k`` experts of each row of ``router_probs`` themselves (ONNX Runtime
+1.32 CPU kernels; semantics checked against references in ``tests/test_fused_moe.py``):
+
+- ``QMoE`` takes DeepSeek's choice scores as ``router_probs`` (biased, excluded groups pushed out of
+  reach) and the scores the weights come from as ``router_weights``; it gathers those at the chosen
+  experts and normalizes them when asked. Routing costs 4-5 nodes (about 14 when grouped).
+- ``MoE`` has no ``router_weights``: it weighs the chosen experts by a softmax over their
+  ``router_probs``. So the graph chooses the experts itself and hands it ``log(weight)`` at those and
+  a large negative value elsewhere; the softmax then yields ``weight / sum(weights)``, and when the
+  model does not normalize, a ``Mul`` by ``sum(weights)`` restores the scale.
+
 ``routed_scaling_factor`` is folded into the down projection's weights.
 
 Operand layout (found by testing against a numpy reference, not by the spec alone): ``fc1`` is
@@ -45,50 +51,51 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     hidden state [B,S,hidden] (graph value name); returns the graph value name of the routed output
     [B,S,hidden] = routed_scaling_factor-scaled weighted sum of the selected experts, WITHOUT shared experts."""
     family = _family(config)
-    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
-    chosen, routing_weights = _route(g, x, weights, prefix, config, family, name)
-    # The operator's softmax over the chosen entries turns log(weight) back into normalized weights.
-    (log_weights,) = g.node("Log", [routing_weights], f"{name}.log_weights")
-    (shape,) = g.node("Shape", [chosen.scores], f"{name}.scores_shape")
-    (base,) = g.node(
-        "ConstantOfShape",
-        [shape],
-        f"{name}.not_chosen",
-        value=numpy_helper.from_array(np.array([_NOT_CHOSEN], np.float32), f"{name}.not_chosen_value"),
-    )
-    (probs,) = g.node("ScatterElements", [base, chosen.indices, log_weights], f"{name}.probs_3d", axis=-1)
-    (probs,) = g.node(
-        "Reshape", [probs, g.init.add(f"{name}.rows", np.array([-1, experts], np.int64))], f"{name}.probs"
-    )
+    # The operators' router inputs are [tokens, experts]: route token rows.
+    row_shape = g.init.add(f"{name}.row_shape", np.array([-1, config.hidden_size], np.int64))
+    (rows,) = g.node("Reshape", [x, row_shape], f"{name}.rows")
+    scores, choice = _scores(g, rows, weights, prefix, config, family, name)
     fc1, fc2 = _stacked_operands(g, weights, prefix, config, name)
     common = dict(
         domain="com.microsoft",
-        k=top_k,
+        k=config.num_experts_per_tok,
         activation_type="swiglu",
         swiglu_fusion=1,
         activation_alpha=1.0,  # SiLU(g) * u: the operator's SwiGLU is g * sigmoid(alpha * g) * (u + beta)
         activation_beta=0.0,
-        normalize_routing_weights=1,
     )
-    out = f"{name}.routed" if _normalizes(config, family) else f"{name}.normalized"
-    if g.bits is None:
-        (y,) = g.node("MoE", [x, probs, fc1.weight, "", fc2.weight], out, **common)
-    else:
+    if g.bits:
+        no_inputs = [""] * 7  # fc2 bias, fc3 weights/scales/bias, zero points: none
         (y,) = g.node(
             "QMoE",
-            [x, probs, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales],
-            out,
+            [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
+            f"{name}.routed",
             expert_weight_bits=g.bits,
             block_size=BLOCK_SIZE,
             weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
             accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
+            normalize_routing_weights=int(_normalizes(config, family)),
             **common,
         )
-    if out == f"{name}.routed":
         return y
+    k = g.init.add(f"{name}.top_k", np.array([config.num_experts_per_tok], np.int64))
+    _, chosen = g.node("TopK", [choice, k], [f"{name}.top_choice", f"{name}.chosen"], axis=-1)
+    (routing_weights,) = g.node("GatherElements", [scores, chosen], f"{name}.weights", axis=-1)
+    (log_weights,) = g.node("Log", [routing_weights], f"{name}.log_weights")
+    (shape,) = g.node("Shape", [scores], f"{name}.scores_shape")
+    not_chosen = numpy_helper.from_array(np.array([_NOT_CHOSEN], np.float32), f"{name}.not_chosen_value")
+    (base,) = g.node("ConstantOfShape", [shape], f"{name}.not_chosen", value=not_chosen)
+    (probs,) = g.node("ScatterElements", [base, chosen, log_weights], f"{name}.probs", axis=-1)
+    fc = [fc1.weight, "", fc2.weight]
+    if _normalizes(config, family):
+        (y,) = g.node("MoE", [x, probs, *fc], f"{name}.routed", normalize_routing_weights=1, **common)
+        return y
+    (y,) = g.node("MoE", [rows, probs, *fc], f"{name}.normalized", normalize_routing_weights=1, **common)
     axes = g.init.add(f"{name}.last_axis", np.array([-1], np.int64))
     (total,) = g.node("ReduceSum", [routing_weights, axes], f"{name}.weight_sum", keepdims=1)
-    (y,) = g.node("Mul", [y, total], f"{name}.routed")
+    (y,) = g.node("Mul", [y, total], f"{name}.routed_rows")
+    (shape,) = g.node("Shape", [x], f"{name}.x_shape")
+    (y,) = g.node("Reshape", [y, shape], f"{name}.routed")
     return y
 
 
@@ -107,13 +114,6 @@ def routed_experts_model(config, weights: Weights, prefix: str, bits: int | None
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
-
-
-class _Choice:
-    """Graph values of one routing: ``scores`` [B,S,E] (what the weights come from), ``indices`` [B,S,k]."""
-
-    def __init__(self, scores: str, indices: str):
-        self.scores, self.indices = scores, indices
 
 
 class _Operand:
@@ -148,10 +148,11 @@ def _normalizes(config, family: str) -> bool:
     return family == "deepseek_v3" and bool(config.norm_topk_prob)
 
 
-def _route(g: _Graph, x: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[_Choice, str]:
-    """DeepSeek's expert choice for every token; returns it and the chosen experts' weights [B,S,k]."""
+def _scores(g: _Graph, rows: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[str, str]:
+    """The router on token rows [T,hidden]: (scores the weights come from, choice scores the top-k picks
+    from), both [T,experts]."""
     router = weights.get(prefix + "gate.weight")
-    (logits,) = g.node("MatMul", [x, g.init.add(f"{name}.router", router.T)], f"{name}.logits")
+    (logits,) = g.node("MatMul", [rows, g.init.add(f"{name}.router", router.T)], f"{name}.logits")
     if family == "deepseek_v3":
         (scores,) = g.node("Sigmoid", [logits], f"{name}.scores")
         bias = g.init.add(f"{name}.correction_bias", weights.get(prefix + "gate.e_score_correction_bias"))
@@ -161,16 +162,13 @@ def _route(g: _Graph, x: str, weights: Weights, prefix: str, config, family: str
         choice = scores
     if _grouped(config, family):
         choice = _keep_best_groups(g, choice, config, family, name)
-    k = g.init.add(f"{name}.top_k", np.array([config.num_experts_per_tok], np.int64))
-    _, indices = g.node("TopK", [choice, k], [f"{name}.top_values", f"{name}.indices"], axis=-1)
-    (chosen,) = g.node("GatherElements", [scores, indices], f"{name}.weights", axis=-1)
-    return _Choice(scores, indices), chosen
+    return scores, choice
 
 
 def _keep_best_groups(g: _Graph, choice: str, config, family: str, name: str) -> str:
     """``choice`` with the experts outside each token's best ``topk_group`` groups pushed out of reach."""
     groups, per_group = config.n_group, config.n_routed_experts // config.n_group
-    grouped_shape = g.init.add(f"{name}.grouped_shape", np.array([0, 0, groups, per_group], np.int64))
+    grouped_shape = g.init.add(f"{name}.grouped_shape", np.array([0, groups, per_group], np.int64))
     (grouped,) = g.node("Reshape", [choice, grouped_shape], f"{name}.grouped")
     if family == "deepseek_v3":  # a group's score: the sum of its two best experts
         two = g.init.add(f"{name}.two", np.array([2], np.int64))
@@ -181,7 +179,7 @@ def _keep_best_groups(g: _Graph, choice: str, config, family: str, name: str) ->
         (group_scores,) = g.node("ReduceMax", [grouped], f"{name}.group_scores", axes=[-1], keepdims=0)
     kept = g.init.add(f"{name}.topk_group", np.array([config.topk_group], np.int64))
     _, best = g.node("TopK", [group_scores, kept], [f"{name}.best_groups", f"{name}.best_group_idx"], axis=-1)
-    # One-hot rows of penalties ([B,S,topk_group,G]), then the max over the kept slots: 0 for a kept group.
+    # One-hot rows of penalties ([T,topk_group,G]), then the max over the kept slots: 0 for a kept group.
     depth = g.init.add(f"{name}.groups", np.array(groups, np.int64))
     values = g.init.add(f"{name}.penalty_values", np.array([_EXCLUDED_GROUP, 0.0], np.float32))
     (onehot,) = g.node("OneHot", [best, depth, values], f"{name}.group_onehot", axis=-1)
@@ -190,7 +188,7 @@ def _keep_best_groups(g: _Graph, choice: str, config, family: str, name: str) ->
         "Unsqueeze", [penalty, g.init.add(f"{name}.expert_axis", np.array([-1], np.int64))], f"{name}.penalty"
     )
     (masked,) = g.node("Add", [grouped, penalty], f"{name}.masked_grouped")
-    flat_shape = g.init.add(f"{name}.flat_shape", np.array([0, 0, config.n_routed_experts], np.int64))
+    flat_shape = g.init.add(f"{name}.flat_shape", np.array([0, config.n_routed_experts], np.int64))
     (masked,) = g.node("Reshape", [masked, flat_shape], f"{name}.masked_choice")
     return masked
 
