@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
@@ -95,6 +95,34 @@ def test_v3_grouped_routing_with_correction_bias_equals_transformers(stacked):
     moe = random_moe(config)
     x = hidden_states(config)
     model = routed_experts_model(config, checkpoint_weights(moe, stacked), PREFIX)
+    np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
+
+
+def test_layer_built_from_a_saved_checkpoint_equals_the_loaded_model(tmp_path):
+    """The export path: safetensors as ``save_pretrained`` writes them (one tensor per expert projection),
+    read through ``Weights.from_safetensors``, against the MoE layer of the model loaded back."""
+    config = v3_config(
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a router far from its near-zero init, so the choice is not a coin toss
+        saved.model.layers[1].mlp.gate.weight.normal_(0, 0.5)
+        saved.model.layers[1].mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    saved.save_pretrained(tmp_path)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).model.layers[1].mlp.eval()
+    model = routed_experts_model(config, Weights.from_safetensors(tmp_path), PREFIX)
+    x = hidden_states(config)
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
