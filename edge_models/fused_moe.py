@@ -26,7 +26,10 @@ Operand layout (found by testing against a numpy reference, not by the spec alon
 ``[experts, 2 * inter, hidden]`` with gate and up rows interleaved (``swiglu_fusion=1``, the only
 SwiGLU layout the CPU kernels run), ``fc2`` is ``[experts, hidden, inter]``; quantized, each expert's
 rows are ``quantize_blocks`` output (symmetric blocks of 32 along the input dimension, implicit zero
-point) flattened to ``[rows, in * bits / 8]`` with scales ``[experts, rows, in / 32]``.
+point) flattened to ``[rows, in * bits / 8]`` with scales ``[experts, rows, in / 32]``. A hidden size
+that is no multiple of 32 is quantized per output channel instead (scales ``[experts, rows]``, the
+operator's layout without ``block_size``); a misaligned ``moe_intermediate_size`` is padded with zero
+channels, which is exact.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     row_shape = g.init.add(f"{name}.row_shape", np.array([-1, config.hidden_size], np.int64))
     (rows,) = g.node("Reshape", [x, row_shape], f"{name}.rows")
     scores, choice = _scores(g, rows, weights, prefix, config, family, name)
-    fc1, fc2 = _stacked_operands(g, weights, prefix, config, name)
+    fc1, fc2, blocked = _stacked_operands(g, weights, prefix, config, name)
     common = dict(
         domain="com.microsoft",
         k=config.num_experts_per_tok,
@@ -71,7 +74,7 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
             [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
             f"{name}.routed",
             expert_weight_bits=g.bits,
-            block_size=BLOCK_SIZE,
+            **({"block_size": BLOCK_SIZE} if blocked else {}),
             weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
             accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
             normalize_routing_weights=int(_normalizes(config, family)),
@@ -212,36 +215,52 @@ def _expert_weights(weights: Weights, prefix: str, experts: int):
         )
 
 
-def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand]:
-    """fc1 (interleaved gate/up) and fc2 (down × routed_scaling_factor), filled one expert at a time."""
+def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand, bool]:
+    """fc1 (interleaved gate/up) and fc2 (down × routed_scaling_factor), filled one expert at a time, and
+    whether they are quantized in blocks along the input dimension (else per output channel)."""
     experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     bits, scale = g.bits, np.float32(config.routed_scaling_factor)
-    if bits and (hidden % BLOCK_SIZE or inter % BLOCK_SIZE):
-        raise UnsupportedModel(
-            f"QMoE needs hidden_size ({hidden}) and moe_intermediate_size ({inter}) divisible by {BLOCK_SIZE}"
-        )
-    shapes = {"fc1": (2 * inter, hidden), "fc2": (hidden, inter)}
-    if bits:
-        packed = {k: np.empty((experts, n, kk * bits // 8), np.uint8) for k, (n, kk) in shapes.items()}
-        scales = {k: np.empty((experts, n, kk // BLOCK_SIZE), np.float32) for k, (n, kk) in shapes.items()}
-    else:
-        full = {k: np.empty((experts, *shape), np.float32) for k, shape in shapes.items()}
+    blocked = bool(bits) and hidden % BLOCK_SIZE == 0
+    if bits and hidden * bits % 8:
+        raise UnsupportedModel(f"QMoE cannot pack {bits}-bit rows of hidden_size {hidden}: it needs whole bytes")
+    # Zero intermediate channels change nothing (SiLU(0) * 0 meets zero down columns) and keep the
+    # quantized rows whole: blocks of 32, or whole bytes of 4-bit codes.
+    align = BLOCK_SIZE if blocked else 2 if bits == 4 else 1
+    pad = -inter % align
+    stacked: dict[str, list[np.ndarray]] = {}
     for e, (gate, up, down) in enumerate(_expert_weights(weights, prefix, experts)):
         if gate.shape != (inter, hidden) or down.shape != (hidden, inter):
             raise UnsupportedModel(
                 f"{prefix}experts: expert {e} has gate {gate.shape} / down {down.shape}, "
                 f"config says ({inter}, {hidden}) / ({hidden}, {inter})"
             )
-        rows = {"fc1": np.stack([gate, up], axis=1).reshape(2 * inter, hidden), "fc2": down * scale}
-        for k, w in rows.items():
-            if bits:
-                q, s = quantize_blocks(w, bits)
-                packed[k][e], scales[k][e] = q.reshape(q.shape[0], -1), s.reshape(q.shape[0], -1)
-            else:
-                full[k][e] = w
-    if bits:
-        return tuple(
-            _Operand(g.init.add(f"{name}.{k}.qweight", packed[k]), g.init.add(f"{name}.{k}.scales", scales[k]))
-            for k in shapes
-        )
-    return tuple(_Operand(g.init.add(f"{name}.{k}.weight", full[k])) for k in shapes)
+        fc1 = np.pad(np.stack([gate, up], axis=1).reshape(2 * inter, hidden), ((0, 2 * pad), (0, 0)))
+        fc2 = np.pad(down * scale, ((0, 0), (0, pad)))
+        for key, w in (("fc1", fc1), ("fc2", fc2)):
+            parts = _quantize(w, bits, blocked) if bits else (w,)
+            if key not in stacked:
+                stacked[key] = [np.empty((experts, *part.shape), part.dtype) for part in parts]
+            for whole, part in zip(stacked[key], parts, strict=True):
+                whole[e] = part
+    kinds = ("qweight", "scales") if bits else ("weight",)
+    fc1, fc2 = (
+        _Operand(*(g.init.add(f"{name}.{key}.{kind}", a) for kind, a in zip(kinds, stacked[key], strict=True)))
+        for key in ("fc1", "fc2")
+    )
+    return fc1, fc2, blocked
+
+
+def _quantize(weight: np.ndarray, bits: int, blocked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """QMoE operands of one ``[N, K]`` weight: codes ``[N, K * bits / 8]`` (symmetric, implicit zero point
+    2^(bits-1), low nibble first) and scales ``[N, K / 32]`` (blocks) or ``[N]`` (per output channel)."""
+    rows = weight.shape[0]
+    if blocked:
+        codes, scales = quantize_blocks(weight, bits)
+        return codes.reshape(rows, -1), scales.reshape(rows, -1)
+    top = 2 ** (bits - 1)
+    scales = (np.abs(weight).max(axis=1) / (top - 1)).astype(np.float32)
+    steps = np.rint(weight / np.where(scales == 0, 1, scales)[:, None])
+    codes = (np.clip(steps, -top, top - 1) + top).astype(np.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes, scales
