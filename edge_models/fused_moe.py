@@ -59,7 +59,7 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     (rows,) = g.node("Reshape", [x, row_shape], f"{name}.rows")
     scores, choice = _scores(g, rows, weights, prefix, config, family, name)
     fc1, fc2, blocked = _stacked_operands(g, weights, prefix, config, name)
-    common = dict(
+    attrs = dict(
         domain="com.microsoft",
         k=config.num_experts_per_tok,
         activation_type="swiglu",
@@ -67,21 +67,37 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
         activation_alpha=1.0,  # SiLU(g) * u: the operator's SwiGLU is g * sigmoid(alpha * g) * (u + beta)
         activation_beta=0.0,
     )
-    if g.bits:
-        no_inputs = [""] * 7  # fc2 bias, fc3 weights/scales/bias, zero points: none
-        (y,) = g.node(
-            "QMoE",
-            [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
-            f"{name}.routed",
-            expert_weight_bits=g.bits,
-            **({"block_size": BLOCK_SIZE} if blocked else {}),
-            weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
-            accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
-            normalize_routing_weights=int(_normalizes(config, family)),
-            **common,
-        )
-        return y
-    k = g.init.add(f"{name}.top_k", np.array([config.num_experts_per_tok], np.int64))
+    if not g.bits:
+        return _moe(g, x, rows, scores, choice, fc1, fc2, _normalizes(config, family), attrs, name)
+    no_inputs = [""] * 7  # fc2 bias, fc3 weights/scales/bias, zero points: none
+    (y,) = g.node(
+        "QMoE",
+        [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
+        f"{name}.routed",
+        expert_weight_bits=g.bits,
+        **({"block_size": BLOCK_SIZE} if blocked else {}),
+        weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
+        accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
+        normalize_routing_weights=int(_normalizes(config, family)),
+        **attrs,
+    )
+    return y
+
+
+def _moe(
+    g: _Graph,
+    x: str,
+    rows: str,
+    scores: str,
+    choice: str,
+    fc1: _Operand,
+    fc2: _Operand,
+    normalize: bool,
+    attrs: dict,
+    name: str,
+) -> str:
+    """The fp32 ``MoE`` node, which has no ``router_weights``: choose here, hand it ``log(weight)``."""
+    k = g.init.add(f"{name}.top_k", np.array([attrs["k"]], np.int64))
     _, chosen = g.node("TopK", [choice, k], [f"{name}.top_choice", f"{name}.chosen"], axis=-1)
     (routing_weights,) = g.node("GatherElements", [scores, chosen], f"{name}.weights", axis=-1)
     (log_weights,) = g.node("Log", [routing_weights], f"{name}.log_weights")
@@ -90,10 +106,11 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     (base,) = g.node("ConstantOfShape", [shape], f"{name}.not_chosen", value=not_chosen)
     (probs,) = g.node("ScatterElements", [base, chosen, log_weights], f"{name}.probs", axis=-1)
     fc = [fc1.weight, "", fc2.weight]
-    if _normalizes(config, family):
-        (y,) = g.node("MoE", [x, probs, *fc], f"{name}.routed", normalize_routing_weights=1, **common)
+    if normalize:
+        (y,) = g.node("MoE", [x, probs, *fc], f"{name}.routed", normalize_routing_weights=1, **attrs)
         return y
-    (y,) = g.node("MoE", [rows, probs, *fc], f"{name}.normalized", normalize_routing_weights=1, **common)
+    # The operator normalized the weights: scale each token row back by their sum.
+    (y,) = g.node("MoE", [rows, probs, *fc], f"{name}.normalized", normalize_routing_weights=1, **attrs)
     axes = g.init.add(f"{name}.last_axis", np.array([-1], np.int64))
     (total,) = g.node("ReduceSum", [routing_weights, axes], f"{name}.weight_sum", keepdims=1)
     (y,) = g.node("Mul", [y, total], f"{name}.routed_rows")

@@ -187,7 +187,7 @@ def test_quantized_experts_compute_with_exactly_the_packed_weights(bits, inter):
     moe = random_moe(config)
     x = hidden_states(config, batch=4, sequence=8)
     model = routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits)
-    inter, scale = config.moe_intermediate_size, config.routed_scaling_factor
+    scale = config.routed_scaling_factor
     with torch.no_grad():
         for gate_up, down in zip(moe.experts.gate_up_proj, moe.experts.down_proj, strict=True):
             fc1 = np.stack([gate_up[:inter].numpy(), gate_up[inter:].numpy()], 1).reshape(2 * inter, -1)
