@@ -128,15 +128,26 @@ def test_layer_built_from_a_saved_checkpoint_equals_the_loaded_model(tmp_path):
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
-def test_v3_correction_bias_changes_the_routing_of_the_test_weights():
-    """The bias must matter here (else the test above could not tell it from plain top-k)."""
-    config = v3_config()
+def _without_bias(config):
     moe = random_moe(config)
-    x = hidden_states(config)
     with torch.no_grad():
-        unbiased = random_moe(config)
-        unbiased.gate.e_score_correction_bias.zero_()
-    assert np.abs(reference(moe, x) - reference(unbiased, x)).max() > 1e-2
+        moe.gate.e_score_correction_bias.zero_()
+    return moe
+
+
+@pytest.mark.parametrize(
+    "variant, baseline",
+    [
+        (lambda: random_moe(v3_config()), lambda: _without_bias(v3_config())),
+        (lambda: random_moe(v3_config()), lambda: random_moe(v3_config(topk_group=4))),
+        (lambda: random_moe(v2_config("group_limited_greedy")), lambda: random_moe(v2_config("greedy"))),
+    ],
+    ids=["v3_correction_bias", "v3_groups", "v2_groups"],
+)
+def test_each_routing_feature_changes_the_output_of_the_test_weights(variant, baseline):
+    """The equality tests above could not tell a routing feature from its absence unless it matters here."""
+    x = hidden_states(v3_config())
+    assert np.abs(reference(variant(), x) - reference(baseline(), x)).max() > 1e-2
 
 
 def test_v3_without_normalization_equals_transformers():
@@ -150,6 +161,7 @@ def test_v3_without_normalization_equals_transformers():
 @pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
 @pytest.mark.parametrize("norm_topk_prob", [False, True], ids=["no_norm", "norm"])
 def test_v2_routing_equals_transformers(topk_method, norm_topk_prob):
+    """transformers' DeepseekV2TopkRouter never normalizes the chosen weights; neither does the graph."""
     config = v2_config(topk_method, norm_topk_prob)
     moe = random_moe(config)
     x = hidden_states(config)
