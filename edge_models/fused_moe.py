@@ -154,6 +154,8 @@ def _family(config) -> str:
         raise UnsupportedModel(
             f"n_routed_experts {config.n_routed_experts} is not a multiple of n_group {config.n_group}"
         )
+    if family == "deepseek_v3" and _grouped(config, family) and config.n_routed_experts < 2 * config.n_group:
+        raise UnsupportedModel(f"DeepSeek-V3 scores a group by its 2 best experts: n_group {config.n_group} is too big")
     return family
 
 
@@ -171,6 +173,7 @@ def _normalizes(config, family: str) -> bool:
 def _scores(g: _Graph, rows: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[str, str]:
     """The router on token rows [T,hidden]: (scores the weights come from, choice scores the top-k picks
     from), both [T,experts]."""
+    # The router stays fp32 at q4/q8: it is a few KB, and a flipped expert choice costs more than its reads.
     router = weights.get(prefix + "gate.weight")
     (logits,) = g.node("MatMul", [rows, g.init.add(f"{name}.router", router.T)], f"{name}.logits")
     if family == "deepseek_v3":
