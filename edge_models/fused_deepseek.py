@@ -16,6 +16,10 @@ The attention is then ordinary multi-query attention with head size ``rope + kv_
 the operator writes the same bytes twice and reads the value's latent columns from the key. The
 rotary part of each head's output is dropped before ``o_proj``.
 
+MoE layers (from ``first_k_dense_replace`` on): the routed experts are one ``MoE``/``QMoE`` node
+(``fused_moe``), the shared experts one packed gate/up MLP beside it, so the graph does not grow with
+the number of experts. Dense layers use the same packed MLP.
+
 Rotary: ``RotaryEmbedding`` (half-split pairs) on the first ``rope`` columns of each query head and on
 ``k_pe``, at positions computed in the graph from ``seqlens_k``. Checkpoints that pair rotary dims
 interleaved (V2's complex rotation, V3's ``rope_interleave``) get their rope rows permuted to the
@@ -30,6 +34,8 @@ import importlib
 import numpy as np
 
 from .fused_graph import UnsupportedModel, Weights, _Graph, _norm, mlp
+from .fused_moe import _family as _moe_family
+from .fused_moe import routed_experts
 
 
 def check_latent_supported(config) -> None:
@@ -41,7 +47,7 @@ def check_latent_supported(config) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"activation {config.hidden_act!r} has no fused graph (SwiGLU only)")
     if any(_is_moe(config, i) for i in range(config.num_hidden_layers)):
-        raise UnsupportedModel("DeepSeek routed experts have no fused operator yet; export it --traced")
+        _moe_family(config)  # refuses routing methods the MoE operators do not express
 
 
 def latent_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, dict]:
@@ -55,7 +61,7 @@ def latent_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str
         h, residual = _norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
         a = latent_attention(g, h, weights, config, i, positions)
         h, residual = _norm(g, a, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
-        x = mlp(g, h, weights, p + "mlp.", f"layer{i}")
+        x = _moe(g, h, weights, config, i) if _is_moe(config, i) else mlp(g, h, weights, p + "mlp.", f"layer{i}")
     width = config.qk_rope_head_dim + config.kv_lora_rank
     return x, residual, dict(key_shape=(1, width), value_shape=(1, width), value_is_key=True)
 
@@ -113,6 +119,17 @@ def latent_attention(g: _Graph, h: str, weights: Weights, config, i: int, positi
     o_w = w(a + "o_proj.weight").astype(np.float64).reshape(-1, heads, v_dim)
     o_absorbed = np.einsum("ohv,hvr->ohr", o_w, w_uv).reshape(o_w.shape[0], heads * rank).astype(np.float32)
     return g.linear(out, o_absorbed, f"{name}.o")
+
+
+def _moe(g: _Graph, h: str, weights: Weights, config, i: int) -> str:
+    """Layer ``i``'s routed experts (one MoE/QMoE node) plus its shared experts (one packed SwiGLU MLP)."""
+    p, name = f"model.layers.{i}.mlp.", f"layer{i}"
+    routed = routed_experts(g, h, weights, p, config, f"{name}.moe")
+    if not getattr(config, "n_shared_experts", None):
+        return routed
+    shared = mlp(g, h, weights, p + "shared_experts.", f"{name}.shared")
+    (y,) = g.node("Add", [routed, shared], f"{name}.moe_out")
+    return y
 
 
 def _is_moe(config, i: int) -> bool:
