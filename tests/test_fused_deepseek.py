@@ -177,8 +177,9 @@ def test_q4_deepseek_graph_serves_through_the_daemon_from_a_sealed_bundle(tiny_b
     build = tmp_path / "build"
     run_cli("edge-models", "export", "--model", str(hf), "--out", str(build / "onnx"), "--quantize", "q4")
     shutil.copy(tiny_build / "onnx" / "tokenizer.json", build / "onnx" / "tokenizer.json")
-    ops = {n.op_type for n in onnx.load(str(build / "onnx" / "model.onnx")).graph.node}
-    assert "MatMulNBits" in ops and "MatMul" not in ops
+    nodes = onnx.load(str(build / "onnx" / "model.onnx")).graph.node
+    assert {"MatMulNBits", "QMoE"} <= {n.op_type for n in nodes}
+    assert [n.input[1] for n in nodes if n.op_type == "MatMul"] == ["layer1.moe.router"]
     device = provision_device(build, tmp_path / "site")
     daemon = Daemon(device, tmp_path / "daemon")
     try:
