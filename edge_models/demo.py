@@ -195,7 +195,9 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     save_tokenizer(tok, teacher_dir)
 
     onnx_dir = out / "teacher-onnx"
-    spec = export_decoder(model, onnx_dir)
+    # Traced: the teacher's graph is served nowhere; exporting it traced keeps the traced exporter (every family
+    # the fused builder does not cover) checked against transformers at every build. The student is fused.
+    spec = export_decoder(model, onnx_dir, traced=True)
     copy_tokenizer_files(teacher_dir, onnx_dir)
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)
     with torch.no_grad():
