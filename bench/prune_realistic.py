@@ -69,7 +69,7 @@ def run(name, config, workdir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from appliance.engine.ort_engine import OrtEngine
+    from appliance.engine import create_engine
     from edge_models.distill import DistillConfig, distill
     from edge_models.export import export_decoder
     from edge_models.parity import engine_greedy, hf_greedy
@@ -97,7 +97,8 @@ def run(name, config, workdir: Path) -> dict:
     t = time.monotonic()
     spec = export_decoder(student, workdir / name)
     export_s = time.monotonic() - t
-    engine = OrtEngine((workdir / name / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=256)
+    graph = (workdir / name / "model.onnx").read_bytes()
+    engine = create_engine("onnxruntime", graph, spec, num_slots=2, max_seq_len=256)
     prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 300, 301]]
     identical = engine_greedy(engine, prompts, 8, spec.eos_token_id) == hf_greedy(student, prompts, 8, 0)
     return {

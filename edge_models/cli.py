@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--quantize",
         choices=("q4", "q8"),
-        help="fused graphs (Qwen2/Llama): write every projection and the LM head in 4 or 8 bits (default: fp32)",
+        help="fused graphs (Qwen2/Llama/DeepSeek): projections, experts and LM head in 4 or 8 bits (default: fp32)",
     )
     e.add_argument("--traced", action="store_true", help="trace through torch.onnx instead of writing the fused graph")
     e.set_defaults(func=cmd_export)

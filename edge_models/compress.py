@@ -81,7 +81,7 @@ def compress(
     after = evaluate(student, teacher, ds.heldout, prompts, out / "student")
     teacher_eval = evaluate(teacher, None, ds.heldout, prompts, Path(teacher_dir))
     if export:
-        export_decoder(student, out / "onnx")
+        spec = export_decoder(student, out / "onnx")
         copy_tokenizer_files(Path(teacher_dir), out / "onnx")
     report = {
         "teacher": {**teacher_eval, "shape": shape_of(teacher)},
@@ -95,7 +95,13 @@ def compress(
     if export and quantize_modes:
         from .quantize import compare_modes
 
-        report["quantized"] = compare_modes(out / "onnx", out / "quantized", ds.heldout, quantize_modes)
+        def build(mode: str, out_dir: Path) -> None:  # fused graphs: quantized while written from the weights
+            export_decoder(student, out_dir, quant=mode)
+
+        fused = spec.cache == "static"
+        report["quantized"] = compare_modes(
+            out / "onnx", out / "quantized", ds.heldout, quantize_modes, build if fused else None
+        )
     report["seconds"] = round(time.monotonic() - started, 1)
     report["student"]["non_embedding_fraction"] = (
         after["non_embedding_parameters"] / teacher_eval["non_embedding_parameters"]

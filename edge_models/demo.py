@@ -195,7 +195,9 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     save_tokenizer(tok, teacher_dir)
 
     onnx_dir = out / "teacher-onnx"
-    spec = export_decoder(model, onnx_dir)
+    # Traced: the teacher's graph is served nowhere; exporting it traced keeps the traced exporter (every family
+    # the fused builder does not cover) checked against transformers at every build. The student is fused.
+    spec = export_decoder(model, onnx_dir, traced=True)
     copy_tokenizer_files(teacher_dir, onnx_dir)
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)
     with torch.no_grad():
@@ -227,13 +229,13 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
 
 def check_parity(model, onnx_dir: Path, prompts: list[list[int]], eos_id: int, new_tokens: int = 16) -> dict:
     """Greedy tokens from ONNX Runtime (the appliance engine) vs transformers, batch of 2 left-padded."""
-    from appliance.engine import DecoderSpec
-    from appliance.engine.ort_engine import OrtEngine
+    from appliance.engine import DecoderSpec, create_engine
 
     from .parity import engine_greedy, hf_greedy
 
     spec = DecoderSpec.from_json((onnx_dir / "decoder.json").read_text())
-    engine = OrtEngine((onnx_dir / "model.onnx").read_bytes(), spec, num_slots=len(prompts), max_seq_len=256)
+    graph = (onnx_dir / "model.onnx").read_bytes()
+    engine = create_engine("onnxruntime", graph, spec, num_slots=len(prompts), max_seq_len=256)
     ours = engine_greedy(engine, prompts, new_tokens, eos_id)
     theirs = hf_greedy(model, prompts, new_tokens, spec.pad_token_id)
     if ours != theirs:

@@ -215,7 +215,7 @@ def _absorbed_mla(model):
 
 EXTERNAL_DATA = "model.onnx.data"
 # Bumped when the exported graph changes for the same checkpoint (builds keyed on it are redone).
-EXPORT_REVISION = 2  # 2: MLA with the latent up-projection absorbed
+EXPORT_REVISION = 3  # 2: MLA with the latent up-projection absorbed; 3: DeepSeek exports fused
 PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
 
 
@@ -224,8 +224,8 @@ def export_decoder(
 ) -> DecoderSpec:
     """Export ``model`` to ``out_dir/model.onnx`` and write ``decoder.json``; returns the spec.
 
-    Qwen2 and Llama get the fused static-cache graph (``fused_graph``), quantized while it is written
-    when ``quant`` is ``"q4"``/``"q8"``; other families (and ``traced=True``) are traced through
+    Qwen2, Llama and DeepSeek-V2/V3 get the fused static-cache graph (``fused_graph``), quantized while it is
+    written when ``quant`` is ``"q4"``/``"q8"``; other families (and ``traced=True``) are traced through
     ``torch.onnx`` (quantize those afterwards with ``quantize.py``). Weights go to ``model.onnx.data``
     beside the graph when ``external_data`` is True, or when left as None and the weights would
     exceed the 2 GB protobuf limit (any 7B model).

@@ -1,4 +1,5 @@
-"""Fused decoder graphs (Qwen2, Llama) written straight from the weights, with an in-place static KV cache.
+"""Fused decoder graphs written straight from the weights, with an in-place static KV cache (Qwen2, Llama;
+DeepSeek-V2/V3 layers in ``fused_deepseek``).
 
 Unlike ``export.py`` (which traces the PyTorch model), this writes the graph node by node with ONNX
 Runtime's contrib operators, the way onnxruntime-genai's model builder does:
@@ -32,7 +33,8 @@ from appliance.engine.spec import DecoderSpec, output_names, static_input_names
 
 from .tokenizer import special_token_ids
 
-FAMILIES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
+LATENT_FAMILIES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # MLA: edge_models.fused_deepseek
+FAMILIES = ("Qwen2ForCausalLM", "LlamaForCausalLM", *LATENT_FAMILIES)
 QUANT_BITS = {"q4": 4, "q8": 8}
 BLOCK_SIZE = 32
 EXTERNAL_DATA = "model.onnx.data"
@@ -51,7 +53,7 @@ class Weights:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.names:
-            raise UnsupportedModel(f"the checkpoint has no tensor {name!r}; is it a complete Qwen2/Llama checkpoint?")
+            raise UnsupportedModel(f"the checkpoint has no tensor {name!r}; is the checkpoint complete?")
         return self._get(name)
 
     @classmethod
@@ -180,11 +182,20 @@ def _rotary_tables(config, positions: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
+def _architecture(config) -> str:
+    return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+
+
 def check_supported(config) -> None:
     """Raise ``UnsupportedModel`` unless ``config`` describes a family and shape with a fused graph."""
-    arch = (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+    arch = _architecture(config)
     if arch not in FAMILIES:
         raise UnsupportedModel(f"no fused graph for {arch}; fused families: {', '.join(FAMILIES)}")
+    if arch in LATENT_FAMILIES:
+        from .fused_deepseek import check_latent_supported
+
+        check_latent_supported(config)
+        return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim % 16:
         raise UnsupportedModel(f"head_dim {head_dim} is not a multiple of 16 (GroupQueryAttention's rotary needs it)")
@@ -198,7 +209,7 @@ def build_fused_decoder(
     external_data: bool | None = None,
     special: dict | None = None,
 ) -> DecoderSpec:
-    """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama checkpoint.
+    """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama/DeepSeek checkpoint.
 
     ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
     with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token).
@@ -211,25 +222,55 @@ def build_fused_decoder(
     out_dir.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = sum(4 * int(np.prod(weights.shape(n))) for n in weights.names) > PROTOBUF_LIMIT
-    arch = (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
-    layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    eps = float(config.rms_norm_eps)
+    arch, layers, eps = _architecture(config), config.num_hidden_layers, float(config.rms_norm_eps)
     init = _Initializers(out_dir, external_data)
     g = _Graph(init, QUANT_BITS.get(quant))
     w = weights.get
-
-    def maybe(name: str) -> np.ndarray | None:
-        return w(name) if name in weights.names else None
-
     # Positions up to max_positions inclusive: an idle row in a decode batch writes one scratch slot past its end.
     cos, sin = _rotary_tables(config, config.max_position_embeddings + 1)
     init.add("cos_cache", cos)
     init.add("sin_cache", sin)
     embed = w("model.embed_tokens.weight")
     x = embedding(g, embed)
+    if arch in LATENT_FAMILIES:  # lazy: fused_deepseek builds on this module
+        from .fused_deepseek import latent_layers
+
+        x, residual, cache = latent_layers(g, x, config, weights)
+    else:
+        x, residual, cache = _gqa_layers(g, x, config, weights)
+    h, _ = _norm(g, x, residual, w("model.norm.weight"), "final_norm", eps)
+    head = w("lm_head.weight") if "lm_head.weight" in weights.names else None
+    lm_head(g, h, embed if head is None else head)
+    del embed, head
+    init.close()
+
+    spec = DecoderSpec(
+        architecture=arch,
+        num_layers=layers,
+        **cache,
+        vocab_size=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        **(special or special_token_ids(config.to_dict())),
+        weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
+        + config.hidden_size * 4,
+        cache="static",
+    )
+    _save(g, spec, out_dir)
+    return spec
+
+
+def _gqa_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, dict]:
+    """Qwen2/Llama decoder layers: packed QKV, GroupQueryAttention with its built-in rotary, packed gate/up MLP.
+    Returns the last layer's output, the residual stream and the cache shapes for ``DecoderSpec``."""
+    heads, kv_heads, eps = config.num_attention_heads, config.num_key_value_heads, float(config.rms_norm_eps)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    w = weights.get
+
+    def maybe(name: str) -> np.ndarray | None:
+        return w(name) if name in weights.names else None
+
     residual = None
-    for i in range(layers):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         h, residual = _norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
         attn = p + "self_attn."
@@ -251,35 +292,22 @@ def build_fused_decoder(
         )
         o = g.linear(a, w(attn + "o_proj.weight"), f"layer{i}.o", maybe(attn + "o_proj.bias"))
         h, residual = _norm(g, o, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
-        mlp = p + "mlp."
-        gate_up = g.linear(h, np.concatenate([w(mlp + "gate_proj.weight"), w(mlp + "up_proj.weight")]), f"layer{i}.gu")
-        ffn = config.intermediate_size
-        halves = init.add(f"layer{i}.split", np.array([ffn, ffn], np.int64))
-        gate, up = g.node("Split", [gate_up, halves], [f"layer{i}.gate", f"layer{i}.up"], axis=-1)
-        (sig,) = g.node("Sigmoid", [gate], f"layer{i}.sigmoid")
-        (silu,) = g.node("Mul", [gate, sig], f"layer{i}.silu")
-        (act,) = g.node("Mul", [silu, up], f"layer{i}.act")
-        x = g.linear(act, w(mlp + "down_proj.weight"), f"layer{i}.down")
-    h, _ = _norm(g, x, residual, w("model.norm.weight"), "final_norm", eps)
-    head = maybe("lm_head.weight")
-    lm_head(g, h, embed if head is None else head)
-    del embed, head
-    init.close()
+        x = mlp(g, h, weights, p + "mlp.", f"layer{i}")
+    return x, residual, dict(key_shape=(kv_heads, head_dim), value_shape=(kv_heads, head_dim))
 
-    spec = DecoderSpec(
-        architecture=arch,
-        num_layers=layers,
-        key_shape=(kv_heads, head_dim),
-        value_shape=(kv_heads, head_dim),
-        vocab_size=config.vocab_size,
-        max_positions=config.max_position_embeddings,
-        **(special or special_token_ids(config.to_dict())),
-        weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
-        + config.hidden_size * 4,
-        cache="static",
-    )
-    _save(g, spec, out_dir)
-    return spec
+
+def mlp(g: _Graph, h: str, weights: Weights, prefix: str, name: str) -> str:
+    """The SwiGLU MLP under ``prefix`` (``gate_proj``/``up_proj``/``down_proj``) with gate and up packed in one
+    projection; returns ``down(silu(gate) * up)``."""
+    w = weights.get
+    gate_up = g.linear(h, np.concatenate([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), f"{name}.gu")
+    ffn = weights.shape(prefix + "gate_proj.weight")[0]
+    halves = g.init.add(f"{name}.split", np.array([ffn, ffn], np.int64))
+    gate, up = g.node("Split", [gate_up, halves], [f"{name}.gate", f"{name}.up"], axis=-1)
+    (sig,) = g.node("Sigmoid", [gate], f"{name}.sigmoid")
+    (silu,) = g.node("Mul", [gate, sig], f"{name}.silu")
+    (act,) = g.node("Mul", [silu, up], f"{name}.act")
+    return g.linear(act, w(prefix + "down_proj.weight"), f"{name}.down")
 
 
 def embedding(g: _Graph, table: np.ndarray) -> str:

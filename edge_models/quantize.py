@@ -4,7 +4,8 @@ Modes: ``q4`` / ``q8`` — ONNX Runtime ``MatMulNBits`` (weights in 4 or 8 bits,
 int8 compute on CPU, ``accuracy_level=4``); ``int8`` — dynamic int8 quantization of every MatMul.
 The routed experts' 3-D weight tensors (DeepSeek MoE) and the embedding stay in fp32. Fused graphs
 (``edge_models.fused_graph``) are better quantized while they are written (``edge-models export
---quantize``); quantizing their fp32 graph here gives the same operators.
+--quantize``, or ``compare_modes(build=...)``); quantizing their fp32 graph here gives the same operators
+except DeepSeek's routed experts, which stay an fp32 ``MoE`` node.
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ def _run(mode: str, src: Path, dst: Path) -> None:
     if mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        # Fused graphs: shape inference cannot type contrib operators' outputs; they are all fp32.
+        extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        quantize_dynamic(
+            str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], extra_options=extra
+        )
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -126,11 +131,19 @@ def decode_speed(onnx_dir: Path, new_tokens: int = 64, rounds: int = 3) -> float
     return float(np.median(rates))
 
 
-def compare_modes(onnx_dir: Path, out_root: Path, windows: np.ndarray, modes=MODES) -> dict:
-    """fp32 and each quantized variant: perplexity, drift, decode speed, bytes. Same run, same windows."""
+def compare_modes(onnx_dir: Path, out_root: Path, windows: np.ndarray, modes=MODES, build=None) -> dict:
+    """fp32 and each quantized variant: perplexity, drift, decode speed, bytes. Same run, same windows.
+
+    ``build(mode, out_dir)``, when given, writes the q4/q8 variants itself (a fused graph quantized while it
+    is written from the weights: ``QMoE`` experts, which quantizing the fp32 graph here would leave fp32)."""
     rows = {"fp32": Path(onnx_dir)}
     for mode in modes:
-        rows[mode] = quantize(onnx_dir, Path(out_root) / mode, mode)
+        if build is not None and mode in ("q4", "q8"):
+            rows[mode] = Path(out_root) / mode
+            build(mode, rows[mode])
+            copy_tokenizer_files(Path(onnx_dir), rows[mode])
+        else:
+            rows[mode] = quantize(onnx_dir, Path(out_root) / mode, mode)
     report = {}
     for name, path in rows.items():
         report[name] = {

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from appliance.engine import DecoderSpec, create_engine
-from appliance.engine.ort_engine import OrtEngine
 from edge_models.data import DataError, build_dataset, clean, read_documents
 from edge_models.distill import DistillConfig, distill, heldout_loss
 from edge_models.export import export_decoder
@@ -228,7 +227,7 @@ def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_pat
     base, quant = onnx_perplexity(tiny_build / "teacher-onnx", windows, 16), onnx_perplexity(out, windows, 16)
     assert abs(quant / base - 1) < 0.15, (base, quant)
     spec = DecoderSpec.from_json((out / "decoder.json").read_text())
-    engine = OrtEngine((out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)
+    engine = create_engine("onnxruntime", (out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)
     outputs = engine_greedy(engine, [[spec.bos_token_id, 40, 41], [spec.bos_token_id, 50]], 8, spec.eos_token_id)
     assert all(len(o) == 8 for o in outputs)
 

@@ -63,7 +63,7 @@ def test_external_data_model_loads_from_memory_and_matches(tiny_build, tmp_path)
     from edge_models.export import export_decoder
 
     model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
-    spec = export_decoder(model, tmp_path, external_data=True)
+    spec = export_decoder(model, tmp_path, external_data=True, traced=True)
     graph = (tmp_path / "model.onnx").read_bytes()
     weights = bytearray((tmp_path / "model.onnx.data").read_bytes())
     assert len(weights) > 100_000  # the large weight tensors live outside the graph

@@ -52,6 +52,9 @@ class DecoderSpec:
     # Every id that ends generation (generation_config.json lists several, e.g. <|im_end|> and <|endoftext|>);
     # always starts with ``eos_token_id``, so a decoder.json written before this field still loads.
     eos_token_ids: tuple[int, ...] = ()
+    # Static caches only: the graph's value IS its key (DeepSeek's absorbed MLA caches one latent+rotary tensor),
+    # so one buffer per layer is bound to past/present key and value alike, and a saved session holds it once.
+    value_is_key: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(dict.fromkeys((self.eos_token_id, *self.eos_token_ids))))

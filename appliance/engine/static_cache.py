@@ -12,7 +12,8 @@ the same memory), at each row's own length (``seqlens_k``), so:
   multi-token rows only when none has a past) and appends: a whole prompt, a chunk of one, or
   the next turn of a restored session.
 - **save / load** copy one row's first ``length`` positions out or in (``[1, H, L, D]`` per tensor,
-  the same format as the padded engine's, so sessions do not care which cache made them).
+  the same format as the padded engine's, so sessions do not care which cache made them; a graph
+  whose value is its key, ``value_is_key``, has one buffer per layer and saves it once).
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ class StaticCacheEngine:
         if got != self._inputs:
             raise EngineError(f"model inputs {got[:4]}... do not match a static-cache decoder.json")
         self._outputs = output_names(spec.num_layers)
-        shapes = [spec.key_shape, spec.value_shape] * spec.num_layers
-        self.cache = [np.zeros((num_slots, h, self.max_seq_len + 1, d), np.float32) for h, d in shapes]
+        self.cache = self._allocate(num_slots, self.max_seq_len + 1)
         self._lengths = [0] * num_slots
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
         self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
@@ -68,7 +68,7 @@ class StaticCacheEngine:
         length = self._lengths[slot]
         if length == 0:
             raise EngineError("save of a slot that holds nothing")
-        out = [t[slot : slot + 1, :, :length].copy() for t in self.cache]
+        out = [t[slot : slot + 1, :, :length].copy() for t in self._stored(self.cache)]
         self.stats.copied_bytes += sum(a.nbytes for a in out)
         return out
 
@@ -79,7 +79,7 @@ class StaticCacheEngine:
         length = int(cache[0].shape[2])
         if length > self.max_seq_len:
             raise EngineError(f"saved cache of {length} tokens exceeds max_seq_len {self.max_seq_len}")
-        for t, saved in zip(self.cache, cache, strict=True):
+        for t, saved in zip(self._stored(self.cache), cache, strict=True):
             t[slot, :, :length] = saved[0]
         self.stats.copied_bytes += sum(int(a.nbytes) for a in cache)
         self._lengths[slot] = length
@@ -132,12 +132,28 @@ class StaticCacheEngine:
 
     def score(self, tokens: list[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity), in a private cache."""
-        shapes = [(t.shape[1], t.shape[3]) for t in self.cache]
-        scratch = [np.zeros((1, h, len(tokens), d), np.float32) for h, d in shapes]
         n = len(tokens)
+        scratch = self._allocate(1, n)
         return self._run(0, np.array([tokens], np.int64), np.array([n - 1], np.int32), n, cache=scratch)[0]
 
     # -- execution -------------------------------------------------------------------------------
+    def _allocate(self, rows: int, positions: int) -> list[np.ndarray]:
+        """One buffer per graph cache input (key, value per layer); with ``value_is_key`` a layer's value is
+        the same array as its key, so the graph writes the identical bytes to one buffer."""
+        spec = self.spec
+        keys = [
+            np.zeros((rows, spec.key_shape[0], positions, spec.key_shape[1]), np.float32)
+            for _ in range(spec.num_layers)
+        ]
+        if spec.value_is_key:
+            return [t for key in keys for t in (key, key)]
+        h, d = spec.value_shape
+        return [t for key in keys for t in (key, np.zeros((rows, h, positions, d), np.float32))]
+
+    def _stored(self, cache: list[np.ndarray]) -> list[np.ndarray]:
+        """The distinct buffers of ``cache``: what a saved session holds (keys only when the value is the key)."""
+        return cache[::2] if self.spec.value_is_key else cache
+
     def _decode_binding(self, row: int, n: int):
         """The I/O binding of a decode step over rows ``row .. row + n``, made once per row range and
         reused while the batch stays the same: the step then only writes its token ids and lengths
