@@ -47,6 +47,7 @@ SHAPES = {
 # -- stages (each runs in a child process: `scale.py --stage NAME`) -----------------------------
 def stage_checkpoint(work: Path, shape: str) -> None:
     """Random bf16 weights written tensor by tensor into safetensors, plus config and tokenizer files."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -95,14 +96,31 @@ def stage_checkpoint(work: Path, shape: str) -> None:
                 p + "post_attention_layernorm.weight": (h,),
             }
         )
+    # Sharded like the published checkpoints (~2 GB per file, with the index transformers reads), so a
+    # 7B shape is written with a few GB of RSS: each shard is generated, saved and dropped in turn.
     gen = torch.Generator().manual_seed(0)
-    tensors = {
-        name: torch.ones(s, dtype=torch.bfloat16)
-        if name.endswith("norm.weight")
-        else (torch.randn(s, generator=gen, dtype=torch.bfloat16) * 0.02)
-        for name, s in shapes.items()
-    }
-    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    names, shards, index = list(shapes), [], {}
+    while names:
+        shard, size = [], 0
+        while names and size < 2 << 30:
+            shard.append(names.pop(0))
+            size += 2 * int(np.prod(shapes[shard[-1]]))
+        shards.append(shard)
+    for n, shard in enumerate(shards):
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {
+            name: torch.ones(shapes[name], dtype=torch.bfloat16)
+            if name.endswith("norm.weight")
+            else (torch.randn(shapes[name], generator=gen, dtype=torch.bfloat16) * 0.02)
+            for name in shard
+        }
+        save_file(tensors, str(ckpt / file), metadata={"format": "pt"})
+        index.update(dict.fromkeys(shard, file))
+        del tensors
+    total = sum(2 * int(np.prod(s)) for s in shapes.values())
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+    )
 
 
 def stage_export(work: Path) -> None:
@@ -460,7 +478,7 @@ def main() -> int:
         return run_stage(args)
     args.work.mkdir(parents=True, exist_ok=True)
     done = {
-        "checkpoint": (args.work / "checkpoint" / "model.safetensors").exists(),
+        "checkpoint": (args.work / "checkpoint" / "model.safetensors.index.json").exists(),
         "export": (args.work / "onnx" / "decoder.json").exists(),
         "quantize": (args.work / "q4" / "decoder.json").exists(),
         "seal": (args.work / "bundle" / "manifest.json").exists(),

@@ -201,7 +201,7 @@ def build_fused_decoder(
     """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama checkpoint.
 
     ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
-    with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token).
+    with symmetric blocks of 32, the embedding table in the same format (``GatherBlockQuantized``).
     ``special``: the checkpoint's pad/BOS/EOS ids as ``edge_models.tokenizer.special_token_ids`` finds
     them (its tokenizer decides the BOS, generation_config.json adds end ids); default: config.json's."""
     check_supported(config)
@@ -274,7 +274,10 @@ def build_fused_decoder(
         vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
         **(special or special_token_ids(config.to_dict())),
-        weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
+        # Read per token: every weight but the embedding table (one row) and the rotary tables.
+        weight_bytes=sum(
+            v for k, v in init.bytes.items() if not k.startswith(("embed_tokens", "cos_cache", "sin_cache"))
+        )
         + config.hidden_size * 4,
         cache="static",
     )
@@ -283,8 +286,30 @@ def build_fused_decoder(
 
 
 def embedding(g: _Graph, table: np.ndarray) -> str:
-    """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``."""
-    (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
+    """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``.
+
+    Quantized graphs store the table ``[vocab, hidden]`` in the LM head's own 4/8-bit format and
+    look rows up with ONNX Runtime's ``GatherBlockQuantized``: it reads ``MatMulNBits``' packing
+    (``[vocab, blocks * blob]`` uint8, scales ``[vocab, blocks]``, no zero points meaning the symmetric
+    midpoint 8 / 128) and dequantizes only the rows gathered. Its CPU kernel needs uint8 data with
+    ``gather_axis`` 0 and ``quantize_axis`` last; a hidden size off the block grid stays fp32."""
+    vocab, hidden = table.shape
+    if not g.bits or hidden % BLOCK_SIZE:
+        (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
+        return x
+    packed, scales = quantize_blocks(table, g.bits)
+    data = g.init.add("embed_tokens.qweight", packed.reshape(vocab, -1))
+    scales = g.init.add("embed_tokens.scales", scales.reshape(vocab, -1))
+    (x,) = g.node(
+        "GatherBlockQuantized",
+        [data, "input_ids", scales],
+        "embedded",
+        domain="com.microsoft",
+        bits=g.bits,
+        block_size=BLOCK_SIZE,
+        gather_axis=0,
+        quantize_axis=1,
+    )
     return x
 
 
