@@ -124,13 +124,11 @@ def stage_checkpoint(work: Path, shape: str) -> None:
 
 
 def stage_export(work: Path) -> None:
-    _run([str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "onnx")])
-
-
-def stage_quantize(work: Path) -> None:
-    from edge_models.quantize import quantize
-
-    quantize(work / "onnx", work / "q4", "q4")
+    """The fused streaming builder: safetensors read tensor by tensor, quantized to q4 as they are read."""
+    _run(
+        [str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "q4"),
+         "--quantize", "q4"]
+    )  # fmt: skip
 
 
 def stage_seal(work: Path) -> None:
@@ -176,15 +174,9 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     """The q4 graph in process with the daemon's engine settings; prints its figures as JSON."""
     import numpy as np
 
-    from appliance.engine import DecoderSpec
-    from appliance.engine.ort_engine import OrtEngine
-
     q4 = work / "q4"
-    spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
     t0 = time.perf_counter()
-    eng = OrtEngine(
-        (q4 / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN, threads=threads, spin=True
-    )
+    eng = in_process_engine(q4, threads)
     load = time.perf_counter() - t0
     prompts = json.loads((work / "prompts.json").read_text())
     out = {"load_s": load, "ttft_ms": {}, "rounds": rounds}
@@ -220,6 +212,17 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     emitted = [bool(detok.step(tokens[: n + 1])) for n in range(len(tokens))]
     out["first_text_after_tokens"] = emitted.index(True) + 1 if any(emitted) else None
     print("RESULT " + json.dumps(out))
+
+
+def in_process_engine(q4: Path, threads: int):
+    """The graph in ``q4`` with the daemon's engine settings (4 slots, ``MAX_SEQ_LEN``, spinning)."""
+    from appliance.engine import DecoderSpec, create_engine
+
+    spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
+    data = q4 / "model.onnx.data"
+    external = {data.name: bytearray(data.read_bytes())} if data.exists() else None
+    return create_engine("onnxruntime", (q4 / "model.onnx").read_bytes(), spec, num_slots=4,
+                         max_seq_len=MAX_SEQ_LEN, threads=threads, external=external, spin=True)  # fmt: skip
 
 
 def stage_genai_build(work: Path) -> None:
@@ -425,16 +428,12 @@ def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
     both alike: client-side and server-side TTFT through the daemon against the engine's own."""
     import numpy as np
 
-    from appliance.engine import DecoderSpec
-    from appliance.engine.ort_engine import OrtEngine
     from appliance.transport.client import Client
 
     prompt = json.loads((work / "prompts.json").read_text())["32"]
-    spec = DecoderSpec.from_json((work / "q4" / "decoder.json").read_text())
     proc, endpoint, _ = start_daemon(work, threads)
     try:
-        eng = OrtEngine((work / "q4" / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN,
-                        threads=threads, spin=True)  # fmt: skip
+        eng = in_process_engine(work / "q4", threads)
         engine_ms, client_ms, server_ms = [], [], []
         with Client(endpoint, timeout_s=600, retries=1) as client:
             for r in range(rounds + 1):
@@ -471,6 +470,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
+    p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
@@ -479,8 +479,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     done = {
         "checkpoint": (args.work / "checkpoint" / "model.safetensors.index.json").exists(),
-        "export": (args.work / "onnx" / "decoder.json").exists(),
-        "quantize": (args.work / "q4" / "decoder.json").exists(),
+        "export": (args.work / "q4" / "decoder.json").exists(),
         "seal": (args.work / "bundle" / "manifest.json").exists(),
         "install": (args.work / "site" / "state" / "current").exists(),
     }
@@ -488,11 +487,12 @@ def main() -> int:
         "scale.json" if args.shape == "1.5b" else f"scale-{args.shape}.json"
     )
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    stages = args.work / "stages.json"  # each build stage's measurement, kept with what it built
     result = {
         "shape": {"name": args.shape, **SHAPES[args.shape]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
                     "note": "shared with other jobs while measured; stages run one after another"},
-        "stages": previous.get("stages", {}),
+        "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
     if args.ttft_probe:
@@ -500,14 +500,16 @@ def main() -> int:
         out_path.write_text(json.dumps(previous, indent=2))
         print(json.dumps(previous["ttft_probe_32"], indent=2))
         return 0
-    for name in () if args.serve_only else ("checkpoint", "export", "quantize", "seal", "install"):
+    for name in () if args.serve_only else ("checkpoint", "export", "seal", "install"):
         if not done[name] or name not in result["stages"]:
             result["stages"][name] = measured(name, args)
+            stages.write_text(json.dumps(result["stages"], indent=2))
         out_path.write_text(json.dumps(result, indent=2))
+    if args.build_only:
+        return 0
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     result["bytes"] = {
         "checkpoint": size(args.work / "checkpoint"),
-        "onnx_fp32": size(args.work / "onnx"),
         "onnx_q4": size(args.work / "q4"),
         "bundle": size(args.work / "bundle"),
     }
@@ -538,7 +540,6 @@ def run_stage(args: argparse.Namespace) -> int:
     stages = {
         "checkpoint": lambda: stage_checkpoint(work, args.shape),
         "export": lambda: stage_export(work),
-        "quantize": lambda: stage_quantize(work),
         "seal": lambda: stage_seal(work),
         "install": lambda: stage_install(work),
         "engine": lambda: stage_engine(work, args.threads, args.rounds),
