@@ -214,6 +214,23 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     print("RESULT " + json.dumps(out))
 
 
+def stage_decrypt(work: Path) -> None:
+    """Decryption alone: every payload file of the installed bundle into memory, as the loader does it."""
+    from provisioning.install import current_bundle
+    from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
+
+    site = work / "site"
+    bundle = current_bundle(site / "state", load_trusted_vendors(site / "trust"))
+    key = bundle.unwrap_key(load_x25519(DEVICE_X25519, site / "credentials"))
+    t0 = time.perf_counter()
+    files = {f.id: bundle.decrypt_into(f.id, key) for f in bundle.files()}
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"decrypt_s": round(seconds, 2), "bytes": sum(len(b) for b in files.values())}))
+    for buf in files.values():
+        wipe(buf)
+    wipe(key)
+
+
 def in_process_engine(q4: Path, threads: int):
     """The graph in ``q4`` with the daemon's engine settings (4 slots, ``MAX_SEQ_LEN``, spinning)."""
     from appliance.engine import DecoderSpec, create_engine
@@ -514,6 +531,7 @@ def main() -> int:
         "bundle": size(args.work / "bundle"),
     }
     write_prompts(args.work)
+    result["decrypt"] = measured("decrypt", args)
     result["daemon"] = serve(args.work, args.threads, args.rounds)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"[scale] daemon: {result['daemon']}", flush=True)
@@ -543,6 +561,7 @@ def run_stage(args: argparse.Namespace) -> int:
         "seal": lambda: stage_seal(work),
         "install": lambda: stage_install(work),
         "engine": lambda: stage_engine(work, args.threads, args.rounds),
+        "decrypt": lambda: stage_decrypt(work),
         "genai_build": lambda: stage_genai_build(work),
         "genai": lambda: stage_genai(work, args.threads, args.rounds),
     }
