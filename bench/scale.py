@@ -441,40 +441,46 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
 
 
 def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
-    """Daemon and in-process engine rounds alternated (ABAB) at the 32-token prompt, so machine load hits
-    both alike: client-side and server-side TTFT through the daemon against the engine's own."""
+    """Daemon and in-process engine rounds alternated (ABAB) at every prompt length, so machine load hits
+    both alike: the client's time to its first event (one token asked for, so that event arrives whether
+    or not the token has text) and the server's own TTFT, against the engine's prefill + argmax."""
     import numpy as np
 
     from appliance.transport.client import Client
 
-    prompt = json.loads((work / "prompts.json").read_text())["32"]
+    prompts = json.loads((work / "prompts.json").read_text())
     proc, endpoint, _ = start_daemon(work, threads)
+    out = {"rounds": rounds}
     try:
         eng = in_process_engine(work / "q4", threads)
-        engine_ms, client_ms, server_ms = [], [], []
         with Client(endpoint, timeout_s=600, retries=1) as client:
-            for r in range(rounds + 1):
-                t0 = time.perf_counter()
-                int(np.argmax(eng.prefill([(0, prompt["ids"])])[0]))
-                t1 = time.perf_counter()
-                eng.release(0)
-                final = client.complete(prompt["text"], max_tokens=1, ignore_eos=True)
-                t2 = time.perf_counter()
-                if r:  # the first round warms up
-                    engine_ms.append((t1 - t0) * 1000)
-                    client_ms.append((t2 - t1) * 1000)
-                    server_ms.append(final["timings"]["ttft_ms"])
+            for n in PROMPT_LENGTHS:
+                prompt = prompts[str(n)]
+                engine_ms, client_ms, server_ms = [], [], []
+                for r in range(rounds + 1):
+                    t0 = time.perf_counter()
+                    int(np.argmax(eng.prefill([(0, prompt["ids"])])[0]))
+                    t1 = time.perf_counter()
+                    eng.release(0)
+                    first = None
+                    for event in client.generate(prompt["text"], max_tokens=1, ignore_eos=True):
+                        first = first or time.perf_counter()
+                        final = event
+                    if r:  # the first round warms up
+                        engine_ms.append((t1 - t0) * 1000)
+                        client_ms.append((first - t1) * 1000)
+                        server_ms.append(final["timings"]["ttft_ms"])
+                out[str(n)] = {
+                    "prompt_tokens": len(prompt["ids"]),
+                    "engine_ms": round(statistics.median(engine_ms), 1),
+                    "daemon_client_ms": round(statistics.median(client_ms), 1),
+                    "daemon_server_ttft_ms": round(statistics.median(server_ms), 1),
+                }
+                print(f"[scale] ttft {n}: {out[str(n)]}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {
-        "prompt_tokens": len(prompt["ids"]),
-        "rounds": rounds,
-        "engine_ms": statistics.median(engine_ms),
-        "daemon_client_ms": statistics.median(client_ms),
-        "daemon_server_ttft_ms": statistics.median(server_ms),
-        "runs": {"engine": engine_ms, "daemon_client": client_ms, "daemon_server": server_ms},
-    }
+    return out
 
 
 def main() -> int:
@@ -513,9 +519,8 @@ def main() -> int:
     }  # fmt: skip
     prepare_site(args.work)
     if args.ttft_probe:
-        previous["ttft_probe_32"] = ttft_probe(args.work, args.threads, args.rounds)
+        previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)
         out_path.write_text(json.dumps(previous, indent=2))
-        print(json.dumps(previous["ttft_probe_32"], indent=2))
         return 0
     for name in () if args.serve_only else ("checkpoint", "export", "seal", "install"):
         if not done[name] or name not in result["stages"]:
