@@ -297,7 +297,7 @@ def _run(cmd: list[str]) -> None:
 def measured(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
     """Run one stage in a child process: wall seconds, peak RSS (the child and its children), output."""
     cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--shape", args.shape]
-    cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), *extra]
+    cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), "--lengths", args.lengths, *extra]
     print(f"[scale] {name} ...", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -377,8 +377,9 @@ def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float
     )
     (site / "appliance.toml").write_text(text)
     start = time.perf_counter()
+    log = open(work / "daemon.log", "w")  # noqa: SIM115 - the daemon's stderr, read by daemon_log_times()
     proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(site / "appliance.toml"), "serve"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     with Client(endpoint, timeout_s=600, retries=1) as client:
         while True:  # the daemon binds its socket only once the model is loaded and warmed up
             try:
@@ -387,6 +388,15 @@ def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float
             except ClientError:
                 if proc.poll() is not None:
                     raise SystemExit(f"the daemon exited ({proc.returncode}) while loading") from None
+
+
+def daemon_log_times(work: Path) -> dict:
+    """The daemon's own account of its start: model load (verify, decrypt, session) and warm-up seconds."""
+    import re
+
+    text = (work / "daemon.log").read_text()
+    loaded, warm = re.search(r"loaded model .* in ([0-9.]+)s", text), re.search(r"warm-up took ([0-9.]+)s", text)
+    return {"load_model_s": float(loaded[1]) if loaded else None, "warm_up_s": float(warm[1]) if warm else None}
 
 
 def serve(work: Path, threads: int, rounds: int) -> dict:
@@ -399,6 +409,7 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
         with Client(endpoint, timeout_s=600, retries=1) as client:
             loaded_rss = proc_status(proc.pid)
             out = {
+                **daemon_log_times(work),
                 "load_s": round(load, 1),
                 "rss_after_load_mb": loaded_rss["VmRSS"],
                 "peak_rss_load_mb": loaded_rss["VmHWM"],
@@ -449,8 +460,8 @@ def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
     from appliance.transport.client import Client
 
     prompts = json.loads((work / "prompts.json").read_text())
-    proc, endpoint, _ = start_daemon(work, threads)
-    out = {"rounds": rounds}
+    proc, endpoint, load = start_daemon(work, threads)
+    out = {"rounds": rounds, "daemon_ready_s": round(load, 1), **daemon_log_times(work)}
     try:
         eng = in_process_engine(work / "q4", threads)
         with Client(endpoint, timeout_s=600, retries=1) as client:
@@ -494,8 +505,12 @@ def main() -> int:
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
     p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
+    p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
+    p.add_argument("--daemon-only", action="store_true", help="serve through the daemon only (no in-process, genai)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global PROMPT_LENGTHS
+    PROMPT_LENGTHS = tuple(int(n) for n in args.lengths.split(","))
     args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
     if args.stage:
         return run_stage(args)
@@ -540,6 +555,8 @@ def main() -> int:
     result["daemon"] = serve(args.work, args.threads, args.rounds)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"[scale] daemon: {result['daemon']}", flush=True)
+    if args.daemon_only:
+        return 0
     result["in_process"] = measured("engine", args)
     out_path.write_text(json.dumps(result, indent=2))
     if args.serve_only:
