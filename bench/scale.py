@@ -209,7 +209,7 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     from appliance.serving.detokenize import Detokenizer
 
     detok = Detokenizer(Tokenizer.from_file(str(q4 / "tokenizer.json")).decode)
-    emitted = [bool(detok.step(tokens[: n + 1])) for n in range(len(tokens))]
+    emitted = [bool(detok.step(tokens[: n + 1], finished=False)) for n in range(len(tokens))]
     out["first_text_after_tokens"] = emitted.index(True) + 1 if any(emitted) else None
     print("RESULT " + json.dumps(out))
 
