@@ -47,6 +47,7 @@ SHAPES = {
 # -- stages (each runs in a child process: `scale.py --stage NAME`) -----------------------------
 def stage_checkpoint(work: Path, shape: str) -> None:
     """Random bf16 weights written tensor by tensor into safetensors, plus config and tokenizer files."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -95,24 +96,39 @@ def stage_checkpoint(work: Path, shape: str) -> None:
                 p + "post_attention_layernorm.weight": (h,),
             }
         )
+    # Sharded like the published checkpoints (~2 GB per file, with the index transformers reads), so a
+    # 7B shape is written with a few GB of RSS: each shard is generated, saved and dropped in turn.
     gen = torch.Generator().manual_seed(0)
-    tensors = {
-        name: torch.ones(s, dtype=torch.bfloat16)
-        if name.endswith("norm.weight")
-        else (torch.randn(s, generator=gen, dtype=torch.bfloat16) * 0.02)
-        for name, s in shapes.items()
-    }
-    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    names, shards, index = list(shapes), [], {}
+    while names:
+        shard, size = [], 0
+        while names and size < 2 << 30:
+            shard.append(names.pop(0))
+            size += 2 * int(np.prod(shapes[shard[-1]]))
+        shards.append(shard)
+    for n, shard in enumerate(shards):
+        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {
+            name: torch.ones(shapes[name], dtype=torch.bfloat16)
+            if name.endswith("norm.weight")
+            else (torch.randn(shapes[name], generator=gen, dtype=torch.bfloat16) * 0.02)
+            for name in shard
+        }
+        save_file(tensors, str(ckpt / file), metadata={"format": "pt"})
+        index.update(dict.fromkeys(shard, file))
+        del tensors
+    total = sum(2 * int(np.prod(s)) for s in shapes.values())
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+    )
 
 
 def stage_export(work: Path) -> None:
-    _run([str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "onnx")])
-
-
-def stage_quantize(work: Path) -> None:
-    from edge_models.quantize import quantize
-
-    quantize(work / "onnx", work / "q4", "q4")
+    """The fused streaming builder: safetensors read tensor by tensor, quantized to q4 as they are read."""
+    _run(
+        [str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "q4"),
+         "--quantize", "q4"]
+    )  # fmt: skip
 
 
 def stage_seal(work: Path) -> None:
@@ -158,15 +174,9 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     """The q4 graph in process with the daemon's engine settings; prints its figures as JSON."""
     import numpy as np
 
-    from appliance.engine import DecoderSpec
-    from appliance.engine.ort_engine import OrtEngine
-
     q4 = work / "q4"
-    spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
     t0 = time.perf_counter()
-    eng = OrtEngine(
-        (q4 / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN, threads=threads, spin=True
-    )
+    eng = in_process_engine(q4, threads)
     load = time.perf_counter() - t0
     prompts = json.loads((work / "prompts.json").read_text())
     out = {"load_s": load, "ttft_ms": {}, "rounds": rounds}
@@ -199,9 +209,37 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     from appliance.serving.detokenize import Detokenizer
 
     detok = Detokenizer(Tokenizer.from_file(str(q4 / "tokenizer.json")).decode)
-    emitted = [bool(detok.step(tokens[: n + 1])) for n in range(len(tokens))]
+    emitted = [bool(detok.step(tokens[: n + 1], finished=False)) for n in range(len(tokens))]
     out["first_text_after_tokens"] = emitted.index(True) + 1 if any(emitted) else None
     print("RESULT " + json.dumps(out))
+
+
+def stage_decrypt(work: Path) -> None:
+    """Decryption alone: every payload file of the installed bundle into memory, as the loader does it."""
+    from provisioning.install import current_bundle
+    from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
+
+    site = work / "site"
+    bundle = current_bundle(site / "state", load_trusted_vendors(site / "trust"))
+    key = bundle.unwrap_key(load_x25519(DEVICE_X25519, site / "credentials"))
+    t0 = time.perf_counter()
+    files = {f.id: bundle.decrypt_into(f.id, key) for f in bundle.files()}
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({"decrypt_s": round(seconds, 2), "bytes": sum(len(b) for b in files.values())}))
+    for buf in files.values():
+        wipe(buf)
+    wipe(key)
+
+
+def in_process_engine(q4: Path, threads: int):
+    """The graph in ``q4`` with the daemon's engine settings (4 slots, ``MAX_SEQ_LEN``, spinning)."""
+    from appliance.engine import DecoderSpec, create_engine
+
+    spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
+    data = q4 / "model.onnx.data"
+    external = {data.name: bytearray(data.read_bytes())} if data.exists() else None
+    return create_engine("onnxruntime", (q4 / "model.onnx").read_bytes(), spec, num_slots=4,
+                         max_seq_len=MAX_SEQ_LEN, threads=threads, external=external, spin=True)  # fmt: skip
 
 
 def stage_genai_build(work: Path) -> None:
@@ -259,7 +297,7 @@ def _run(cmd: list[str]) -> None:
 def measured(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
     """Run one stage in a child process: wall seconds, peak RSS (the child and its children), output."""
     cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--shape", args.shape]
-    cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), *extra]
+    cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), "--lengths", args.lengths, *extra]
     print(f"[scale] {name} ...", flush=True)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -339,8 +377,9 @@ def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float
     )
     (site / "appliance.toml").write_text(text)
     start = time.perf_counter()
+    log = open(work / "daemon.log", "w")  # noqa: SIM115 - the daemon's stderr, read by daemon_log_times()
     proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(site / "appliance.toml"), "serve"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
     with Client(endpoint, timeout_s=600, retries=1) as client:
         while True:  # the daemon binds its socket only once the model is loaded and warmed up
             try:
@@ -349,6 +388,15 @@ def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float
             except ClientError:
                 if proc.poll() is not None:
                     raise SystemExit(f"the daemon exited ({proc.returncode}) while loading") from None
+
+
+def daemon_log_times(work: Path) -> dict:
+    """The daemon's own account of its start: model load (verify, decrypt, session) and warm-up seconds."""
+    import re
+
+    text = (work / "daemon.log").read_text()
+    loaded, warm = re.search(r"loaded model .* in ([0-9.]+)s", text), re.search(r"warm-up took ([0-9.]+)s", text)
+    return {"load_model_s": float(loaded[1]) if loaded else None, "warm_up_s": float(warm[1]) if warm else None}
 
 
 def serve(work: Path, threads: int, rounds: int) -> dict:
@@ -361,6 +409,7 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
         with Client(endpoint, timeout_s=600, retries=1) as client:
             loaded_rss = proc_status(proc.pid)
             out = {
+                **daemon_log_times(work),
                 "load_s": round(load, 1),
                 "rss_after_load_mb": loaded_rss["VmRSS"],
                 "peak_rss_load_mb": loaded_rss["VmHWM"],
@@ -403,44 +452,46 @@ def serve(work: Path, threads: int, rounds: int) -> dict:
 
 
 def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
-    """Daemon and in-process engine rounds alternated (ABAB) at the 32-token prompt, so machine load hits
-    both alike: client-side and server-side TTFT through the daemon against the engine's own."""
+    """Daemon and in-process engine rounds alternated (ABAB) at every prompt length, so machine load hits
+    both alike: the client's time to its first event (one token asked for, so that event arrives whether
+    or not the token has text) and the server's own TTFT, against the engine's prefill + argmax."""
     import numpy as np
 
-    from appliance.engine import DecoderSpec
-    from appliance.engine.ort_engine import OrtEngine
     from appliance.transport.client import Client
 
-    prompt = json.loads((work / "prompts.json").read_text())["32"]
-    spec = DecoderSpec.from_json((work / "q4" / "decoder.json").read_text())
-    proc, endpoint, _ = start_daemon(work, threads)
+    prompts = json.loads((work / "prompts.json").read_text())
+    proc, endpoint, load = start_daemon(work, threads)
+    out = {"rounds": rounds, "daemon_ready_s": round(load, 1), **daemon_log_times(work)}
     try:
-        eng = OrtEngine((work / "q4" / "model.onnx").read_bytes(), spec, num_slots=4, max_seq_len=MAX_SEQ_LEN,
-                        threads=threads, spin=True)  # fmt: skip
-        engine_ms, client_ms, server_ms = [], [], []
+        eng = in_process_engine(work / "q4", threads)
         with Client(endpoint, timeout_s=600, retries=1) as client:
-            for r in range(rounds + 1):
-                t0 = time.perf_counter()
-                int(np.argmax(eng.prefill([(0, prompt["ids"])])[0]))
-                t1 = time.perf_counter()
-                eng.release(0)
-                final = client.complete(prompt["text"], max_tokens=1, ignore_eos=True)
-                t2 = time.perf_counter()
-                if r:  # the first round warms up
-                    engine_ms.append((t1 - t0) * 1000)
-                    client_ms.append((t2 - t1) * 1000)
-                    server_ms.append(final["timings"]["ttft_ms"])
+            for n in PROMPT_LENGTHS:
+                prompt = prompts[str(n)]
+                engine_ms, client_ms, server_ms = [], [], []
+                for r in range(rounds + 1):
+                    t0 = time.perf_counter()
+                    int(np.argmax(eng.prefill([(0, prompt["ids"])])[0]))
+                    t1 = time.perf_counter()
+                    eng.release(0)
+                    first = None
+                    for event in client.generate(prompt["text"], max_tokens=1, ignore_eos=True):
+                        first = first or time.perf_counter()
+                        final = event
+                    if r:  # the first round warms up
+                        engine_ms.append((t1 - t0) * 1000)
+                        client_ms.append((first - t1) * 1000)
+                        server_ms.append(final["timings"]["ttft_ms"])
+                out[str(n)] = {
+                    "prompt_tokens": len(prompt["ids"]),
+                    "engine_ms": round(statistics.median(engine_ms), 1),
+                    "daemon_client_ms": round(statistics.median(client_ms), 1),
+                    "daemon_server_ttft_ms": round(statistics.median(server_ms), 1),
+                }
+                print(f"[scale] ttft {n}: {out[str(n)]}", flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return {
-        "prompt_tokens": len(prompt["ids"]),
-        "rounds": rounds,
-        "engine_ms": statistics.median(engine_ms),
-        "daemon_client_ms": statistics.median(client_ms),
-        "daemon_server_ttft_ms": statistics.median(server_ms),
-        "runs": {"engine": engine_ms, "daemon_client": client_ms, "daemon_server": server_ms},
-    }
+    return out
 
 
 def main() -> int:
@@ -453,16 +504,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
+    p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
+    p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
+    p.add_argument("--daemon-only", action="store_true", help="serve through the daemon only (no in-process, genai)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global PROMPT_LENGTHS
+    PROMPT_LENGTHS = tuple(int(n) for n in args.lengths.split(","))
     args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
     if args.stage:
         return run_stage(args)
     args.work.mkdir(parents=True, exist_ok=True)
     done = {
-        "checkpoint": (args.work / "checkpoint" / "model.safetensors").exists(),
-        "export": (args.work / "onnx" / "decoder.json").exists(),
-        "quantize": (args.work / "q4" / "decoder.json").exists(),
+        "checkpoint": (args.work / "checkpoint" / "model.safetensors.index.json").exists(),
+        "export": (args.work / "q4" / "decoder.json").exists(),
         "seal": (args.work / "bundle" / "manifest.json").exists(),
         "install": (args.work / "site" / "state" / "current").exists(),
     }
@@ -470,33 +525,38 @@ def main() -> int:
         "scale.json" if args.shape == "1.5b" else f"scale-{args.shape}.json"
     )
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
+    stages = args.work / "stages.json"  # each build stage's measurement, kept with what it built
     result = {
         "shape": {"name": args.shape, **SHAPES[args.shape]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
                     "note": "shared with other jobs while measured; stages run one after another"},
-        "stages": previous.get("stages", {}),
+        "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
     if args.ttft_probe:
-        previous["ttft_probe_32"] = ttft_probe(args.work, args.threads, args.rounds)
+        previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)
         out_path.write_text(json.dumps(previous, indent=2))
-        print(json.dumps(previous["ttft_probe_32"], indent=2))
         return 0
-    for name in () if args.serve_only else ("checkpoint", "export", "quantize", "seal", "install"):
+    for name in () if args.serve_only else ("checkpoint", "export", "seal", "install"):
         if not done[name] or name not in result["stages"]:
             result["stages"][name] = measured(name, args)
+            stages.write_text(json.dumps(result["stages"], indent=2))
         out_path.write_text(json.dumps(result, indent=2))
+    if args.build_only:
+        return 0
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     result["bytes"] = {
         "checkpoint": size(args.work / "checkpoint"),
-        "onnx_fp32": size(args.work / "onnx"),
         "onnx_q4": size(args.work / "q4"),
         "bundle": size(args.work / "bundle"),
     }
     write_prompts(args.work)
+    result["decrypt"] = measured("decrypt", args)
     result["daemon"] = serve(args.work, args.threads, args.rounds)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"[scale] daemon: {result['daemon']}", flush=True)
+    if args.daemon_only:
+        return 0
     result["in_process"] = measured("engine", args)
     out_path.write_text(json.dumps(result, indent=2))
     if args.serve_only:
@@ -520,10 +580,10 @@ def run_stage(args: argparse.Namespace) -> int:
     stages = {
         "checkpoint": lambda: stage_checkpoint(work, args.shape),
         "export": lambda: stage_export(work),
-        "quantize": lambda: stage_quantize(work),
         "seal": lambda: stage_seal(work),
         "install": lambda: stage_install(work),
         "engine": lambda: stage_engine(work, args.threads, args.rounds),
+        "decrypt": lambda: stage_decrypt(work),
         "genai_build": lambda: stage_genai_build(work),
         "genai": lambda: stage_genai(work, args.threads, args.rounds),
     }

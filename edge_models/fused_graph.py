@@ -22,6 +22,7 @@ this step, minus one), ``total_sequence_length`` int32 scalar, ``past.i.key`` / 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,20 +69,36 @@ class Weights:
 
     @classmethod
     def from_safetensors(cls, checkpoint: Path) -> Weights:
-        """The ``*.safetensors`` files of a checkpoint directory, memory-mapped (bf16/fp16 as shipped)."""
-        from safetensors import safe_open
-
+        """The ``*.safetensors`` files of a checkpoint directory (bf16/fp16/fp32 as shipped), each tensor
+        read with ``pread`` when asked for. Not memory-mapped: mapped pages stay resident (and count in
+        RSS) until the file is closed, so a 7B checkpoint would fill the page table with 15 GB."""
         where = {}
         for path in sorted(Path(checkpoint).glob("*.safetensors")):
-            f = safe_open(str(path), framework="pt")
-            where.update(dict.fromkeys(f.keys(), f))
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            where.update({name: (path, 8 + size, entry) for name, entry in header.items()})
         if not where:
             raise UnsupportedModel(f"{checkpoint} has no *.safetensors files")
-        return cls(
-            set(where),
-            lambda n: tuple(where[n].get_slice(n).get_shape()),
-            lambda n: where[n].get_tensor(n).float().numpy(),
-        )
+        return cls(set(where), lambda n: tuple(where[n][2]["shape"]), lambda n: _read_tensor(*where[n]))
+
+
+def _read_tensor(path: Path, data_start: int, entry: dict) -> np.ndarray:
+    """One safetensors tensor as fp32 (bf16 widened by a 16-bit shift: bf16 is fp32's upper half)."""
+    begin, end = entry["data_offsets"]
+    dtype = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}.get(entry["dtype"])
+    if dtype is None:
+        raise UnsupportedModel(f"{path.name}: tensor dtype {entry['dtype']} (fused graphs read BF16, F16, F32)")
+    raw = np.empty(end - begin, np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(data_start + begin)
+        if f.readinto(raw) != raw.size:
+            raise UnsupportedModel(f"{path.name} is truncated; copy the checkpoint again")
+    values = raw.view(dtype).reshape(entry["shape"])
+    if entry["dtype"] == "BF16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values.astype(np.float32)
 
 
 class _Initializers:
@@ -122,7 +139,9 @@ def quantize_blocks(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
 
     n, k = weight.shape
     pad = (-k) % BLOCK_SIZE
-    kn = np.ascontiguousarray(np.pad(weight, ((0, 0), (0, pad))).T.astype(np.float32))  # [K, N]
+    if pad:
+        weight = np.pad(weight, ((0, 0), (0, pad)))
+    kn = np.ascontiguousarray(weight.T, dtype=np.float32)  # [K, N]: one copy (a 7B embedding is 2.2 GB in fp32)
     blocks = (k + pad) // BLOCK_SIZE
     packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), np.uint8)
     scales = np.zeros(n * blocks, np.float32)
@@ -212,7 +231,7 @@ def build_fused_decoder(
     """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama/DeepSeek checkpoint.
 
     ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
-    with symmetric blocks of 32; the embedding stays fp32 (a lookup reads one row per token).
+    with symmetric blocks of 32, the embedding table in the same format (``GatherBlockQuantized``).
     ``special``: the checkpoint's pad/BOS/EOS ids as ``edge_models.tokenizer.special_token_ids`` finds
     them (its tokenizer decides the BOS, generation_config.json adds end ids); default: config.json's."""
     check_supported(config)
@@ -251,7 +270,10 @@ def build_fused_decoder(
         vocab_size=config.vocab_size,
         max_positions=config.max_position_embeddings,
         **(special or special_token_ids(config.to_dict())),
-        weight_bytes=sum(v for k, v in init.bytes.items() if k not in ("embed_tokens", "cos_cache", "sin_cache"))
+        # Read per token: every weight but the embedding table (one row) and the rotary tables.
+        weight_bytes=sum(
+            v for k, v in init.bytes.items() if not k.startswith(("embed_tokens", "cos_cache", "sin_cache"))
+        )
         + config.hidden_size * 4,
         cache="static",
     )
@@ -311,8 +333,30 @@ def mlp(g: _Graph, h: str, weights: Weights, prefix: str, name: str) -> str:
 
 
 def embedding(g: _Graph, table: np.ndarray) -> str:
-    """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``."""
-    (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
+    """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``.
+
+    Quantized graphs store the table ``[vocab, hidden]`` in the LM head's own 4/8-bit format and
+    look rows up with ONNX Runtime's ``GatherBlockQuantized``: it reads ``MatMulNBits``' packing
+    (``[vocab, blocks * blob]`` uint8, scales ``[vocab, blocks]``, no zero points meaning the symmetric
+    midpoint 8 / 128) and dequantizes only the rows gathered. Its CPU kernel needs uint8 data with
+    ``gather_axis`` 0 and ``quantize_axis`` last; a hidden size off the block grid stays fp32."""
+    vocab, hidden = table.shape
+    if not g.bits or hidden % BLOCK_SIZE:
+        (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
+        return x
+    packed, scales = quantize_blocks(table, g.bits)
+    data = g.init.add("embed_tokens.qweight", packed.reshape(vocab, -1))
+    scales = g.init.add("embed_tokens.scales", scales.reshape(vocab, -1))
+    (x,) = g.node(
+        "GatherBlockQuantized",
+        [data, "input_ids", scales],
+        "embedded",
+        domain="com.microsoft",
+        bits=g.bits,
+        block_size=BLOCK_SIZE,
+        gather_axis=0,
+        quantize_axis=1,
+    )
     return x
 
 

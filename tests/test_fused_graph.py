@@ -143,18 +143,37 @@ def test_session_save_and_load_continue_exactly(family):
 
 
 def test_q8_graph_matches_transformers_and_q4_stays_close(family, tmp_path):
+    """Every projection, the LM head and the embedding table quantized. Random tiny models have near-tie
+    logits (top-2 margins down to 0.004), so q8 is held to a logit error bound, not to exact greedy tokens."""
     model, graph_dir = family
     weights = Weights.from_module(model)
     for mode in ("q8", "q4"):
         build_fused_decoder(model.config, weights, tmp_path / mode, quant=mode)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "q4" / "model.onnx")).graph.node}
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q4" / "model.onnx")).graph.node]
     assert "MatMulNBits" in ops and "MatMul" not in ops  # the LM head too
-    prompts = [PROMPTS[0]]
-    ref = hf_greedy(model, prompts, 12, 2)
-    assert engine_greedy(engine(tmp_path / "q8"), prompts, 12, 2) == ref
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops  # the embedding table too
+    tokens = PROMPTS[0] + hf_greedy(model, [PROMPTS[0]], 12, 2)[0]
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    q8 = engine(tmp_path / "q8").score(tokens)
+    err = np.abs(q8 - ref).max()
+    assert err < 0.1 * ref.std(), (err, ref.std())
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * err  # a token whose lead exceeds twice the error cannot flip
+    assert clear.sum() >= len(tokens) // 2 and (q8.argmax(-1) == ref.argmax(-1))[clear].all()
     q4 = engine(tmp_path / "q4").prefill([(0, PROMPTS[0])])
     fp32 = engine(graph_dir).prefill([(0, PROMPTS[0])])
     assert np.corrcoef(q4[0], fp32[0])[0, 1] > 0.95
+
+
+def test_q4_embedding_is_stored_in_five_eighths_of_a_byte_per_weight(family, tmp_path):
+    """4 bits per weight plus one fp32 scale per block of 32: 6.4x smaller than the fp32 table."""
+    model, _ = family
+    build_fused_decoder(model.config, Weights.from_module(model), tmp_path, quant="q4")
+    init = {t.name: t for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    stored = sum(len(init[f"embed_tokens.{part}"].raw_data) for part in ("qweight", "scales"))
+    assert stored == vocab * hidden // 2 + vocab * hidden // 32 * 4 == vocab * hidden * 4 * 5 // 32
 
 
 def test_external_data_graph_loads_from_memory_and_matches(family, tmp_path):

@@ -78,3 +78,35 @@ def test_running_daemon_is_not_dumpable(device, tmp_path):
         for core in leaked:
             core.unlink()
     assert leaked == []
+
+
+def test_loading_holds_one_plaintext_copy_of_the_weights(tiny_build, tmp_path):
+    """A graph with external data loads through one decrypted buffer: no whole ciphertext, no second
+    plaintext copy on the Python side (ONNX Runtime's own copy is in C++ memory, which tracemalloc
+    does not see; numpy and bytearray allocations it does)."""
+    import shutil
+    import tracemalloc
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from edge_models.fused_graph import Weights, build_fused_decoder
+    from tests.conftest import provision_device
+
+    shape = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+    config = Qwen2Config(**shape, num_key_value_heads=2, vocab_size=32000, max_position_embeddings=512, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    build_fused_decoder(config, Weights.from_module(model), tmp_path / "onnx", external_data=True)
+    shutil.copy(tiny_build / "onnx" / "tokenizer.json", tmp_path / "onnx" / "tokenizer.json")
+    weights = (tmp_path / "onnx" / "model.onnx.data").stat().st_size
+    device = provision_device(tmp_path, tmp_path / "site")
+    tracemalloc.start()
+    try:
+        loaded = load_model(load_config(device.config))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cache = sum(t.nbytes for t in loaded.engine.cache)  # the engine's KV cache, allocated by numpy
+    assert weights + cache <= peak < 1.05 * weights + cache, (peak, weights, cache)
+    assert loaded.engine.prefill([(0, [5, 6, 7])]).shape == (1, 32000)  # served from ONNX Runtime's own copy
