@@ -1,7 +1,9 @@
 """One DeepSeek-V3 MoE layer's routed experts, per decode step: fused MoE / QMoE operator vs unrolled experts.
 
 The layer has the 0.70 B MoE's shape (hidden 1024, 32 routed experts, top-6, moe_intermediate_size 512,
-random weights). Four graphs of the same weights, x [B,1,1024] → routed output:
+random weights): with 12 layers (the first dense, FFN 2816), MLA q_lora 384 / kv_lora 256, 2 shared
+experts and vocab 32000 that is 0.697 B parameters (704 would make it 0.92 B).
+Four graphs of the same weights, x [B,1,1024] → routed output:
 
 - ``unrolled``: what ``export.py`` traces today (transformers' grouped-mm experts, one MatMul pair per expert);
 - ``moe-fp32``, ``qmoe-q8``, ``qmoe-q4``: ``edge_models.fused_moe`` (one ``MoE``/``QMoE`` node).

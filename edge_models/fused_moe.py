@@ -26,7 +26,10 @@ Operand layout (found by testing against a numpy reference, not by the spec alon
 ``[experts, 2 * inter, hidden]`` with gate and up rows interleaved (``swiglu_fusion=1``, the only
 SwiGLU layout the CPU kernels run), ``fc2`` is ``[experts, hidden, inter]``; quantized, each expert's
 rows are ``quantize_blocks`` output (symmetric blocks of 32 along the input dimension, implicit zero
-point) flattened to ``[rows, in * bits / 8]`` with scales ``[experts, rows, in / 32]``.
+point) flattened to ``[rows, in * bits / 8]`` with scales ``[experts, rows, in / 32]``. A hidden size
+that is no multiple of 32 is quantized per output channel instead (scales ``[experts, rows]``, the
+operator's layout without ``block_size``); a misaligned ``moe_intermediate_size`` is padded with zero
+channels, which is exact.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     row_shape = g.init.add(f"{name}.row_shape", np.array([-1, config.hidden_size], np.int64))
     (rows,) = g.node("Reshape", [x, row_shape], f"{name}.rows")
     scores, choice = _scores(g, rows, weights, prefix, config, family, name)
-    fc1, fc2 = _stacked_operands(g, weights, prefix, config, name)
-    common = dict(
+    fc1, fc2, blocked = _stacked_operands(g, weights, prefix, config, name)
+    attrs = dict(
         domain="com.microsoft",
         k=config.num_experts_per_tok,
         activation_type="swiglu",
@@ -64,21 +67,37 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
         activation_alpha=1.0,  # SiLU(g) * u: the operator's SwiGLU is g * sigmoid(alpha * g) * (u + beta)
         activation_beta=0.0,
     )
-    if g.bits:
-        no_inputs = [""] * 7  # fc2 bias, fc3 weights/scales/bias, zero points: none
-        (y,) = g.node(
-            "QMoE",
-            [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
-            f"{name}.routed",
-            expert_weight_bits=g.bits,
-            block_size=BLOCK_SIZE,
-            weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
-            accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
-            normalize_routing_weights=int(_normalizes(config, family)),
-            **common,
-        )
-        return y
-    k = g.init.add(f"{name}.top_k", np.array([config.num_experts_per_tok], np.int64))
+    if not g.bits:
+        return _moe(g, x, rows, scores, choice, fc1, fc2, _normalizes(config, family), attrs, name)
+    no_inputs = [""] * 7  # fc2 bias, fc3 weights/scales/bias, zero points: none
+    (y,) = g.node(
+        "QMoE",
+        [x, choice, fc1.weight, fc1.scales, "", fc2.weight, fc2.scales, *no_inputs, scores],
+        f"{name}.routed",
+        expert_weight_bits=g.bits,
+        **({"block_size": BLOCK_SIZE} if blocked else {}),
+        weights_prepacked=0,  # the raw quantize_matmul_{4,8}bits layout, not a kernel-specific one
+        accuracy_level=4,  # int8 activations: the fast CPU path, as for MatMulNBits
+        normalize_routing_weights=int(_normalizes(config, family)),
+        **attrs,
+    )
+    return y
+
+
+def _moe(
+    g: _Graph,
+    x: str,
+    rows: str,
+    scores: str,
+    choice: str,
+    fc1: _Operand,
+    fc2: _Operand,
+    normalize: bool,
+    attrs: dict,
+    name: str,
+) -> str:
+    """The fp32 ``MoE`` node, which has no ``router_weights``: choose here, hand it ``log(weight)``."""
+    k = g.init.add(f"{name}.top_k", np.array([attrs["k"]], np.int64))
     _, chosen = g.node("TopK", [choice, k], [f"{name}.top_choice", f"{name}.chosen"], axis=-1)
     (routing_weights,) = g.node("GatherElements", [scores, chosen], f"{name}.weights", axis=-1)
     (log_weights,) = g.node("Log", [routing_weights], f"{name}.log_weights")
@@ -87,10 +106,11 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
     (base,) = g.node("ConstantOfShape", [shape], f"{name}.not_chosen", value=not_chosen)
     (probs,) = g.node("ScatterElements", [base, chosen, log_weights], f"{name}.probs", axis=-1)
     fc = [fc1.weight, "", fc2.weight]
-    if _normalizes(config, family):
-        (y,) = g.node("MoE", [x, probs, *fc], f"{name}.routed", normalize_routing_weights=1, **common)
+    if normalize:
+        (y,) = g.node("MoE", [x, probs, *fc], f"{name}.routed", normalize_routing_weights=1, **attrs)
         return y
-    (y,) = g.node("MoE", [rows, probs, *fc], f"{name}.normalized", normalize_routing_weights=1, **common)
+    # The operator normalized the weights: scale each token row back by their sum.
+    (y,) = g.node("MoE", [rows, probs, *fc], f"{name}.normalized", normalize_routing_weights=1, **attrs)
     axes = g.init.add(f"{name}.last_axis", np.array([-1], np.int64))
     (total,) = g.node("ReduceSum", [routing_weights, axes], f"{name}.weight_sum", keepdims=1)
     (y,) = g.node("Mul", [y, total], f"{name}.routed_rows")
@@ -134,6 +154,8 @@ def _family(config) -> str:
         raise UnsupportedModel(
             f"n_routed_experts {config.n_routed_experts} is not a multiple of n_group {config.n_group}"
         )
+    if family == "deepseek_v3" and _grouped(config, family) and config.n_routed_experts < 2 * config.n_group:
+        raise UnsupportedModel(f"DeepSeek-V3 scores a group by its 2 best experts: n_group {config.n_group} is too big")
     return family
 
 
@@ -151,6 +173,7 @@ def _normalizes(config, family: str) -> bool:
 def _scores(g: _Graph, rows: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[str, str]:
     """The router on token rows [T,hidden]: (scores the weights come from, choice scores the top-k picks
     from), both [T,experts]."""
+    # The router stays fp32 at q4/q8: it is a few KB, and a flipped expert choice costs more than its reads.
     router = weights.get(prefix + "gate.weight")
     (logits,) = g.node("MatMul", [rows, g.init.add(f"{name}.router", router.T)], f"{name}.logits")
     if family == "deepseek_v3":
@@ -212,36 +235,52 @@ def _expert_weights(weights: Weights, prefix: str, experts: int):
         )
 
 
-def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand]:
-    """fc1 (interleaved gate/up) and fc2 (down × routed_scaling_factor), filled one expert at a time."""
+def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand, bool]:
+    """fc1 (interleaved gate/up) and fc2 (down × routed_scaling_factor), filled one expert at a time, and
+    whether they are quantized in blocks along the input dimension (else per output channel)."""
     experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
     bits, scale = g.bits, np.float32(config.routed_scaling_factor)
-    if bits and (hidden % BLOCK_SIZE or inter % BLOCK_SIZE):
-        raise UnsupportedModel(
-            f"QMoE needs hidden_size ({hidden}) and moe_intermediate_size ({inter}) divisible by {BLOCK_SIZE}"
-        )
-    shapes = {"fc1": (2 * inter, hidden), "fc2": (hidden, inter)}
-    if bits:
-        packed = {k: np.empty((experts, n, kk * bits // 8), np.uint8) for k, (n, kk) in shapes.items()}
-        scales = {k: np.empty((experts, n, kk // BLOCK_SIZE), np.float32) for k, (n, kk) in shapes.items()}
-    else:
-        full = {k: np.empty((experts, *shape), np.float32) for k, shape in shapes.items()}
+    blocked = bool(bits) and hidden % BLOCK_SIZE == 0
+    if bits and hidden * bits % 8:
+        raise UnsupportedModel(f"QMoE cannot pack {bits}-bit rows of hidden_size {hidden}: it needs whole bytes")
+    # Zero intermediate channels change nothing (SiLU(0) * 0 meets zero down columns) and keep the
+    # quantized rows whole: blocks of 32, or whole bytes of 4-bit codes.
+    align = BLOCK_SIZE if blocked else 2 if bits == 4 else 1
+    pad = -inter % align
+    stacked: dict[str, list[np.ndarray]] = {}
     for e, (gate, up, down) in enumerate(_expert_weights(weights, prefix, experts)):
         if gate.shape != (inter, hidden) or down.shape != (hidden, inter):
             raise UnsupportedModel(
                 f"{prefix}experts: expert {e} has gate {gate.shape} / down {down.shape}, "
                 f"config says ({inter}, {hidden}) / ({hidden}, {inter})"
             )
-        rows = {"fc1": np.stack([gate, up], axis=1).reshape(2 * inter, hidden), "fc2": down * scale}
-        for k, w in rows.items():
-            if bits:
-                q, s = quantize_blocks(w, bits)
-                packed[k][e], scales[k][e] = q.reshape(q.shape[0], -1), s.reshape(q.shape[0], -1)
-            else:
-                full[k][e] = w
-    if bits:
-        return tuple(
-            _Operand(g.init.add(f"{name}.{k}.qweight", packed[k]), g.init.add(f"{name}.{k}.scales", scales[k]))
-            for k in shapes
-        )
-    return tuple(_Operand(g.init.add(f"{name}.{k}.weight", full[k])) for k in shapes)
+        fc1 = np.pad(np.stack([gate, up], axis=1).reshape(2 * inter, hidden), ((0, 2 * pad), (0, 0)))
+        fc2 = np.pad(down * scale, ((0, 0), (0, pad)))
+        for key, w in (("fc1", fc1), ("fc2", fc2)):
+            parts = _quantize(w, bits, blocked) if bits else (w,)
+            if key not in stacked:
+                stacked[key] = [np.empty((experts, *part.shape), part.dtype) for part in parts]
+            for whole, part in zip(stacked[key], parts, strict=True):
+                whole[e] = part
+    kinds = ("qweight", "scales") if bits else ("weight",)
+    fc1, fc2 = (
+        _Operand(*(g.init.add(f"{name}.{key}.{kind}", a) for kind, a in zip(kinds, stacked[key], strict=True)))
+        for key in ("fc1", "fc2")
+    )
+    return fc1, fc2, blocked
+
+
+def _quantize(weight: np.ndarray, bits: int, blocked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """QMoE operands of one ``[N, K]`` weight: codes ``[N, K * bits / 8]`` (symmetric, implicit zero point
+    2^(bits-1), low nibble first) and scales ``[N, K / 32]`` (blocks) or ``[N]`` (per output channel)."""
+    rows = weight.shape[0]
+    if blocked:
+        codes, scales = quantize_blocks(weight, bits)
+        return codes.reshape(rows, -1), scales.reshape(rows, -1)
+    top = 2 ** (bits - 1)
+    scales = (np.abs(weight).max(axis=1) / (top - 1)).astype(np.float32)
+    steps = np.rint(weight / np.where(scales == 0, 1, scales)[:, None])
+    codes = (np.clip(steps, -top, top - 1) + top).astype(np.uint8)
+    if bits == 4:
+        codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return codes, scales

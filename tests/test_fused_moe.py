@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
@@ -22,11 +22,13 @@ SHAPE = dict(hidden_size=64, moe_intermediate_size=32, n_shared_experts=1, hidde
 # dequantized weights, what remains is QMoE's int8 activations (accuracy_level 4): ~1.2%.
 TOLERANCE = {8: 0.02, 4: 0.2}
 ACTIVATION_TOLERANCE = 0.02
+# Per output channel (hidden size off the blocks): fp32 activations, coarser 4-bit scales.
+PER_CHANNEL_TOLERANCE = {8: 0.02, 4: 0.25}
 
 
 def v3_config(experts: int = 16, **overrides) -> DeepseekV3Config:
     routing = dict(num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
-    return DeepseekV3Config(**SHAPE, n_routed_experts=experts, **(routing | overrides))
+    return DeepseekV3Config(n_routed_experts=experts, **(SHAPE | routing | overrides))
 
 
 def v2_config(topk_method: str, norm_topk_prob: bool = False) -> DeepseekV2Config:
@@ -98,15 +100,54 @@ def test_v3_grouped_routing_with_correction_bias_equals_transformers(stacked):
     np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
 
 
-def test_v3_correction_bias_changes_the_routing_of_the_test_weights():
-    """The bias must matter here (else the test above could not tell it from plain top-k)."""
-    config = v3_config()
-    moe = random_moe(config)
+def test_layer_built_from_a_saved_checkpoint_equals_the_loaded_model(tmp_path):
+    """The export path: safetensors as ``save_pretrained`` writes them (one tensor per expert projection),
+    read through ``Weights.from_safetensors``, against the MoE layer of the model loaded back."""
+    config = v3_config(
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a router far from its near-zero init, so the choice is not a coin toss
+        saved.model.layers[1].mlp.gate.weight.normal_(0, 0.5)
+        saved.model.layers[1].mlp.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    saved.save_pretrained(tmp_path)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).model.layers[1].mlp.eval()
+    model = routed_experts_model(config, Weights.from_safetensors(tmp_path), PREFIX)
     x = hidden_states(config)
+    np.testing.assert_allclose(run(model, x), reference(moe, x), atol=1e-4, rtol=0)
+
+
+def _without_bias(config):
+    moe = random_moe(config)
     with torch.no_grad():
-        unbiased = random_moe(config)
-        unbiased.gate.e_score_correction_bias.zero_()
-    assert np.abs(reference(moe, x) - reference(unbiased, x)).max() > 1e-2
+        moe.gate.e_score_correction_bias.zero_()
+    return moe
+
+
+@pytest.mark.parametrize(
+    "variant, baseline",
+    [
+        (lambda: random_moe(v3_config()), lambda: _without_bias(v3_config())),
+        (lambda: random_moe(v3_config()), lambda: random_moe(v3_config(topk_group=4))),
+        (lambda: random_moe(v2_config("group_limited_greedy")), lambda: random_moe(v2_config("greedy"))),
+    ],
+    ids=["v3_correction_bias", "v3_groups", "v2_groups"],
+)
+def test_each_routing_feature_changes_the_output_of_the_test_weights(variant, baseline):
+    """The equality tests above could not tell a routing feature from its absence unless it matters here."""
+    x = hidden_states(v3_config())
+    assert np.abs(reference(variant(), x) - reference(baseline(), x)).max() > 1e-2
 
 
 def test_v3_without_normalization_equals_transformers():
@@ -120,6 +161,7 @@ def test_v3_without_normalization_equals_transformers():
 @pytest.mark.parametrize("topk_method", ["greedy", "group_limited_greedy"])
 @pytest.mark.parametrize("norm_topk_prob", [False, True], ids=["no_norm", "norm"])
 def test_v2_routing_equals_transformers(topk_method, norm_topk_prob):
+    """transformers' DeepseekV2TopkRouter never normalizes the chosen weights; neither does the graph."""
     config = v2_config(topk_method, norm_topk_prob)
     moe = random_moe(config)
     x = hidden_states(config)
@@ -143,18 +185,21 @@ def dequantized(weight: np.ndarray, bits: int) -> np.ndarray:
     q, scales = quantize_blocks(weight, bits)
     rows = weight.shape[0]
     codes = np.stack([q & 0x0F, q >> 4], -1).reshape(rows, q.shape[1], -1) if bits == 4 else q
-    return ((codes.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(rows, -1, 1)).reshape(rows, -1)
+    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales.reshape(rows, -1, 1)
+    return values.reshape(rows, -1)[:, : weight.shape[1]]  # quantize_blocks pads the last block with zeros
 
 
+@pytest.mark.parametrize("inter", [32, 48], ids=["aligned", "padded"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_experts_compute_with_exactly_the_packed_weights(bits):
+def test_quantized_experts_compute_with_exactly_the_packed_weights(bits, inter):
     """The packing is right: against transformers running the dequantized weights, only the int8
-    activations differ (a wrong interleave, nibble order or scale layout gives errors near 100%)."""
-    config = v3_config()
+    activations differ (a wrong interleave, nibble order or scale layout gives errors near 100%).
+    An intermediate size off the blocks is padded with zero channels, which must change nothing."""
+    config = v3_config(moe_intermediate_size=inter)
     moe = random_moe(config)
     x = hidden_states(config, batch=4, sequence=8)
     model = routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits)
-    inter, scale = config.moe_intermediate_size, config.routed_scaling_factor
+    scale = config.routed_scaling_factor
     with torch.no_grad():
         for gate_up, down in zip(moe.experts.gate_up_proj, moe.experts.down_proj, strict=True):
             fc1 = np.stack([gate_up[:inter].numpy(), gate_up[inter:].numpy()], 1).reshape(2 * inter, -1)
@@ -194,12 +239,21 @@ def test_experts_are_read_one_tensor_at_a_time():
     assert max(largest) == config.hidden_size * config.moe_intermediate_size
 
 
-def test_quantized_experts_need_block_aligned_sizes():
-    config = v3_config()
-    config.moe_intermediate_size = 48
+@pytest.mark.parametrize("bits", [8, 4])
+def test_hidden_size_off_the_blocks_is_quantized_per_channel(bits):
+    config = v3_config(hidden_size=48, moe_intermediate_size=40)
     moe = random_moe(config)
-    with pytest.raises(UnsupportedModel, match="divisible by 32"):
-        routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits=4)
+    x = hidden_states(config, batch=4, sequence=8)
+    model = routed_experts_model(config, checkpoint_weights(moe), PREFIX, bits)
+    (qmoe,) = [n for n in model.graph.node if n.op_type == "QMoE"]
+    assert "block_size" not in {a.name for a in qmoe.attribute}
+    assert relative_error(run(model, x), reference(moe, x)) < PER_CHANNEL_TOLERANCE[bits]
+
+
+def test_odd_hidden_size_cannot_be_packed_in_4_bits():
+    config = v3_config(hidden_size=63)
+    with pytest.raises(UnsupportedModel, match="whole bytes"):
+        routed_experts_model(config, checkpoint_weights(random_moe(config)), PREFIX, bits=4)
 
 
 def test_unknown_v2_topk_method_is_refused():
