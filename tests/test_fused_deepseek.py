@@ -113,6 +113,7 @@ def test_cache_is_one_latent_buffer_per_layer_and_a_session_saves_it_once(family
     _, graph_dir = family
     eng = engine(graph_dir, slots=2)
     assert all(eng.cache[2 * i] is eng.cache[2 * i + 1] for i in range(2))
+    assert eng.cache_bytes() == 2 * 2 * (eng.max_seq_len + 1) * LATENT * 4  # layers x slots x positions x floats
     eng.prefill([(1, PROMPTS[0])])
     saved = eng.save(1)
     assert [a.shape for a in saved] == [(1, 1, len(PROMPTS[0]), LATENT)] * 2

@@ -56,6 +56,10 @@ class StaticCacheEngine:
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
         self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
 
+    def cache_bytes(self) -> int:
+        """KV cache memory held in the preallocated buffers (read by the metrics scrape)."""
+        return sum(int(t.nbytes) for t in self._stored(self.cache))
+
     # -- the Engine interface --------------------------------------------------------------------
     def length(self, slot: int) -> int:
         return self._lengths[slot]

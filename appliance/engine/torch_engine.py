@@ -62,7 +62,11 @@ class TorchEngine:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.quantize = quantize
         cfg = ModelConfig.from_hf(checkpoint_config)
-        if (cfg.cache_shapes()[0], cfg.cache_shapes()[1]) != (tuple(spec.key_shape), tuple(spec.value_shape)):
+        key, value = cfg.cache_shapes()
+        expected = (tuple(spec.key_shape), tuple(spec.value_shape))
+        if spec.value_is_key:  # a fused graph caches DeepSeek's latent and rotary key as one tensor: same floats
+            key, value = (1, key[1] + value[1]), (1, key[1] + value[1])
+        if (key, value) != expected:
             raise EngineError(
                 f"checkpoint cache shapes {cfg.cache_shapes()} differ from decoder.json "
                 f"({spec.key_shape}, {spec.value_shape}); the bundle mixes two models"
