@@ -494,6 +494,27 @@ def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
     return out
 
 
+def load_probe(work: Path, rounds: int) -> dict:
+    """Decryption alone and the whole ``load_model`` (verify, decrypt, build the session), rounds alternated."""
+    import gc
+
+    from appliance.config import load_config
+    from appliance.loader import load_model
+
+    site = work / "site"
+    decrypt, load = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        stage_decrypt(work)
+        decrypt.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model = load_model(load_config(site / "appliance.toml"))
+        load.append(time.perf_counter() - t0)
+        del model
+        gc.collect()
+    return {"rounds": rounds, "decrypt_s": [round(x, 2) for x in decrypt], "load_model_s": [round(x, 2) for x in load]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="checkpoint shape (default: 1.5b)")
@@ -504,6 +525,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
+    p.add_argument("--load-probe", action="store_true", help="only alternate decryption-alone and load_model rounds")
     p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
     p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
     p.add_argument("--daemon-only", action="store_true", help="serve through the daemon only (no in-process, genai)")
@@ -533,6 +555,11 @@ def main() -> int:
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
+    if args.load_probe:
+        previous.setdefault("load_memory", {})["load_vs_decrypt"] = load_probe(args.work, args.rounds)
+        out_path.write_text(json.dumps(previous, indent=2))
+        print(json.dumps(previous["load_memory"], indent=2))
+        return 0
     if args.ttft_probe:
         previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)
         out_path.write_text(json.dumps(previous, indent=2))
