@@ -65,6 +65,8 @@ test: venv
 bench: provision
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/deepseek.py
+	$(BIN)/python bench/moe_operator.py
 	$(BIN)/python bench/audit_overhead.py --config $(DEMO)/appliance.toml
 	$(BIN)/python bench/bundle_throughput.py
 	$(BIN)/edge-models quantize --onnx $(BUILD)/onnx --out build/quant
