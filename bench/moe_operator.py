@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def main() -> int:
         "threads": args.threads,
         "rounds": args.rounds,
         "steps_per_run": args.steps,
-        "machine": "2-core VM shared with other jobs while measured",
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
         "node_counts": nodes,
         "batches": {
             str(b): {

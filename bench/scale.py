@@ -551,7 +551,7 @@ def main() -> int:
     result = {
         "shape": {"name": args.shape, **SHAPES[args.shape]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads,
-                    "note": "shared with other jobs while measured; stages run one after another"},
+                    "load_average_at_start": os.getloadavg(), "note": "stages run one after another"},
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
