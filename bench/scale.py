@@ -555,6 +555,10 @@ def main() -> int:
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
+    if (args.ttft_probe or args.load_probe) and not (args.work / "q4" / "decoder.json").exists():
+        p.error(f"nothing built in {args.work}: run the build first (e.g. --build-only)")
+    if args.ttft_probe and not (args.work / "prompts.json").exists():
+        write_prompts(args.work)
     if args.load_probe:
         previous.setdefault("load_memory", {})["load_vs_decrypt"] = load_probe(args.work, args.rounds)
         out_path.write_text(json.dumps(previous, indent=2))
