@@ -360,14 +360,10 @@ def proc_status(pid: int) -> dict:
     return {k: round(int(fields[k].split()[0]) / 1024) for k in ("VmRSS", "VmHWM")}
 
 
-def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float]:
-    """The daemon on the installed bundle (4 slots, ``MAX_SEQ_LEN``, ``threads``); returns once it answers."""
+def write_site_config(work: Path, threads: int, endpoint: str = "tcp://127.0.0.1:5555") -> Path:
+    """The device's ``appliance.toml``: 4 slots, ``MAX_SEQ_LEN``, ``threads``, no response cache."""
     from appliance.config import render_config
-    from appliance.transport.client import Client, ClientError
-    from bench.common import free_port
 
-    site = work / "site"
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
     text = render_config("state", "trust", "credentials", "audit.db", endpoint, max_batch=4)
     text = text.replace("threads = 0 ", f"threads = {threads} ").replace(
         "max_seq_len = 512", f"max_seq_len = {MAX_SEQ_LEN}"
@@ -375,7 +371,19 @@ def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float
     text = text.replace("response_cache = 256", "response_cache = 0").replace(
         "max_new_tokens = 256", "max_new_tokens = 128"
     )
-    (site / "appliance.toml").write_text(text)
+    config = work / "site" / "appliance.toml"
+    config.write_text(text)
+    return config
+
+
+def start_daemon(work: Path, threads: int) -> tuple[subprocess.Popen, str, float]:
+    """The daemon on the installed bundle (4 slots, ``MAX_SEQ_LEN``, ``threads``); returns once it answers."""
+    from appliance.transport.client import Client, ClientError
+    from bench.common import free_port
+
+    site = work / "site"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    write_site_config(work, threads, endpoint)
     start = time.perf_counter()
     log = open(work / "daemon.log", "w")  # noqa: SIM115 - the daemon's stderr, read by daemon_log_times()
     proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(site / "appliance.toml"), "serve"],
@@ -560,6 +568,7 @@ def main() -> int:
     if args.ttft_probe and not (args.work / "prompts.json").exists():
         write_prompts(args.work)
     if args.load_probe:
+        write_site_config(args.work, args.threads)
         previous.setdefault("load_memory", {})["load_vs_decrypt"] = load_probe(args.work, args.rounds)
         out_path.write_text(json.dumps(previous, indent=2))
         print(json.dumps(previous["load_memory"], indent=2))
