@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
 from appliance.engine import DecoderSpec
 from edge_models.fused_graph import Weights, build_fused_decoder
 from edge_models.parity import engine_greedy, hf_greedy
 from tests.test_fused_graph import (  # noqa: F401 - the shared specifications, run on this module's `family`
     PROMPTS,
+    build_family,
     engine,
     test_batch_of_one_matches_transformers,
     test_chunked_prefill_equals_one_shot,
@@ -70,13 +71,7 @@ LATENT = SHAPE["kv_lora_rank"] + SHAPE["qk_rope_head_dim"]
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def family(request, tmp_path_factory):
     """(transformers model, fp32 fused graph dir) for one DeepSeek variant, built from its safetensors."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp(request.param)
-    AutoModelForCausalLM.from_config(CONFIGS[request.param]()).save_pretrained(root / "hf")
-    model = AutoModelForCausalLM.from_pretrained(root / "hf", local_files_only=True).eval()
-    config = AutoConfig.from_pretrained(root / "hf", local_files_only=True)
-    build_fused_decoder(config, Weights.from_safetensors(root / "hf"), root / "onnx")
-    return model, root / "onnx"
+    return build_family(CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))
 
 
 def test_graph_is_one_multi_query_attention_per_layer_on_the_latent(family):

@@ -35,16 +35,21 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def family(request, tmp_path_factory):
-    """(transformers model, fp32 fused graph dir) for one family, built from its safetensors."""
+def build_family(config, root):
+    """(transformers model, fp32 fused graph dir) for ``config``: random weights saved as safetensors,
+    reloaded, and the fused graph built from those files."""
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp(request.param)
-    AutoModelForCausalLM.from_config(CONFIGS[request.param]()).save_pretrained(root / "hf")
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "hf")
     model = AutoModelForCausalLM.from_pretrained(root / "hf", local_files_only=True).eval()
     config = AutoConfig.from_pretrained(root / "hf", local_files_only=True)
     build_fused_decoder(config, Weights.from_safetensors(root / "hf"), root / "onnx")
     return model, root / "onnx"
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def family(request, tmp_path_factory):
+    """(transformers model, fp32 fused graph dir) for one family, built from its safetensors."""
+    return build_family(CONFIGS[request.param](), tmp_path_factory.mktemp(request.param))
 
 
 def engine(graph_dir, slots: int = 4) -> StaticCacheEngine:
