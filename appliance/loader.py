@@ -17,6 +17,7 @@ from appliance.config import Config
 from appliance.engine import DecoderSpec, Engine, create_engine
 from appliance.engine.plan_cache import PlanCache
 from appliance.engine.select import Choice, DeviceCaps, PlanMismatchError, choose_engine, probe_device
+from appliance.engine.weights import WeightBuffer, WeightsStillReadError
 from appliance.errors import ApplianceError
 from appliance.serving.chat import ChatTemplate
 from provisioning.bundle import Bundle, EngineEntry
@@ -62,7 +63,8 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
     caps = caps or (DeviceCaps() if kind == "onnxruntime" else probe_device())
     device_key = load_x25519(DEVICE_X25519, config.key_dir)
     data_key = bundle.unwrap_key(device_key)
-    files: dict[str, bytearray] = {}
+    files: dict[str, bytearray | WeightBuffer] = {}
+    engine = None
     try:
         spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(SPEC_FILE, data_key)))
         tokenizer = Tokenizer.from_str(bundle.decrypt_into(TOKENIZER_FILE, data_key).decode("utf-8"))
@@ -76,7 +78,7 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
             choice = _plan_built_here(config, bundle, caps, exc)
         log.info("engine %s (%s): %s", choice.entry.kind, choice.entry.dtype, choice.reason)
         for file_id in choice.entry.files:
-            files[file_id] = bundle.decrypt_into(file_id, data_key)
+            files[file_id] = _decrypt(bundle, file_id, data_key, borrow=choice.entry.kind == "onnxruntime")
         if choice.entry.kind == "tensorrt" and not choice.entry.files:
             cache = PlanCache(config.state_dir / PLAN_CACHE_DIR, device_key)
             files["plan"] = bytearray(
@@ -86,14 +88,24 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
                     lambda: _build_plan(bundle, data_key, spec, config),
                 )
             )
+        try:
+            engine = _create(choice.entry, files, spec, config)
+        except WeightsStillReadError as exc:  # this CPU did not prepack them: ONNX Runtime keeps its own copy
+            log.warning("%s", exc)
+            for file_id in choice.entry.files:  # the graph itself was consumed (and wiped) by the first try
+                if file_id not in files or isinstance(files[file_id], WeightBuffer):
+                    if file_id in files:
+                        files[file_id].wipe()
+                    files[file_id] = bundle.decrypt_into(file_id, data_key)
+            engine = _create(choice.entry, files, spec, config)
     finally:
         wipe(data_key)
         del device_key
-    try:
-        engine = _create(choice.entry, files, spec, config)
-    finally:
-        for buf in files.values():
-            wipe(buf)
+        for buf in files.values():  # borrowed WeightBuffers now belong to the engine's session
+            if not isinstance(buf, WeightBuffer):
+                wipe(buf)
+            elif engine is None:
+                buf.wipe()
     return LoadedModel(
         model_id=bundle.model_id,
         version=bundle.version,
@@ -105,7 +117,22 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
     )
 
 
-def _create(entry: EngineEntry, files: dict[str, bytearray], spec: DecoderSpec, config: Config) -> Engine:
+def _decrypt(bundle: Bundle, file_id: str, data_key: bytearray, borrow: bool) -> bytearray | WeightBuffer:
+    """External weights for ONNX Runtime go to a ``WeightBuffer`` it borrows in place; everything else to bytes."""
+    if borrow and file_id == EXTERNAL_DATA_FILE:
+        buf = WeightBuffer(bundle.file(file_id).size)
+        try:
+            bundle.decrypt_into(file_id, data_key, buf.view())
+        except BaseException:
+            buf.wipe()
+            raise
+        return buf
+    return bundle.decrypt_into(file_id, data_key)
+
+
+def _create(
+    entry: EngineEntry, files: dict[str, bytearray | WeightBuffer], spec: DecoderSpec, config: Config
+) -> Engine:
     main = {"onnxruntime": MODEL_FILE, "torch": "model.safetensors"}.get(entry.kind)
     model = files.pop(main) if main else next(iter(files.values()))
     model_bytes = bytes(model)  # the engines take bytes: this copy is ours, wiped below

@@ -253,7 +253,9 @@ class Bundle:
         """Find this device's recipient entry and unwrap the data key (caller wipes it)."""
         return keywrap.unwrap(self.manifest["recipients"], device_key, MAGIC + self.bundle_id, f"bundle {self.root}")
 
-    def decrypt_into(self, file_id: str, data_key: bytes | bytearray, out: bytearray | None = None) -> bytearray:
+    def decrypt_into(
+        self, file_id: str, data_key: bytes | bytearray, out: bytearray | memoryview | None = None
+    ) -> bytearray | memoryview:
         """Authenticate and decrypt one payload file into a preallocated buffer (never to disk)."""
         entry = self.file(file_id)
         buf = out if out is not None else bytearray(entry.size)

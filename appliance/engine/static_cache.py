@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from .base import EngineError
-from .ort_engine import ort_session
+from .ort_engine import PROBE_TOKENS, ort_session, release_borrowed
 from .padded import EngineStats
 from .spec import DecoderSpec, output_names, static_input_names
+from .weights import WeightBuffer
 
 
 class StaticCacheEngine:
@@ -37,7 +38,7 @@ class StaticCacheEngine:
         num_slots: int,
         max_seq_len: int,
         threads: int = 0,
-        external: dict[str, bytearray] | None = None,
+        external: dict[str, WeightBuffer | bytearray] | None = None,
         spin: bool = True,
         affinity: str = "",
     ):
@@ -55,6 +56,7 @@ class StaticCacheEngine:
         self._lengths = [0] * num_slots
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
         self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
+        self.released_bytes = release_borrowed(self.session, model, lambda: self.score(PROBE_TOKENS))
 
     def cache_bytes(self) -> int:
         """KV cache memory held in the preallocated buffers (read by the metrics scrape)."""
