@@ -148,6 +148,7 @@ def _create(
             external={k: v for k, v in files.items() if k == EXTERNAL_DATA_FILE},
             spin=config.engine.spin,
             affinity=config.engine.affinity,
+            load_pieces=config.engine.load_pieces,
             checkpoint_config=bytes(files["config.json"]) if "config.json" in files else None,
             quantize=config.engine.quantize,
         )

@@ -233,13 +233,19 @@ def stage_decrypt(work: Path) -> None:
 
 def in_process_engine(q4: Path, threads: int):
     """The graph in ``q4`` with the daemon's engine settings (4 slots, ``MAX_SEQ_LEN``, spinning)."""
+    from appliance.config import EngineConfig
     from appliance.engine import DecoderSpec, create_engine
+    from appliance.engine.weights import WeightBuffer
 
     spec = DecoderSpec.from_json((q4 / "decoder.json").read_text())
-    data = q4 / "model.onnx.data"
-    external = {data.name: bytearray(data.read_bytes())} if data.exists() else None
+    data, external = q4 / "model.onnx.data", None
+    if data.exists():  # borrowed in place and built in pieces, as the daemon's loader does
+        external = {data.name: WeightBuffer(data.stat().st_size)}
+        with open(data, "rb", buffering=0) as f:
+            f.readinto(external[data.name].view())
     return create_engine("onnxruntime", (q4 / "model.onnx").read_bytes(), spec, num_slots=4,
-                         max_seq_len=MAX_SEQ_LEN, threads=threads, external=external, spin=True)  # fmt: skip
+                         max_seq_len=MAX_SEQ_LEN, threads=threads, external=external, spin=True,
+                         load_pieces=EngineConfig().load_pieces)  # fmt: skip
 
 
 def stage_genai_build(work: Path) -> None:

@@ -198,6 +198,41 @@ def test_external_data_graph_loads_from_memory_and_matches(family, tmp_path):
     assert engine_greedy(eng, prompts, 10, 2) == hf_greedy(model, prompts, 10, 2)
 
 
+@pytest.mark.parametrize("quant", [None, "q4"])
+def test_borrowed_weights_built_in_pieces_serve_as_one_session(family, tmp_path, quant):
+    """External weights borrowed in place (``WeightBuffer``) and the graph built as 1 or 3 sessions
+    (``appliance.engine.pipeline``): both release the same prepacked weights, and answer as a session that copied
+    the weights (nothing it still reads was released): the same greedy tokens over a ragged batch, the same logits
+    over a prompt long enough to route through every expert."""
+    from appliance.engine.pipeline import PipelineSession
+    from appliance.engine.weights import WeightBuffer
+
+    model, _ = family
+    spec = build_fused_decoder(model.config, Weights.from_module(model), tmp_path, quant=quant, external_data=True)
+    graph, data = (tmp_path / "model.onnx").read_bytes(), (tmp_path / "model.onnx.data").read_bytes()
+
+    def load(pieces: int):
+        weights = WeightBuffer(len(data))
+        weights.view()[:] = data
+        return create_engine(
+            "onnxruntime", graph, spec, num_slots=3, max_seq_len=64,
+            external={"model.onnx.data": weights}, load_pieces=pieces,
+        )  # fmt: skip
+
+    one, three = load(1), load(3)
+    copied = create_engine(
+        "onnxruntime", graph, spec, num_slots=3, max_seq_len=64, external={"model.onnx.data": bytearray(data)}
+    )
+    assert not isinstance(one.session, PipelineSession)
+    assert isinstance(three.session, PipelineSession) and len(three.session.sessions) == 3
+    assert one.released_bytes == three.released_bytes > 0
+    expected = engine_greedy(copied, PROMPTS, 8, 2)
+    assert engine_greedy(one, PROMPTS, 8, 2) == expected == engine_greedy(three, PROMPTS, 8, 2)
+    long = [int(t) for t in np.random.default_rng(1).integers(3, 1000, 48)]
+    for eng in (one, three):
+        np.testing.assert_allclose(eng.score(long), copied.score(long), rtol=1e-5, atol=1e-5)
+
+
 def test_quantized_fused_graphs_report_perplexity_drift(family, tmp_path):
     from edge_models.quantize import onnx_perplexity
 

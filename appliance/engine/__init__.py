@@ -17,6 +17,7 @@ def create_engine(
     external: dict[str, bytearray] | None = None,
     spin: bool = True,
     affinity: str = "",
+    load_pieces: int = 1,
     checkpoint_config: bytes | None = None,
     quantize: str = "none",
 ) -> Engine:
@@ -25,13 +26,26 @@ def create_engine(
     ``model`` is the ONNX graph (onnxruntime), the safetensors weights (torch, with the checkpoint's
     ``config.json`` as ``checkpoint_config``) or the serialized plan (tensorrt). ``external`` maps
     external-data file names the graph refers to (``model.onnx.data``) to their decrypted contents,
-    for models past the 2 GB protobuf limit. torch is imported only for kind ``torch``/``tensorrt``.
+    for models past the 2 GB protobuf limit; a static-cache graph with them is built as ``load_pieces`` sessions
+    (``pipeline``). torch is imported only for kind ``torch``/``tensorrt``.
     """
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
         from .static_cache import StaticCacheEngine
 
-        return (StaticCacheEngine if spec.cache == "static" else OrtEngine)(
+        if spec.cache == "static":
+            return StaticCacheEngine(
+                model,
+                spec,
+                num_slots=num_slots,
+                max_seq_len=max_seq_len,
+                threads=threads,
+                external=external,
+                spin=spin,
+                affinity=affinity,
+                pieces=load_pieces,
+            )
+        return OrtEngine(
             model,
             spec,
             num_slots=num_slots,

@@ -8,6 +8,7 @@ import numpy as np
 
 from .base import EngineError
 from .padded import PaddedKVEngine
+from .pipeline import build_pieces
 from .spec import DecoderSpec, input_names, output_names
 from .weights import WeightBuffer, release_prepacked
 
@@ -33,17 +34,45 @@ def ort_session(
     external: dict[str, WeightBuffer | bytearray] | None,
     spin: bool,
     affinity: str,
+    pieces: int = 1,
+    positions: int | None = None,
 ):
-    """A CPU ``InferenceSession`` over the decrypted model bytes; returns it and the intra-op thread count.
+    """A CPU session over the decrypted model bytes; returns it, the intra-op thread count and the bytes of
+    borrowed weights already released.
 
-    External data in ``WeightBuffer``s is borrowed in place (the session keeps the buffers alive; see
-    ``weights.release_prepacked`` for handing back what it prepacked); in bytearrays it is copied, and the caller
-    wipes them once the session is built."""
+    External data in ``WeightBuffer``s is borrowed in place (the session keeps the buffers alive); in bytearrays it
+    is copied, and the caller wipes them once the session is built. A static-cache graph with borrowed weights is
+    built as ``pieces`` sessions (``pipeline``), each piece's prepacked weights released before the next is built;
+    any other graph's are released by its engine (``release_borrowed``) once it can run a probe. ``positions``: the
+    most the engine will ever use (rotary table rows past it are released too)."""
+    borrowed = {k: v for k, v in (external or {}).items() if isinstance(v, WeightBuffer)}
+    copied = {k: v for k, v in (external or {}).items() if not isinstance(v, WeightBuffer)}
+    threads = threads or auto_threads(spec.weight_bytes)
+
+    def create(graph: bytes):
+        session = _session(graph, threads, borrowed, copied, spin, affinity, handoff=pieces > 1)
+        session._borrowed_weights = borrowed  # live as long as the session reads them
+        return session
+
+    if not (borrowed and spec.cache == "static"):
+        return create(model), threads, 0
+    session, released = build_pieces(
+        model,
+        pieces,
+        create,
+        lambda names, probe: release_prepacked(model, borrowed, probe, names, positions),
+    )
+    session._borrowed_weights = borrowed
+    return session, threads, released
+
+
+def _session(
+    model: bytes, threads: int, borrowed: dict, copied: dict, spin: bool, affinity: str, handoff: bool = False
+):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = threads or auto_threads(spec.weight_bytes)
     if threads:  # 0: ONNX Runtime's own default, one pinned thread per physical core
         opts.intra_op_num_threads = threads
     # One graph runs at a time (the engine thread); parallelism is inside operators.
@@ -52,16 +81,16 @@ def ort_session(
     # Spinning workers cut per-op wake-up latency (decode runs many small ops) at the cost of busy
     # cores between steps; turn it off on machines shared with other work (bench/inference.py's thread sweep).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if handoff:  # pieces run one after another, each with its own pool: a finished piece's workers must not spin
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if affinity:  # e.g. "1;2" pins the intra-op workers (threads-1 entries); see ONNX Runtime's docs
         opts.add_session_config_entry("session.intra_op_thread_affinities", affinity)
     # Prepack (MatMulNBits, MatMul weights into MLAS layouts) on the intra-op pool: 1.5B q4 session 2.1 -> 1.3 s.
     opts.add_session_config_entry("session.prepack.enable_parallel", "1")
-    borrowed = {k: v for k, v in (external or {}).items() if isinstance(v, WeightBuffer)}
     if borrowed:
         opts.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
         arrays = [b.array() for b in borrowed.values()]
         opts.add_external_initializers_from_files_in_memory(list(borrowed), arrays, [a.size for a in arrays])
-    copied = {k: v for k, v in (external or {}).items() if not isinstance(v, WeightBuffer)}
     if copied:
         names, values = external_initializers(model, copied)
         opts.add_external_initializers(names, values)
@@ -69,13 +98,11 @@ def ort_session(
         session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise EngineError(f"ONNX Runtime could not load the model: {exc}") from None
-    # ONNX Runtime has copied (and prepacked) every initializer into its own memory while the session was
-    # built: once ``values`` goes out of scope nothing refers to the caller's buffers, which it wipes and frees.
-    # The session keeps the serialized model (and options holding raw pointers into those buffers) only to
-    # rebuild itself in set_providers(), which we never call; drop the model's reference so it can be wiped.
+    # Copied initializers are ONNX Runtime's own once the session is built: once ``values`` goes out of scope
+    # nothing refers to the caller's buffers, which it wipes and frees. The session keeps the serialized model
+    # only to rebuild itself in set_providers(), which we never call; drop the reference so it can be wiped.
     session._model_bytes = None
-    session._borrowed_weights = borrowed  # live as long as the session reads them
-    return session, threads
+    return session
 
 
 def release_borrowed(session, model: bytes, probe) -> int:
@@ -128,7 +155,7 @@ class OrtEngine(PaddedKVEngine):
         keep_resident: bool = True,
     ):
         super().__init__(spec, num_slots, max_seq_len, keep_resident=keep_resident)
-        self.session, self.threads = ort_session(model, spec, threads, external, spin, affinity)
+        self.session, self.threads, _ = ort_session(model, spec, threads, external, spin, affinity)
         self._names = input_names(spec.num_layers)
         got = [i.name for i in self.session.get_inputs()]
         if got != self._names:

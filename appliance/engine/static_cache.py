@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import EngineError
-from .ort_engine import PROBE_TOKENS, ort_session, release_borrowed
+from .ort_engine import ort_session
 from .padded import EngineStats
 from .spec import DecoderSpec, output_names, static_input_names
 from .weights import WeightBuffer
@@ -41,12 +41,18 @@ class StaticCacheEngine:
         external: dict[str, WeightBuffer | bytearray] | None = None,
         spin: bool = True,
         affinity: str = "",
+        pieces: int = 1,
     ):
+        """``pieces``: sessions a graph with borrowed external weights is built as (``pipeline``): each piece's
+        prepacked weights are handed back before the next is packed, so loading peaks lower; each piece costs
+        one more ``run`` per step (bench/results/scale.json ``load_memory``)."""
         self.spec = spec
         self.num_slots = num_slots
         self.max_seq_len = min(max_seq_len, spec.max_positions)
         self.stats = EngineStats()
-        self.session, self.threads = ort_session(model, spec, threads, external, spin, affinity)
+        self.session, self.threads, self.released_bytes = ort_session(
+            model, spec, threads, external, spin, affinity, pieces=pieces, positions=self.max_seq_len + 2
+        )
         self._inputs = static_input_names(spec.num_layers)
         got = [i.name for i in self.session.get_inputs()]
         if got != self._inputs:
@@ -56,7 +62,6 @@ class StaticCacheEngine:
         self._lengths = [0] * num_slots
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
         self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
-        self.released_bytes = release_borrowed(self.session, model, lambda: self.score(PROBE_TOKENS))
 
     def cache_bytes(self) -> int:
         """KV cache memory held in the preallocated buffers (read by the metrics scrape)."""

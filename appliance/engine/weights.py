@@ -26,7 +26,10 @@ from .base import EngineError
 
 PAGE = mmap.PAGESIZE
 # Inputs that ONNX Runtime's CPU kernels prepack from constant initializers (and then drop): input index per op.
-PREPACKED_INPUTS = {"MatMulNBits": {1, 2, 3}, "MatMul": {1}, "Gemm": {1}}
+PREPACKED_INPUTS = {"MatMulNBits": {1, 2, 3}, "MatMul": {1}, "Gemm": {1}, "QMoE": {2, 3, 5, 6}}
+# Rotary tables ``[max_positions, d]``, read at the positions of the tokens only: rows past the engine's
+# ``max_seq_len`` are never read (131072-row tables of the DeepSeek-R1 distills: 67 MB at 1.5B).
+ROTARY_TABLES = {"GroupQueryAttention": {7, 8}, "RotaryEmbedding": {2, 3}}
 
 
 class WeightsStillReadError(EngineError):
@@ -42,6 +45,7 @@ class WeightBuffer:
         if hasattr(mmap, "MADV_DONTDUMP"):
             self._map.madvise(mmap.MADV_DONTDUMP)
         self.released = 0  # bytes handed back to the kernel
+        self._gone = np.zeros(-(-max(size, 1) // PAGE), bool)  # pages already handed back
 
     def __len__(self) -> int:
         return self.size
@@ -55,14 +59,21 @@ class WeightBuffer:
     def address(self) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
-    def release(self, start: int, stop: int) -> None:
-        """Wipe the whole pages inside ``[start, stop)`` and return them to the kernel (they read as zeros)."""
-        first, last = -(-start // PAGE) * PAGE, stop // PAGE * PAGE
-        if last <= first:
-            return
-        ctypes.memset(self.address() + first, 0, last - first)
-        self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
-        self.released += last - first
+    def release(self, start: int, stop: int) -> int:
+        """Wipe the whole pages inside ``[start, stop)`` not yet released and return them to the kernel (they read
+        as zeros from then on); returns the bytes newly released."""
+        pages = np.zeros(self._gone.size, bool)
+        pages[-(-start // PAGE) : stop // PAGE] = True
+        pages &= ~self._gone
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], pages.astype(np.int8), [0]))))
+        total = 0
+        for first, last in zip(edges[::2] * PAGE, np.minimum(edges[1::2] * PAGE, self.size), strict=True):
+            ctypes.memset(self.address() + int(first), 0, int(last - first))
+            self._map.madvise(mmap.MADV_DONTNEED, int(first), int(last - first))
+            total += int(last - first)
+        self._gone |= pages
+        self.released += total
+        return total
 
     def wipe(self) -> None:
         """Overwrite everything, return the pages and unmap (only once nothing reads it any more)."""
@@ -74,9 +85,9 @@ class WeightBuffer:
             self._map.close()
 
 
-def initializer_ranges(model: bytes, files: dict[str, WeightBuffer]) -> tuple[dict, dict]:
-    """Per external file, the byte ranges of initializers only prepacked kernels read (``drop``) and of all others
-    (``keep``), from the serialized graph."""
+def initializer_ranges(model: bytes, files: dict[str, WeightBuffer], positions: int | None = None) -> tuple[dict, dict]:
+    """Per external file, ``(name, start, stop)`` of the initializers only prepacked kernels read, and of the rows
+    of rotary tables past ``positions`` (``drop``), and of all the rest (``keep``), from the serialized graph."""
     import onnx
 
     graph = onnx.ModelProto.FromString(model).graph
@@ -85,8 +96,8 @@ def initializer_ranges(model: bytes, files: dict[str, WeightBuffer]) -> tuple[di
         for i, name in enumerate(node.input):
             readers.setdefault(name, set()).add((node.op_type, i))
     outputs = {o.name for o in graph.output}
-    drop: dict[str, list[tuple[int, int]]] = {f: [] for f in files}
-    keep: dict[str, list[tuple[int, int]]] = {f: [] for f in files}
+    drop: dict[str, list[tuple[str, int, int]]] = {f: [] for f in files}
+    keep: dict[str, list[tuple[str, int, int]]] = {f: [] for f in files}
     for tensor in graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -94,34 +105,49 @@ def initializer_ranges(model: bytes, files: dict[str, WeightBuffer]) -> tuple[di
         if where.get("location") not in files:
             continue
         start = int(where.get("offset", 0))
-        span = (start, start + int(where["length"]))
+        span = (tensor.name, start, start + int(where["length"]))
         uses = readers.get(tensor.name, set())
         packed = uses and tensor.name not in outputs and all(i in PREPACKED_INPUTS.get(op, ()) for op, i in uses)
-        (drop if packed else keep)[where["location"]].append(span)
+        rotary = uses and tensor.name not in outputs and all(i in ROTARY_TABLES.get(op, ()) for op, i in uses)
+        if rotary and positions is not None and len(tensor.dims) == 2 and tensor.dims[0] > positions:
+            tail = start + (span[2] - start) // tensor.dims[0] * positions
+            keep[where["location"]].append((tensor.name, start, tail))
+            drop[where["location"]].append((tensor.name, tail, span[2]))
+        else:
+            (drop if packed else keep)[where["location"]].append(span)
     return drop, keep
 
 
-def release_prepacked(model: bytes, files: dict[str, WeightBuffer], probe: Callable[[], np.ndarray]) -> int:
-    """Release the pages of every tensor the session prepacked (and no kept tensor shares); returns the bytes.
-
-    ``probe`` runs the session on a fixed input; its logits before and after must be identical."""
-    drop, keep = initializer_ranges(model, files)
+def release_prepacked(
+    model: bytes,
+    files: dict[str, WeightBuffer],
+    probe: Callable[[], np.ndarray],
+    names: set[str] | None = None,
+    positions: int | None = None,
+) -> int:
+    """Release the pages of every tensor of ``model`` (of those in ``names``, if given) the session prepacked, and
+    of rotary rows past ``positions``, that no kept tensor shares; returns the bytes. ``probe`` runs the session on
+    a fixed input (positions 0..3); its outputs before and after must be identical."""
+    drop, keep = initializer_ranges(model, files, positions)
+    rotary = {name for spans in keep.values() for name, *_ in spans}  # tails of tables nothing ever reads
+    drop = {f: [r for r in spans if names is None or r[0] in names or r[0] in rotary] for f, spans in drop.items()}
     if not any(drop.values()):
         return 0
     before = probe()
+    released = 0
     for name, buf in files.items():
         pages = np.zeros(-(-buf.size // PAGE), np.int8)  # 1: only dropped tensors on the page, 2: a kept one too
-        for start, stop in drop[name]:
+        for _, start, stop in drop[name]:
             pages[-(-start // PAGE) : stop // PAGE] = 1  # whole pages inside the tensor
-        for start, stop in keep[name]:
+        for _, start, stop in keep[name]:
             pages[start // PAGE : -(-stop // PAGE)] = 2
         edges = np.flatnonzero(np.diff(np.concatenate(([0], (pages == 1).astype(np.int8), [0]))))
         for first, last in zip(edges[::2], edges[1::2], strict=True):
-            buf.release(int(first) * PAGE, min(int(last) * PAGE, buf.size))
+            released += buf.release(int(first) * PAGE, min(int(last) * PAGE, buf.size))
     after = probe()
-    if not np.array_equal(before, after):
+    if not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
         raise WeightsStillReadError(
             "ONNX Runtime still reads weights it was expected to have prepacked (this CPU has no packed kernel "
             "for them); the loader keeps a full copy instead"
         )
-    return sum(b.released for b in files.values())
+    return released
