@@ -508,25 +508,62 @@ def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
     return out
 
 
-def load_probe(work: Path, rounds: int) -> dict:
-    """Decryption alone and the whole ``load_model`` (verify, decrypt, build the session), rounds alternated."""
-    import gc
+def stage_load(work: Path, pieces: int) -> None:
+    """``load_model`` as the daemon runs it with ``[engine] load_pieces = pieces``, in this fresh process: load
+    seconds, peak (``VmHWM``) and steady (``VmRSS`` after load) RSS, bytes released; then decode and prefill speed."""
+    import dataclasses
 
     from appliance.config import load_config
     from appliance.loader import load_model
 
-    site = work / "site"
-    decrypt, load = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        stage_decrypt(work)
-        decrypt.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        model = load_model(load_config(site / "appliance.toml"))
-        load.append(time.perf_counter() - t0)
-        del model
-        gc.collect()
-    return {"rounds": rounds, "decrypt_s": [round(x, 2) for x in decrypt], "load_model_s": [round(x, 2) for x in load]}
+    config = load_config(work / "site" / "appliance.toml")
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, load_pieces=pieces))
+    base = proc_status(os.getpid())["VmRSS"]
+    t0 = time.perf_counter()
+    model = load_model(config)
+    load_s = time.perf_counter() - t0
+    status = proc_status(os.getpid())
+    engine = model.engine
+    logits = engine.prefill([(0, list(range(5, 37)))])
+    for _ in range(4):
+        logits = engine.decode([(0, int(logits[0].argmax()))])
+    t0 = time.perf_counter()
+    steps = 48
+    for _ in range(steps):
+        logits = engine.decode([(0, int(logits[0].argmax()))])
+    decode = steps / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    engine.prefill([(1, list(range(5, 261)))])
+    prefill = time.perf_counter() - t0
+    print("RESULT " + json.dumps({
+        "pieces": pieces, "load_s": round(load_s, 2), "python_baseline_mb": base, "peak_rss_mb": status["VmHWM"],
+        "steady_rss_mb": status["VmRSS"], "released_mb": getattr(engine, "released_bytes", 0) >> 20,
+        "decode_tokens_per_s": round(decode, 2), "prefill_256_s": round(prefill, 2),
+    }))  # fmt: skip
+
+
+def load_probe(args: argparse.Namespace, model_bytes: int) -> dict:
+    """Decryption alone and ``load_model`` with ``load_pieces`` 1 and 8, each in its own fresh process, rounds
+    alternated; medians and ratios to the model's bytes (RSS includes the Python process's own baseline)."""
+    import statistics
+
+    rows: dict[str, list[dict]] = {"decrypt": [], "pieces_1": [], "pieces_8": []}
+    for _ in range(args.rounds):
+        rows["decrypt"].append(measured("decrypt", args))
+        for pieces in (1, 8):
+            rows[f"pieces_{pieces}"].append(measured("load", args, ["--pieces", str(pieces)]))
+    mb = model_bytes / 2**20
+    decrypt_s = statistics.median(r["decrypt_s"] for r in rows["decrypt"])
+    out: dict = {"rounds": args.rounds, "model_mb": round(mb), "decrypt_s": decrypt_s, "runs": rows}
+    for name in ("pieces_1", "pieces_8"):
+        med = {k: statistics.median(r[k] for r in rows[name]) for k in rows[name][0] if k != "pieces"}
+        out[name] = {
+            **med,
+            "peak_vs_model": round(med["peak_rss_mb"] / mb, 2),
+            "steady_vs_model": round(med["steady_rss_mb"] / mb, 2),
+            "load_vs_decrypt": round(med["load_s"] / decrypt_s, 2),
+        }
+    return out
 
 
 def main() -> int:
@@ -539,11 +576,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="results file (default: bench/results/scale[-SHAPE].json)")
     p.add_argument("--serve-only", action="store_true", help="re-measure the daemon and in-process figures only")
     p.add_argument("--ttft-probe", action="store_true", help="only alternate daemon and in-process TTFT rounds")
-    p.add_argument("--load-probe", action="store_true", help="only alternate decryption-alone and load_model rounds")
+    p.add_argument(
+        "--load-probe",
+        action="store_true",
+        help="only alternate decryption alone and load_model with load_pieces 1 and 8 (fresh processes)",
+    )
     p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
     p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
     p.add_argument("--daemon-only", action="store_true", help="serve through the daemon only (no in-process, genai)")
     p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--pieces", type=int, default=8, help=argparse.SUPPRESS)
     args = p.parse_args()
     global PROMPT_LENGTHS
     PROMPT_LENGTHS = tuple(int(n) for n in args.lengths.split(","))
@@ -575,9 +617,10 @@ def main() -> int:
         write_prompts(args.work)
     if args.load_probe:
         write_site_config(args.work, args.threads)
-        previous.setdefault("load_memory", {})["load_vs_decrypt"] = load_probe(args.work, args.rounds)
+        model_bytes = (args.work / "q4" / "model.onnx.data").stat().st_size
+        previous["load_memory"] = load_probe(args, model_bytes)
         out_path.write_text(json.dumps(previous, indent=2))
-        print(json.dumps(previous["load_memory"], indent=2))
+        print(json.dumps({k: v for k, v in previous["load_memory"].items() if k != "runs"}, indent=2))
         return 0
     if args.ttft_probe:
         previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)
@@ -601,6 +644,8 @@ def main() -> int:
     result["daemon"] = serve(args.work, args.threads, args.rounds)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"[scale] daemon: {result['daemon']}", flush=True)
+    result["load_memory"] = load_probe(args, (args.work / "q4" / "model.onnx.data").stat().st_size)
+    out_path.write_text(json.dumps(result, indent=2))
     if args.daemon_only:
         return 0
     result["in_process"] = measured("engine", args)
@@ -630,6 +675,7 @@ def run_stage(args: argparse.Namespace) -> int:
         "install": lambda: stage_install(work),
         "engine": lambda: stage_engine(work, args.threads, args.rounds),
         "decrypt": lambda: stage_decrypt(work),
+        "load": lambda: stage_load(work, args.pieces),
         "genai_build": lambda: stage_genai_build(work),
         "genai": lambda: stage_genai(work, args.threads, args.rounds),
     }

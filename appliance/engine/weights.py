@@ -75,6 +75,10 @@ class WeightBuffer:
         self.released += total
         return total
 
+    def __del__(self) -> None:  # the last session that borrowed it is gone
+        with contextlib.suppress(Exception):  # interpreter shutdown may have torn down ctypes already
+            self.wipe()
+
     def wipe(self) -> None:
         """Overwrite everything, return the pages and unmap (only once nothing reads it any more)."""
         if self._map.closed:
