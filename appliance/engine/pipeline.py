@@ -224,9 +224,14 @@ def build_pieces(
         sessions.append(session)
         feeds = _probe_feeds(session, carried)
         names = [o.name for o in session.get_outputs()]
-        last_reader = readers[k] - set().union(*readers[k + 1 :])
-        released += release(last_reader, lambda s=session, f=feeds, n=names: s.run(n, f))
-        carried.update(zip(names, session.run(names, feeds), strict=True))
+        last: list = []  # the probe's latest outputs: the next piece's probe input
+
+        def probe(s=session, f=feeds, n=names, last=last) -> list:
+            last[:] = s.run(n, f)
+            return list(last)
+
+        released += release(readers[k] - set().union(*readers[k + 1 :]), probe)
+        carried.update(zip(names, last or probe(), strict=True))
     if len(sessions) == 1:
         return sessions[0], released
     return PipelineSession(sessions, [i.name for i in graph.input], [o.name for o in graph.output]), released

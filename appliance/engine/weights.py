@@ -62,16 +62,17 @@ class WeightBuffer:
     def release(self, start: int, stop: int) -> int:
         """Wipe the whole pages inside ``[start, stop)`` not yet released and return them to the kernel (they read
         as zeros from then on); returns the bytes newly released."""
-        pages = np.zeros(self._gone.size, bool)
-        pages[-(-start // PAGE) : stop // PAGE] = True
-        pages &= ~self._gone
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], pages.astype(np.int8), [0]))))
+        lo, hi = -(-start // PAGE), stop // PAGE
+        if hi <= lo:
+            return 0
+        todo = ~self._gone[lo:hi]
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], todo.astype(np.int8), [0])))) + lo
         total = 0
         for first, last in zip(edges[::2] * PAGE, np.minimum(edges[1::2] * PAGE, self.size), strict=True):
             ctypes.memset(self.address() + int(first), 0, int(last - first))
             self._map.madvise(mmap.MADV_DONTNEED, int(first), int(last - first))
             total += int(last - first)
-        self._gone |= pages
+        self._gone[lo:hi] = True
         self.released += total
         return total
 
@@ -133,8 +134,9 @@ def release_prepacked(
     of rotary rows past ``positions``, that no kept tensor shares; returns the bytes. ``probe`` runs the session on
     a fixed input (positions 0..3); its outputs before and after must be identical."""
     drop, keep = initializer_ranges(model, files, positions)
-    rotary = {name for spans in keep.values() for name, *_ in spans}  # tails of tables nothing ever reads
-    drop = {f: [r for r in spans if names is None or r[0] in names or r[0] in rotary] for f, spans in drop.items()}
+    # a tensor on both lists is a rotary table whose tail nothing ever reads: released whichever piece is built
+    tables = {name for spans in keep.values() for name, *_ in spans}
+    drop = {f: [r for r in spans if names is None or r[0] in names or r[0] in tables] for f, spans in drop.items()}
     if not any(drop.values()):
         return 0
     before = probe()
