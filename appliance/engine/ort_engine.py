@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -73,6 +74,10 @@ def _session(
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No CPU arena: it keeps the high-water mark of every run's activations for the life of the process (a
+    # 256-token prefill's logits alone are 155 MB at 1.5B); freed buffers go back to malloc, and the engine trims
+    # the heap after prefills (``trim_heap``). Decode speed unchanged within noise (1.5B q4, 2 threads).
+    opts.enable_cpu_mem_arena = False
     if threads:  # 0: ONNX Runtime's own default, one pinned thread per physical core
         opts.intra_op_num_threads = threads
     # One graph runs at a time (the engine thread); parallelism is inside operators.
@@ -103,6 +108,22 @@ def _session(
     # only to rebuild itself in set_providers(), which we never call; drop the reference so it can be wiped.
     session._model_bytes = None
     return session
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the kernel (glibc ``malloc_trim``; a no-op elsewhere)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def release_borrowed(session, model: bytes, probe) -> int:

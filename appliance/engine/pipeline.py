@@ -139,8 +139,8 @@ class PipelineSession:
     def io_binding(self) -> PipelineBinding:
         return PipelineBinding(self)
 
-    def run_with_iobinding(self, io: PipelineBinding) -> None:
-        io.run()
+    def run_with_iobinding(self, io: PipelineBinding, run_options=None) -> None:
+        io.run(run_options)
 
     def run(self, names, feeds: dict) -> list:
         io = self.io_binding()
@@ -149,7 +149,7 @@ class PipelineSession:
         wanted = names or [o.name for o in self._outputs]
         for name in wanted:
             io.bind_output(name, "cpu")
-        io.run()
+        io.run(None)
         got = dict(zip(io.output_names, io.get_outputs(), strict=True))
         return [got[n].numpy() for n in wanted]
 
@@ -190,7 +190,7 @@ class PipelineBinding:
             io.bind_output(name, *args)
         self.output_names.append(name)
 
-    def run(self) -> None:
+    def run(self, run_options=None) -> None:
         carried: dict = {}
         for session, io, ins, outs in self.pieces:
             for name in ins & carried.keys():
@@ -198,7 +198,7 @@ class PipelineBinding:
             crossing = [n for n in outs if n not in self.output_names]
             for name in crossing:
                 io.bind_output(name, "cpu")
-            session.run_with_iobinding(io)
+            session.run_with_iobinding(io, run_options)
             values = io.get_outputs()
             bound = [n for n in outs if n in self.output_names] + crossing  # ONNX Runtime's order: bind order
             carried.update(zip(bound, values, strict=False))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import EngineError
-from .ort_engine import ort_session
+from .ort_engine import ort_session, trim_heap
 from .padded import EngineStats
 from .spec import DecoderSpec, output_names, static_input_names
 from .weights import WeightBuffer
@@ -112,6 +112,7 @@ class StaticCacheEngine:
             self._lengths[slot] = total
             self.stats.prefill_tokens += len(tokens)
             rows.append(logits[0, -1])
+        trim_heap()  # a prefill's activations (all-position logits) are the largest buffers a step frees
         return np.stack(rows)
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
