@@ -219,3 +219,56 @@ def test_loader_falls_back_to_a_copy_when_released_weights_are_still_read(tiny_b
     tokens = [5, 6, 7]
     got = loaded.engine.prefill([(0, tokens)])[0]
     np.testing.assert_allclose(got, reference_logits(onnx_dir, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_load_pieces_is_validated(tmp_path):
+    from appliance.config import ConfigError, render_config
+
+    text = render_config("state", "trust", "credentials", "audit.db", "tcp://127.0.0.1:5555", max_batch=4)
+    assert load_config(_write(tmp_path / "ok.toml", text)).engine.load_pieces == 8
+    bad = text.replace("load_pieces = 8 ", "load_pieces = 0 ")
+    with pytest.raises(ConfigError, match=r"load_pieces must be 1\.\.64"):
+        load_config(_write(tmp_path / "bad.toml", bad))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_weight_buffer_is_wiped_and_unmapped_when_the_last_holder_goes():
+    """The pages of a dropped ``WeightBuffer`` leave the process (the mapping is gone from /proc/self/smaps)."""
+    from appliance.engine.weights import PAGE, WeightBuffer
+
+    buf = WeightBuffer(64 * PAGE)
+    buf.array()[:] = 7
+    address = buf.address()
+    assert mapping_rss(address) >= 64 * PAGE
+    assert buf.release(PAGE // 2, 10 * PAGE + 1) == 9 * PAGE  # whole pages only: 1..9
+    assert buf.release(0, 20 * PAGE) == 11 * PAGE  # pages 0 and 10..19: released ones are not counted twice
+    assert bytes(buf.view()[: 20 * PAGE]) == bytes(20 * PAGE) and buf.view()[20 * PAGE] == 7
+    del buf
+    gc.collect()
+    with pytest.raises(AssertionError, match="no mapping"):
+        mapping_rss(address)
+
+
+def test_graph_is_split_at_cuts_few_tensors_cross(tmp_path, tiny_build):
+    """Every node lands in exactly one piece, in order; a piece's inputs are graph inputs or an earlier piece's
+    outputs; the last piece makes the logits."""
+    import onnx
+
+    from appliance.engine.pipeline import MAX_CROSSING, split_graph
+
+    onnx_dir = external_build(tmp_path, tiny_build, "q4")
+    model = (onnx_dir / "model.onnx").read_bytes()
+    graph = onnx.ModelProto.FromString(model).graph
+    pieces = [onnx.ModelProto.FromString(p).graph for p in split_graph(model, 4)]
+    assert len(pieces) == 4
+    assert [n.output[0] for p in pieces for n in p.node] == [n.output[0] for n in graph.node]
+    made, inputs = set(), {i.name for i in graph.input}
+    for piece in pieces:
+        crossing = {i.name for i in piece.input} - inputs
+        assert crossing <= made and len(crossing) <= MAX_CROSSING
+        made |= {o.name for o in piece.output}
+    assert "logits" in {o.name for o in pieces[-1].output}
