@@ -84,7 +84,7 @@ class WeightBuffer:
         """Overwrite everything, return the pages and unmap (only once nothing reads it any more)."""
         if self._map.closed:
             return
-        ctypes.memset(self.address(), 0, len(self._map))
+        self.release(0, self._gone.size * PAGE)  # pages not released yet (touching released ones would refault them)
         self._map.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):  # a view is still alive: unmapped when the last one goes
             self._map.close()
