@@ -613,7 +613,7 @@ def main() -> int:
     prepare_site(args.work)
     if (args.ttft_probe or args.load_probe) and not (args.work / "q4" / "decoder.json").exists():
         p.error(f"nothing built in {args.work}: run the build first (e.g. --build-only)")
-    if args.ttft_probe and not (args.work / "prompts.json").exists():
+    if args.ttft_probe:  # the lengths asked for now (an earlier run may have written others)
         write_prompts(args.work)
     if args.load_probe:
         write_site_config(args.work, args.threads)
