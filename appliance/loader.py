@@ -98,7 +98,16 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
                         files[file_id].wipe()
                     files[file_id] = bundle.decrypt_into(file_id, data_key)
             engine = _create(choice.entry, files, spec, config)
+        for buf in files.values():
+            if isinstance(buf, WeightBuffer):
+                buf.join()  # its decryption's outcome (a chunk failing authentication raises here)
+    except BaseException:
+        engine = None
+        raise
     finally:
+        for buf in files.values():
+            if isinstance(buf, WeightBuffer):
+                buf.join(quiet=True)  # no decryption thread outlives the key
         wipe(data_key)
         del device_key
         for buf in files.values():  # borrowed WeightBuffers now belong to the engine's session
@@ -119,13 +128,9 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
 
 def _decrypt(bundle: Bundle, file_id: str, data_key: bytearray, borrow: bool) -> bytearray | WeightBuffer:
     """External weights for ONNX Runtime go to a ``WeightBuffer`` it borrows in place; everything else to bytes."""
-    if borrow and file_id == EXTERNAL_DATA_FILE:
-        buf = WeightBuffer(bundle.file(file_id).size)
-        try:
-            bundle.decrypt_into(file_id, data_key, buf.view())
-        except BaseException:
-            buf.wipe()
-            raise
+    if borrow and file_id == EXTERNAL_DATA_FILE:  # decrypted on a thread while the sessions are built
+        buf = WeightBuffer(bundle.file(file_id).size)  # load_model joins the thread before it wipes ``data_key``
+        buf.fill_async(lambda progress: bundle.decrypt_into(file_id, data_key, buf.view(), progress))
         return buf
     return bundle.decrypt_into(file_id, data_key)
 

@@ -22,7 +22,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,14 +254,19 @@ class Bundle:
         return keywrap.unwrap(self.manifest["recipients"], device_key, MAGIC + self.bundle_id, f"bundle {self.root}")
 
     def decrypt_into(
-        self, file_id: str, data_key: bytes | bytearray, out: bytearray | memoryview | None = None
+        self,
+        file_id: str,
+        data_key: bytes | bytearray,
+        out: bytearray | memoryview | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> bytearray | memoryview:
-        """Authenticate and decrypt one payload file into a preallocated buffer (never to disk)."""
+        """Authenticate and decrypt one payload file into a preallocated buffer (never to disk); ``progress`` is
+        told the bytes decrypted (and authenticated) so far after every chunk."""
         entry = self.file(file_id)
         buf = out if out is not None else bytearray(entry.size)
         if len(buf) != entry.size:
             raise ValueError(f"buffer of {len(buf)} bytes for {file_id} of {entry.size} bytes")
-        self._decrypt_chunks(entry, AESGCM(bytes(data_key)), memoryview(buf), scratch=False)
+        self._decrypt_chunks(entry, AESGCM(bytes(data_key)), memoryview(buf), scratch=False, progress=progress)
         return buf
 
     def verify_chunks(self, data_key: bytes | bytearray) -> None:
@@ -272,7 +277,9 @@ class Bundle:
             self._decrypt_chunks(entry, aead, memoryview(scratch), scratch=True)
             wipe(scratch)
 
-    def _decrypt_chunks(self, entry: FileEntry, aead: AESGCM, view: memoryview, scratch: bool) -> None:
+    def _decrypt_chunks(
+        self, entry: FileEntry, aead: AESGCM, view: memoryview, scratch: bool, progress: Callable | None = None
+    ) -> None:
         path = self.root / entry.path
         if not path.is_file():
             raise IntegrityError(f"{path}: payload file {entry.id!r} is missing; re-copy the bundle")
@@ -297,6 +304,8 @@ class Bundle:
                         "truncated or from another bundle); re-copy the bundle from the vendor "
                         "media"
                     ) from None
+                if progress is not None:
+                    progress(start + plain_len)
             if f.read(1):
                 raise IntegrityError(f"{path}: trailing data after the last chunk; re-copy the bundle")
 

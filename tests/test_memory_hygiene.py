@@ -272,3 +272,26 @@ def test_graph_is_split_at_cuts_few_tensors_cross(tmp_path, tiny_build):
         assert crossing <= made and len(crossing) <= MAX_CROSSING
         made |= {o.name for o in piece.output}
     assert "logits" in {o.name for o in pieces[-1].output}
+
+
+def test_a_tampered_weights_chunk_fails_the_load_while_sessions_are_being_built(tiny_build, tmp_path):
+    """``model.onnx.data`` is decrypted on a thread while the pieces are built: a chunk that fails authentication
+    near its end still fails the whole load with the bundle's error, and no decryption thread is left running."""
+    import threading
+
+    from appliance.loader import EXTERNAL_DATA_FILE, installed_bundle
+    from provisioning.bundle import IntegrityError
+    from tests.conftest import provision_device
+
+    external_build(tmp_path, tiny_build, "q4")
+    device = provision_device(tmp_path, tmp_path / "site")
+    config = load_config(device.config)
+    bundle = installed_bundle(config)
+    payload = bundle.root / bundle.file(EXTERNAL_DATA_FILE).path
+    data = bytearray(payload.read_bytes())
+    data[-100] ^= 1  # inside the last chunk: the first pieces can be built before it is reached
+    payload.chmod(0o600)
+    payload.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="fails authentication"):
+        load_model(config)
+    assert not [t for t in threading.enumerate() if t.name == "weights-fill"]

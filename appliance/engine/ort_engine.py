@@ -11,7 +11,7 @@ from .base import EngineError
 from .padded import PaddedKVEngine
 from .pipeline import build_pieces
 from .spec import DecoderSpec, input_names, output_names
-from .weights import WeightBuffer, release_prepacked
+from .weights import WeightBuffer, extent, release_prepacked
 
 BYTES_PER_THREAD = 16 << 20  # weights read per token that make another intra-op thread pay off
 PROBE_TOKENS = [0, 1, 2, 3]  # a fixed input whose logits show whether released weights were still read
@@ -51,6 +51,8 @@ def ort_session(
     threads = threads or auto_threads(spec.weight_bytes)
 
     def create(graph: bytes):
+        for name, buf in borrowed.items():  # decryption may still be running: wait for what this graph reads
+            buf.wait(extent(graph, name))
         session = _session(graph, threads, borrowed, copied, spin, affinity, handoff=pieces > 1)
         session._borrowed_weights = borrowed  # live as long as the session reads them
         return session

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -45,10 +46,49 @@ class WeightBuffer:
         if hasattr(mmap, "MADV_DONTDUMP"):
             self._map.madvise(mmap.MADV_DONTDUMP)
         self.released = 0  # bytes handed back to the kernel
+        self._filled, self._error, self._thread = size, None, None  # filled synchronously unless fill_async
+        self._cond = threading.Condition()
         self._gone = np.zeros(-(-max(size, 1) // PAGE), bool)  # pages already handed back
 
     def __len__(self) -> int:
         return self.size
+
+    def fill_async(self, fill: Callable[[Callable[[int], None]], object]) -> None:
+        """Run ``fill(progress)`` (e.g. a decryption reporting the bytes done) on a thread, so sessions can be built
+        over the part already filled (``wait``) while the rest is decrypted."""
+        self._filled = 0
+
+        def run() -> None:
+            try:
+                fill(self._progress)
+            except BaseException as exc:  # handed to whoever waits or joins
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+            else:
+                self._progress(self.size)
+
+        self._thread = threading.Thread(target=run, name="weights-fill", daemon=True)
+        self._thread.start()
+
+    def _progress(self, done: int) -> None:
+        with self._cond:
+            self._filled = done
+            self._cond.notify_all()
+
+    def wait(self, upto: int) -> None:
+        """Block until the first ``upto`` bytes are filled; raise the filling's error if it failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._filled >= upto or self._error is not None)
+            if self._error is not None:
+                raise self._error
+
+    def join(self, quiet: bool = False) -> None:
+        """Wait for the filling to end; raise its error if it failed (unless ``quiet``)."""
+        if self._thread is not None:
+            self._thread.join()
+        if not quiet:
+            self.wait(self.size)
 
     def view(self) -> memoryview:
         return memoryview(self._map)[: self.size]
@@ -82,12 +122,25 @@ class WeightBuffer:
 
     def wipe(self) -> None:
         """Overwrite everything, return the pages and unmap (only once nothing reads it any more)."""
+        self.join(quiet=True)  # a filling thread writes into the mapping until it ends
         if self._map.closed:
             return
         self.release(0, self._gone.size * PAGE)  # pages not released yet (touching released ones would refault them)
         self._map.madvise(mmap.MADV_DONTNEED)
         with contextlib.suppress(BufferError):  # a view is still alive: unmapped when the last one goes
             self._map.close()
+
+
+def extent(model: bytes, name: str) -> int:
+    """End of the last byte of external file ``name`` the graph refers to (what must be filled to build it)."""
+    import onnx
+
+    end = 0
+    for tensor in onnx.ModelProto.FromString(model).graph.initializer:
+        where = {e.key: e.value for e in tensor.external_data}
+        if where.get("location") == name:
+            end = max(end, int(where.get("offset", 0)) + int(where["length"]))
+    return end
 
 
 def initializer_ranges(model: bytes, files: dict[str, WeightBuffer], positions: int | None = None) -> tuple[dict, dict]:
