@@ -8,6 +8,7 @@ needs, are overwritten once the engine is built (the engine drops its own refere
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -88,10 +89,14 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
                     lambda: _build_plan(bundle, data_key, spec, config),
                 )
             )
+        fallback = False
         try:
             engine = _create(choice.entry, files, spec, config)
         except WeightsStillReadError as exc:  # this CPU did not prepack them: ONNX Runtime keeps its own copy
-            log.warning("%s", exc)
+            log.warning("%s; the loader keeps a full copy of the weights instead", exc)
+            fallback = True
+        if fallback:  # outside the handler: its traceback no longer holds the failed sessions' memory
+            gc.collect()
             for file_id in choice.entry.files:  # the graph itself was consumed (and wiped) by the first try
                 if file_id not in files or isinstance(files[file_id], WeightBuffer):
                     if file_id in files:

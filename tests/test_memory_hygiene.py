@@ -120,6 +120,11 @@ def reference_logits(onnx_dir: Path, tokens: list[int]) -> np.ndarray:
 
     spec = DecoderSpec.from_json((onnx_dir / "decoder.json").read_bytes())
     session = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], static_feeds(spec, tokens))[0][0, -1]
+
+
+def static_feeds(spec, tokens: list[int]) -> dict:
+    """Inputs of a static-cache graph for one row of ``tokens`` over an empty 8-position cache."""
     feeds = {
         "input_ids": np.array([tokens], np.int64),
         "seqlens_k": np.array([len(tokens) - 1], np.int32),
@@ -128,7 +133,7 @@ def reference_logits(onnx_dir: Path, tokens: list[int]) -> np.ndarray:
     for i in range(spec.num_layers):
         feeds[f"past.{i}.key"] = np.zeros((1, *spec.key_shape[:1], 8, spec.key_shape[1]), np.float32)
         feeds[f"past.{i}.value"] = np.zeros((1, *spec.value_shape[:1], 8, spec.value_shape[1]), np.float32)
-    return session.run(["logits"], feeds)[0][0, -1]
+    return feeds
 
 
 @pytest.mark.parametrize("quant", [None, "q4"])
@@ -198,7 +203,7 @@ def test_weights_a_session_still_reads_are_never_released(tmp_path):
             assert release_prepacked(model, {"w.data": buffer}, probe) == weight.nbytes
             np.testing.assert_allclose(probe(), x @ weight, rtol=1e-4, atol=1e-4)
         else:
-            with pytest.raises(WeightsStillReadError, match="keeps a full copy"):
+            with pytest.raises(WeightsStillReadError, match="still reads weights"):
                 release_prepacked(model, {"w.data": buffer}, probe)
     assert onnx.ModelProto.FromString(model).graph.initializer[0].name == "w"
 
@@ -295,3 +300,25 @@ def test_a_tampered_weights_chunk_fails_the_load_while_sessions_are_being_built(
     with pytest.raises(IntegrityError, match="fails authentication"):
         load_model(config)
     assert not [t for t in threading.enumerate() if t.name == "weights-fill"]
+
+
+def test_pieces_return_outputs_by_name_in_any_order(tmp_path, tiny_build):
+    """``PipelineSession.run`` and its binding hand back each output under its own name, whatever order the
+    caller binds them in (ONNX Runtime returns a binding's outputs in the order they were first bound)."""
+    import onnxruntime as ort
+
+    from appliance.engine.pipeline import PipelineSession, split_graph
+    from appliance.engine.spec import DecoderSpec
+
+    onnx_dir = external_build(tmp_path, tiny_build, "q4")
+    spec = DecoderSpec.from_json((onnx_dir / "decoder.json").read_bytes())
+    whole = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    parts = []
+    for k, piece in enumerate(split_graph((onnx_dir / "model.onnx").read_bytes(), 3)):
+        (onnx_dir / f"piece{k}.onnx").write_bytes(piece)  # beside model.onnx.data, which it refers to
+        parts.append(ort.InferenceSession(str(onnx_dir / f"piece{k}.onnx"), providers=["CPUExecutionProvider"]))
+    pipeline = PipelineSession(parts, [i.name for i in whole.get_inputs()], [o.name for o in whole.get_outputs()])
+    names = ["present.3.value", "logits", "present.0.key", "present.3.key"]
+    feeds = static_feeds(spec, [5, 6, 7])
+    for got, want in zip(pipeline.run(names, feeds), whole.run(names, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .base import EngineError
 from .padded import PaddedKVEngine
-from .pipeline import build_pieces
+from .pipeline import build_pieces, split_graph
 from .spec import DecoderSpec, input_names, output_names
 from .weights import WeightBuffer, extent, release_prepacked
 
@@ -50,10 +50,12 @@ def ort_session(
     copied = {k: v for k, v in (external or {}).items() if not isinstance(v, WeightBuffer)}
     threads = threads or auto_threads(spec.weight_bytes)
 
+    parts = split_graph(model, pieces) if borrowed and spec.cache == "static" else [model]
+
     def create(graph: bytes):
         for name, buf in borrowed.items():  # decryption may still be running: wait for what this graph reads
             buf.wait(extent(graph, name))
-        session = _session(graph, threads, borrowed, copied, spin, affinity, handoff=pieces > 1)
+        session = _session(graph, threads, borrowed, copied, spin, affinity, handoff=len(parts) > 1)
         session._borrowed_weights = borrowed  # live as long as the session reads them
         return session
 
@@ -61,7 +63,7 @@ def ort_session(
         return create(model), threads, 0
     session, released = build_pieces(
         model,
-        pieces,
+        parts,
         create,
         lambda names, probe: release_prepacked(model, borrowed, probe, names, positions),
     )

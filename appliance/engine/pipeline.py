@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .base import EngineError
+from .weights import WeightsStillReadError
 
 MAX_CROSSING = 8  # tensors a cut may pass from one piece to the next
 
@@ -159,16 +160,20 @@ class PipelineBinding:
     from one piece's outputs to the next's inputs at every run."""
 
     def __init__(self, session: PipelineSession):
-        self.pieces = [(s, s.io_binding(), {i.name for i in s.get_inputs()}, [o.name for o in s.get_outputs()])
+        # per piece: session, binding, input names, output names, and the names bound as outputs in the order they
+        # were first bound (ONNX Runtime's ``get_outputs`` order; binding a name again replaces it in place)
+        self.pieces = [(s, s.io_binding(), {i.name for i in s.get_inputs()}, {o.name for o in s.get_outputs()}, [])
                        for s in session.sessions]  # fmt: skip
         self.output_names: list[str] = []
         self._last: list = []
 
     def _each(self, name: str, outputs: bool):
         found = False
-        for _, io, ins, outs in self.pieces:
+        for _, io, ins, outs, order in self.pieces:
             if name in (outs if outputs else ins):
                 found = True
+                if outputs and name not in order:
+                    order.append(name)
                 yield io
         if not found:
             raise EngineError(f"no piece of the graph has {'output' if outputs else 'input'} {name!r}")
@@ -188,20 +193,20 @@ class PipelineBinding:
     def bind_output(self, name, *args) -> None:
         for io in self._each(name, True):
             io.bind_output(name, *args)
-        self.output_names.append(name)
+        if name not in self.output_names:
+            self.output_names.append(name)
 
     def run(self, run_options=None) -> None:
         carried: dict = {}
-        for session, io, ins, outs in self.pieces:
+        for session, io, ins, outs, order in self.pieces:
             for name in ins & carried.keys():
                 io.bind_ortvalue_input(name, carried[name])
-            crossing = [n for n in outs if n not in self.output_names]
-            for name in crossing:
+            for name in sorted(outs - set(self.output_names)):  # crossing tensors: ONNX Runtime allocates them
                 io.bind_output(name, "cpu")
+                if name not in order:
+                    order.append(name)
             session.run_with_iobinding(io, run_options)
-            values = io.get_outputs()
-            bound = [n for n in outs if n in self.output_names] + crossing  # ONNX Runtime's order: bind order
-            carried.update(zip(bound, values, strict=False))
+            carried.update(zip(order, io.get_outputs(), strict=True))
         self._last = [carried[n] for n in self.output_names]
 
     def get_outputs(self) -> list:
@@ -216,18 +221,25 @@ def build_pieces(
     import onnx
 
     graph = onnx.ModelProto.FromString(model).graph
-    pieces = split_graph(model, pieces)
     readers = [{t.name for t in onnx.ModelProto.FromString(p).graph.initializer} for p in pieces]
     sessions, released, carried = [], 0, {}
     for k, piece in enumerate(pieces):
-        session = create(piece)
+        try:
+            session = create(piece)
+        except EngineError as exc:
+            if len(pieces) == 1:
+                raise
+            raise WeightsStillReadError(f"piece {k + 1} of {len(pieces)} does not build ({exc})") from None
         sessions.append(session)
         feeds = _probe_feeds(session, carried)
         names = [o.name for o in session.get_outputs()]
         last: list = []  # the probe's latest outputs: the next piece's probe input
 
-        def probe(s=session, f=feeds, n=names, last=last) -> list:
-            last[:] = s.run(n, f)
+        def probe(s=session, f=feeds, n=names, last=last, k=k) -> list:
+            try:
+                last[:] = s.run(n, f)
+            except Exception as exc:  # onnxruntime raises its own untyped errors
+                raise WeightsStillReadError(f"the probe of piece {k + 1} fails ({exc})") from None
             return list(last)
 
         released += release(readers[k] - set().union(*readers[k + 1 :]), probe)

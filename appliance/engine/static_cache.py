@@ -145,6 +145,8 @@ class StaticCacheEngine:
     def score(self, tokens: list[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity), in a private cache."""
         n = len(tokens)
+        if self.released_bytes and n > self.max_seq_len:  # rotary rows past max_seq_len were released
+            raise EngineError(f"score of {n} tokens exceeds max_seq_len {self.max_seq_len}")
         scratch = self._allocate(1, n)
         return self._run(0, np.array([tokens], np.int64), np.array([n - 1], np.int32), n, cache=scratch)[0]
 
