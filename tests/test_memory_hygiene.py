@@ -173,7 +173,7 @@ def test_weights_a_session_still_reads_are_never_released(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from appliance.engine.weights import WeightBuffer, WeightsStillReadError, release_prepacked
+    from appliance.engine.weights import WeightBuffer, WeightsStillReadError, initializer_ranges, release_prepacked
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 4096)).astype(np.float32)  # 1 MiB: whole pages to release
@@ -200,11 +200,12 @@ def test_weights_a_session_still_reads_are_never_released(tmp_path):
         session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         probe = lambda session=session: session.run(None, {"x": x})[0]  # noqa: E731
         if released:
-            assert release_prepacked(model, {"w.data": buffer}, probe) == weight.nbytes
+            files = {"w.data": buffer}
+            assert release_prepacked(initializer_ranges(model, files), files, probe) == weight.nbytes
             np.testing.assert_allclose(probe(), x @ weight, rtol=1e-4, atol=1e-4)
         else:
             with pytest.raises(WeightsStillReadError, match="still reads weights"):
-                release_prepacked(model, {"w.data": buffer}, probe)
+                release_prepacked(initializer_ranges(model, {"w.data": buffer}), {"w.data": buffer}, probe)
     assert onnx.ModelProto.FromString(model).graph.initializer[0].name == "w"
 
 

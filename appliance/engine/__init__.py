@@ -33,28 +33,10 @@ def create_engine(
         from .ort_engine import OrtEngine
         from .static_cache import StaticCacheEngine
 
+        settings = dict(num_slots=num_slots, max_seq_len=max_seq_len, threads=threads, external=external, spin=spin)
         if spec.cache == "static":
-            return StaticCacheEngine(
-                model,
-                spec,
-                num_slots=num_slots,
-                max_seq_len=max_seq_len,
-                threads=threads,
-                external=external,
-                spin=spin,
-                affinity=affinity,
-                pieces=load_pieces,
-            )
-        return OrtEngine(
-            model,
-            spec,
-            num_slots=num_slots,
-            max_seq_len=max_seq_len,
-            threads=threads,
-            external=external,
-            spin=spin,
-            affinity=affinity,
-        )
+            return StaticCacheEngine(model, spec, **settings, affinity=affinity, pieces=load_pieces)
+        return OrtEngine(model, spec, **settings, affinity=affinity)
     if kind == "torch":
         try:
             from .torch_engine import TorchEngine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ from .base import EngineError
 from .padded import PaddedKVEngine
 from .pipeline import build_pieces, split_graph
 from .spec import DecoderSpec, input_names, output_names
-from .weights import WeightBuffer, extent, release_prepacked
+from .weights import WeightBuffer, extent, initializer_ranges, release_prepacked
 
 BYTES_PER_THREAD = 16 << 20  # weights read per token that make another intra-op thread pay off
 PROBE_TOKENS = [0, 1, 2, 3]  # a fixed input whose logits show whether released weights were still read
@@ -50,7 +51,8 @@ def ort_session(
     copied = {k: v for k, v in (external or {}).items() if not isinstance(v, WeightBuffer)}
     threads = threads or auto_threads(spec.weight_bytes)
 
-    parts = split_graph(model, pieces) if borrowed and spec.cache == "static" else [model]
+    pieced = bool(borrowed) and spec.cache == "static"
+    parts = split_graph(model, pieces) if pieced else [model]
 
     def create(graph: bytes):
         for name, buf in borrowed.items():  # decryption may still be running: wait for what this graph reads
@@ -59,13 +61,11 @@ def ort_session(
         session._borrowed_weights = borrowed  # live as long as the session reads them
         return session
 
-    if not (borrowed and spec.cache == "static"):
+    if not pieced:
         return create(model), threads, 0
+    ranges = initializer_ranges(model, borrowed, positions)  # the whole graph's: who reads what, parsed once
     session, released = build_pieces(
-        model,
-        parts,
-        create,
-        lambda names, probe: release_prepacked(model, borrowed, probe, names, positions),
+        model, parts, create, lambda names, probe: release_prepacked(ranges, borrowed, probe, names)
     )
     session._borrowed_weights = borrowed
     return session, threads, released
@@ -116,24 +116,25 @@ def _session(
 
 def trim_heap() -> None:
     """Return the C heap's free memory to the kernel (glibc ``malloc_trim``; a no-op elsewhere)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_libc = None
+@functools.cache
+def _malloc_trim():
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def release_borrowed(session, model: bytes, probe) -> int:
     """Hand back the borrowed weights the session prepacked (``weights.release_prepacked``); 0 if none."""
     borrowed = getattr(session, "_borrowed_weights", None)
-    return release_prepacked(model, borrowed, probe) if borrowed else 0
+    return release_prepacked(initializer_ranges(model, borrowed), borrowed, probe) if borrowed else 0
 
 
 def external_initializers(model: bytes, external: dict[str, bytearray]) -> tuple[list[str], list]:

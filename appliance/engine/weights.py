@@ -181,16 +181,15 @@ def initializer_ranges(model: bytes, files: dict[str, WeightBuffer], positions: 
 
 
 def release_prepacked(
-    model: bytes,
+    ranges: tuple[dict, dict],
     files: dict[str, WeightBuffer],
     probe: Callable[[], np.ndarray],
     names: set[str] | None = None,
-    positions: int | None = None,
 ) -> int:
-    """Release the pages of every tensor of ``model`` (of those in ``names``, if given) the session prepacked, and
-    of rotary rows past ``positions``, that no kept tensor shares; returns the bytes. ``probe`` runs the session on
-    a fixed input (positions 0..3); its outputs before and after must be identical."""
-    drop, keep = initializer_ranges(model, files, positions)
+    """Release the pages of every ``drop`` range of ``ranges`` (``initializer_ranges``; of the tensors in ``names``,
+    if given) that no ``keep`` range shares; returns the bytes. ``probe`` runs the session on a fixed input
+    (positions 0..3); its outputs before and after must be identical."""
+    drop, keep = ranges
     # a tensor on both lists is a rotary table whose tail nothing ever reads: released whichever piece is built
     tables = {name for spans in keep.values() for name, *_ in spans}
     drop = {f: [r for r in spans if names is None or r[0] in names or r[0] in tables] for f, spans in drop.items()}
