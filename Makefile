@@ -7,16 +7,20 @@ VENDOR := build/vendor
 DEMO   := .demo
 ENDPOINT ?= tcp://127.0.0.1:5555
 
-.PHONY: run test venv demo provision lint bench clean
+.PHONY: run test venv demo provision lint bench clean lock check-latest
+
+LOCKS  := provisioning/locks
+# Installs take exactly the locked wheels, each checked against its sha256 (docs/ARCHITECTURE.md, "The lock").
+PIP_LOCKED := $(BIN)/pip install --quiet --require-hashes --only-binary=:all:
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-# torch is pinned to the CPU build these machines carry; any other spec downloads a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[build,dev]'
+# The lock pins torch to the CPU wheel these machines carry (2.13.0+cpu); any other spec downloads a CUDA build.
+$(VENV)/.installed: pyproject.toml $(LOCKS)/pip.txt $(LOCKS)/dev.txt | $(BIN)/python
+	$(PIP_LOCKED) -r $(LOCKS)/pip.txt
+	$(PIP_LOCKED) -r $(LOCKS)/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -63,7 +67,7 @@ test: venv
 # Every benchmark, each measuring its comparison side by side in one run (~45 min on 2 cores);
 # results in bench/results/*.json. The '.[bench]' extra adds onnxruntime-genai, the comparison runtime.
 bench: provision
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP_LOCKED) -r $(LOCKS)/bench.txt
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/deepseek.py
 	$(BIN)/python bench/moe_operator.py
@@ -74,6 +78,25 @@ bench: provision
 	$(BIN)/python bench/compression.py --teacher $(BUILD)/teacher
 	$(BIN)/python bench/prune_realistic.py
 	$(BIN)/python bench/scale.py
+
+# Re-resolve every lock to today's newest releases within pyproject.toml's ranges (needs the network and uv,
+# installed pinned into build/lock-tools). Run it when bumping a dependency; commit the result with the
+# test run that proves it. See docs/ARCHITECTURE.md, "The lock".
+lock:
+	$(PYTHON) -m venv build/lock-tools
+	build/lock-tools/bin/pip install --quiet uv==0.13.9
+	UV=build/lock-tools/bin/uv sh $(LOCKS)/compile.sh
+
+# Not in CI: a throwaway venv with the newest release of every dependency (torch excepted: the CPU wheel),
+# then the fast suite. Run it before bumping the lock and once a month, so the next breaking release is ours to find first.
+check-latest:
+	rm -rf build/latest && $(PYTHON) -m venv build/latest
+	build/latest/bin/pip install --quiet --upgrade pip
+	build/latest/bin/pip install --quiet torch==2.13.0
+	build/latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -e '.[build,dev]'
+	build/latest/bin/pip list --format=freeze > build/latest/versions.txt
+	build/latest/bin/python -m pytest -q -m "not slow and not acceptance" -p no:cacheprovider
+	@echo "check-latest passed with the versions in build/latest/versions.txt"
 
 clean:
 	rm -rf $(DEMO) build

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from appliance.errors import ApplianceError
@@ -120,6 +122,52 @@ _SECTIONS = {
     "http": HttpConfig,
 }
 _TOP = {"state_dir", "trust_dir", "key_dir", "audit_db"}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _toml_type(value: object) -> str:
+    """How TOML spells the type of a parsed value, for error messages."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string")):
+        if isinstance(value, kind):
+            return name
+    return "an array" if isinstance(value, list) else "a table" if isinstance(value, dict) else type(value).__name__
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a TOML value has the declared field type (``bool`` is not an ``int``; an ``int`` is a ``float``)."""
+    if hint is bool or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a TOML array of that type
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    return any(_fits(value, a) for a in args if a is not type(None))  # X | None: None has no TOML spelling
+
+
+def _expected(hint: object) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"an array of {_expected(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if hint in _TYPE_NAMES:
+        return _TYPE_NAMES[hint]
+    return " or ".join(_expected(a) for a in typing.get_args(hint) if a is not type(None))
+
+
+def _typed_section(path: Path, name: str, cls: type, values: dict) -> object:
+    """``cls(**values)`` after checking every value against its field's declared type (one line per mistake)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in values and not _fits(values[f.name], hints[f.name]):
+            value = values[f.name]
+            raise ConfigError(
+                f"{path}: [{name}] {f.name} must be {_expected(hints[f.name])}, got {_toml_type(value)} "
+                f"({f.name} = {json.dumps(value)})"
+            )
+    if "endpoints" in values:
+        values["endpoints"] = tuple(values["endpoints"])
+    return cls(**values)
 
 
 def load_config(path: Path) -> Config:
@@ -139,15 +187,17 @@ def load_config(path: Path) -> Config:
     for required in ("state_dir", "trust_dir", "audit_db"):
         if required not in paths:
             raise ConfigError(f"{path}: [paths] {required} is required")
+    for key, value in paths.items():
+        if not isinstance(value, str):
+            got = f"{_toml_type(value)} ({key} = {json.dumps(value)})"
+            raise ConfigError(f"{path}: [paths] {key} must be a string, got {got}")
     sections = {}
     for name, cls in _SECTIONS.items():
         values = dict(data.get(name, {}))
         bad = set(values) - set(cls.__dataclass_fields__)
         if bad:
             raise ConfigError(f"{path}: unknown keys in [{name}]: {sorted(bad)}")
-        if "endpoints" in values:
-            values["endpoints"] = tuple(values["endpoints"])
-        sections[name] = cls(**values)
+        sections[name] = _typed_section(path, name, cls, values)
 
     def resolve(p: str | None) -> Path | None:
         return None if p is None else (base / p).resolve()
@@ -169,6 +219,14 @@ def load_config(path: Path) -> Config:
 
     if auth.anonymous_role not in ROLES:
         raise ConfigError(f"{path}: [auth] anonymous_role must be one of {'|'.join(ROLES)}")
+    if not auth.curve and auth.anonymous_role != "infer":
+        # Without CURVE, every local process is anonymous: a wider role would let any of them administer the daemon
+        # or (gateway) name any identity in on_behalf_of. A site that wants more allow-lists keys under CURVE.
+        role = auth.anonymous_role
+        raise ConfigError(
+            f'{path}: [auth] anonymous_role = "{role}" is refused with curve = false (any local process could act '
+            f'with that role); set it to "infer", or turn curve on and allow-list a key with role "{role}"'
+        )
     if auth.clients:
         auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)), anonymous_role=auth.anonymous_role)
     http = sections["http"]
@@ -238,7 +296,7 @@ aggregate_s = 10            # identical refusals from one peer within this inter
 [auth]
 curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served
 # clients = "clients.toml"  # [[client]] name = "...", key = "<Z85 public key>", role = "infer" | "admin"
-anonymous_role = "infer"    # role of every connection when CURVE is off (admin only on a trusted host)
+anonymous_role = "infer"    # role of every connection when CURVE is off; only "infer" is accepted there
 
 [metrics]
 port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin

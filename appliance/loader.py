@@ -76,7 +76,7 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
         try:
             choice = choose_engine(kind, bundle.engines(), caps)
         except PlanMismatchError as exc:
-            choice = _plan_built_here(config, bundle, caps, exc)
+            choice = _plan_built_here(config, bundle, caps, exc, spec)
         log.info("engine %s (%s): %s", choice.entry.kind, choice.entry.dtype, choice.reason)
         for file_id in choice.entry.files:
             files[file_id] = _decrypt(bundle, file_id, data_key, borrow=choice.entry.kind == "onnxruntime")
@@ -167,18 +167,25 @@ def _create(
         del model_bytes
 
 
-def _plan_built_here(config: Config, bundle: Bundle, caps: DeviceCaps, refused: PlanMismatchError) -> Choice:
-    """``kind = "tensorrt"`` and no sealed plan fits this device: build one here from the float32 ONNX
-    graph (TensorRT cannot parse ONNX Runtime's MatMulNBits) and cache it encrypted, if possible."""
+def _plan_built_here(
+    config: Config, bundle: Bundle, caps: DeviceCaps, refused: PlanMismatchError, spec: DecoderSpec
+) -> Choice:
+    """``kind = "tensorrt"`` and no sealed plan fits this device: build one here from the float32 traced ONNX
+    graph (TensorRT cannot parse the fused graphs' contrib operators) and cache it encrypted, if possible."""
     onnx = next((e for e in bundle.engines() if e.kind == "onnxruntime" and e.dtype == "float32"), None)
     if onnx is None or not (caps.cuda and caps.tensorrt):
         raise refused
+    if spec.cache != "concat":
+        raise PlanMismatchError(
+            f"{refused}; and no plan can be built here: the bundle's graph is a fused {spec.cache}-cache graph "
+            "TensorRT cannot parse (seal a traced float32 export, edge-models export --traced, or a plan)"
+        )
     target = {"compute_capability": caps.compute_capability, "tensorrt": caps.tensorrt}
     return Choice(EngineEntry("tensorrt", (), "float16", target), f"plan built on this device ({refused})")
 
 
 def _build_plan(bundle: Bundle, data_key: bytearray, spec: DecoderSpec, config: Config) -> bytes:
-    from edge_models.tensorrt_build import build_plan
+    from appliance.engine.trt_build import build_plan
 
     graph = bundle.decrypt_into(MODEL_FILE, data_key)
     try:

@@ -1,6 +1,6 @@
 """Build the embedded demo model in two cached stages.
 
-1. **Teacher**: corpus → tokenizer → DeepSeek-V3 teacher → ``teacher/`` (+ ``teacher-onnx/``, its
+1. **Teacher**: corpus → tokenizer → DeepSeek-V3 teacher → ``teacher/`` (+ ``teacher-onnx/``, its fused
    export, checked token for token against transformers).
 2. **Student** (the model the appliance serves): ``edge_models.compress`` — prune the teacher to
    about half its non-embedding parameters, distil, evaluate, export, quantize 4-bit — then
@@ -195,9 +195,10 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     save_tokenizer(tok, teacher_dir)
 
     onnx_dir = out / "teacher-onnx"
-    # Traced: the teacher's graph is served nowhere; exporting it traced keeps the traced exporter (every family
-    # the fused builder does not cover) checked against transformers at every build. The student is fused.
-    spec = export_decoder(model, onnx_dir, traced=True)
+    # Fused, like the student: the fused builder writes the graph from the weights and never traces transformers'
+    # modeling code, so a new transformers release cannot break the newcomer's path. The traced exporter (families
+    # the fused builder does not cover) is checked against transformers by the test suite (tests/test_export_parity.py).
+    spec = export_decoder(model, onnx_dir)
     copy_tokenizer_files(teacher_dir, onnx_dir)
     parity = check_parity(model, onnx_dir, [[bos, *tok.encode(p).ids] for p in PROBE_PROMPTS], spec.eos_token_id)
     with torch.no_grad():

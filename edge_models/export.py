@@ -13,11 +13,24 @@ runtime reads it from there and never needs torch or transformers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 from appliance.engine.spec import DecoderSpec, input_names, output_names
 
 from .tokenizer import special_token_ids
+
+
+def cache_keyword(module) -> str:
+    """The keyword that passes the KV cache to ``module.forward``: transformers 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name is deprecated until 5.40); both are handled, whichever the installed release takes."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The cache a model returned, under either name (``cache`` from transformers 5.24 on)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _cache_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -26,7 +39,7 @@ def _cache_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
 
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    layer = out.past_key_values.layers[0]
+    layer = output_cache(out).layers[0]
     return (
         tuple(layer.keys.shape[1:2]) + tuple(layer.keys.shape[3:4]),
         tuple(layer.values.shape[1:2]) + tuple(layer.values.shape[3:4]),
@@ -77,6 +90,8 @@ def _wrapper(model, num_layers: int):
     import torch
     from transformers import DynamicCache
 
+    keyword = cache_keyword(model)
+
     class FlatCacheDecoder(torch.nn.Module):
         """Takes and returns the KV cache as flat tensors so the ONNX graph has plain inputs."""
 
@@ -92,11 +107,11 @@ def _wrapper(model, num_layers: int):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **{keyword: cache},
             )
             present = []
-            for layer in out.past_key_values.layers:
+            for layer in output_cache(out).layers:
                 present += [layer.keys, layer.values]
             return (out.logits, *present)
 
@@ -174,7 +189,8 @@ def _absorbed_mla(model):
     import torch
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # the keyword's name depends on the release
         bsz, seq = hidden_states.shape[:-1]
         heads, dn, dv, rank = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -189,8 +205,8 @@ def _absorbed_mla(model):
         cos, sin = position_embeddings
         rope = v3.apply_rotary_pos_emb_interleave if self.config.rope_interleave else v3.apply_rotary_pos_emb
         q_rot, k_rot = rope(q_rot, k_rot, cos, sin)
-        if past_key_values is not None:
-            kv_nope, k_rot = past_key_values.update(kv_nope, k_rot, self.layer_idx)
+        if cache is not None:
+            kv_nope, k_rot = cache.update(kv_nope, k_rot, self.layer_idx)
         w = self.kv_b_proj.weight.view(heads, dn + dv, rank)
         q_lat = torch.matmul(q_pass, w[:, :dn, :])  # [B, H, S, rank]
         scores = torch.matmul(q_lat, kv_nope.transpose(2, 3)) + torch.matmul(q_rot, k_rot.transpose(2, 3))

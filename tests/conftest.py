@@ -33,6 +33,23 @@ def tiny_build(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def traced_teacher(tiny_build, tmp_path_factory) -> Path:
+    """The tiny teacher exported by tracing transformers' modeling code (``--traced``: the path for families the fused
+    builder does not cover, and the plain-ONNX graph TensorRT parses). The demo itself exports fused."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_models.export import export_decoder
+    from edge_models.tokenizer import copy_tokenizer_files
+
+    out = tiny_build / "teacher-traced"
+    if not (out / "decoder.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
+        export_decoder(model, out, traced=True)
+        copy_tokenizer_files(tiny_build / "teacher", out)
+    return out
+
+
 @dataclass
 class Device:
     root: Path

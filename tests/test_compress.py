@@ -216,15 +216,15 @@ def test_compress_command_end_to_end(tiny_build, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["q4", "q8", "int8"])
-def test_quantized_graphs_run_in_the_engine_with_small_drift(tiny_build, tmp_path, mode):
+def test_quantized_graphs_run_in_the_engine_with_small_drift(traced_teacher, tmp_path, mode):
     from tokenizers import Tokenizer
 
     from edge_models.quantize import onnx_perplexity, quantize
 
-    out = quantize(tiny_build / "teacher-onnx", tmp_path / mode, mode)
-    tok = Tokenizer.from_file(str(tiny_build / "teacher-onnx" / "tokenizer.json"))
+    out = quantize(traced_teacher, tmp_path / mode, mode)
+    tok = Tokenizer.from_file(str(traced_teacher / "tokenizer.json"))
     windows = build_dataset(tok, seq_len=32, stride=32).heldout
-    base, quant = onnx_perplexity(tiny_build / "teacher-onnx", windows, 16), onnx_perplexity(out, windows, 16)
+    base, quant = onnx_perplexity(traced_teacher, windows, 16), onnx_perplexity(out, windows, 16)
     assert abs(quant / base - 1) < 0.15, (base, quant)
     spec = DecoderSpec.from_json((out / "decoder.json").read_text())
     engine = create_engine("onnxruntime", (out / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=64)

@@ -15,8 +15,8 @@ from edge_models.parity import engine_greedy
 
 
 @pytest.fixture(scope="module")
-def graph(tiny_build):
-    onnx = tiny_build / "teacher-onnx"
+def graph(traced_teacher):
+    onnx = traced_teacher
     return (onnx / "model.onnx").read_bytes(), DecoderSpec.from_json((onnx / "decoder.json").read_text())
 
 

@@ -11,10 +11,10 @@ from edge_models.parity import engine_greedy, hf_greedy
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_build):
+def pair(tiny_build, traced_teacher):
     model = AutoModelForCausalLM.from_pretrained(tiny_build / "teacher", local_files_only=True).eval()
-    spec = DecoderSpec.from_json((tiny_build / "teacher-onnx" / "decoder.json").read_text())
-    engine = OrtEngine((tiny_build / "teacher-onnx" / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=256)
+    spec = DecoderSpec.from_json((traced_teacher / "decoder.json").read_text())
+    engine = OrtEngine((traced_teacher / "model.onnx").read_bytes(), spec, num_slots=2, max_seq_len=256)
     return model, engine, spec
 
 

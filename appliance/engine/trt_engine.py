@@ -4,7 +4,7 @@ The plan arrives as decrypted bytes and is deserialized in memory
 (``IRuntime.deserialize_cuda_engine``); it never exists as a file on the device. I/O uses the
 name-based tensor API of TensorRT 10 (``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``). A plan is specific to the GPU model and TensorRT version that built it;
-``edge_models.tensorrt_build`` builds it (on the device or an identical one).
+``appliance.engine.trt_build`` builds it from a traced float32 export (on the device or an identical one).
 
 Not run in this project's CI: TensorRT cannot be installed there. Run
 ``python -m appliance.engine.trt_selftest`` on a GPU to check it against ONNX Runtime.
@@ -47,8 +47,8 @@ class TrtEngine(PaddedKVEngine):
         self.engine = self._runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise EngineError(
-                "TensorRT could not deserialize the plan: it was built for another GPU or "
-                "TensorRT version; rebuild it on this device (edge-models tensorrt)"
+                "TensorRT could not deserialize the plan: it was built for another GPU or TensorRT version; seal a "
+                "plan built on this GPU model, or seal none and let the daemon build one here (docs/TENSORRT.md)"
             )
         self.context = self.engine.create_execution_context()
         self._inputs, self._outputs = input_names(spec.num_layers), output_names(spec.num_layers)

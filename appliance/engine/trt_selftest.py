@@ -1,7 +1,10 @@
 """Self-test for GPU owners: build a TensorRT plan from an exported decoder and check that its
 greedy tokens match ONNX Runtime's on the same prompts (batch 1 and a left-padded batch of 2).
 
-    python -m appliance.engine.trt_selftest --onnx build/demo/onnx
+    edge-models export --model build/demo/student/student --out build/trt-onnx --traced
+    python -m appliance.engine.trt_selftest --onnx build/trt-onnx
+
+The graph must be a traced export (TensorRT parses standard ONNX only, not the fused graphs).
 
 Exit status 0 when the tokens match, 1 when they differ, 2 when TensorRT or a GPU is missing.
 """
@@ -26,17 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from edge_models.parity import engine_greedy
-    from edge_models.tensorrt_build import TensorRTUnavailable, build_plan
-
     from . import EngineError
+    from .greedy import engine_greedy
     from .ort_engine import OrtEngine
     from .spec import DecoderSpec
+    from .trt_build import TensorRTUnavailable, build_plan, check_parsable
     from .trt_engine import TrtEngine
 
     onnx_dir = Path(args.onnx)
     spec = DecoderSpec.from_json((onnx_dir / "decoder.json").read_text())
     model = (onnx_dir / "model.onnx").read_bytes()
+    try:
+        check_parsable(spec)
+    except EngineError as exc:
+        print(f"trt_selftest: error: {exc}", file=sys.stderr)
+        return 1
     try:
         start = time.monotonic()
         plan = build_plan(model, spec, max_batch=2, max_seq_len=128, fp16=not args.fp32)

@@ -1,16 +1,32 @@
-"""Build a TensorRT 10 plan from the exported decoder (on the target GPU, or an identical one).
+"""Build a TensorRT 10 plan from an exported decoder (on the target GPU, or an identical one).
+
+TensorRT parses standard ONNX only: the graph must be a traced float32 export (``edge-models export --traced``,
+``cache = "concat"`` in its decoder.json). The fused graphs (static cache, ``GroupQueryAttention``,
+``MatMulNBits``) are ONNX Runtime contrib operators and are refused before TensorRT is asked.
 
 Dynamic axes get one optimization profile: batch 1..max_batch, new tokens 1..max_seq_len,
 past 0..max_seq_len-1. The plan is returned as bytes so it can be sealed straight into a bundle.
+The daemon calls this on the device (``appliance.loader``); ``python -m appliance.engine.trt_selftest``
+checks a plan against ONNX Runtime.
 """
 
 from __future__ import annotations
 
-from appliance.engine.spec import DecoderSpec, input_names
+from .base import EngineError
+from .spec import DecoderSpec, input_names
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(EngineError):
     pass
+
+
+def check_parsable(spec: DecoderSpec) -> None:
+    """Refuse a graph TensorRT cannot parse (a fused static-cache graph), naming the export that it can."""
+    if spec.cache != "concat":
+        raise EngineError(
+            f"TensorRT cannot parse this {spec.cache}-cache graph (ONNX Runtime contrib operators); build the plan "
+            "from a traced float32 export: edge-models export --model CHECKPOINT --out DIR --traced"
+        )
 
 
 def build_plan(
@@ -22,6 +38,7 @@ def build_plan(
     fp16: bool = True,
     workspace_bytes: int = 4 << 30,
 ) -> bytes:
+    check_parsable(spec)
     try:
         import tensorrt as trt
     except ImportError:
@@ -35,7 +52,7 @@ def build_plan(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_model):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse the ONNX decoder: {errors}")
+        raise EngineError(f"TensorRT could not parse the ONNX decoder: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if fp16:
@@ -54,5 +71,5 @@ def build_plan(
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise RuntimeError("TensorRT failed to build the plan (see the TensorRT log above)")
+        raise EngineError("TensorRT failed to build the plan (see the TensorRT log above)")
     return bytes(plan)
