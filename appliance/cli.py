@@ -306,18 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from appliance.errors import ApplianceError
-    from provisioning.errors import ProvisioningError
+    from appliance.logs import error_prefix
+    from provisioning.errors import ProvisioningError, report_unexpected
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ApplianceError, ProvisioningError) as exc:
-        from appliance.logs import error_prefix
-
         print(f"{error_prefix()}edge-appliance: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: the traceback and a request to report it, at priority err under journald
+        return report_unexpected("edge-appliance", error_prefix())
 
 
 if __name__ == "__main__":

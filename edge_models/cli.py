@@ -45,9 +45,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import fused_graph
+    from .errors import EdgeModelsError
     from .export import export_decoder
     from .tokenizer import checkpoint_special_ids, copy_tokenizer_files
 
+    if not (Path(args.model) / "config.json").is_file():
+        raise EdgeModelsError(f"no checkpoint at {args.model} (no config.json); give a local checkpoint directory")
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
     try:
         fused_graph.check_supported(config)
@@ -341,11 +344,23 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
     args = build_parser().parse_args(argv)
+    from appliance.errors import ApplianceError
+    from provisioning.errors import describe_os_error, report_unexpected
+
+    from .errors import EdgeModelsError
+
     try:
         return args.func(args)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (EdgeModelsError, ApplianceError) as exc:  # ApplianceError: the engine the export is checked against
         print(f"edge-models: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a missing checkpoint, a full disk: say which file and why
+        print(f"edge-models: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        return report_unexpected("edge-models")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from .corpus import build_corpus, clean_text, is_heldout
+from .errors import EdgeModelsError
 from .train import pack_windows
 
 
-class DataError(ValueError):
+class DataError(EdgeModelsError):
     pass
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import ExportError
 from .teacher import DEMO, TeacherShape
 from .train import DEFAULT_TRAIN, TrainConfig
 
@@ -240,5 +241,5 @@ def check_parity(model, onnx_dir: Path, prompts: list[list[int]], eos_id: int, n
     ours = engine_greedy(engine, prompts, new_tokens, eos_id)
     theirs = hf_greedy(model, prompts, new_tokens, spec.pad_token_id)
     if ours != theirs:
-        raise RuntimeError(f"ONNX export does not match transformers: {ours} != {theirs}")
+        raise ExportError(f"ONNX export does not match transformers: {ours} != {theirs}")
     return {"prompts": len(prompts), "new_tokens": new_tokens, "identical": True}

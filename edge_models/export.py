@@ -18,6 +18,7 @@ from pathlib import Path
 
 from appliance.engine.spec import DecoderSpec, input_names, output_names
 
+from .errors import ExportError
 from .tokenizer import special_token_ids
 
 
@@ -258,7 +259,7 @@ def export_decoder(
             special = special_token_ids(model.config.to_dict(), _generation_config(model), _source_dir(model))
             return fused_graph.build_fused_decoder(model.config, weights, out_dir, quant, external_data, special)
     if quant is not None:
-        raise ValueError(f"{type(model).__name__} is exported traced; quantize it afterwards (edge-models quantize)")
+        raise ExportError(f"{type(model).__name__} is exported traced; quantize it afterwards (edge-models quantize)")
     import torch
     from transformers.exporters import exporter_onnx
 
@@ -288,6 +289,6 @@ def export_decoder(
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT
     program.save(str(out_dir / "model.onnx"), external_data=external_data)
     if external_data and not (out_dir / EXTERNAL_DATA).exists():
-        raise RuntimeError(f"exporter did not write {EXTERNAL_DATA}; the runtime expects that name")
+        raise ExportError(f"exporter did not write {EXTERNAL_DATA}; the runtime expects that name")
     (out_dir / "decoder.json").write_text(spec.to_json())
     return spec

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 
 from appliance.engine.spec import DecoderSpec, output_names, static_input_names
 
+from .errors import EdgeModelsError, ExportError
 from .tokenizer import special_token_ids
 
 LATENT_FAMILIES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # MLA: edge_models.fused_deepseek
@@ -42,7 +43,7 @@ EXTERNAL_DATA = "model.onnx.data"
 PROTOBUF_LIMIT = 2_000_000_000
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(ExportError):
     """The checkpoint's architecture or shape has no fused graph; the traced export handles it."""
 
 
@@ -236,7 +237,7 @@ def build_fused_decoder(
     them (its tokenizer decides the BOS, generation_config.json adds end ids); default: config.json's."""
     check_supported(config)
     if quant is not None and quant not in QUANT_BITS:
-        raise ValueError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_BITS)}")
+        raise EdgeModelsError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_BITS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if external_data is None:

@@ -22,6 +22,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import EdgeModelsError
+
+
+class PruneError(EdgeModelsError):
+    """A pruning target the model's shape cannot take."""
+
 
 @dataclass(frozen=True)
 class PruneTarget:
@@ -223,15 +229,15 @@ def prune(model, importance: Importance, target: PruneTarget):
     if not hasattr(cfg, "kv_lora_rank"):  # GQA derives head_dim from hidden/heads unless it is explicit
         cfg.head_dim = head_dim
     if target.heads is not None and target.heads % (heads // groups):
-        raise ValueError(f"--heads {target.heads} must be a multiple of the query group size {heads // groups}")
+        raise PruneError(f"--heads {target.heads} must be a multiple of the query group size {heads // groups}")
     moe = hasattr(cfg, "n_routed_experts") and target.experts is not None
     if moe and (target.experts < cfg.num_experts_per_tok or target.experts % (cfg.n_group or 1)):
-        raise ValueError(
+        raise PruneError(
             f"--experts {target.experts} must be >= num_experts_per_tok ({cfg.num_experts_per_tok}) "
             f"and a multiple of n_group ({cfg.n_group})"
         )
     if target.hidden is not None and importance.hidden is None:
-        raise ValueError("--hidden needs hidden-channel importance (measure it with this version)")
+        raise PruneError("--hidden needs hidden-channel importance (measure it with this version)")
     for i, layer in enumerate(model.model.layers):
         if target.heads is not None and target.heads < heads:
             _prune_heads(layer, cfg, _top(importance.heads[i], target.heads // (heads // groups)))

@@ -22,6 +22,7 @@ import numpy as np
 from appliance.engine import create_engine
 from appliance.engine.spec import DecoderSpec
 
+from .errors import EdgeModelsError
 from .tokenizer import copy_tokenizer_files
 
 MODES = ("q4", "q8", "int8")
@@ -30,7 +31,7 @@ MODES = ("q4", "q8", "int8")
 def quantize(onnx_dir: Path, out_dir: Path, mode: str) -> Path:
     """Write a quantized copy of ``onnx_dir`` (graph + decoder.json + tokenizer.json) to ``out_dir``."""
     if mode not in MODES:
-        raise ValueError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
+        raise EdgeModelsError(f"unknown quantization mode {mode!r}; use one of {', '.join(MODES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src, dst = Path(onnx_dir) / "model.onnx", out_dir / "model.onnx"

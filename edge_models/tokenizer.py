@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import ExportError
+
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
 
@@ -103,7 +105,7 @@ def special_token_ids(config: Mapping, generation: Mapping | None = None, tokeni
         if eos_text and tok.token_to_id(eos_text) is not None:
             eos.append(tok.token_to_id(eos_text))
     if not eos:
-        raise ValueError("the checkpoint names no end-of-sequence token (eos_token_id in config.json)")
+        raise ExportError("the checkpoint names no end-of-sequence token (eos_token_id in config.json)")
     eos = list(dict.fromkeys(eos))
     pad = config.get("pad_token_id", generation.get("pad_token_id"))
     return {

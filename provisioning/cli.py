@@ -11,8 +11,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .bundle import TORCH_FILES, EngineEntry, infer_engines, open_bundle, seal
-from .errors import ProvisioningError
-from .install import INSTALL_LOG, current_bundle, install, rollback, verify_fully
+from .errors import ProvisioningError, describe_os_error, report_unexpected
+from .install import INSTALL_LOG, current_bundle, current_manifest_unverified, install, rollback, verify_fully
 from .keys import (
     DEVICE_X25519,
     VENDOR_SIGNING,
@@ -173,22 +173,22 @@ def cmd_install_software(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    bundle = current_bundle(Path(args.state), load_trusted_vendors(Path(args.trust)))
-    if bundle is None:
+    """The installed model. Its signature is checked when a trust store is given or the default one holds keys;
+    without one (a stick's status script, a support session) the manifest is shown marked unverified."""
+    state = Path(args.state)
+    trust = Path(args.trust or DEFAULT_TRUST)
+    if args.trust or any(trust.glob("*.pub")):
+        bundle = current_bundle(state, load_trusted_vendors(trust))
+        manifest, slot = (bundle.manifest, bundle.root.name) if bundle else (None, None)
+        verified = f"verified against {trust}"
+    else:
+        manifest, slot = current_manifest_unverified(state)
+        verified = "not checked: no trust store (pass --trust DIR to verify the signature)"
+    if manifest is None:
         print("no model installed")
         return 1
-    print(
-        json.dumps(
-            {
-                "slot": bundle.root.name,
-                "model_id": bundle.model_id,
-                "version": bundle.version,
-                "bundle_id": bundle.manifest["bundle_id"],
-                "vendor_key": bundle.manifest["vendor_key"],
-            },
-            indent=2,
-        )
-    )
+    fields = ("model_id", "version", "bundle_id", "vendor_key")
+    print(json.dumps({"slot": slot, **{k: manifest.get(k) for k in fields}, "signature": verified}, indent=2))
     return 0
 
 
@@ -257,9 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rollback", help="switch back to the previously installed slot")
     r.add_argument("--state", required=True, help="device state directory")
     r.set_defaults(func=cmd_rollback)
-    st = sub.add_parser("status", help="show the installed model")
+    st = sub.add_parser("status", help="show the installed model (its signature checked where a trust store is found)")
     st.add_argument("--state", required=True, help="device state directory")
-    _trust_flag(st)
+    st.add_argument(
+        "--trust",
+        help=f"trusted vendor keys (*.pub) to verify the manifest with (default: {DEFAULT_TRUST} where it holds keys; "
+        "without any, the manifest is shown unverified)",
+    )
     st.set_defaults(func=cmd_status)
     w = sub.add_parser("wheelhouse", help="download the software's wheels for an offline install (connected machine)")
     w.add_argument("--out", required=True, help="directory to fill (e.g. the USB stick)")
@@ -290,9 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-provision: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a missing stick, a full or read-only disk: say which file and why
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"edge-provision: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"edge-provision: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        return report_unexpected("edge-provision")
 
 
 if __name__ == "__main__":

@@ -31,3 +31,23 @@ class InstallError(ProvisioningError):
 
 class UnsafeFileError(ProvisioningError):
     """A file the installer must copy is a symbolic link, a device, a FIFO or otherwise not a regular file."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: why, and which file."""
+    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+
+
+def report_unexpected(prog: str, prefix: str = "") -> int:
+    """For a CLI's ``except Exception``: not one of its own errors, so a bug. Print the traceback (what a report
+    needs), then one line saying so, ``prefix`` on every line (journald's ``<3>``). Returns exit status 1."""
+    import sys
+    import traceback
+
+    lines = traceback.format_exc().rstrip("\n").split("\n")
+    exc = sys.exc_info()[1]
+    lines.append(
+        f"{prog}: internal error: {type(exc).__name__}: {exc} - a bug; please report it with the traceback above"
+    )
+    print("\n".join(prefix + line for line in lines), file=sys.stderr)
+    return 1

@@ -106,6 +106,20 @@ def current_bundle(state: Path, trusted: dict[str, Ed25519PublicKey]) -> Bundle 
     return open_bundle(target, trusted) if target else None
 
 
+def current_manifest_unverified(state: Path) -> tuple[dict | None, str | None]:
+    """The installed bundle's manifest as it is on disk, signature NOT checked (for display only), and its slot."""
+    target = _link_target(Path(state), "current")
+    if target is None:
+        return None, None
+    try:
+        manifest = json.loads((target / MANIFEST).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"{target / MANIFEST}: unreadable ({exc}); reinstall the bundle") from None
+    if not isinstance(manifest, dict):
+        raise InstallError(f"{target / MANIFEST}: not a manifest; reinstall the bundle")
+    return manifest, target.name
+
+
 def verify_fully(bundle: Bundle, device_key: X25519PrivateKey | None) -> None:
     """Ciphertext hashes, and with the device key also the recipient entry and every chunk's tag."""
     bundle.check_ciphertext()

@@ -1,7 +1,8 @@
 """Offline installation of the appliance software itself: a signed wheelhouse for the USB stick.
 
-On a connected machine, ``edge-provision wheelhouse --out DIR --signing-key KEY`` downloads binary
-wheels of the runtime dependencies for the target platform, builds the appliance's own wheel, and
+On a connected machine, ``edge-provision wheelhouse --out DIR --signing-key KEY`` downloads the binary
+wheels the runtime lock (``provisioning/locks/runtime.txt``: exact versions, sha256 of every wheel) names for
+the target platform and Python, each checked against its locked hash, builds the appliance's own wheel, and
 writes the lock of exactly those wheels signed by the vendor key (format and installer:
 ``provisioning/stick.py``), the installer itself and ``install-offline.sh``. On the air-gapped
 device the installer verifies the lock against the device's trusted vendor keys and installs
@@ -16,7 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib import metadata
+import sysconfig
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -35,27 +36,46 @@ exec "${PYTHON:-python3}" -I -S "$HERE/install-offline.py" --stick "$HERE" "$@"
 """
 
 
-def runtime_requirements(python_version: str | None = None) -> list[str]:
-    """The appliance's runtime dependencies (no extras) for the target Python.
+RUNTIME_LOCK = Path(__file__).resolve().parent / "locks" / "runtime.txt"
 
-    pip evaluates environment markers against the interpreter running it, not ``--python-version``,
-    so markers are resolved here (e.g. ``tomli`` is needed on Python 3.10 only).
+
+def target_environment(python_version: str | None = None, platform: str | None = None) -> dict[str, str]:
+    """PEP 508 marker values for the target device: this interpreter's, with the Python and machine overridden."""
+    from packaging.markers import default_environment
+
+    env = dict(default_environment())
+    if python_version:
+        env.update(python_version=python_version, python_full_version=f"{python_version}.0")
+    if platform:
+        env.update(platform_machine=re.sub(r"^(manylinux|musllinux)\w*?_(?=x86_64|aarch64|i686)", "", platform))
+    return env
+
+
+def runtime_requirements(python_version: str | None = None, platform: str | None = None) -> list[str]:
+    """The locked runtime requirements for the target, one per line with its hashes (``name==version --hash=...``).
+
+    pip evaluates environment markers against the interpreter running it, not ``--python-version`` or
+    ``--platform``, so the lock's markers are resolved here (e.g. ``tomli`` is needed on Python 3.10 only, and
+    onnxruntime's newest release for 3.10 is older than for 3.11).
     """
     from packaging.requirements import Requirement
 
     try:
-        requires = metadata.requires(DIST) or []
-    except metadata.PackageNotFoundError:
-        raise ProvisioningError(f"{DIST} is not installed in this Python; run from its virtual environment") from None
-    env = {"extra": ""}
-    if python_version:
-        env.update(python_version=python_version, python_full_version=f"{python_version}.0")
+        text = RUNTIME_LOCK.read_text()
+    except OSError as exc:
+        raise ProvisioningError(
+            f"cannot read the runtime lock {RUNTIME_LOCK} ({exc.strerror}); build the wheelhouse from a checkout"
+        ) from None
+    env = target_environment(python_version, platform)
     wanted = []
-    for line in requires:
-        req = Requirement(line)
+    for entry in text.replace("\\\n", " ").splitlines():
+        entry = entry.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        spec, *hashes = entry.split(" --hash=")
+        req = Requirement(spec)
         if req.marker is None or req.marker.evaluate(env):
-            req.marker = None
-            wanted.append(str(req))
+            wanted.append(f"{req.name}{req.specifier} " + " ".join(f"--hash={h.strip()}" for h in hashes))
     return wanted
 
 
@@ -88,7 +108,7 @@ def build_wheelhouse(
 ) -> list[Path]:
     """Fill ``out`` with wheels for ``platform``/``python_version`` (default: this machine) and their signed lock."""
     out.mkdir(parents=True, exist_ok=True)
-    _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out), str(project_root()))
+    _pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(project_root()))
     target = []
     if platform:
         for tag in compatible_platforms(platform):
@@ -96,7 +116,13 @@ def build_wheelhouse(
         target += ["--only-binary=:all:", "--implementation", "cp"]
     if python_version:
         target += ["--python-version", python_version, "--only-binary=:all:"]
-    _pip("download", "--quiet", "--dest", str(out), *target, *runtime_requirements(python_version))
+    machine = platform or sysconfig.get_platform().replace("linux-", "manylinux_")
+    locked = out / ".runtime-requirements.txt"
+    locked.write_text("\n".join(runtime_requirements(python_version, machine)) + "\n")
+    try:  # every wheel checked against the lock's sha256 before it is kept; nothing unlisted (--no-deps)
+        _pip("download", "--quiet", "--require-hashes", "--no-deps", "--dest", str(out), *target, "-r", str(locked))
+    finally:
+        locked.unlink()
     wheels = sorted(out.glob("*.whl"))
     public = public_bytes(signing_key.public_key())
     lock = stick.lock_bytes(wheels, fingerprint(public))

@@ -102,7 +102,7 @@ def test_prune_qwen2_respects_gqa_groups_and_exports(tmp_path):
     cfg = student.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (2, 1, 2)
     exports_and_matches(student, tmp_path)
-    with pytest.raises(ValueError, match="multiple of the query group size"):
+    with pytest.raises(PruneError, match="multiple of the query group size"):
         prune(model, imp, PruneTarget(heads=3))
 
 

@@ -11,9 +11,15 @@ which they update in place (see ``edge_models.fused_graph``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from appliance.errors import ApplianceError
 
 DECODER_FORMAT = 1
+
+
+class SpecError(ApplianceError):
+    """A decoder.json this software cannot use."""
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -64,10 +70,24 @@ class DecoderSpec:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> DecoderSpec:
-        data = json.loads(text)
+        """Parse a decoder.json; anything malformed is a ``SpecError`` naming what is wrong."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise SpecError(f"decoder.json is not JSON ({exc}); re-export the model") from None
+        if not isinstance(data, dict):
+            raise SpecError("decoder.json is not a JSON object; re-export the model")
         if data.get("format") != DECODER_FORMAT:
-            raise ValueError(f"decoder.json format {data.get('format')!r} is not supported (expected {DECODER_FORMAT})")
-        data["key_shape"] = tuple(data["key_shape"])
-        data["value_shape"] = tuple(data["value_shape"])
-        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
-        return cls(**data)
+            raise SpecError(f"decoder.json format {data.get('format')!r} is not supported (expected {DECODER_FORMAT})")
+        known = {f.name for f in fields(cls)}
+        if set(data) - known:
+            raise SpecError(
+                f"decoder.json has unknown fields {sorted(set(data) - known)}; it is newer than this software"
+            )
+        try:
+            data["key_shape"] = tuple(data["key_shape"])
+            data["value_shape"] = tuple(data["value_shape"])
+            data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"decoder.json is incomplete or malformed ({exc}); re-export the model") from None
