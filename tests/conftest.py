@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -11,9 +12,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import pytest
+import zmq
 
-from appliance.config import render_config
+from appliance.audit import AuditLog
+from appliance.config import load_config, render_config
+from appliance.transport import api_keys
+from appliance.transport.client import Client
+from provisioning.keys import DeviceIdentity
 
 BIN = Path(sys.executable).parent
 
@@ -204,9 +211,6 @@ class Daemon:
 def wait_for_rows(device: Device, match, timeout: float = 15.0, at_least: int = 1) -> list:
     """Audit rows matching ``match`` once at least ``at_least`` are committed (refusals are written
     by the group-commit writer after their reply leaves)."""
-    from appliance.audit import AuditLog
-    from appliance.config import load_config
-
     db = load_config(device.config).audit_db
     deadline = time.monotonic() + timeout
     while True:
@@ -226,3 +230,74 @@ def daemon(device, tmp_path_factory):
     d.wait_for("READY=1")
     yield d
     d.stop()
+
+
+class Site:
+    def __init__(self, device, root, daemon, gateway, port, key, admin_key):
+        self.device, self.root, self.daemon, self.gateway = device, root, daemon, gateway
+        self.port, self.key, self.admin_key = port, key, admin_key
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    def openai(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key, max_retries=0, timeout=60)
+
+    def zmq_client(self, **kw) -> Client:
+        """The allow-listed ZeroMQ client (role infer), for comparisons and for refusals."""
+        secret = (self.root / "press4" / "client.key").read_bytes()
+        server = DeviceIdentity.load(self.device.identity).curve_public.encode()
+        pair = (zmq.curve_public(secret), secret)
+        return Client(self.device.endpoint, curve_server_key=server, curve_keypair=pair, **kw)
+
+    def audit_rows(self, **match) -> list:
+        rows = AuditLog(load_config(self.device.config).audit_db).rows()
+        return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
+
+    def wait_for_row(self, timeout: float = 30.0, **match):
+        """The audit row is committed before the daemon's final reply; poll until it is there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.audit_rows(**match)
+            if rows:
+                return rows[-1]
+            time.sleep(0.05)
+        raise AssertionError(f"no audit row matching {match}")
+
+
+def mint_api_key(name: str, role: str, keys_file) -> str:
+    out = run_cli("edge-appliance", "http-keygen", "--name", name, "--role", role)
+    with keys_file.open("a") as f:
+        f.write(out.stdout.split("\n", 1)[1])  # the entry, without its comment line
+    return next(line.strip() for line in out.stderr.splitlines() if line.strip().startswith(api_keys.KEY_PREFIX))
+
+
+@contextlib.contextmanager
+def http_site(tiny_build: Path, root: Path):
+    """A device with CURVE on, a running daemon and a running `edge-appliance http` gateway in front of it, an
+    allow-listed ZeroMQ client (press4/) and two API keys (infer, admin): the set-up docs/HTTP.md describes."""
+    device = provision_device(tiny_build, root / "site")
+    allow = []
+    for name, role, out in (("press-line-4", "infer", "press4"), ("http-gateway", "gateway", "gateway")):
+        text = run_cli(
+            "edge-appliance", "client-keygen", "--out", str(root / out), "--name", name, "--role", role
+        ).stdout
+        allow.append(text[text.index("[[client]]") :])
+    (device.config.parent / "clients.toml").write_text("\n".join(allow))
+    keys_file = device.config.parent / "http-keys.toml"
+    key, admin_key = mint_api_key("ehr-plugin", "infer", keys_file), mint_api_key("ops-console", "admin", keys_file)
+    port = free_port()
+    text = device.config.read_text().replace("curve = false", 'curve = true\nclients = "clients.toml"')
+    text = text.replace(
+        'listen = "127.0.0.1:8080"',
+        f'listen = "127.0.0.1:{port}"\nkeys = "http-keys.toml"\nclient_key = "{root}/gateway/client.key"\n'
+        f'server_key = "{device.identity}"\ntimeout_s = 30',
+    )
+    device.config.write_text(text)
+    daemon = Daemon(device, root / "run")
+    daemon.wait_for("READY=1")
+    gateway = Daemon(device, root / "gw", command="http")
+    try:
+        gateway.wait_for("READY=1")
+        yield Site(device, root, daemon, gateway, port, key, admin_key)
+    finally:
+        gateway.stop()
+        daemon.stop()

@@ -17,6 +17,7 @@ from edge_models.export import export_decoder
 from edge_models.parity import engine_greedy, hf_greedy
 from edge_models.prune import (
     Importance,
+    PruneError,
     PruneTarget,
     measure_importance,
     non_embedding_parameters,
