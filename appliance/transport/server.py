@@ -281,7 +281,8 @@ class Server:
         if req.op == P.OP_AUTH_FAILED:  # a gateway refused a credential: audit it as that subject
             refused = Peer(req.on_behalf_of[0], "-", peer.route)
             self._audit(refused, req.op, req.id, "rejected", error_code=P.E_UNAUTHORIZED)
-            return self._reply(envelope, P.result_reply(req.id, {"audited": True}))
+            # queued for the group-commit writer; false while the store cannot write (health: audit unavailable)
+            return self._reply(envelope, P.result_reply(req.id, {"audited": self.writer.healthy}))
         METRICS.request(req.op, "ok")  # before the reply: a scrape after it must see it
         if req.op == P.OP_HEALTH:
             result = self.health()
