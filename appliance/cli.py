@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception:  # a bug: the traceback and a request to report it, at priority err under journald
-        return report_unexpected("edge-appliance", error_prefix())
+        return report_unexpected("edge-appliance", journal=bool(error_prefix()))
 
 
 if __name__ == "__main__":

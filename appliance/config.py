@@ -302,7 +302,7 @@ anonymous_role = "infer"    # role of every connection when CURVE is off; only "
 port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin
 
 [http]                      # `edge-appliance http`: OpenAI-compatible gateway (docs/HTTP.md); needs curve = true
-listen = "127.0.0.1:8080"   # "host:port" or "unix:/run/edge-appliance/http.sock"
+listen = "127.0.0.1:8080"   # "host:port" or "unix:/run/edge-appliance-http/http.sock"
 # keys = "http-keys.toml"   # API key hashes: `edge-appliance http-keygen --name NAME` prints an entry
 # client_key = "credentials/gateway.key"   # the gateway's CURVE secret; allow-list its key with role "gateway"
 # server_key = "device-identity.json"      # the daemon's CURVE public key

@@ -129,7 +129,7 @@ class Metrics:
         self.queue_depth.set_function(lambda: server.runner.load()["waiting"])
         self.running.set_function(lambda: server.runner.load()["running"])
         self.queue_capacity.set(server.config.engine.max_queued)
-        self.kv_cache.set_function(lambda: getattr(server.model.engine, "cache_bytes", lambda: 0)())
+        self.kv_cache.set_function(lambda: server.model.engine.cache_bytes())
         self.session_bytes.set_function(lambda: server.sessions.stats()["session_bytes"])
         self.sessions.set_function(lambda: server.sessions.stats()["sessions"])
         self.audit_up.set_function(lambda: 1 if server.writer.healthy else 0)

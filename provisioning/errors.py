@@ -38,16 +38,16 @@ def describe_os_error(exc: OSError) -> str:
     return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
 
-def report_unexpected(prog: str, prefix: str = "") -> int:
+def report_unexpected(prog: str, journal: bool = False) -> int:
     """For a CLI's ``except Exception``: not one of its own errors, so a bug. Print the traceback (what a report
-    needs), then one line saying so, ``prefix`` on every line (journald's ``<3>``). Returns exit status 1."""
+    needs), then one line saying so. Under journald (``journal``) the traceback is filed at priority debug and
+    the line at err, so ``journalctl -p err`` shows the cause in one line. Returns exit status 1."""
     import sys
     import traceback
 
-    lines = traceback.format_exc().rstrip("\n").split("\n")
     exc = sys.exc_info()[1]
-    lines.append(
-        f"{prog}: internal error: {type(exc).__name__}: {exc} - a bug; please report it with the traceback above"
-    )
-    print("\n".join(prefix + line for line in lines), file=sys.stderr)
+    debug, err = ("<7>", "<3>") if journal else ("", "")
+    trace = traceback.format_exc().rstrip("\n").split("\n")
+    last = f"{prog}: internal error: {type(exc).__name__}: {exc} - a bug; please report it with the traceback above"
+    print("\n".join([*(debug + line for line in trace), err + last]), file=sys.stderr)
     return 1

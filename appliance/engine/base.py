@@ -6,7 +6,7 @@ the KV cache of every slot, so callers pass only token ids.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,7 +26,8 @@ class Engine(Protocol):
     max_seq_len: int
 
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
-        """Start each ``(slot, prompt_ids)`` afresh; returns next-token logits ``[len(batch), vocab]``."""
+        """Append each ``(slot, ids)`` to its slot (a whole prompt, or the next chunk of one); returns the logits
+        after each row's last new token ``[len(batch), vocab]``."""
         ...
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
@@ -39,4 +40,16 @@ class Engine(Protocol):
 
     def release(self, slot: int) -> None:
         """Forget the slot's cache."""
+        ...
+
+    def save(self, slot: int) -> list[Any]:
+        """A compact copy of the slot's cache (one array per cached tensor), e.g. for a session."""
+        ...
+
+    def load(self, slot: int, cache: list[Any]) -> None:
+        """Restore a cache made by ``save`` into an empty slot (copied: the saved one stays valid)."""
+        ...
+
+    def cache_bytes(self) -> int:
+        """KV cache memory the engine holds (read by the metrics scrape)."""
         ...

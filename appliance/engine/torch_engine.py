@@ -105,6 +105,10 @@ class TorchEngine:
     def release(self, slot: int) -> None:
         self._lengths[slot] = 0  # the row's stale entries are invisible: positions restart at 0
 
+    def cache_bytes(self) -> int:
+        """KV cache memory held in the preallocated per-layer tensors (read by the metrics scrape)."""
+        return sum(t.numel() * t.element_size() for layer in self.caches for t in layer)
+
     def save(self, slot: int) -> list[torch.Tensor]:
         """A compact copy of the slot's cache, one ``[1,H,L,D]`` tensor per cache tensor."""
         n = self._lengths[slot]

@@ -373,7 +373,7 @@ def open_bridge(config: Config) -> Bridge:
 
 
 def reach_daemon(bridge: Bridge, stop: threading.Event, notifier: Notifier) -> dict:
-    """Wait for the daemon, and check it accepts this gateway's ``on_behalf_of`` (``health`` is not audited)."""
+    """Wait for the daemon, and check it accepts this gateway's ``on_behalf_of`` (audited as role gateway)."""
     while not stop.is_set():
         try:
             # A short wait per try, so a stop request during start-up is honoured within seconds.
