@@ -49,8 +49,11 @@ EXPECT = {
     CURL: ('{"status": "ok"}', '"object": "list"', "data: [DONE]", '"param": "n"'),
     RAW_ZMQ: ("'type': 'done'",),
 }
-# The README's second Python block starts with the same import as its first; it runs on the chat device.
-CHAT_PYTHON = 'messages=[{"role": "user", "content": "Which valve is V-12?"}]'
+# The README's Python blocks share their first line; these lines tell them apart: (where it runs, expected output).
+BY_CONTENT = {
+    'messages=[{"role": "user", "content": "Which valve is V-12?"}]': ("chat", ()),
+    'session="line-7"': ("demo", ("{'ended': True",)),  # and the second turn came from the kept context (below)
+}
 SKIP = {
     ("README.md", "make run    # set up .venv, build the demo model (first time ~"): (
         "`make test` is this suite and `make run` builds the full demo (~11 min): both are run on a fresh clone by "
@@ -109,8 +112,12 @@ def blocks() -> list[tuple[str, str, str, str]]:
 
 def where(doc: str, first: str, text: str) -> str | None:
     if (doc, first) in RUN:
-        return "chat" if CHAT_PYTHON in text else RUN[(doc, first)]
+        return next((kind for line, (kind, _) in BY_CONTENT.items() if line in text), RUN[(doc, first)])
     return None
+
+
+def expected(doc: str, text: str) -> tuple[str, ...]:
+    return EXPECT.get((doc, key(text)), ()) + sum((e for line, (_, e) in BY_CONTENT.items() if line in text), ())
 
 
 def test_every_block_is_classified():
@@ -184,8 +191,10 @@ def test_example_runs_as_printed(sites, doc, lang, text, tmp_path):
     proc = subprocess.run(command, cwd=checkout(tmp_path, device), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{doc} example failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     out = proc.stdout + proc.stderr
-    for expected in EXPECT.get((doc, key(text)), ()):
-        assert expected in out, f"{doc} example: {expected!r} not in its output:\n{out}"
+    for shown in expected(doc, text):
+        assert shown in out, f"{doc} example: {shown!r} not in its output:\n{out}"
+    if 'session="line-7"' in text:  # the conversation holds: turn 2's prompt tokens came from turn 1's cache
+        assert int(proc.stdout.split(" prompt tokens came from")[0].split()[-1]) > 0, out
     # Served, not just exited 0: the device audited at least one more successful generation.
     served = wait_for_rows(device, lambda r: r.op == "generate" and r.status == "ok", at_least=before + 1)
     assert len(served) > before, f"{doc} example exited 0 but no generation was audited"
