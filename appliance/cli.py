@@ -207,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--endpoint", help=f"daemon address (default: from --config, else {DEFAULT_ENDPOINT})")
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
         sp.add_argument("--retries", type=int, default=3, help="attempts before giving up (default: 3)")
-        sp.add_argument("--server-key", help="CURVE: the daemon's public key (Z85) or its device-identity.json")
+        sp.add_argument(
+            "--server-key",
+            help="CURVE: the daemon's device-identity.json, a file holding its Z85 public key, or z85:KEY",
+        )
         sp.add_argument("--client-key", help="CURVE: this client's secret key file (from client-keygen)")
 
     a = sub.add_parser("ask", help="send a prompt and stream the answer")

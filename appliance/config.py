@@ -87,7 +87,7 @@ class HttpConfig:
     keys: str | None = None  # API key file (hashes only; `edge-appliance http-keygen` prints entries)
     daemon: str | None = None  # the daemon's ZeroMQ endpoint (default: the first of [server] endpoints)
     client_key: str | None = None  # the gateway's CURVE secret key (its public key is allow-listed as "gateway")
-    server_key: str | None = None  # the daemon's CURVE public key: device-identity.json, or a file holding the Z85
+    server_key: str | None = None  # the daemon's CURVE public key: device-identity.json, a file holding it, or z85:KEY
     tls_cert: str | None = None  # PEM certificate chain: serve HTTPS
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates signed by it
@@ -231,7 +231,8 @@ def load_config(path: Path) -> Config:
         auth = AuthConfig(curve=auth.curve, clients=str(resolve(auth.clients)), anonymous_role=auth.anonymous_role)
     http = sections["http"]
     files = ("keys", "client_key", "server_key", "tls_cert", "tls_key", "tls_client_ca")
-    http = HttpConfig(**{**http.__dict__, **{k: str(resolve(getattr(http, k))) for k in files if getattr(http, k)}})
+    paths_in = {k: getattr(http, k) for k in files if getattr(http, k) and not getattr(http, k).startswith("z85:")}
+    http = HttpConfig(**{**http.__dict__, **{k: str(resolve(v)) for k, v in paths_in.items()}})
     if bool(http.tls_cert) != bool(http.tls_key) or (http.tls_client_ca and not http.tls_cert):
         raise ConfigError(f"{path}: [http] TLS needs tls_cert and tls_key (tls_client_ca only with them)")
     return Config(

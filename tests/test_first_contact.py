@@ -148,3 +148,23 @@ def test_pyproject_upper_bounds_are_the_locked_versions():
             continue
         tops = [s.version for s in req.specifier if s.operator in ("<=", "==")]
         assert tops == [locked[name]], f"{text}: the newest tested release is {locked[name]}"
+
+
+def test_a_server_key_is_a_file_or_an_explicit_inline_key_never_a_guess(tmp_path):
+    import zmq
+
+    from appliance.transport.auth import AuthConfigError, server_public_key
+
+    public = zmq.curve_keypair()[0].decode()
+    assert server_public_key(f"z85:{public}") == public.encode()
+    (tmp_path / "daemon.pub").write_text(public + "\n")
+    assert server_public_key(str(tmp_path / "daemon.pub")) == public.encode()
+    with pytest.raises(AuthConfigError, match="cannot read the daemon's public key file"):
+        server_public_key(public)  # 40 characters, no file of that name: not taken for a key
+    missing = tmp_path / "device-identity.json"
+    with pytest.raises(AuthConfigError, match=str(missing)):
+        server_public_key(str(missing))
+    with pytest.raises(AuthConfigError, match="not a CURVE public key"):
+        server_public_key("z85:tooshort")
+    config = load_config(write(tmp_path, f'[http]\nserver_key = "z85:{public}"'))
+    assert config.http.server_key == f"z85:{public}"  # an inline key is not resolved as a path

@@ -197,3 +197,51 @@ def test_device_installer_refuses_the_same_tampered_stick(wheelhouse, tmp_path, 
         text=True,
     )
     assert proc.returncode == 1 and "is not in the signed lock" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def runtime_only(wheelhouse, tmp_path_factory) -> Path:
+    """A venv with nothing but the stick's locked runtime wheels, installed offline."""
+    root = tmp_path_factory.mktemp("runtime-only")
+    trust = root / "trusted-vendors"
+    trust.mkdir()
+    (trust / "vendor.pub").write_bytes(public_bytes(VENDOR.public_key()))
+    proc = install_offline(wheelhouse, root / "venv", "--trust", str(trust), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return root / "venv"
+
+
+def test_the_runtime_alone_loads_a_model_with_external_weights(runtime_only, tiny_build, tmp_path):
+    """The path a real-size model takes (weights in model.onnx.data: borrowed buffers, loading in pieces), run by
+    `edge-appliance selftest` in a venv holding only the locked runtime wheels: no build-side package is needed."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_models.export import export_decoder
+    from edge_models.tokenizer import copy_tokenizer_files
+    from tests.conftest import provision_device
+
+    external = tiny_build / "onnx-external"
+    if not (external / "model.onnx.data").exists():
+        student = tiny_build / "student" / "student"
+        model = AutoModelForCausalLM.from_pretrained(student, local_files_only=True).eval()
+        export_decoder(model, external, external_data=True, quant="q4")
+        copy_tokenizer_files(tiny_build / "teacher", external)
+    device = provision_device(tiny_build, tmp_path / "site", onnx="onnx-external")
+    env = dict(offline_env(), EDGE_APPLIANCE_CONFIG=str(device.config))
+    script = (
+        "import sys; from appliance.cli import main; code = main(['selftest', '--tokens', '8']); "
+        "side = ('torch', 'transformers', 'edge_models', 'onnxscript'); "
+        "build = sorted(m for m in sys.modules if m.split('.')[0] in side); "
+        "print('build-side modules:', build); sys.exit(code)"
+    )
+    proc = subprocess.run(
+        [str(runtime_only / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0 and "onnxruntime" in proc.stdout, proc.stdout + proc.stderr
+    assert "build-side modules: []" in proc.stdout, proc.stdout
+    absent = subprocess.run(
+        [str(runtime_only / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+        capture_output=True,
+        text=True,
+    )
+    assert absent.stdout.strip() == "None", absent.stdout + absent.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from appliance.errors import ApplianceError
 from appliance.serving.roles import ROLES
@@ -122,15 +123,29 @@ def client_keygen(out_dir: Path, name: str, role: str = "infer") -> ClientEntry:
     return ClientEntry(name, public.decode(), role)
 
 
+INLINE_KEY = "z85:"
+
+
 def server_public_key(value: str) -> bytes:
-    """The daemon's CURVE public key: a Z85 string, a device-identity.json, or a file holding the Z85 key."""
+    """The daemon's CURVE public key from ``z85:<40 characters>`` (inline), or a file: a device-identity.json or
+    one holding the Z85 key. Never guessed: anything without the ``z85:`` prefix is a path, and a missing or
+    unreadable file is an error naming it."""
+    if value.startswith(INLINE_KEY):
+        key = value[len(INLINE_KEY) :].strip()
+        try:
+            if len(key) != 40 or len(z85.decode(key)) != 32:
+                raise ValueError
+        except ValueError:
+            raise AuthConfigError(f"{value!r} is not a CURVE public key (z85: and 40 Z85 characters)") from None
+        return key.encode()
     path = Path(value)
-    if len(value) == 40 and not path.exists():
-        return value.encode()
     try:
         text = path.read_text().strip()
     except OSError as exc:
-        raise AuthConfigError(f"cannot read the daemon's public key from {value}: {exc.strerror}") from None
+        raise AuthConfigError(
+            f"cannot read the daemon's public key file {path} ({exc.strerror}); give its device-identity.json, a "
+            f"file holding its Z85 key, or the key itself as {INLINE_KEY}KEY"
+        ) from None
     if len(text) == 40:
         return text.encode()
     from provisioning.keys import DeviceIdentity
