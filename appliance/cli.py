@@ -152,6 +152,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_http_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the gateway (it re-reads the API key file), from Python: minimal images have no kill(1)."""
+    import signal
+
+    pid = args.pid or os.environ.get("MAINPID")
+    if not pid or not str(pid).isdigit():
+        raise ConfigError("no gateway pid: pass --pid (systemd sets $MAINPID for ExecReload=)")
+    try:
+        os.kill(int(pid), signal.SIGHUP)
+    except OSError as exc:
+        raise ConfigError(f"cannot signal the gateway (pid {pid}): {exc.strerror}") from None
+    print(f"edge-appliance http-reload: asked the gateway (pid {pid}) to re-read its API key file")
+    return 0
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
         print(client.call("metrics")["text"], end="")
@@ -278,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.set_defaults(func=cmd_client_keygen)
 
+    hr = sub.add_parser("http-reload", help="make the running gateway re-read its API key file (ExecReload=)")
+    hr.add_argument("--pid", type=int, help="the gateway's pid (default: $MAINPID, set by systemd)")
+    hr.set_defaults(func=cmd_http_reload)
     hk = sub.add_parser("http-keygen", help="mint an API key for the HTTP gateway and print its key-file entry")
     hk.add_argument("--name", required=True, help="the key's name: its identity in the audit log (1..40 characters)")
     hk.add_argument("--role", default="infer", choices=["infer", "admin"], help="role of the key (default: infer)")

@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,32 @@ def test_notifier_never_blocks_when_nobody_reads(tmp_path, monkeypatch):
         n.send("WATCHDOG=1")
     assert time.monotonic() - start < 5
     sock.close()
+
+
+def test_no_unit_needs_kill_and_the_gateway_follows_the_daemon():
+    for unit in (UNIT, HTTP_UNIT):
+        active = [line for line in unit.read_text().splitlines() if not line.startswith("#")]
+        assert not [line for line in active if "/bin/kill" in line], unit.name  # minbase has no procps
+    install = HTTP_UNIT.read_text().split("[Install]", 1)[1]
+    assert "edge-appliance.service" in install  # enabled: started with every start of the daemon
+
+
+def test_http_reload_signals_the_gateway_without_kill(tmp_path):
+    ready = tmp_path / "ready"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, pathlib; signal.signal(signal.SIGHUP, lambda *_: sys.exit(7)); "
+            f"pathlib.Path({str(ready)!r}).touch(); signal.pause()",
+        ]
+    )
+    try:
+        while child.poll() is None and not ready.exists():
+            time.sleep(0.01)
+        exe = Path(sys.executable).parent / "edge-appliance"
+        proc = subprocess.run([str(exe), "http-reload", "--pid", str(child.pid)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert child.wait(timeout=10) == 7  # it got SIGHUP
+    finally:
+        child.kill()

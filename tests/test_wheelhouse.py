@@ -114,7 +114,10 @@ def test_install_offline_script_installs_a_working_runtime(wheelhouse, tmp_path)
     # The unit travels on the stick inside the locked wheel and installs byte for byte the repository's.
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "edge-appliance.service").read_bytes()
     assert (prefix / "share" / "edge-appliance" / "edge-appliance.service").read_bytes() == unit
-    assert (prefix / "share" / "doc" / "edge-appliance" / "SYSTEMD.md").is_file()
+    http_unit = (Path(__file__).resolve().parents[1] / "systemd" / "edge-appliance-http.service").read_bytes()
+    assert (prefix / "share" / "edge-appliance" / "edge-appliance-http.service").read_bytes() == http_unit
+    for doc in ("SYSTEMD.md", "HTTP.md", "PROTOCOL.md"):  # what the units' Documentation= and the docs link to
+        assert (prefix / "share" / "doc" / "edge-appliance" / doc).is_file(), doc
 
 
 def evil_wheel(stick: Path, marker: Path) -> Path:
