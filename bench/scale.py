@@ -585,8 +585,14 @@ def main() -> int:
     p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
     p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
     p.add_argument("--daemon-only", action="store_true", help="serve through the daemon only (no in-process, genai)")
-    p.add_argument("--stage", help=argparse.SUPPRESS)
-    p.add_argument("--pieces", type=int, default=8, help=argparse.SUPPRESS)
+    stages = ("checkpoint", "export", "seal", "install", "engine", "decrypt", "genai_build", "genai", "load")
+    p.add_argument(
+        "--stage",
+        choices=stages,
+        help="run only this stage, in this process, on --work (a full run starts each stage as a child this way; "
+        "e.g. --stage checkpoint writes just the random-weight checkpoint)",
+    )
+    p.add_argument("--pieces", type=int, default=8, help="load_pieces for --stage load (default: 8)")
     args = p.parse_args()
     global PROMPT_LENGTHS
     PROMPT_LENGTHS = tuple(int(n) for n in args.lengths.split(","))
