@@ -174,6 +174,9 @@ class Server:
             return
         loaded, self._loader, self._loaded = self._loaded, None, None
         if isinstance(loaded, Exception):
+            if not isinstance(loaded, ApplianceError):  # a bug or a missing module: name it, traceback at debug
+                log.debug("reload failure", exc_info=loaded)
+                loaded = ApplianceError(f"{type(loaded).__name__}: {loaded}")
             log.error("reload failed, still serving %s v%d: %s", self.model.model_id, self.model.version, loaded)
             self.notifier.status(f"reload failed; {self.status_line()}")
             self._publish_reload(False, f"reload failed, still serving v{self.model.version}: {loaded}")
