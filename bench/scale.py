@@ -567,6 +567,43 @@ def load_probe(args: argparse.Namespace, model_bytes: int) -> dict:
     return out
 
 
+def reload_probe(work: Path, threads: int, reloads: int, model_bytes: int) -> dict:
+    """The daemon's memory across `reloads` reloads of the same bundle (what `systemctl reload` does): VmRSS after
+    the start and after each reload (once the previous model is retired: a request served by the new one), VmHWM
+    (the peak, old and new model both resident while the new one loads), as MB and as multiples of the weights."""
+    from appliance.transport.client import Client
+
+    proc, endpoint, ready_s = start_daemon(work, threads)
+    config = str(work / "site" / "appliance.toml")
+    rows = []
+    try:
+        with Client(endpoint, timeout_s=600) as client:
+            client.complete("Return the", max_tokens=16)
+            rows.append({"after": "start", "ready_s": round(ready_s, 2), **proc_status(proc.pid)})
+            for n in range(1, reloads + 1):
+                start = time.perf_counter()
+                _run([str(BIN / "edge-appliance"), "--config", config, "reload", "--pid", str(proc.pid)])
+                took = time.perf_counter() - start
+                client.complete("Return the", max_tokens=16)  # served by the new model: the old one is retired
+                client.health()  # one more loop turn: retired runners are reaped between turns
+                rows.append({"after": f"reload {n}", "reload_s": round(took, 2), **proc_status(proc.pid)})
+                print(f"[scale] {rows[-1]}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    mb = model_bytes / 2**20
+    for row in rows:
+        row.update(rss_x=round(row["VmRSS"] / mb, 2), hwm_x=round(row["VmHWM"] / mb, 2))
+    first, last = rows[0]["VmRSS"], rows[-1]["VmRSS"]
+    return {
+        "weights_mb": round(mb),
+        "rows": rows,
+        "growth_after_reloads": round(last / first - 1, 3),
+        "target": {"rss after reloads within 10% of after start": {"value": round(last / first, 3),
+                                                                   "met": last <= 1.10 * first}},
+    }  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="checkpoint shape (default: 1.5b)")
@@ -581,6 +618,9 @@ def main() -> int:
         "--load-probe",
         action="store_true",
         help="only alternate decryption alone and load_model with load_pieces 1 and 8 (fresh processes)",
+    )
+    p.add_argument(
+        "--reload-probe", type=int, metavar="N", help="only start the daemon and reload it N times: RSS after each"
     )
     p.add_argument("--build-only", action="store_true", help="stop after install (no daemon, no comparisons)")
     p.add_argument("--lengths", default="32,512,2048", help="prompt lengths to time (default: 32,512,2048)")
@@ -618,7 +658,7 @@ def main() -> int:
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
-    if (args.ttft_probe or args.load_probe) and not (args.work / "q4" / "decoder.json").exists():
+    if (args.ttft_probe or args.load_probe or args.reload_probe) and not (args.work / "q4" / "decoder.json").exists():
         p.error(f"nothing built in {args.work}: run the build first (e.g. --build-only)")
     if args.ttft_probe:  # the lengths asked for now (an earlier run may have written others)
         write_prompts(args.work)
@@ -628,6 +668,12 @@ def main() -> int:
         previous["load_memory"] = load_probe(args, model_bytes)
         out_path.write_text(json.dumps(previous, indent=2))
         print(json.dumps({k: v for k, v in previous["load_memory"].items() if k != "runs"}, indent=2))
+        return 0
+    if args.reload_probe:
+        model_bytes = (args.work / "q4" / "model.onnx.data").stat().st_size
+        previous["reload_probe"] = reload_probe(args.work, args.threads, args.reload_probe, model_bytes)
+        out_path.write_text(json.dumps(previous, indent=2))
+        print(json.dumps(previous["reload_probe"], indent=2))
         return 0
     if args.ttft_probe:
         previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)
