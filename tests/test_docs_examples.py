@@ -56,7 +56,7 @@ BY_CONTENT = {
 }
 SKIP = {
     ("README.md", "make run    # set up .venv, build the demo model (first time ~"): (
-        "`make test` is this suite and `make run` builds the full demo (~11 min): both are run on a fresh clone by "
+        "`make test` is this suite and `make run` builds the full demo (~5 min): both are run on a fresh clone by "
         "CI (.ci/run runs make test) and before each release"
     ),
     ("README.md", "edge-appliance client-keygen --out ~/press4 --name press-line"): (
