@@ -9,6 +9,7 @@ from pathlib import Path
 
 from appliance.audit import AuditLog
 from appliance.config import Config
+from appliance.engine.ort_engine import map_large_allocations
 from appliance.loader import LoadedModel, load_model
 from appliance.metrics import METRICS
 from appliance.notify import Notifier
@@ -51,6 +52,8 @@ def run_daemon(config: Config) -> int:
         log.info("process not dumpable: no core dumps, no ptrace or /proc/PID/mem reads by other processes")
     else:
         log.warning("could not make the process undumpable (not Linux?): core dumps may contain the model")
+    if not map_large_allocations():  # before the model: reloads then give the previous model's memory back
+        log.warning("could not set the C allocator's mmap threshold (not glibc?): reloads may grow the process")
     notifier = Notifier()
     notifier.status("opening audit log")
     audit = open_audit(config)
@@ -68,6 +71,7 @@ def run_daemon(config: Config) -> int:
     )
     log.info("warm-up took %.3fs", warm_up(model))
     server = Server(config, model, audit, notifier)
+    del model  # the server owns it now: a reload must be able to free it (this frame lives as long as the daemon)
     if config.metrics.port:
         address = f"{config.metrics.address}:{config.metrics.port}"
         try:

@@ -585,8 +585,12 @@ def reload_probe(work: Path, threads: int, reloads: int, model_bytes: int) -> di
                 _run([str(BIN / "edge-appliance"), "--config", config, "reload", "--pid", str(proc.pid)])
                 took = time.perf_counter() - start
                 client.complete("Return the", max_tokens=16)  # served by the new model: the old one is retired
-                client.health()  # one more loop turn: retired runners are reaped between turns
-                rows.append({"after": f"reload {n}", "reload_s": round(took, 2), **proc_status(proc.pid)})
+                deadline = time.monotonic() + 30
+                while client.health()["models_retiring"] and time.monotonic() < deadline:
+                    time.sleep(0.1)  # the daemon's own report: the previous model freed and the heap trimmed
+                held = client.health()["models_retiring"]
+                row = {"after": f"reload {n}", "reload_s": round(took, 2), "models_retiring": held}
+                rows.append({**row, **proc_status(proc.pid)})
                 print(f"[scale] {rows[-1]}", flush=True)
     finally:
         proc.terminate()
@@ -669,11 +673,13 @@ def main() -> int:
         out_path.write_text(json.dumps(previous, indent=2))
         print(json.dumps({k: v for k, v in previous["load_memory"].items() if k != "runs"}, indent=2))
         return 0
-    if args.reload_probe:
+    if args.reload_probe:  # its own results file: scale-reload.json beside the build's
         model_bytes = (args.work / "q4" / "model.onnx.data").stat().st_size
-        previous["reload_probe"] = reload_probe(args.work, args.threads, args.reload_probe, model_bytes)
-        out_path.write_text(json.dumps(previous, indent=2))
-        print(json.dumps(previous["reload_probe"], indent=2))
+        probe = reload_probe(args.work, args.threads, args.reload_probe, model_bytes)
+        path = args.out or out_path.with_name(out_path.stem + "-reload.json")
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**kept, "reload_probe": probe}, indent=2) + "\n")
+        print(json.dumps(probe, indent=2))
         return 0
     if args.ttft_probe:
         previous["ttft_probe"] = ttft_probe(args.work, args.threads, args.rounds)

@@ -68,6 +68,9 @@ class AuditWriter(threading.Thread):
                     break
                 batch.append(more)
             self._commit(batch)
+            # Drop the batch before waiting: its callbacks reach their runner, and a retired runner (after a
+            # reload) must not be kept alive, with its whole model, until the next commit.
+            batch = item = more = None
 
     def _commit(self, batch: list[tuple[list[Entry], Done | None]]) -> None:
         entries = [e for group, _ in batch for e in group]

@@ -11,11 +11,13 @@ the group-commit writer, refusals aggregated so that a flood costs a bounded num
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import zmq
@@ -26,6 +28,7 @@ from appliance.audit import AuditLog, Entry
 from appliance.audit.aggregate import Aggregator
 from appliance.audit.writer import AuditWriter
 from appliance.config import Config
+from appliance.engine.ort_engine import trim_heap
 from appliance.errors import ApplianceError
 from appliance.loader import LoadedModel, load_model
 from appliance.metrics import METRICS
@@ -64,6 +67,8 @@ class Server:
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
+        self._released: list[weakref.ref] = []  # engines of retired runners, until collected (_collect_released)
+        self._next_collect = 0.0
         self.started = time.monotonic()
         sc = config.server
         self.ctx = zmq.Context()
@@ -203,6 +208,21 @@ class Server:
             old.stop()
             old.join(timeout=5)
             self._retiring.remove(old)
+            self._released.append(weakref.ref(old.model.engine))
+
+    def _collect_released(self) -> None:
+        """Free retired models. A runner and its model sit in reference cycles that only a full collection breaks,
+        and the audit writer may still hold the runner's last callback for a moment; so collect (at most once a
+        second) until every retired engine is gone, then give the C heap's free pages back. Without this each
+        reload kept the previous model resident (1.5B q4: 1.49 GB after start, 2.9-3.4 GB after reloads)."""
+        now = time.monotonic()
+        if not self._released or now < self._next_collect:
+            return
+        self._next_collect = now + 1.0
+        gc.collect()
+        self._released = [ref for ref in self._released if ref() is not None]
+        if not self._released:
+            trim_heap()
 
     def _wake(self) -> None:
         sock = getattr(self._wake_local, "sock", None)
@@ -488,6 +508,7 @@ class Server:
             "audit_failures": self.writer.failures,
             "refused": self.frames_refused,
             "disconnect_cancels": self.disconnect_cancels,
+            "models_retiring": len(self._retiring) + len(self._released),
             **self.sessions.stats(),
             **responses,
             **_engine_stats(self.model.engine),
@@ -544,6 +565,7 @@ class Server:
                     self._start_reload()
                 self._finish_reload()
                 self._reap_retired()
+                self._collect_released()  # after _reap_retired returned: its locals no longer hold a runner
                 if self.router in events:
                     # Bounded in time, so replies, health and the watchdog are never starved by a flood;
                     # monitor events go first so a disconnect is attributed before a reused descriptor's
