@@ -57,6 +57,23 @@ def traced_teacher(tiny_build, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def external_build(tiny_build) -> Path:
+    """The tiny student exported fused at q4 with its weights in ``model.onnx.data``: the file layout of a real-size
+    model (the loader's borrowed-weights, loading-in-pieces path), small enough for tests."""
+    from transformers import AutoModelForCausalLM
+
+    from edge_models.export import export_decoder
+    from edge_models.tokenizer import copy_tokenizer_files
+
+    out = tiny_build / "onnx-external"
+    if not (out / "model.onnx.data").exists():
+        model = AutoModelForCausalLM.from_pretrained(tiny_build / "student" / "student", local_files_only=True)
+        export_decoder(model.eval(), out, external_data=True, quant="q4")
+        copy_tokenizer_files(tiny_build / "teacher", out)
+    return out
+
+
 @dataclass
 class Device:
     root: Path

@@ -214,22 +214,12 @@ def runtime_only(wheelhouse, tmp_path_factory) -> Path:
     return root / "venv"
 
 
-def test_the_runtime_alone_loads_a_model_with_external_weights(runtime_only, tiny_build, tmp_path):
+def test_the_runtime_alone_loads_a_model_with_external_weights(runtime_only, tiny_build, external_build, tmp_path):
     """The path a real-size model takes (weights in model.onnx.data: borrowed buffers, loading in pieces), run by
     `edge-appliance selftest` in a venv holding only the locked runtime wheels: no build-side package is needed."""
-    from transformers import AutoModelForCausalLM
-
-    from edge_models.export import export_decoder
-    from edge_models.tokenizer import copy_tokenizer_files
     from tests.conftest import provision_device
 
-    external = tiny_build / "onnx-external"
-    if not (external / "model.onnx.data").exists():
-        student = tiny_build / "student" / "student"
-        model = AutoModelForCausalLM.from_pretrained(student, local_files_only=True).eval()
-        export_decoder(model, external, external_data=True, quant="q4")
-        copy_tokenizer_files(tiny_build / "teacher", external)
-    device = provision_device(tiny_build, tmp_path / "site", onnx="onnx-external")
+    device = provision_device(tiny_build, tmp_path / "site", onnx=external_build.name)
     env = dict(offline_env(), EDGE_APPLIANCE_CONFIG=str(device.config))
     script = (
         "import sys; from appliance.cli import main; code = main(['selftest', '--tokens', '8']); "

@@ -267,3 +267,137 @@ def test_hardening_holds_and_is_scored(site):
     level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", score).group(1))
     print(f"systemd-analyze security {UNIT}: {level}")
     assert level <= 1.2  # 1.5 before AF_NETLINK, PrivateUsers, ~@privileged, IPAddressDeny, MemorySwapMax
+
+
+def _daemon_rss_mb(machine) -> int:
+    pid = machine.unit(UNIT)["MainPID"]
+    status = machine.sh(f"cat /proc/{pid}/status").stdout
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) // 1024
+
+
+def test_a_model_with_external_weights_loads_from_the_stick_and_reloads_do_not_grow(site, tiny_build, external_build):
+    """A model laid out as a real-size one (weights in model.onnx.data: borrowed buffers, loading in pieces), served
+    by the device installed from the stick alone, then reloaded three times: each previous model is freed (the
+    daemon's own `models_retiring` back to 0) and RSS stays within 10 % of the first load's."""
+    machine, _, vendor, usb = site
+    run_cli(
+        "edge-provision", "seal", "--model", str(external_build), "--model-id", "tiny", "--version", "3",
+        "--signing-key", str(vendor / "vendor-ed25519.key"), "--recipient", str(usb / "press-04-identity.json"),
+        "--out", str(usb / "tiny-v3"),
+    )  # fmt: skip
+    machine.sh(f"{EP} install {USB}/tiny-v3 --state {STATE} --trust {TRUST} --keys {KEYS}")
+    machine.sh(f"systemctl reload {UNIT}", timeout=300)
+    machine.wait_unit(UNIT, serving(3), 60, "the reload never reported serving v3")
+    manifest = json.loads((machine.root / STATE.lstrip("/") / "current" / "manifest.json").read_text())
+    assert "model.onnx.data" in json.dumps(manifest["files"])  # the external-data layout, sealed and installed
+
+    def served_and_freed() -> int:
+        assert json.loads(machine.sh(f'{EA} ask "Return the" --max-tokens 4 --json {CURVE}').stdout)["type"] == "done"
+        machine.wait_until(
+            lambda: json.loads(machine.sh(f"{EA} health {CURVE}").stdout)["models_retiring"] == 0,
+            30,
+            "a previous model is still held after the reload",
+        )
+        return _daemon_rss_mb(machine)
+
+    first = served_and_freed()
+    sizes = [first]
+    for _ in range(3):
+        machine.sh(f"systemctl reload {UNIT}", timeout=300)
+        sizes.append(served_and_freed())
+    print(f"daemon RSS after the v3 load and after each of three reloads: {sizes} MB")
+    assert max(sizes) <= 1.10 * first, sizes
+
+
+HTTP_UNIT = "edge-appliance-http.service"
+OPENAI_CHAT = """
+import sys
+import openai
+client = openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key=sys.argv[1], max_retries=0, timeout=60)
+try:
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Return the"}], max_tokens=4,
+        extra_body={"ignore_eos": True},
+    )
+except openai.AuthenticationError:
+    print("401")
+else:
+    print(reply.choices[0].finish_reason)
+"""
+
+
+def _openai_in_the_device(machine, key: str) -> str:
+    """The official openai client (the host's), run in the device's network namespace: only its loopback."""
+    proc = subprocess.run(
+        ["nsenter", "-t", str(machine.leader), "-n", "--", str(BIN / "python"), "-c", OPENAI_CHAT, key],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip()
+
+
+def _mint(machine, name: str) -> tuple[str, str]:
+    out = machine.sh(f"{EA} http-keygen --name {name}")
+    key = next(line.strip() for line in out.stderr.splitlines() if line.strip().startswith("ea-"))
+    return key, out.stdout.split("\n", 1)[1]  # the key, and its entry without the comment line
+
+
+def test_the_gateway_unit_from_the_wheel_serves_revokes_and_comes_back_with_the_daemon(site):
+    """docs/HTTP.md's set-up, verbatim where it runs on a device: the gateway's CURVE key allow-listed with role
+    gateway and sealed with systemd-creds, API keys, the daemon's public identity where the gateway can read it,
+    the unit installed from the wheel. Then a request with the official openai client, a key revoked with
+    `systemctl reload` (refused right after, the other key still served), and the gateway back after the daemon
+    restarts."""
+    machine, *_ = site
+    entry = machine.sh(f"{EA} client-keygen --out /root/gateway --name http-gateway --role gateway").stdout
+    clients = machine.root / "etc/edge-appliance/clients.toml"
+    clients.write_text(clients.read_text() + "\n" + entry[entry.index("[[client]]") :])
+    machine.sh(
+        "systemd-creds encrypt --name=gateway-curve.key /root/gateway/client.key "
+        "/etc/credstore.encrypted/gateway-curve.key"
+    )
+    kept, kept_entry = _mint(machine, "ehr-plugin")
+    revoked, revoked_entry = _mint(machine, "old-integration")
+    keys = machine.root / "etc/edge-appliance/http-keys.toml"
+    keys.write_text(kept_entry + revoked_entry)
+    machine.sh(f"install -m 0644 {KEYS}/device-identity.json /etc/edge-appliance/device-identity.json")
+    config = machine.root / CONFIG.lstrip("/")
+    config.write_text(
+        config.read_text()
+        .replace('# keys = "http-keys.toml"', 'keys = "http-keys.toml"')
+        .replace('# client_key = "credentials/gateway.key"', 'client_key = "gateway-curve.key"')
+        .replace('# server_key = "device-identity.json"', 'server_key = "device-identity.json"')
+    )
+    shipped = machine.root / VENV.lstrip("/") / "share/edge-appliance" / HTTP_UNIT
+    assert shipped.read_bytes() == (REPO / "systemd" / HTTP_UNIT).read_bytes()
+    machine.sh(f"install -m 0644 {VENV}/share/edge-appliance/{HTTP_UNIT} /etc/systemd/system/{HTTP_UNIT}")
+    machine.sh("systemctl daemon-reload")
+    machine.sh(f"systemctl restart {UNIT}", timeout=300)  # the allow-list is read at start
+    machine.wait_unit(UNIT, serving(3), 120, "the daemon did not come back with the gateway allow-listed")
+    machine.sh(f"systemctl enable --now {HTTP_UNIT}", timeout=300)  # Type=notify: after the daemon accepted it
+    assert _openai_in_the_device(machine, kept) == "length"
+    assert _openai_in_the_device(machine, revoked) == "length"
+
+    keys.write_text(kept_entry)  # revoke old-integration
+    cursor = machine.sh("journalctl -n 0 --show-cursor --no-pager").stdout.split("cursor: ")[-1].strip()
+    machine.sh(f"systemctl reload {HTTP_UNIT}")  # ExecReload= through edge-appliance http-reload: no kill(1) here
+    machine.wait_until(
+        lambda: (
+            "reloaded 1 API key(s)"
+            in machine.sh(f"journalctl -u {HTTP_UNIT} --after-cursor='{cursor}' --no-pager -o cat").stdout
+        ),
+        30,
+        "the gateway did not re-read its key file",
+    )
+    assert _openai_in_the_device(machine, revoked) == "401"
+    assert _openai_in_the_device(machine, kept) == "length"
+
+    before = machine.unit(HTTP_UNIT)["MainPID"]
+    machine.sh(f"systemctl restart {UNIT}", timeout=300)  # BindsTo= stops the gateway; WantedBy= starts it again
+    machine.wait_unit(
+        HTTP_UNIT,
+        lambda p: p["ActiveState"] == "active" and p["SubState"] == "running" and p["MainPID"] != before,
+        120,
+        "the gateway did not come back after the daemon restarted",
+    )
+    assert _openai_in_the_device(machine, kept) == "length"
