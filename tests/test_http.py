@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import time
 
 import openai
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from appliance.audit.chain import sha256_text
 from appliance.transport import api_keys
 from appliance.transport import protocol as P
-from tests.conftest import Daemon, free_port, http_site
+from tests.conftest import BIN, Daemon, free_port, http_site, run_cli
 
 MODEL = "tiny"
 
@@ -277,3 +279,20 @@ def test_unix_socket_listener(site):
         conn.close()
     finally:
         gateway.stop()
+
+
+def test_a_gateway_whose_key_the_daemon_refuses_stops_at_once_with_one_line(site, tmp_path):
+    """Under CURVE a refused key gets no reply, only a failed handshake: the gateway reads that event and stops
+    with one line saying what to do, instead of waiting for the daemon until systemd gives up."""
+    run_cli("edge-appliance", "client-keygen", "--out", str(tmp_path / "stranger"), "--name", "stranger")
+    text = site.device.config.read_text().replace(str(site.root / "gateway"), str(tmp_path / "stranger"))
+    config = site.device.config.with_name("appliance-stranger.toml")
+    config.write_text(text.replace(f'listen = "127.0.0.1:{site.port}"', f'listen = "127.0.0.1:{free_port()}"'))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [str(BIN / "edge-appliance"), "--config", str(config), "http"], capture_output=True, text=True, timeout=120
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 1 and "refused this gateway's CURVE key" in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60

@@ -15,6 +15,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from appliance.transport import protocol as P
 
@@ -38,9 +39,11 @@ class Bridge:
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.LINGER, 0)
+        self._refusals = None  # CURVE handshakes the daemon refused (its ZAP handler: the key is not allow-listed)
         if curve_server_key and curve_keypair:
             self._dealer.curve_serverkey = curve_server_key
             self._dealer.curve_publickey, self._dealer.curve_secretkey = curve_keypair
+            self._refusals = self._dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(SUBMIT)
         self._push = self._ctx.socket(zmq.PUSH)
@@ -56,6 +59,16 @@ class Bridge:
         self._dealer.connect(self.endpoint)
         self._thread.start()
 
+    def key_refused(self) -> bool:
+        """Whether the daemon refused this gateway's CURVE key during a handshake. Under CURVE a refused key gets
+        no reply at all, only this event, so without it the gateway could only keep waiting. Call from one thread."""
+        if self._refusals is None:
+            return False
+        refused = False
+        while self._refusals.poll(0):
+            refused |= recv_monitor_message(self._refusals)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        return refused
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -63,6 +76,9 @@ class Bridge:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._refusals is not None:
+            self._dealer.disable_monitor()
+            self._refusals.close(linger=0)
         for sock in (self._push, self._pull, self._dealer):
             sock.close(linger=0)
         self._ctx.term()
