@@ -34,11 +34,15 @@ NEW_TOKENS = 64
 MAX_SEQ_LEN = 2304  # the longest prompt plus room to generate
 
 # config.json of deepseek-ai/DeepSeek-R1-Distill-Qwen-{1.5B,7B} (weights random; tokenizer built locally)
+MODEL = "q4"  # the exported precision, and the directory under --work that holds it (--precision)
 SHAPES = {
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, tie_word_embeddings=False),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, rope_theta=10000.0, tie_word_embeddings=False),
+    # bench/inference.py's realistic Qwen2 (~0.2 B): the size where weights used to load inline (3-5x their bytes)
+    "qwen2-200m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+                       num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0, tie_word_embeddings=False),
 }  # fmt: skip
@@ -126,8 +130,8 @@ def stage_checkpoint(work: Path, shape: str) -> None:
 def stage_export(work: Path) -> None:
     """The fused streaming builder: safetensors read tensor by tensor, quantized to q4 as they are read."""
     _run(
-        [str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / "q4"),
-         "--quantize", "q4"]
+        [str(BIN / "edge-models"), "export", "--model", str(work / "checkpoint"), "--out", str(work / MODEL),
+         *(["--quantize", MODEL] if MODEL != "fp32" else [])]
     )  # fmt: skip
 
 
@@ -138,7 +142,7 @@ def stage_seal(work: Path) -> None:
             str(BIN / "edge-provision"),
             "seal",
             "--model",
-            str(work / "q4"),
+            str(work / MODEL),
             "--model-id",
             "r1-distill-shape",
             "--version",
@@ -174,7 +178,7 @@ def stage_engine(work: Path, threads: int, rounds: int) -> None:
     """The q4 graph in process with the daemon's engine settings; prints its figures as JSON."""
     import numpy as np
 
-    q4 = work / "q4"
+    q4 = work / MODEL
     t0 = time.perf_counter()
     eng = in_process_engine(q4, threads)
     load = time.perf_counter() - t0
@@ -302,7 +306,8 @@ def _run(cmd: list[str]) -> None:
 
 def measured(name: str, args: argparse.Namespace, extra: list[str] = ()) -> dict:
     """Run one stage in a child process: wall seconds, peak RSS (the child and its children), output."""
-    cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--shape", args.shape]
+    cmd = [sys.executable, __file__, "--stage", name, "--work", str(args.work), "--shape", args.shape,
+           "--precision", MODEL]  # fmt: skip
     cmd += ["--threads", str(args.threads), "--rounds", str(args.rounds), "--lengths", args.lengths, *extra]
     print(f"[scale] {name} ...", flush=True)
     start = time.perf_counter()
@@ -343,8 +348,8 @@ def write_prompts(work: Path) -> dict:
     from appliance.engine import DecoderSpec
     from edge_models.corpus import build_corpus
 
-    tok = Tokenizer.from_file(str(work / "q4" / "tokenizer.json"))
-    spec = DecoderSpec.from_json((work / "q4" / "decoder.json").read_text())
+    tok = Tokenizer.from_file(str(work / MODEL / "tokenizer.json"))
+    spec = DecoderSpec.from_json((work / MODEL / "decoder.json").read_text())
     head = [] if spec.bos_token_id is None else [spec.bos_token_id]
     stream = tok.encode("\n\n".join(build_corpus().heldout + build_corpus().train[:400]), add_special_tokens=False).ids
     prompts = {}
@@ -477,7 +482,7 @@ def ttft_probe(work: Path, threads: int, rounds: int) -> dict:
     proc, endpoint, load = start_daemon(work, threads)
     out = {"rounds": rounds, "daemon_ready_s": round(load, 1), **daemon_log_times(work)}
     try:
-        eng = in_process_engine(work / "q4", threads)
+        eng = in_process_engine(work / MODEL, threads)
         with Client(endpoint, timeout_s=600, retries=1) as client:
             for n in PROMPT_LENGTHS:
                 prompt = prompts[str(n)]
@@ -542,6 +547,12 @@ def stage_load(work: Path, pieces: int) -> None:
     }))  # fmt: skip
 
 
+def weights_bytes(work: Path) -> int:
+    """The exported weights' bytes: model.onnx.data where the export wrote one, else the inline graph's size."""
+    data = work / MODEL / "model.onnx.data"
+    return (data if data.exists() else work / MODEL / "model.onnx").stat().st_size
+
+
 def load_probe(args: argparse.Namespace, model_bytes: int) -> dict:
     """Decryption alone and ``load_model`` with ``load_pieces`` 1 and 8, each in its own fresh process, rounds
     alternated; medians and ratios to the model's bytes (RSS includes the Python process's own baseline)."""
@@ -562,6 +573,10 @@ def load_probe(args: argparse.Namespace, model_bytes: int) -> dict:
             **med,
             "peak_vs_model": round(med["peak_rss_mb"] / mb, 2),
             "steady_vs_model": round(med["steady_rss_mb"] / mb, 2),
+            # the same without the process's own Python and libraries (VmRSS before load_model), which dominate at
+            # small sizes: what loading the model costs
+            "load_peak_vs_model": round((med["peak_rss_mb"] - med["python_baseline_mb"]) / mb, 2),
+            "load_steady_vs_model": round((med["steady_rss_mb"] - med["python_baseline_mb"]) / mb, 2),
             "load_vs_decrypt": round(med["load_s"] / decrypt_s, 2),
         }
     return out
@@ -611,7 +626,8 @@ def reload_probe(work: Path, threads: int, reloads: int, model_bytes: int) -> di
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="checkpoint shape (default: 1.5b)")
-    p.add_argument("--work", type=Path, help="build directory (default: build/scale-SHAPE)")
+    p.add_argument("--work", type=Path, help="build directory (default: build/scale-SHAPE, -fp32 appended for fp32)")
+    p.add_argument("--precision", choices=("q4", "fp32"), default="q4", help="exported weights (default: q4)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for every runtime (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per figure (default: 3)")
     p.add_argument("--no-genai", action="store_true", help="skip the onnxruntime-genai comparison")
@@ -638,20 +654,22 @@ def main() -> int:
     )
     p.add_argument("--pieces", type=int, default=8, help="load_pieces for --stage load (default: 8)")
     args = p.parse_args()
-    global PROMPT_LENGTHS
+    global PROMPT_LENGTHS, MODEL
+    MODEL = args.precision
     PROMPT_LENGTHS = tuple(int(n) for n in args.lengths.split(","))
-    args.work = (args.work or ROOT / "build" / f"scale-{args.shape}").resolve()
+    suffix = "" if args.precision == "q4" else f"-{args.precision}"
+    args.work = (args.work or ROOT / "build" / f"scale-{args.shape}{suffix}").resolve()
     if args.stage:
         return run_stage(args)
     args.work.mkdir(parents=True, exist_ok=True)
     done = {
         "checkpoint": (args.work / "checkpoint" / "model.safetensors.index.json").exists(),
-        "export": (args.work / "q4" / "decoder.json").exists(),
+        "export": (args.work / MODEL / "decoder.json").exists(),
         "seal": (args.work / "bundle" / "manifest.json").exists(),
         "install": (args.work / "site" / "state" / "current").exists(),
     }
     out_path = args.out or ROOT / "bench" / "results" / (
-        "scale.json" if args.shape == "1.5b" else f"scale-{args.shape}.json"
+        "scale.json" if args.shape == "1.5b" and not suffix else f"scale-{args.shape}{suffix}.json"
     )
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
     stages = args.work / "stages.json"  # each build stage's measurement, kept with what it built
@@ -662,19 +680,19 @@ def main() -> int:
         "stages": json.loads(stages.read_text()) if stages.exists() else {},
     }  # fmt: skip
     prepare_site(args.work)
-    if (args.ttft_probe or args.load_probe or args.reload_probe) and not (args.work / "q4" / "decoder.json").exists():
+    if (args.ttft_probe or args.load_probe or args.reload_probe) and not (args.work / MODEL / "decoder.json").exists():
         p.error(f"nothing built in {args.work}: run the build first (e.g. --build-only)")
     if args.ttft_probe:  # the lengths asked for now (an earlier run may have written others)
         write_prompts(args.work)
     if args.load_probe:
         write_site_config(args.work, args.threads)
-        model_bytes = (args.work / "q4" / "model.onnx.data").stat().st_size
+        model_bytes = weights_bytes(args.work)
         previous["load_memory"] = load_probe(args, model_bytes)
         out_path.write_text(json.dumps(previous, indent=2))
         print(json.dumps({k: v for k, v in previous["load_memory"].items() if k != "runs"}, indent=2))
         return 0
     if args.reload_probe:  # its own results file: scale-reload.json beside the build's
-        model_bytes = (args.work / "q4" / "model.onnx.data").stat().st_size
+        model_bytes = weights_bytes(args.work)
         probe = reload_probe(args.work, args.threads, args.reload_probe, model_bytes)
         path = args.out or out_path.with_name(out_path.stem + "-reload.json")
         kept = json.loads(path.read_text()) if path.exists() else {}
@@ -695,7 +713,7 @@ def main() -> int:
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
     result["bytes"] = {
         "checkpoint": size(args.work / "checkpoint"),
-        "onnx_q4": size(args.work / "q4"),
+        "onnx_q4": size(args.work / MODEL),
         "bundle": size(args.work / "bundle"),
     }
     write_prompts(args.work)
@@ -703,7 +721,7 @@ def main() -> int:
     result["daemon"] = serve(args.work, args.threads, args.rounds)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"[scale] daemon: {result['daemon']}", flush=True)
-    result["load_memory"] = load_probe(args, (args.work / "q4" / "model.onnx.data").stat().st_size)
+    result["load_memory"] = load_probe(args, weights_bytes(args.work))
     out_path.write_text(json.dumps(result, indent=2))
     if args.daemon_only:
         return 0

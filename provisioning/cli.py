@@ -6,6 +6,7 @@ import argparse
 import json
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -25,6 +26,7 @@ from .keys import (
     public_bytes,
     vendor_keygen,
 )
+from .layout import externalize
 
 MODEL_FILES = ("model.onnx", "decoder.json", "tokenizer.json")
 DEFAULT_TRUST = "/etc/edge-appliance/trusted-vendors"
@@ -70,18 +72,21 @@ def cmd_seal(args: argparse.Namespace) -> int:
                 f"{checkpoint} lacks {', '.join(lacking)}; give a transformers checkpoint saved with safetensors"
             )
         files.update({f: checkpoint / f for f in TORCH_FILES})
-    engines = infer_engines(files) + [_plan_entry(spec_text, files) for spec_text in args.tensorrt_plan or []]
-    manifest = seal(
-        files,
-        Path(args.out),
-        model_id=args.model_id,
-        version=args.version,
-        architecture=spec["architecture"],
-        engines=engines,
-        signing_key=signing,
-        recipients=recipients,
-        chunk_size=args.chunk_size,
-    )
+    with tempfile.TemporaryDirectory(prefix="edge-seal-") as staging:
+        if "model.onnx.data" not in files:  # one weight layout for every size (provisioning/layout.py)
+            files["model.onnx"], files["model.onnx.data"] = externalize(files["model.onnx"], Path(staging))
+        engines = infer_engines(files) + [_plan_entry(spec_text, files) for spec_text in args.tensorrt_plan or []]
+        manifest = seal(
+            files,
+            Path(args.out),
+            model_id=args.model_id,
+            version=args.version,
+            architecture=spec["architecture"],
+            engines=engines,
+            signing_key=signing,
+            recipients=recipients,
+            chunk_size=args.chunk_size,
+        )
     kinds = ", ".join(f"{e['kind']} ({e['dtype']})" for e in manifest["engines"])
     print(
         f"sealed {args.model_id} v{args.version} → {args.out} (bundle {manifest['bundle_id']}, "

@@ -380,13 +380,16 @@ def reach_daemon(bridge: Bridge, stop: threading.Event, notifier: Notifier) -> d
             check = {"identity": "gateway-startup-check", "role": "infer"}
             reply = bridge.call(P.OP_HEALTH, timeout_s=PROBE_S, on_behalf_of=check)
         except BridgeError as exc:
-            if bridge.key_refused():
-                raise ConfigError(
-                    "the daemon refused this gateway's CURVE key (not in its allow-list): add the public key of "
-                    '[http] client_key to [auth] clients with role = "gateway", then restart the daemon'
-                ) from None
-            notifier.status(f"waiting for the daemon: {exc}")
-            log.warning("%s; retrying (is this gateway's CURVE key in the daemon's allow-list?)", exc)
+            reply = {"type": P.T_ERROR, "code": None, "message": str(exc)}
+        if bridge.key_refused():
+            raise ConfigError(
+                "the daemon refused this gateway's CURVE key (not in its allow-list): add the public key of "
+                '[http] client_key to [auth] clients with role = "gateway", then restart the daemon'
+            ) from None
+        if reply["type"] == P.T_ERROR and reply["code"] in (None, P.E_BUSY):  # no answer, or not reading yet
+            notifier.status(f"waiting for the daemon: {reply['message']}")
+            log.warning("%s; retrying", reply["message"])
+            stop.wait(1.0 if reply["code"] else 0)  # a busy pipe answers at once: do not spin on it
             continue
         if reply["type"] == P.T_ERROR:
             raise ConfigError(
