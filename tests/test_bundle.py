@@ -133,3 +133,29 @@ def test_files_spliced_between_bundles_fail(tmp_path, parties):
     bundle = open_bundle(second, trusted)
     with pytest.raises(IntegrityError):
         bundle.decrypt_into("model.onnx", bundle.unwrap_key(device))
+
+
+def test_seal_moves_inline_weights_out_and_the_model_answers_the_same(tiny_build, device, tmp_path):
+    """One weight layout for every size: the demo's graph holds its weights inline, its bundle holds them in
+    model.onnx.data (the borrowed, pieced loading path), and both answer with the same greedy tokens."""
+    from appliance.config import load_config
+    from appliance.engine import DecoderSpec, create_engine
+    from appliance.loader import installed_bundle, load_model
+    from edge_models.parity import engine_greedy
+    from provisioning.layout import EXTERNAL_DATA, externalize
+
+    assert not (tiny_build / "onnx" / EXTERNAL_DATA).exists()  # the export: weights inline
+    config = load_config(device.config)
+    engines = installed_bundle(config).engines()
+    onnx_entry = next(e for e in engines if e.kind == "onnxruntime")
+    assert onnx_entry.files == ("model.onnx", EXTERNAL_DATA)
+    graph, data = externalize(tiny_build / "onnx" / "model.onnx", tmp_path)
+    assert graph.stat().st_size < 64 * 1024 < data.stat().st_size  # the graph without its weights
+    spec = DecoderSpec.from_json((tiny_build / "onnx" / "decoder.json").read_text())
+    inline = create_engine("onnxruntime", (tiny_build / "onnx" / "model.onnx").read_bytes(), spec, num_slots=2,
+                           max_seq_len=128)  # fmt: skip
+    prompts = [[spec.bos_token_id, 40, 41, 42], [spec.bos_token_id, 300, 301]]
+    served = load_model(config).engine  # decrypted from the bundle: model.onnx.data borrowed, in pieces
+    assert engine_greedy(served, prompts, 12, spec.eos_token_id) == engine_greedy(
+        inline, prompts, 12, spec.eos_token_id
+    )
