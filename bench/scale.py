@@ -543,6 +543,7 @@ def stage_load(work: Path, pieces: int) -> None:
     print("RESULT " + json.dumps({
         "pieces": pieces, "load_s": round(load_s, 2), "python_baseline_mb": base, "peak_rss_mb": status["VmHWM"],
         "steady_rss_mb": status["VmRSS"], "released_mb": getattr(engine, "released_bytes", 0) >> 20,
+        "kv_cache_mb": engine.cache_bytes() >> 20,
         "decode_tokens_per_s": round(decode, 2), "prefill_256_s": round(prefill, 2),
     }))  # fmt: skip
 
