@@ -523,6 +523,9 @@ def stage_load(work: Path, pieces: int) -> None:
 
     config = load_config(work / "site" / "appliance.toml")
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, load_pieces=pieces))
+    import onnx  # noqa: F401 - the libraries load_model imports lazily: their code is not the model's memory
+    import onnxruntime  # noqa: F401
+
     base = proc_status(os.getpid())["VmRSS"]
     t0 = time.perf_counter()
     model = load_model(config)
