@@ -56,6 +56,11 @@ _MONITOR_EVENTS = (
 )
 
 
+class ThreadDied(ApplianceError):
+    """The engine or audit writer thread ended by itself: the daemon cannot serve and exits, so systemd restarts
+    it (a watchdog ping from a loop whose workers are gone would keep a wedged daemon up forever)."""
+
+
 class BindError(ApplianceError):
     """An endpoint cannot be bound (in use, bad address, no permission)."""
 
@@ -553,6 +558,12 @@ class Server:
         drain_until = None
         try:
             while True:
+                for name, thread in (("audit writer", self.writer), ("engine", self.runner)):
+                    if not thread.is_alive():
+                        raise ThreadDied(
+                            f"the {name} thread stopped unexpectedly (its traceback is above); exiting so systemd "
+                            "restarts the daemon"
+                        )
                 self.notifier.watchdog()
                 events = dict(poller.poll(timeout_ms))
                 if self.wake_pull in events:
