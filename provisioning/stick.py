@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -182,9 +183,40 @@ def verified_lock(stick: Path, keys: list[bytes]) -> tuple[dict, bytes]:
             f"({', '.join(fingerprint(k) for k in keys)}); the lock was altered or signed by an unknown vendor"
         )
     lock = json.loads(raw)
-    if lock.get("format") != LOCK_FORMAT:
+    if not isinstance(lock, dict) or lock.get("format") != LOCK_FORMAT:
         raise StickError(f"{stick / LOCK}: format {lock.get('format')!r}, this installer reads {LOCK_FORMAT}")
+    check_entries(stick / LOCK, lock)
     return lock, raw
+
+
+# What a lock entry may contain. Signed by the vendor, but a vendor's mistake must not become a path outside the
+# stick or staging directory (a file name is joined to both) or an extra requirements line (a name or version is
+# written into one): file names are plain wheel names, names and versions carry no separator or whitespace.
+_WHEEL_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+!-]*\.whl")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+!-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_entries(where: Path, lock: dict) -> None:
+    """Refuse a lock whose entries could name anything but a wheel beside it, in one line naming the entry."""
+    wheels = lock.get("wheels")
+    if not isinstance(wheels, list) or not wheels:
+        raise StickError(f"{where}: no wheels listed; rebuild the stick with edge-provision wheelhouse")
+    for n, wheel in enumerate(wheels, 1):
+        fields = {k: wheel.get(k) if isinstance(wheel, dict) else None for k in ("file", "name", "version", "sha256")}
+        bad = [
+            k
+            for k, pattern in (("file", _WHEEL_FILE), ("name", _NAME), ("version", _VERSION), ("sha256", _SHA256))
+            if not isinstance(fields[k], str) or not pattern.fullmatch(fields[k])
+        ]
+        if not bad and not fields["file"].startswith(f"{fields['name']}-{fields['version']}-"):
+            bad = ["file (does not match name and version)"]
+        if bad:
+            raise StickError(
+                f"{where}: wheel #{n} has an invalid {', '.join(bad)} ({json.dumps(fields)[:200]}); "
+                "refusing the stick: rebuild it with edge-provision wheelhouse"
+            )
 
 
 def check_contents(stick: Path, lock: dict) -> None:

@@ -238,3 +238,27 @@ def test_the_runtime_alone_loads_a_model_with_external_weights(runtime_only, tin
         text=True,
     )
     assert absent.stdout.strip() == "None", absent.stdout + absent.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("file", "../../outside.whl", "invalid file"),  # joined to the stick and to staging: a path outside both
+        ("file", "/tmp/outside.whl", "invalid file"),
+        ("name", "msgpack\n/tmp/other.whl", "invalid name"),  # written into the requirements file: a second line
+        ("version", "1.0 --index-url=http://x", "invalid version"),
+        ("file", "pytest-9.2.0-py3-none-any.whl", "does not match name and version"),
+    ],
+)
+def test_a_vendor_signed_lock_with_a_hostile_entry_is_refused(wheelhouse, tmp_path, trust, field, value, why):
+    """Signed by the vendor (a vendor's mistake, or a stolen key), yet refused before anything is read or written."""
+    stick = copy_stick(wheelhouse, tmp_path)
+    lock = json.loads((stick / "wheels.lock").read_text())
+    lock["wheels"][0][field] = value
+    raw = json.dumps(lock, indent=2, sort_keys=True).encode()
+    for name, data in (("wheels.lock", raw), ("wheels.lock.sig", VENDOR.sign(raw))):
+        (stick / name).unlink()
+        (stick / name).write_bytes(data)
+    proc = install_offline(stick, tmp_path / "venv", "--trust", str(trust))
+    assert proc.returncode == 1 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "venv").exists()
