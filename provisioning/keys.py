@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from .errors import KeyMaterialError
+from .stick import public_key_problem
 
 DEVICE_X25519 = "device-x25519.key"
 DEVICE_ED25519 = "device-ed25519.key"
@@ -290,8 +291,8 @@ def load_trusted_vendors(trust_dir: Path) -> dict[str, Ed25519PublicKey]:
     keys = {}
     for path in sorted(Path(trust_dir).glob("*.pub")):
         raw = path.read_bytes()
-        if len(raw) != 32:
-            raise KeyMaterialError(f"{path}: a trusted vendor key must be 32 raw bytes, found {len(raw)}")
+        if problem := public_key_problem(raw):
+            raise KeyMaterialError(f"{path}: a trusted vendor key {problem}; replace it with the vendor's real key")
         keys[fingerprint(raw)] = Ed25519PublicKey.from_public_bytes(raw)
     if not keys:
         raise KeyMaterialError(f"no trusted vendor keys (*.pub) in {trust_dir}; copy the vendor's public key there")

@@ -92,9 +92,23 @@ def _decompress(raw: bytes) -> tuple | None:
 _G = _decompress((4 * pow(5, _P - 2, _P) % _P).to_bytes(32, "little"))
 
 
+def public_key_problem(public: bytes) -> str | None:
+    """Why ``public`` cannot be a trusted Ed25519 key, or None. A small-order point verifies signatures forged
+    without any secret (with s = 0, R the identity: any message); an encoding off the curve or with y >= p is not
+    canonical. Both are refused on entry to a trust store."""
+    if len(public) != 32:
+        return f"must be 32 raw bytes, found {len(public)}"
+    point = _decompress(public)
+    if point is None:
+        return "is not a canonical encoding of a curve point"
+    if _equal(_mul(8, point), (0, 1, 1, 0)):
+        return "is a small-order point (it would verify forged signatures)"
+    return None
+
+
 def ed25519_verify(public: bytes, message: bytes, signature: bytes) -> bool:
     """True if ``signature`` is a valid Ed25519 signature of ``message`` under the 32-byte ``public``."""
-    if len(public) != 32 or len(signature) != 64:
+    if len(signature) != 64 or public_key_problem(public) is not None:
         return False
     a, r = _decompress(public), _decompress(signature[:32])
     s = int.from_bytes(signature[32:], "little")
@@ -155,8 +169,8 @@ def trusted_keys(trust: Path, stick: Path, first_trust: str | None) -> list[byte
     keys = []
     for path in sorted(trust.glob("*.pub")) if trust.is_dir() else []:
         keys.append(path.read_bytes())
-        if len(keys[-1]) != 32:
-            raise StickError(f"{path}: a trusted vendor key must be 32 raw bytes, found {len(keys[-1])}")
+        if problem := public_key_problem(keys[-1]):
+            raise StickError(f"{path}: a trusted vendor key {problem}; replace it with the vendor's real key")
     if keys:
         return keys
     if not first_trust:
@@ -165,6 +179,8 @@ def trusted_keys(trust: Path, stick: Path, first_trust: str | None) -> list[byte
             "or pass --first-trust FINGERPRINT as read to you by the vendor"
         )
     candidate = _read_regular(stick / VENDOR_PUB)
+    if problem := public_key_problem(candidate):
+        raise StickError(f"{stick / VENDOR_PUB}: the stick's vendor key {problem}; do not install from this stick")
     if not hmac.compare_digest(fingerprint(candidate), first_trust.strip().lower()):
         raise StickError(
             f"{stick / VENDOR_PUB} has fingerprint {fingerprint(candidate)}, not {first_trust}: "

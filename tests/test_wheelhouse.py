@@ -262,3 +262,36 @@ def test_a_vendor_signed_lock_with_a_hostile_entry_is_refused(wheelhouse, tmp_pa
     proc = install_offline(stick, tmp_path / "venv", "--trust", str(trust))
     assert proc.returncode == 1 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "venv").exists()
+
+
+SMALL_ORDER = [
+    (1).to_bytes(32, "little"),  # the identity (order 1)
+    (2**255 - 19 - 1).to_bytes(32, "little"),  # y = -1 (order 2)
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),  # order 8
+]
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER)
+def test_small_order_vendor_keys_are_refused_everywhere(raw, tmp_path, wheelhouse):
+    """A small-order 'public key' verifies a forged signature over any message; no trust store takes one."""
+    from provisioning.errors import KeyMaterialError
+    from provisioning.keys import load_trusted_vendors
+    from provisioning.stick import public_key_problem
+
+    forged = (1).to_bytes(32, "little") + bytes(32)  # R = identity, s = 0
+    assert "small-order" in public_key_problem(raw)
+    assert not ed25519_verify(raw, b"any message at all", forged)
+    trust = tmp_path / "trusted-vendors"
+    trust.mkdir()
+    (trust / "vendor.pub").write_bytes(raw)
+    with pytest.raises(KeyMaterialError, match="small-order"):
+        load_trusted_vendors(trust)
+    proc = install_offline(wheelhouse, tmp_path / "venv", "--trust", str(trust))
+    assert proc.returncode == 1 and "small-order" in proc.stderr and not (tmp_path / "venv").exists(), proc.stderr
+
+
+def test_a_non_canonical_key_encoding_is_refused():
+    from provisioning.stick import public_key_problem
+
+    assert "not a canonical" in public_key_problem((2**255 - 19 + 1).to_bytes(32, "little"))  # y >= p
+    assert public_key_problem(public_bytes(VENDOR.public_key())) is None
