@@ -176,12 +176,13 @@ class EngineRunner(threading.Thread):
         if not seqs:
             return
         engine = self.model.engine
-        live = []
+        live, seen = [], set()
         for seq in seqs:
             job = self._jobs.get(seq.key)
-            if job is None:  # ended twice (e.g. cancelled as it finished): already answered
+            if job is None or seq.key in seen:  # ended twice (e.g. cancelled as it finished, even in one batch)
                 log.warning("request %s retired twice; ignoring the second", seq.key)
                 continue
+            seen.add(seq.key)
             live.append(seq)
             completed = error is None and seq.finish in _COMPLETED and seq.prefill_done
             if seq.session is not None and self.sessions is not None:
