@@ -345,22 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
     args = build_parser().parse_args(argv)
     from appliance.errors import ApplianceError
-    from provisioning.errors import describe_os_error, report_unexpected
+    from provisioning.errors import run_command
 
     from .errors import EdgeModelsError
 
-    try:
-        return args.func(args)
-    except (EdgeModelsError, ApplianceError) as exc:  # ApplianceError: the engine the export is checked against
-        print(f"edge-models: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a missing checkpoint, a full disk: say which file and why
-        print(f"edge-models: error: {describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        return report_unexpected("edge-models")
+    # ApplianceError: the engine the export is checked against
+    return run_command("edge-models", lambda: args.func(args), (EdgeModelsError, ApplianceError))
 
 
 if __name__ == "__main__":

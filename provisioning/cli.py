@@ -12,7 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .bundle import TORCH_FILES, EngineEntry, infer_engines, open_bundle, seal
-from .errors import ProvisioningError, describe_os_error, report_unexpected
+from .errors import ProvisioningError, run_command
 from .install import INSTALL_LOG, current_bundle, current_manifest_unverified, install, rollback, verify_fully
 from .keys import (
     DEVICE_X25519,
@@ -293,18 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ProvisioningError as exc:
-        print(f"edge-provision: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # a missing stick, a full or read-only disk: say which file and why
-        print(f"edge-provision: error: {describe_os_error(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except Exception:
-        return report_unexpected("edge-provision")
+    return run_command("edge-provision", lambda: args.func(args), (ProvisioningError,))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,25 @@ class UnsafeFileError(ProvisioningError):
     """A file the installer must copy is a symbolic link, a device, a FIFO or otherwise not a regular file."""
 
 
+def run_command(prog: str, command, own: tuple[type[Exception], ...]) -> int:
+    """Every CLI's error policy: ``command()``'s own errors (``own``) and failed file operations as one line, Ctrl-C
+    as 130, anything else as a bug (``report_unexpected``)."""
+    import sys
+
+    try:
+        return command()
+    except own as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a missing file or stick, a full or read-only disk: say which file and why
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        return report_unexpected(prog)
+
+
 def describe_os_error(exc: OSError) -> str:
     """One line for a failed file operation: why, and which file."""
     return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
