@@ -10,6 +10,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEMO_STUDENT, TINY_STUDENT, build_demo
@@ -42,37 +44,97 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from . import fused_graph
     from .errors import EdgeModelsError
     from .export import export_decoder
     from .tokenizer import checkpoint_special_ids, copy_tokenizer_files
 
-    if not (Path(args.model) / "config.json").is_file():
-        raise EdgeModelsError(f"no checkpoint at {args.model} (no config.json); give a local checkpoint directory")
-    config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    try:
+    if (args.model is None) == (args.gguf is None):
+        raise EdgeModelsError("give one source: --model CHECKPOINT_DIR or --gguf FILE")
+    out = Path(args.out)
+    if args.gguf is not None:  # a GGUF file: weights, tokenizer and template rebuilt from its own metadata
+        from .gguf_import import GgufCheckpoint
+
+        source = GgufCheckpoint(Path(args.gguf))
+        print(f"{Path(args.gguf).name}: {source.describe()}", file=sys.stderr)
+        config, weights, special = source.config, source.weights(), source.special
         fused_graph.check_supported(config)
-        fused = not args.traced and any(Path(args.model).glob("*.safetensors"))
-    except fused_graph.UnsupportedModel:
-        fused = False
-    if fused:  # straight from the safetensors, one tensor at a time: the model is never loaded whole
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if not (Path(args.model) / "config.json").is_file():
+            raise EdgeModelsError(f"no checkpoint at {args.model} (no config.json); give a local checkpoint directory")
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        try:
+            fused_graph.check_supported(config)
+            fused = not args.traced and any(Path(args.model).glob("*.safetensors"))
+        except fused_graph.UnsupportedModel:
+            fused = False
+        if not fused:
+            import torch
+
+            # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
+            model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
+            spec = export_decoder(model, out, quant=args.quantize, traced=args.traced)
+            copied = copy_tokenizer_files(Path(args.model), out)
+            _exported(spec, out, copied)
+            return 0
+        # straight from the safetensors, one tensor at a time: the model is never loaded whole
         weights = fused_graph.Weights.from_safetensors(Path(args.model))
         special = checkpoint_special_ids(Path(args.model))
-        spec = fused_graph.build_fused_decoder(config, weights, Path(args.out), args.quantize, special=special)
-    else:
-        import torch
+    importance = None
+    if args.quantize and args.method == "mse" and args.calibration_windows > 0:
+        importance = _calibrate(args, config, weights, special, source if args.gguf else Path(args.model))
+    spec = fused_graph.build_fused_decoder(
+        config,
+        weights,
+        out,
+        args.quantize,
+        special=special,
+        method=args.method,
+        head_bits=args.head_bits,
+        importance=importance,
+    )
+    copied = source.save_tokenizer(out) if args.gguf else copy_tokenizer_files(Path(args.model), out)
+    _exported(spec, out, copied)
+    return 0
 
-        # bf16/fp16 checkpoints (as they ship) load as fp32: the graph's cache inputs are fp32
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
-        spec = export_decoder(model, Path(args.out), quant=args.quantize, traced=args.traced)
-    copied = copy_tokenizer_files(Path(args.model), Path(args.out))
+
+def _exported(spec, out: Path, copied: list[str]) -> None:
     print(
-        f"exported {spec.architecture} ({spec.num_layers} layers, {spec.cache} cache) to {args.out}; "
+        f"exported {spec.architecture} ({spec.num_layers} layers, {spec.cache} cache) to {out}; "
         f"tokenizer files: {', '.join(copied) or 'none'}"
     )
-    return 0
+
+
+def _calibrate(args: argparse.Namespace, config, weights, special: dict, source) -> dict:
+    """Activation importance from ``--data`` (the user's own corpus) or the standard library's docstrings."""
+    import tempfile
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from .calibrate import activation_importance, model_from_weights
+    from .data import build_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(source, Path):
+            tok = Tokenizer.from_file(str(source / "tokenizer.json"))
+        else:
+            source.save_tokenizer(Path(tmp))
+            tok = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+    ds = build_dataset(
+        tok,
+        [Path(p) for p in args.data] if args.data else None,
+        seq_len=256,
+        stride=256,
+        bos_id=special["bos_token_id"],
+        eos_id=special["eos_token_id"],
+    )
+    rng = np.random.default_rng(0)
+    windows = ds.train[rng.choice(len(ds.train), min(args.calibration_windows, len(ds.train)), replace=False)]
+    print(f"calibrating on {windows.size:,} tokens ({len(windows)} windows)", file=sys.stderr)
+    return activation_importance(model_from_weights(config, weights), windows)
 
 
 def _shape(args: argparse.Namespace):
@@ -161,6 +223,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.onnx is not None:
+        return _eval_onnx(args)
+    if args.model is None:
+        from .errors import EdgeModelsError
+
+        raise EdgeModelsError("give what to score: --model CHECKPOINT_DIR or --onnx EXPORTED_DIR")
     from .compress import encode_prompts, load_checkpoint
     from .data import corpus_windows
     from .evaluate import evaluate
@@ -177,6 +245,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         windows, scored = _dataset(args, tok, Path(args.model)).heldout, {"scored": "held-out split (5%)"}
     report = evaluate(model, teacher, windows, encode_prompts(tok, bos), Path(args.model))
     report.update(scored)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _eval_onnx(args: argparse.Namespace) -> int:
+    """Perplexity of an exported (or quantized) graph through the appliance's own engine, on the same windows a
+    checkpoint is scored on: the operator's check of the model they are about to seal, on their own text."""
+    from tokenizers import Tokenizer
+
+    from appliance.engine.spec import DecoderSpec
+
+    from .errors import EdgeModelsError
+    from .quantize import onnx_perplexity
+
+    root = Path(args.onnx)
+    if not (root / "decoder.json").is_file() or not (root / "tokenizer.json").is_file():
+        raise EdgeModelsError(f"{root} is not an exported model (needs model.onnx, decoder.json, tokenizer.json)")
+    spec = DecoderSpec.from_json((root / "decoder.json").read_text())
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    ds = _dataset(args, tok, bos_id=spec.bos_token_id, eos_id=spec.eos_token_id)
+    windows = ds.heldout if not args.data else np.concatenate([ds.train, ds.heldout])
+    scored = int(len(windows) * (windows.shape[1] - 1))
+    report = {
+        "model": str(root),
+        "perplexity": onnx_perplexity(root, windows, limit=len(windows)),
+        "windows": len(windows),
+        "tokens_scored": scored,
+        "scored": "whole corpus" if args.data else "held-out split (5%) of the standard library's docstrings",
+        "bytes": sum(f.stat().st_size for f in root.glob("model.onnx*")),
+    }
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).write_text(text)
@@ -280,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiny", action="store_true", help="a much smaller shape, for tests (seconds)")
     d.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     d.set_defaults(func=cmd_demo)
-    e = sub.add_parser("export", help="export a local Hugging Face checkpoint directory to ONNX with KV cache")
-    e.add_argument("--model", required=True, help="checkpoint directory (config.json + weights; never a hub id)")
+    e = sub.add_parser("export", help="export a local checkpoint directory or GGUF file to ONNX with KV cache")
+    e.add_argument("--model", help="checkpoint directory (config.json + weights; never a hub id)")
+    e.add_argument("--gguf", help="a GGUF file (llama, qwen2): weights, tokenizer and chat template from its metadata")
     e.add_argument("--out", required=True, help="output directory for model.onnx and decoder.json")
     e.add_argument(
         "--quantize",
@@ -289,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused graphs (Qwen2/Llama/DeepSeek): projections, experts and LM head in 4 or 8 bits (default: fp32)",
     )
     e.add_argument("--traced", action="store_true", help="trace through torch.onnx instead of writing the fused graph")
+    e.add_argument(
+        "--method",
+        choices=("mse", "rtn"),
+        default="mse",
+        help="mse: asymmetric blocks, error-minimising scales, calibrated (default); rtn: symmetric round-to-nearest",
+    )
+    e.add_argument("--head-bits", type=int, choices=(4, 8), help="bits of the LM head and embedding (default: 8)")
+    e.add_argument(
+        "--calibration-windows",
+        type=int,
+        default=64,
+        help="256-token windows of calibration text for --method mse (default: 64; 0 = uncalibrated)",
+    )
+    e.add_argument(
+        "--data", nargs="+", help="calibration text: your own files or directories (default: stdlib docstrings)"
+    )
     e.set_defaults(func=cmd_export)
     c = sub.add_parser("compress", help="prune → distill → evaluate → export, with a summary table")
     c.add_argument("--teacher", required=True, help="teacher checkpoint directory (local; never a hub id)")
@@ -324,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="perplexity, agreement/KL with a teacher, distinct-n, size (JSON); with --data, over the whole corpus",
     )
-    ev.add_argument("--model", required=True, help="checkpoint directory to evaluate")
+    ev.add_argument("--model", help="checkpoint directory to evaluate")
+    ev.add_argument("--onnx", help="an exported or quantized model directory, scored through the appliance engine")
     ev.add_argument("--teacher", help="teacher checkpoint to compare with")
     ev.add_argument("--out", help="write the JSON report here too")
     _data_flags(ev)

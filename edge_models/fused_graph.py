@@ -32,13 +32,13 @@ from onnx import TensorProto, helper
 
 from appliance.engine.spec import DecoderSpec, output_names, static_input_names
 
+from .block_quant import BLOCK_SIZE, Packed, quantize
 from .errors import EdgeModelsError, ExportError
 from .tokenizer import special_token_ids
 
 LATENT_FAMILIES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # MLA: edge_models.fused_deepseek
 FAMILIES = ("Qwen2ForCausalLM", "LlamaForCausalLM", *LATENT_FAMILIES)
 QUANT_BITS = {"q4": 4, "q8": 8}
-BLOCK_SIZE = 32
 EXTERNAL_DATA = "model.onnx.data"
 PROTOBUF_LIMIT = 2_000_000_000
 
@@ -50,8 +50,27 @@ class UnsupportedModel(ExportError):
 class Weights:
     """Tensor-by-tensor access to a checkpoint: ``names``, ``shape(name)`` and ``get(name)`` (fp32)."""
 
-    def __init__(self, names: set[str], shape: Callable[[str], tuple[int, ...]], get: Callable[[str], np.ndarray]):
-        self.names, self.shape, self._get = names, shape, get
+    def __init__(
+        self,
+        names: set[str],
+        shape: Callable[[str], tuple[int, ...]],
+        get: Callable[[str], np.ndarray],
+        exact: Callable[[str, int], Packed | None] | None = None,
+    ):
+        self.names, self.shape, self._get, self._exact = names, shape, get, exact
+
+    def exact(self, name: str, bits: int) -> Packed | None:
+        """``name`` already in ``MatMulNBits`` layout at ``bits`` (a GGUF block grid it reproduces), else None."""
+        return None if self._exact is None else self._exact(name, bits)
+
+    def rows(self, names: list[str], bits: int | None) -> np.ndarray | Packed:
+        """Linear weights stacked along their output rows (packed QKV, gate/up): the source blocks when every one
+        of them is exactly representable at ``bits``, else fp32 for the graph to quantize."""
+        if bits:
+            exact = [self.exact(n, bits) for n in names]
+            if all(e is not None for e in exact):
+                return Packed.concat(exact)
+        return np.concatenate([self.get(n) for n in names]) if len(names) > 1 else self.get(names[0])
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.names:
@@ -131,47 +150,61 @@ class _Initializers:
             self._file.close()
 
 
-def quantize_blocks(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``MatMulNBits`` operands for a Linear weight ``[N, K]`` (out, in): symmetric blocks of 32 along K.
-
-    Uses ONNX Runtime's own quantization kernel (the one its MatMulNBitsQuantizer calls), so the
-    packing is exactly what the operator reads. Returns packed ``[N, blocks, blob]`` and scales."""
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    n, k = weight.shape
-    pad = (-k) % BLOCK_SIZE
-    if pad:
-        weight = np.pad(weight, ((0, 0), (0, pad)))
-    kn = np.ascontiguousarray(weight.T, dtype=np.float32)  # [K, N]: one copy (a 7B embedding is 2.2 GB in fp32)
-    blocks = (k + pad) // BLOCK_SIZE
-    packed = np.zeros((n, blocks, BLOCK_SIZE * bits // 8), np.uint8)
-    scales = np.zeros(n * blocks, np.float32)
-    zero_points = np.zeros(n * ((blocks + 1) // 2 if bits == 4 else blocks), np.uint8)
-    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-    kernel(packed, kn, scales, zero_points, BLOCK_SIZE, n, k + pad, True)
-    return packed, scales
-
-
 class _Graph:
-    """Node-by-node graph construction; each helper returns the name of its output."""
+    """Node-by-node graph construction; each helper returns the name of its output.
 
-    def __init__(self, init: _Initializers, bits: int | None):
-        self.init, self.bits, self.nodes = init, bits, []
+    ``bits``: 4/8 for a quantized graph (None: fp32); ``method``: ``block_quant`` method for fp32 weights;
+    ``importance``: per-tensor input-channel weights for the error (calibration), keyed by the graph name."""
+
+    def __init__(
+        self,
+        init: _Initializers,
+        bits: int | None,
+        method: str = "mse",
+        importance: dict[str, np.ndarray] | None = None,
+    ):
+        self.init, self.bits, self.method, self.nodes = init, bits, method, []
+        self.importance = importance or {}
 
     def node(self, op: str, inputs: list[str], outputs: list[str] | str, domain: str = "", **attrs) -> list[str]:
         outputs = [outputs] if isinstance(outputs, str) else outputs
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
         return outputs
 
-    def linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None, out: str = "") -> str:
-        """``x @ weight.T (+ bias)`` for a Linear weight ``[N, K]``, 4/8-bit when the graph is quantized."""
-        bits, (n, k) = self.bits, weight.shape
+    def pack(self, weight: np.ndarray | Packed, name: str, bits: int | None = None) -> Packed:
+        """``weight`` in ``MatMulNBits`` layout at ``bits`` (default: the graph's): as given when already packed."""
+        bits = bits or self.bits
+        if isinstance(weight, Packed):
+            if weight.bits != bits:
+                raise ExportError(f"{name}: source blocks are {weight.bits}-bit, the graph asked for {bits}")
+            return weight
+        return quantize(weight, bits, self.method, self.importance.get(name))
+
+    def add_packed(self, p: Packed, name: str) -> list[str]:
+        """The initializers of ``p``: [qweight, scales, zero points or ""]."""
+        zp = "" if p.zero_points is None else self.init.add(f"{name}.zero_points", p.zero_points)
+        return [self.init.add(f"{name}.qweight", p.packed), self.init.add(f"{name}.scales", p.scales), zp]
+
+    def linear(
+        self,
+        x: str,
+        weight: np.ndarray | Packed,
+        name: str,
+        bias: np.ndarray | None = None,
+        out: str = "",
+        bits: int | None = None,
+        stored: list[str] | None = None,
+    ) -> str:
+        """``x @ weight.T (+ bias)`` for a Linear weight ``[N, K]``, 4/8-bit when the graph is quantized (or
+        ``bits`` asks). ``stored``: initializers already in the graph (a tied embedding's) to read instead."""
+        bits, (n, k) = bits or self.bits, weight.shape
         out = out or f"{name}.out"
         if bits:
-            packed, scales = quantize_blocks(weight, bits)
-            inputs = [x, self.init.add(f"{name}.qweight", packed), self.init.add(f"{name}.scales", scales)]
+            inputs = [x, *(stored or self.add_packed(self.pack(weight, name, bits), name))]
             if bias is not None:  # MatMulNBits adds the bias itself (inputs 3-4: zero points, g_idx)
-                inputs += ["", "", self.init.add(f"{name}.bias", bias)]
+                inputs += ["", self.init.add(f"{name}.bias", bias)]
+            while inputs[-1] == "":
+                inputs.pop()
             (y,) = self.node(
                 "MatMulNBits",
                 inputs,
@@ -184,6 +217,8 @@ class _Graph:
                 accuracy_level=4,  # int8 compute on CPU: the fast path for MatMulNBits
             )
             return y
+        if isinstance(weight, Packed):
+            raise ExportError(f"{name}: packed source blocks in an fp32 graph")
         (y,) = self.node("MatMul", [x, self.init.add(f"{name}.weight", weight.T)], out if bias is None else f"{out}.mm")
         if bias is not None:
             (y,) = self.node("Add", [y, self.init.add(f"{name}.bias", bias)], out)
@@ -228,11 +263,17 @@ def build_fused_decoder(
     quant: str | None = None,
     external_data: bool | None = None,
     special: dict | None = None,
+    method: str = "mse",
+    head_bits: int | None = None,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> DecoderSpec:
     """Write ``model.onnx`` (+ ``model.onnx.data``) and ``decoder.json`` for a Qwen2/Llama/DeepSeek checkpoint.
 
-    ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection and the LM head as ``MatMulNBits``
-    with symmetric blocks of 32, the embedding table in the same format (``GatherBlockQuantized``).
+    ``quant``: None (fp32), ``"q4"`` or ``"q8"`` — every projection as ``MatMulNBits`` in blocks of 32 by
+    ``method`` (``block_quant``: ``mse`` asymmetric, or ``rtn`` symmetric); the LM head and the embedding table
+    (``GatherBlockQuantized``, one copy when tied) at ``head_bits`` (default 8: measured in bench/quality.py,
+    4-bit heads cost most of the drift on real weights). Source blocks a GGUF file carries on an exact grid are
+    copied, not requantized (``Weights.exact``). ``importance``: calibration weights per graph tensor name.
     ``special``: the checkpoint's pad/BOS/EOS ids as ``edge_models.tokenizer.special_token_ids`` finds
     them (its tokenizer decides the BOS, generation_config.json adds end ids); default: config.json's."""
     check_supported(config)
@@ -244,14 +285,21 @@ def build_fused_decoder(
         external_data = sum(4 * int(np.prod(weights.shape(n))) for n in weights.names) > PROTOBUF_LIMIT
     arch, layers, eps = _architecture(config), config.num_hidden_layers, float(config.rms_norm_eps)
     init = _Initializers(out_dir, external_data)
-    g = _Graph(init, QUANT_BITS.get(quant))
+    bits = QUANT_BITS.get(quant)
+    head_bits = (head_bits or 8) if bits else None
+    g = _Graph(init, bits, method, importance)
     w = weights.get
     # Positions up to max_positions inclusive: an idle row in a decode batch writes one scratch slot past its end.
     cos, sin = _rotary_tables(config, config.max_position_embeddings + 1)
     init.add("cos_cache", cos)
     init.add("sin_cache", sin)
-    embed = w("model.embed_tokens.weight")
-    x = embedding(g, embed)
+    tied = "lm_head.weight" not in weights.names
+    table = weights.rows(["model.embed_tokens.weight"], head_bits)
+    stored = None
+    if tied and head_bits and table.shape[1] % BLOCK_SIZE == 0:  # one packed table for both ends
+        table = g.pack(table, "lm_head", head_bits)
+        stored = g.add_packed(table, "lm_head")
+    x = embedding(g, table, head_bits, stored)
     if arch in LATENT_FAMILIES:  # lazy: fused_deepseek builds on this module
         from .fused_deepseek import latent_layers
 
@@ -259,9 +307,12 @@ def build_fused_decoder(
     else:
         x, residual, cache = _gqa_layers(g, x, config, weights)
     h, _ = _norm(g, x, residual, w("model.norm.weight"), "final_norm", eps)
-    head = w("lm_head.weight") if "lm_head.weight" in weights.names else None
-    lm_head(g, h, embed if head is None else head)
-    del embed, head
+    if tied and head_bits is None:
+        tied_lm_head(g, h, "embed_tokens", config.vocab_size, config.hidden_size)
+    else:
+        head = table if tied else weights.rows(["lm_head.weight"], head_bits)
+        g.linear(h, head, "lm_head", out="logits", bits=head_bits, stored=stored)
+    del table
     init.close()
 
     spec = DecoderSpec(
@@ -297,7 +348,7 @@ def _gqa_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, 
         p = f"model.layers.{i}."
         h, residual = _norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
         attn = p + "self_attn."
-        qkv_w = np.concatenate([w(attn + f"{t}_proj.weight") for t in "qkv"])
+        qkv_w = weights.rows([attn + f"{t}_proj.weight" for t in "qkv"], g.bits)
         biases = [maybe(attn + f"{t}_proj.bias") for t in "qkv"]
         qkv_b = np.concatenate(biases) if all(b is not None for b in biases) else None
         qkv = g.linear(h, qkv_w, f"layer{i}.qkv", qkv_b)
@@ -313,7 +364,7 @@ def _gqa_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, 
             do_rotary=1,
             rotary_interleaved=0,
         )
-        o = g.linear(a, w(attn + "o_proj.weight"), f"layer{i}.o", maybe(attn + "o_proj.bias"))
+        o = g.linear(a, weights.rows([attn + "o_proj.weight"], g.bits), f"layer{i}.o", maybe(attn + "o_proj.bias"))
         h, residual = _norm(g, o, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
         x = mlp(g, h, weights, p + "mlp.", f"layer{i}")
     return x, residual, dict(key_shape=(kv_heads, head_dim), value_shape=(kv_heads, head_dim))
@@ -322,49 +373,71 @@ def _gqa_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, 
 def mlp(g: _Graph, h: str, weights: Weights, prefix: str, name: str) -> str:
     """The SwiGLU MLP under ``prefix`` (``gate_proj``/``up_proj``/``down_proj``) with gate and up packed in one
     projection; returns ``down(silu(gate) * up)``."""
-    w = weights.get
-    gate_up = g.linear(h, np.concatenate([w(prefix + "gate_proj.weight"), w(prefix + "up_proj.weight")]), f"{name}.gu")
+    gate_up = g.linear(h, weights.rows([prefix + "gate_proj.weight", prefix + "up_proj.weight"], g.bits), f"{name}.gu")
     ffn = weights.shape(prefix + "gate_proj.weight")[0]
     halves = g.init.add(f"{name}.split", np.array([ffn, ffn], np.int64))
     gate, up = g.node("Split", [gate_up, halves], [f"{name}.gate", f"{name}.up"], axis=-1)
     (sig,) = g.node("Sigmoid", [gate], f"{name}.sigmoid")
     (silu,) = g.node("Mul", [gate, sig], f"{name}.silu")
     (act,) = g.node("Mul", [silu, up], f"{name}.act")
-    return g.linear(act, w(prefix + "down_proj.weight"), f"{name}.down")
+    return g.linear(act, weights.rows([prefix + "down_proj.weight"], g.bits), f"{name}.down")
 
 
-def embedding(g: _Graph, table: np.ndarray) -> str:
+def embedding(g: _Graph, table: np.ndarray | Packed, bits: int | None, stored: list[str] | None = None) -> str:
     """The token embedding lookup of ``input_ids``; returns ``embedded`` ``[B,S,hidden]``.
 
-    Quantized graphs store the table ``[vocab, hidden]`` in the LM head's own 4/8-bit format and
-    look rows up with ONNX Runtime's ``GatherBlockQuantized``: it reads ``MatMulNBits``' packing
-    (``[vocab, blocks * blob]`` uint8, scales ``[vocab, blocks]``, no zero points meaning the symmetric
-    midpoint 8 / 128) and dequantizes only the rows gathered. Its CPU kernel needs uint8 data with
-    ``gather_axis`` 0 and ``quantize_axis`` last; a hidden size off the block grid stays fp32."""
+    Quantized graphs store the table ``[vocab, hidden]`` in ``MatMulNBits``' own layout (``[vocab, blocks, blob]``
+    uint8, scales ``[vocab, blocks]``, zero points when asymmetric) — one copy shared with the LM head when the
+    two are tied (``stored``: the head's initializers) — and look rows up with ONNX Runtime's
+    ``GatherBlockQuantized`` over the block axis, dequantizing only the rows gathered. A hidden size off the
+    block grid stays fp32."""
     vocab, hidden = table.shape
-    if not g.bits or hidden % BLOCK_SIZE:
+    if not bits or hidden % BLOCK_SIZE:
+        if isinstance(table, Packed):
+            raise ExportError("embed_tokens: packed source blocks with a hidden size off the block grid")
         (x,) = g.node("Gather", [g.init.add("embed_tokens", table), "input_ids"], "embedded")
         return x
-    packed, scales = quantize_blocks(table, g.bits)
-    data = g.init.add("embed_tokens.qweight", packed.reshape(vocab, -1))
-    scales = g.init.add("embed_tokens.scales", scales.reshape(vocab, -1))
+    p = g.pack(table, "embed_tokens", bits)
+    data, scales, zero_points = stored or g.add_packed(p, "embed_tokens")
+    blocks = hidden // BLOCK_SIZE
+    block_shape = g.init.add("embed_tokens.block_shape", np.array([vocab, blocks, 1], np.int64))
+    (scales,) = g.node("Reshape", [scales, block_shape], "embed_tokens.block_scales")
+    inputs = [data, "input_ids", scales]
+    if p.zero_points is not None:
+        if bits == 4:  # MatMulNBits packs two blocks' points per byte; over a block axis of 1 each has its own byte
+            zps = np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(vocab, -1)[:, :blocks]
+            zero_points = g.init.add("embed_tokens.block_zero_points", zps.reshape(vocab, blocks, 1))
+        else:
+            (zero_points,) = g.node("Reshape", [zero_points, block_shape], "embed_tokens.block_zero_points")
+        inputs.append(zero_points)
     (x,) = g.node(
         "GatherBlockQuantized",
-        [data, "input_ids", scales],
-        "embedded",
+        inputs,
+        "embedded.blocks",
         domain="com.microsoft",
-        bits=g.bits,
+        bits=bits,
         block_size=BLOCK_SIZE,
         gather_axis=0,
-        quantize_axis=1,
+        quantize_axis=2,
+    )
+    (x,) = g.node(
+        "Reshape", [x, g.init.add("embed_tokens.hidden_shape", np.array([0, 0, hidden], np.int64))], "embedded"
     )
     return x
 
 
-def lm_head(g: _Graph, h: str, head: np.ndarray) -> str:
-    """The LM head ``[vocab, hidden]`` (the embedding table when tied) → ``logits``."""
-    # The LM head is the largest matrix a decode step reads: 4-bit in q4 graphs, like onnxruntime-genai's int4.
-    return g.linear(h, head, "lm_head", out="logits")
+def tied_lm_head(g: _Graph, h: str, table: str, vocab: int, hidden: int) -> str:
+    """fp32 logits ``h @ table.T`` reading the embedding initializer itself (``Gemm`` with ``transB``), so a tied
+    table is stored once instead of once more transposed."""
+    hidden_2d = g.init.add("lm_head.flat", np.array([-1, hidden], np.int64))
+    (flat,) = g.node("Reshape", [h, hidden_2d], "lm_head.h2d")
+    (y,) = g.node("Gemm", [flat, table], "lm_head.y2d", transB=1)
+    (shape,) = g.node("Shape", [h], "lm_head.h_shape", end=2)
+    (shape,) = g.node(
+        "Concat", [shape, g.init.add("lm_head.vocab", np.array([vocab], np.int64))], "lm_head.shape", axis=0
+    )
+    (logits,) = g.node("Reshape", [y, shape], "logits")
+    return logits
 
 
 def _norm(g: _Graph, x: str, residual: str | None, gamma: np.ndarray, name: str, eps: float) -> tuple[str, str]:

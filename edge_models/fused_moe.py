@@ -40,7 +40,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .fused_graph import BLOCK_SIZE, UnsupportedModel, Weights, _Graph, _Initializers, quantize_blocks
+from .block_quant import BLOCK_SIZE, quantize_blocks
+from .fused_graph import UnsupportedModel, Weights, _Graph, _Initializers
 
 # A router_probs entry that can never win top-k against log(weight) >= log(smallest float), and
 # whose softmax weight underflows to exactly 0.

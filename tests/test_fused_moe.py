@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Confi
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-from edge_models.fused_graph import UnsupportedModel, Weights, quantize_blocks
+from edge_models.block_quant import quantize_blocks
+from edge_models.fused_graph import UnsupportedModel, Weights
 from edge_models.fused_moe import routed_experts_model
 
 PREFIX = "model.layers.1.mlp."
