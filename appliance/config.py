@@ -48,6 +48,9 @@ class EngineConfig:
     load_pieces: int = 8  # sessions a model with external weights is built as: lower load peak, ~1 run more per step
     response_cache: int = 256  # identical deterministic requests answered from memory (0 disables)
     quantize: str = "none"  # torch engine: weight-only none | int8 | int4, applied at load
+    # literal: special-token texts inside chat message contents are tokenized as text (no forged turns);
+    # parse: as the tokenizer reads any text (transformers' apply_chat_template default)
+    content_special_tokens: str = "literal"
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def load_config(path: Path) -> Config:
         return None if p is None else (base / p).resolve()
 
     engine = sections["engine"]
+    if engine.content_special_tokens not in ("literal", "parse"):
+        raise ConfigError(f"{path}: [engine] content_special_tokens must be literal or parse")
     if engine.kind not in ENGINE_KINDS or engine.quantize not in ("none", "int8", "int4"):
         raise ConfigError(f"{path}: [engine] kind must be {'|'.join(ENGINE_KINDS)} and quantize none|int8|int4")
     if not 1 <= engine.load_pieces <= 64:
@@ -272,6 +277,7 @@ turn_budget_ms = 20         # loop time spent reading requests before replies an
 [engine]
 kind = "auto"               # auto: TensorRT plan for this GPU > torch on CUDA > onnxruntime (CPU); or name one
 # quantize = "int8"         # torch engine only: weight-only int8 | int4 at load (default none)
+# content_special_tokens = "literal"  # chat contents never become special tokens; "parse" reads them as markup
 threads = 0                 # 0 = automatic: one per 16 MB of weights read per token, at most the cores
 max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'

@@ -20,7 +20,7 @@ from appliance.engine.plan_cache import PlanCache
 from appliance.engine.select import Choice, DeviceCaps, PlanMismatchError, choose_engine, probe_device
 from appliance.engine.weights import WeightBuffer, WeightsStillReadError
 from appliance.errors import ApplianceError
-from appliance.serving.chat import ChatTemplate
+from appliance.serving.chat import ChatTemplate, LiteralContent
 from provisioning.bundle import Bundle, EngineEntry
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
@@ -46,6 +46,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     spec: DecoderSpec
     chat: ChatTemplate | None = None  # the checkpoint's chat template; None: ``messages`` are refused
+    # message contents tokenized with special-token texts as text ([engine] content_special_tokens = "literal")
+    literal_content: LiteralContent | None = None
 
 
 def installed_bundle(config: Config) -> Bundle:
@@ -128,6 +130,7 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
         tokenizer=tokenizer,
         spec=spec,
         chat=chat,
+        literal_content=LiteralContent(tokenizer) if config.engine.content_special_tokens == "literal" else None,
     )
 
 

@@ -232,7 +232,9 @@ def _absorbed_mla(model):
 
 EXTERNAL_DATA = "model.onnx.data"
 # Bumped when the exported graph changes for the same checkpoint (builds keyed on it are redone).
-EXPORT_REVISION = 3  # 2: MLA with the latent up-projection absorbed; 3: DeepSeek exports fused
+# 2: MLA with the latent up-projection absorbed; 3: DeepSeek exports fused; 4: BOS only where the tokenizer adds it,
+# asymmetric calibrated 4-bit with an 8-bit head, tied tables stored once
+EXPORT_REVISION = 4
 PROTOBUF_LIMIT = 2_000_000_000  # a single ONNX protobuf cannot exceed 2 GB
 
 

@@ -51,7 +51,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path) -> None:
                 "bos_token": BOS,
                 "eos_token": EOS,
                 "model_max_length": 4096,
-                "add_bos_token": False,
+                "add_bos_token": True,  # the demo is trained with <|bos|> before every document
             },
             indent=2,
         )
@@ -82,14 +82,24 @@ def _ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
+def _adds_bos(tok: Tokenizer, tok_cfg: Mapping, bos: int) -> bool:
+    """Whether the tokenizer puts ``bos`` before a text: ``add_bos_token`` when the config says, else what its
+    post-processor does (transformers' rule: a named ``bos_token`` alone adds nothing)."""
+    if "add_bos_token" in tok_cfg:
+        return bool(tok_cfg["add_bos_token"])
+    ids = tok.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos
+
+
 def special_token_ids(config: Mapping, generation: Mapping | None = None, tokenizer_dir: Path | None = None) -> dict:
     """``pad_token_id``, ``bos_token_id`` (None when prompts start without one), ``eos_token_id`` and
     ``eos_token_ids`` of a checkpoint, from its config.json, generation_config.json and tokenizer.
 
     The tokenizer decides the BOS: Qwen2's config names a ``bos_token_id`` its tokenizer never adds
-    (``bos_token`` is null), and DeepSeek-R1-Distill-Qwen's config names a different id than the
-    ``<｜begin▁of▁sentence｜>`` its tokenizer adds. Every end id counts: generation_config.json lists
-    several (``<|im_end|>`` and ``<|endoftext|>``) where config.json names one.
+    (``bos_token`` is null), DeepSeek-R1-Distill-Qwen's config names a different id than the
+    ``<｜begin▁of▁sentence｜>`` its tokenizer adds, and SmolLM2 names ``<|im_start|>`` as ``bos_token`` but
+    never adds it (``add_bos_token``, else the tokenizer's post-processor, decides). Every end id counts:
+    generation_config.json lists several (``<|im_end|>`` and ``<|endoftext|>``) where config.json names one.
     """
     generation = generation or {}
     bos = generation.get("bos_token_id", config.get("bos_token_id"))
@@ -102,6 +112,8 @@ def special_token_ids(config: Mapping, generation: Mapping | None = None, tokeni
         tok = Tokenizer.from_file(str(tok_cfg_path.parent / "tokenizer.json"))
         bos_text, eos_text = _token_text(tok_cfg.get("bos_token")), _token_text(tok_cfg.get("eos_token"))
         bos = tok.token_to_id(bos_text) if bos_text else None
+        if bos is not None and not _adds_bos(tok, tok_cfg, bos):
+            bos = None  # named for the chat template, never prepended (SmolLM2's <|im_start|>)
         if eos_text and tok.token_to_id(eos_text) is not None:
             eos.append(tok.token_to_id(eos_text))
     if not eos:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from appliance.loader import LoadedModel
-from appliance.serving.chat import ChatError, opens_reasoning
+from appliance.serving.chat import ChatError, mask_contents, opens_reasoning
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import Job
@@ -136,13 +136,26 @@ def prompt_tokens(
     if template is None:
         raise P.ProtocolError(P.E_BAD_REQUEST, f"model {model.model_id} has no chat template; send 'prompt' instead")
     new = list(req.messages)
+    if restore is not None and restore.messages is None:
+        raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
+
+    def render(history: list[dict] | None, added: list[dict]) -> str:
+        return template.render(added) if history is None else template.continuation(history, added)
+
+    history = None if restore is None else restore.messages
     try:
-        if restore is None:
-            chat, text = new, template.render(new)
-        elif restore.messages is None:
-            raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
-        else:
-            chat, text = restore.messages + new, template.continuation(restore.messages, new)
+        text = render(history, new)
+        literal = model.literal_content
+        if literal is None:  # [engine] content_special_tokens = "parse": the tokenizer reads content as written
+            return text, encode(text, add_special_tokens=False).ids, [*(history or []), *new]
+        masked_new = mask_contents(new, literal.markup)
+        masked_history = None if history is None else mask_contents(history, literal.markup)
+        masked_text = None
+        if masked_new is not None or masked_history is not None:
+            masked_text = render(
+                None if history is None else (masked_history or history), masked_new if masked_new else new
+            )
+        ids = literal.encode(text, masked_text)
     except ChatError as exc:
         raise P.ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
-    return text, encode(text, add_special_tokens=False).ids, chat
+    return text, ids, [*(history or []), *new]

@@ -230,3 +230,80 @@ def split_reasoning(text: str, in_reasoning: bool = False) -> tuple[str, str]:
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of ``tag``."""
     return max((k for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)
+
+
+# -- message content is text, never markup ----------------------------------------------------------------------------
+_MASK = "\ue000"  # a private-use character no tokenizer treats as markup
+# The template strips reasoning from earlier replies by these texts: left as they are in assistant messages.
+_REASONING_TAGS = ("<think>", "</think>")
+
+
+def markup_texts(tokenizer) -> tuple[str, ...]:
+    """The texts a tokenizer turns into added tokens wherever they appear: special ones (``<|im_end|>``) and
+    not (DeepSeek-V3/R1 ship ``<｜User｜>`` and ``<｜Assistant｜>`` as added, *non-special* tokens, so
+    transformers' ``split_special_tokens`` does not cover them)."""
+    return tuple(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.content)
+
+
+def mask_contents(messages: list[dict], markup: tuple[str, ...]) -> list[dict] | None:
+    """``messages`` with every markup text inside a content replaced by as many ``_MASK`` characters, or None
+    when no content holds one (the common case: nothing to protect)."""
+    masked, found = [], False
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            kept = _REASONING_TAGS if message.get("role") == "assistant" else ()
+            texts = [t for t in markup if t in content and t not in kept]
+            if texts:
+                for t in sorted(texts, key=len, reverse=True):
+                    content = content.replace(t, _MASK * len(t))
+                message, found = {**message, "content": content}, True
+        masked.append(message)
+    return masked if found else None
+
+
+class LiteralContent:
+    """Tokenizes a rendered conversation the way ``apply_chat_template`` does, except that markup texts which
+    come from message *content* stay text: a user who writes ``<｜Assistant｜>`` cannot open a turn.
+
+    Protected positions are found by rendering the conversation a second time with those texts masked (same
+    length); the template's own markup is everything else. Outside protected spans the ids are exactly the
+    tokenizer's; a template that moves or drops masked text is refused (fail closed)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.markup = markup_texts(tokenizer)
+        self.markup_ids = set(tokenizer.get_added_tokens_decoder())
+        self._plain = None
+
+    def plain(self):
+        """The tokenizer without its added tokens: reads every markup text as text (built on first use)."""
+        if self._plain is None:
+            from tokenizers import Tokenizer
+
+            spec = json.loads(self.tokenizer.to_str())
+            spec["added_tokens"] = []
+            self._plain = Tokenizer.from_str(json.dumps(spec))
+        return self._plain
+
+    def encode(self, text: str, masked_text: str | None) -> list[int]:
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        if masked_text is None:
+            return encoding.ids
+        if len(masked_text) != len(text) or any(a != b and b != _MASK for a, b in zip(text, masked_text, strict=True)):
+            raise ChatError(
+                "a message contains a control token of this model that its chat template rewrites; remove it "
+                "from the content"
+            )
+        protected = [a != b for a, b in zip(text, masked_text, strict=True)]
+        ids: list[int] = []
+        start = 0
+        for token, (begin, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token in self.markup_ids and not any(protected[begin:end]):
+                if begin > start:
+                    ids += self.plain().encode(text[start:begin], add_special_tokens=False).ids
+                ids.append(token)
+                start = end
+        if start < len(text):
+            ids += self.plain().encode(text[start:], add_special_tokens=False).ids
+        return ids
