@@ -107,7 +107,7 @@ def _exported(spec, out: Path, copied: list[str]) -> None:
     )
 
 
-def _calibrate(args: argparse.Namespace, config, weights, special: dict, source) -> dict:
+def _calibrate(args: argparse.Namespace, config, weights, special: dict, source) -> dict | None:
     """Activation importance from ``--data`` (the user's own corpus) or the standard library's docstrings."""
     import tempfile
 
@@ -117,6 +117,9 @@ def _calibrate(args: argparse.Namespace, config, weights, special: dict, source)
     from .calibrate import activation_importance, model_from_weights
     from .data import build_dataset
 
+    if isinstance(source, Path) and not (source / "tokenizer.json").is_file():
+        print(f"{source} has no tokenizer.json: quantizing uncalibrated", file=sys.stderr)
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(source, Path):
             tok = Tokenizer.from_file(str(source / "tokenizer.json"))

@@ -168,7 +168,7 @@ def build_teacher(out: Path, shape: TeacherShape, train: TrainConfig, vocab_size
     from .tokenizer import copy_tokenizer_files, save_tokenizer, special_ids, train_tokenizer
     from .train import pack_windows, perplexity, train_causal_lm
 
-    recipe = recipe_hash(shape, train, vocab_size)
+    recipe = recipe_hash(shape, train, vocab_size, "tokenizer-adds-bos")  # tokenizer_config.json says add_bos_token
     report_path = out / "teacher.json"
     cached = None if force else _cached(report_path, recipe)
     if cached is not None:

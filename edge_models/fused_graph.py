@@ -178,7 +178,8 @@ class _Graph:
             if weight.bits != bits:
                 raise ExportError(f"{name}: source blocks are {weight.bits}-bit, the graph asked for {bits}")
             return weight
-        return quantize(weight, bits, self.method, self.importance.get(name))
+        # 8-bit blocks stay symmetric (llama.cpp's Q8_0 grid; a GGUF's Q8_0 tensors then copy exactly)
+        return quantize(weight, bits, self.method if bits == 4 else "rtn", self.importance.get(name))
 
     def add_packed(self, p: Packed, name: str) -> list[str]:
         """The initializers of ``p``: [qweight, scales, zero points or ""]."""
@@ -293,7 +294,8 @@ def build_fused_decoder(
     cos, sin = _rotary_tables(config, config.max_position_embeddings + 1)
     init.add("cos_cache", cos)
     init.add("sin_cache", sin)
-    tied = "lm_head.weight" not in weights.names
+    # transformers ties the head to the embedding when the config says so, whatever the files hold
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in weights.names
     table = weights.rows(["model.embed_tokens.weight"], head_bits)
     stored = None
     if tied and head_bits and table.shape[1] % BLOCK_SIZE == 0:  # one packed table for both ends

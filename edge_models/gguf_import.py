@@ -40,7 +40,20 @@ _LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
+# DeepSeek-V3/R1: digits in threes, CJK runs, then words and punctuation (three isolated splits, in this order)
+_DEEPSEEK_V3 = (
+    r"\p{N}{1,3}",
+    "[一-龥\u3040-ゟ゠-ヿ]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^"""
+    + "\r\n"
+    + r"\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+["
+    + "\r\n"
+    + r"]*|\s*["
+    + "\r\n"
+    + r"]+|\s+(?!\S)|\s+",
+)
 PRE_TOKENIZERS = {
+    "deepseek-v3": ("splits", _DEEPSEEK_V3),
     "qwen2": ("split", _QWEN2),
     "deepseek-r1-qwen": ("split", _QWEN2),
     "llama3": ("split", _LLAMA3),
@@ -209,12 +222,11 @@ class GgufCheckpoint:
         merges = [tuple(m.split(" ", 1)) for m in self._field("tokenizer.ggml.merges") or []]
         kind, pattern = PRE_TOKENIZERS[pre]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.startswith("llama")))
-        if kind == "split":
+        if kind in ("split", "splits"):
+            patterns = [pattern] if kind == "split" else list(pattern)
             tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
+                [pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
             )
         elif kind == "digits":
             tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -171,14 +171,44 @@ def test_q8_graph_matches_transformers_and_q4_stays_close(family, tmp_path):
     assert np.corrcoef(q4[0], fp32[0])[0, 1] > 0.95
 
 
-def test_q4_embedding_is_stored_in_five_eighths_of_a_byte_per_weight(family, tmp_path):
-    """4 bits per weight plus one fp32 scale per block of 32: 6.4x smaller than the fp32 table."""
+def test_embedding_bytes_per_weight_at_each_head_width(family, tmp_path):
+    """q4 graphs keep the embedding (and LM head) at 8 bits by default: a byte per weight and a fp32 scale per
+    block of 32 (symmetric); ``head_bits=4`` stores half a byte, the scale and a 4-bit zero point."""
     model, _ = family
-    build_fused_decoder(model.config, Weights.from_module(model), tmp_path, quant="q4")
-    init = {t.name: t for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
-    stored = sum(len(init[f"embed_tokens.{part}"].raw_data) for part in ("qweight", "scales"))
-    assert stored == vocab * hidden // 2 + vocab * hidden // 32 * 4 == vocab * hidden * 4 * 5 // 32
+    blocks = vocab * hidden // 32
+    for head_bits, expected in (
+        (8, vocab * hidden + blocks * 4),
+        (4, vocab * hidden // 2 + blocks * 4 + blocks // 2),
+    ):
+        out = tmp_path / str(head_bits)
+        build_fused_decoder(model.config, Weights.from_module(model), out, quant="q4", head_bits=head_bits)
+        init = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+        parts = ("qweight", "scales", "zero_points")
+        stored = sum(len(init[f"embed_tokens.{p}"].raw_data) for p in parts if f"embed_tokens.{p}" in init)
+        assert stored == expected, (head_bits, stored, expected)
+
+
+def test_tied_table_is_stored_once(tmp_path):
+    """A tied embedding / LM head is one initializer in fp32 (read by Gather and by Gemm transB) and one packed
+    table in quantized graphs (read by GatherBlockQuantized and MatMulNBits)."""
+    config = LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    vocab, hidden = config.vocab_size, config.hidden_size
+    for quant in (None, "q4", "q8"):
+        out = tmp_path / str(quant)
+        build_fused_decoder(config, Weights.from_module(model), out, quant=quant)
+        tables = [
+            t.name
+            for t in onnx.load(str(out / "model.onnx")).graph.initializer
+            if sorted(t.dims) == sorted([vocab, hidden]) or list(t.dims) == [vocab, hidden // 32, 32]
+        ]
+        assert len(tables) == 1, (quant, tables)
+    tokens = [1, 50, 60, 70, 80]
+    with torch.no_grad():
+        ref = model(torch.tensor([tokens])).logits[0].numpy()
+    assert np.abs(engine(tmp_path / "None").score(tokens) - ref).max() < 1e-4
 
 
 def test_external_data_graph_loads_from_memory_and_matches(family, tmp_path):
