@@ -111,7 +111,6 @@ def _calibrate(args: argparse.Namespace, config, weights, special: dict, source)
     """Activation importance from ``--data`` (the user's own corpus) or the standard library's docstrings."""
     import tempfile
 
-    import numpy as np
     from tokenizers import Tokenizer
 
     from .calibrate import activation_importance, model_from_weights
@@ -270,8 +269,14 @@ def _eval_onnx(args: argparse.Namespace) -> int:
         raise EdgeModelsError(f"{root} is not an exported model (needs model.onnx, decoder.json, tokenizer.json)")
     spec = DecoderSpec.from_json((root / "decoder.json").read_text())
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    ds = _dataset(args, tok, bos_id=spec.bos_token_id, eos_id=spec.eos_token_id)
-    windows = ds.heldout if not args.data else np.concatenate([ds.train, ds.heldout])
+    if args.data:  # the operator's own text: all of it
+        from .data import corpus_windows
+
+        windows, _ = corpus_windows(
+            tok, [Path(p) for p in args.data], args.seq_len, spec.bos_token_id, spec.eos_token_id
+        )
+    else:
+        windows = _dataset(args, tok, bos_id=spec.bos_token_id, eos_id=spec.eos_token_id).heldout
     scored = int(len(windows) * (windows.shape[1] - 1))
     report = {
         "model": str(root),
