@@ -25,7 +25,7 @@ from appliance.serving.admission import prompt_tokens
 from appliance.serving.chat import ChatTemplate, LiteralContent
 from appliance.transport import protocol as P
 from edge_models import fused_graph
-from edge_models.calibrate import activation_importance, model_from_weights
+from edge_models.calibrate import model_from_weights
 from edge_models.data import build_dataset
 from edge_models.gguf_import import GgufCheckpoint, GgufError
 from edge_models.quantize import onnx_perplexity
@@ -68,22 +68,27 @@ def smol_windows(smol, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_builds(smol, smol_windows, tmp_path_factory) -> Path:
-    """fp32, q8, the default q4 (calibrated on 16 training windows) and the previous default q4 (symmetric
-    round-to-nearest, 4-bit LM head) exported from the real GGUF."""
+def smol_builds(smol, smol_file, tmp_path_factory) -> Path:
+    """fp32, q8, the previous default q4 (symmetric round-to-nearest, 4-bit LM head) and the default q4 — the
+    last through `edge-models export --gguf` as a user runs it (calibrated, here on 16 windows)."""
     root = tmp_path_factory.mktemp("smol")
-    model = model_from_weights(smol.config, smol.weights())
-    calib = smol_windows.train[np.random.default_rng(0).choice(len(smol_windows.train), 16, replace=False)]
-    importance = activation_importance(model, calib)
     variants = {
         "fp32": dict(quant=None),
         "q8": dict(quant="q8"),
-        "q4": dict(quant="q4", importance=importance),
         "q4-previous": dict(quant="q4", method="rtn", head_bits=4),
     }
     for name, kwargs in variants.items():
         fused_graph.build_fused_decoder(smol.config, smol.weights(), root / name, special=smol.special, **kwargs)
         smol.save_tokenizer(root / name)
+    proc = subprocess.run(
+        [str(BIN / "edge-models"), "export", "--gguf", str(smol_file), "--out", str(root / "q4"), "--quantize", "q4"]
+        + ["--calibration-windows", "16"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrating on 4,112 tokens (16 windows)" in proc.stderr
     return root
 
 

@@ -9,6 +9,8 @@ and filters), so the daemon feeds the model the very text it was trained on. Pur
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -23,8 +25,17 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _REPLY_MARK = "\x00edge-appliance reply\x00"  # stands for a generated reply while locating its template frame
 
 
+# A template runs on the serving loop: bounded in time and output so a bad one costs one request, never the daemon.
+RENDER_BUDGET_S = 0.25
+RENDER_MAX_CHARS = 1 << 20
+
+
 class ChatError(ValueError):
     """The conversation cannot be rendered (the template refused it, or it cannot be continued)."""
+
+
+class _OverBudget(Exception):
+    pass
 
 
 class _Generation(jinja2.ext.Extension):
@@ -123,17 +134,11 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model reads it (what ``apply_chat_template(tokenize=False)`` returns)."""
-        try:
-            template = _compiled(self.source)
-            return template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.tokens,
-            )
-        except jinja2.exceptions.TemplateError as exc:
-            raise ChatError(f"the model's chat template refused the conversation: {exc}") from None
+        template = _compiled(self.source)
+        variables = dict(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.tokens
+        )
+        return bounded_render(template, variables)
 
     def continuation(self, history: list[dict], new: list[dict]) -> str:
         """The text a later turn adds to a conversation whose last message, the model's reply, is
@@ -147,6 +152,44 @@ class ChatTemplate:
                 "send the whole conversation in 'messages' without a session"
             )
         return closed[closed.index(_REPLY_MARK) + len(_REPLY_MARK) :] + extended[len(closed) :]
+
+
+def bounded_render(template: jinja2.Template, variables: dict) -> str:
+    """``template.render(**variables)`` within ``RENDER_BUDGET_S`` of this thread's time and ``RENDER_MAX_CHARS``
+    of output. Any failure of the template — a refusal, a data-dependent ``1/0``, runaway recursion, a loop past
+    the budget, an output flood — is a ``ChatError`` naming it: that request's ``bad_request``, nothing more.
+
+    The budget is enforced by a trace function on this thread while the compiled template runs (every line of
+    the template's code checks the clock), the output cap by consuming the template's stream chunk by chunk."""
+    deadline = time.monotonic() + RENDER_BUDGET_S
+
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _OverBudget
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        out, size = [], 0
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > RENDER_MAX_CHARS:
+                raise ChatError(f"the model's chat template produced more than {RENDER_MAX_CHARS:,} characters")
+            out.append(chunk)
+        return "".join(out)
+    except ChatError:
+        raise
+    except _OverBudget:
+        raise ChatError(f"the model's chat template ran longer than {RENDER_BUDGET_S * 1000:.0f} ms") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise ChatError(f"the model's chat template refused the conversation: {exc}") from None
+    except RecursionError:
+        raise ChatError("the model's chat template recursed without end") from None
+    except Exception as exc:  # noqa: BLE001 - vendor template code: any failure is this request's, not the daemon's
+        raise ChatError(f"the model's chat template failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        sys.settrace(previous)
 
 
 _CACHE: dict[str, jinja2.Template] = {}
