@@ -58,6 +58,7 @@ class SessionConfig:
     max_mb: int = 256  # total KV cache kept for conversations
     ttl_s: float = 600.0  # a conversation idle this long is forgotten
     max_sessions: int = 1024
+    max_per_identity: int = 64  # sessions one client identity keeps; its own oldest is evicted past this
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ response_cache = 256        # identical greedy/seeded requests answered from mem
 max_mb = 256                # KV cache kept for conversations (`session` field), least recently used evicted
 ttl_s = 600                 # idle conversations are forgotten after this
 max_sessions = 1024
+max_per_identity = 64       # one client's sessions; past this its own oldest is evicted, never another client's
 
 [audit]
 content = "hash"            # hash (digests only) | encrypted (sealed for `recipient`) | none

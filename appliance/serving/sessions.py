@@ -31,9 +31,18 @@ class Session:
     messages: list[dict] | None = None  # a chat's conversation so far, replies included (None: raw prompts)
 
 
+def owner(sid: str) -> str:
+    """The identity a scoped session id belongs to (``identity\x1fname``, admission.scoped)."""
+    return sid.split("\x1f", 1)[0]
+
+
 class SessionStore:
-    def __init__(self, max_bytes: int, ttl_s: float, max_sessions: int):
+    """``max_per_identity``: sessions one identity may keep; past it that identity's least recently used session is
+    evicted, never another identity's (a client opening sessions in a loop only pushes out its own)."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, max_sessions: int, max_per_identity: int | None = None):
         self.max_bytes, self.ttl_s, self.max_sessions = max_bytes, ttl_s, max_sessions
+        self.max_per_identity = max_per_identity or max_sessions
         self._items: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -61,6 +70,11 @@ class SessionStore:
             session.last_used = time.monotonic()
             self._items[sid] = session
             self._items.move_to_end(sid)
+            who = owner(sid)
+            mine = [k for k in self._items if owner(k) == who]  # oldest first
+            for k in mine[: max(0, len(mine) - self.max_per_identity)]:
+                del self._items[k]
+                self.evicted += 1
             while len(self._items) > self.max_sessions or self.bytes > self.max_bytes:
                 self._items.popitem(last=False)
                 self.evicted += 1

@@ -105,7 +105,7 @@ class Server:
         self.wake_pull.bind(WAKE)
         self._wake_local = threading.local()
         ss = config.sessions
-        self.sessions = SessionStore(ss.max_mb << 20, ss.ttl_s, ss.max_sessions)
+        self.sessions = SessionStore(ss.max_mb << 20, ss.ttl_s, ss.max_sessions, ss.max_per_identity)
         self.responses = ResponseCache(config.engine.response_cache) if config.engine.response_cache else None
         self.admission = Admission(self.sessions, self.responses, sc.max_per_client)
         self.runner = self._make_runner(model)
