@@ -36,3 +36,40 @@ def test_through_the_daemon_another_clients_session_survives(daemon):
         assert second["usage"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
         again = mallory.complete(" y", session="s0", max_tokens=1)
         assert again["usage"]["cached_tokens"] == 0  # mallory's oldest went
+
+
+def test_a_reused_routing_id_inherits_nothing(daemon, device):
+    """Without CURVE a client may choose its routing id; a later connection that reuses a disconnected client's id
+    gets a new random identity: not its sessions, and no identity derived from the routing id."""
+    import msgpack
+    import zmq
+
+    from appliance.audit.chain import AuditLog
+    from appliance.config import load_config
+    from appliance.transport import protocol as P
+
+    ctx = zmq.Context.instance()
+
+    def ask(text: str, rid: str) -> dict:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, b"victim-route")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(daemon.endpoint)
+        try:
+            sock.send(P.request(P.OP_GENERATE, rid, prompt=text, session="chart", max_tokens=2))
+            while True:
+                assert sock.poll(30_000), "no reply"
+                reply = msgpack.unpackb(sock.recv_multipart()[-1])
+                if reply["type"] in ("done", "error"):
+                    return reply
+        finally:
+            sock.close()
+
+    first = ask("The patient", "r1")
+    assert first["type"] == "done"
+    second = ask(" is", "r2")  # same routing id, new connection
+    assert second["type"] == "done" and second["usage"]["cached_tokens"] == 0
+    device_rows = AuditLog(load_config(device.config).audit_db).rows()
+    clients = {r.client for r in device_rows if r.request_id in ("r1", "r2")}
+    assert len(clients) == 2 and all(len(c.removeprefix("anonymous:")) == 16 for c in clients), clients
+    assert not any(b"victim-route".hex() in c for c in clients)

@@ -15,12 +15,19 @@ it reads messages; both hold for libzmq 4.3's stream engine.
 
 from __future__ import annotations
 
+import secrets
+
 
 class Connections:
+    """Also names each anonymous connection: a random token drawn when its routing id is first seen and
+    forgotten with the connection, so an anonymous identity is neither predictable (libzmq counts routing ids up
+    from a fixed value) nor inherited by a later connection that reuses the routing id (a client may set its own)."""
+
     def __init__(self) -> None:
         self._generation: dict[int, int] = {}
         self._bound: dict[bytes, tuple[int, int]] = {}  # routing id -> (fd, generation)
         self._by_conn: dict[tuple[int, int], set[bytes]] = {}
+        self._tokens: dict[bytes, str] = {}  # routing id -> this connection's random name
 
     def accepted(self, fd: int) -> None:
         self._generation[fd] = self._generation.get(fd, 0) + 1
@@ -30,6 +37,8 @@ class Connections:
 
     def seen(self, route: bytes, fd: int | None) -> None:
         """A message from ``route`` arrived on descriptor ``fd`` (None when libzmq cannot tell)."""
+        if route not in self._tokens:
+            self._tokens[route] = secrets.token_hex(8)
         if fd is None or route in self._bound:
             return
         conn = (fd, self._generation.get(fd, 0))
@@ -41,7 +50,12 @@ class Connections:
         routes = self._by_conn.pop((fd, self._generation.get(fd, 0)), set())
         for route in routes:
             self._bound.pop(route, None)
+            self._tokens.pop(route, None)
         return routes
+
+    def token(self, route: bytes) -> str:
+        """The random name of the connection ``route`` belongs to."""
+        return self._tokens.setdefault(route, secrets.token_hex(8))
 
     def __len__(self) -> int:
         return len(self._bound)

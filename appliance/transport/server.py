@@ -277,14 +277,15 @@ class Server:
         return True
 
     def _peer(self, route: bytes, frame: zmq.Frame) -> Peer:
-        """The identity is the CURVE ``User-Id`` set by ZAP, or the connection's routing id."""
+        """The identity is the CURVE ``User-Id`` set by ZAP, or a random name of the connection."""
         try:
             user = frame.get("User-Id")
         except (zmq.ZMQError, AttributeError):
             user = None
         if user:
             return Peer(user, self.roles.get(user, roles.INFER), route)
-        return Peer(f"anonymous:{route.hex()}", self.config.auth.anonymous_role, route)
+        # a random name per connection: not the routing id, which is predictable and reusable by a reconnecting peer
+        return Peer(f"anonymous:{self.connections.token(route)}", self.config.auth.anonymous_role, route)
 
     def _handle(self, envelope: list[bytes], peer: Peer, payload: zmq.Frame) -> None:
         if len(payload) > self.config.server.max_message_bytes:
