@@ -68,6 +68,7 @@ class AuditConfig:
     recipient: str | None = None  # reviewer's identity file or raw X25519 key, for content = "encrypted"
     checkpoint_every: int = 100  # rows between signed checkpoints
     aggregate_s: float = 10.0  # identical refusals from one peer within this interval become one row with a count
+    aggregate_unauthenticated_s: float = 60.0  # refusals of parties without a verified identity: one global budget
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ content = "hash"            # hash (digests only) | encrypted (sealed for `recip
 # recipient = "reviewer-identity.json"   # the hospital reviewer's key, needed for content = "encrypted"
 checkpoint_every = 100      # rows between checkpoints signed with the device's Ed25519 key
 aggregate_s = 10            # identical refusals from one peer within this interval: one row with a count
+aggregate_unauthenticated_s = 60  # unknown keys, failed handshakes, bad API keys: 1 row + 1 count row per reason
 
 [auth]
 curve = false               # true: CurveZMQ on every endpoint, only allow-listed client keys served

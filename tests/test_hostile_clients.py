@@ -32,6 +32,7 @@ def site(tiny_build, tmp_path_factory):
     (device.config.parent / "clients.toml").write_text("\n".join(entries))
     config = device.config.read_text().replace("curve = false", 'curve = true\nclients = "clients.toml"')
     config = config.replace("max_per_client = 16", "max_per_client = 3").replace("aggregate_s = 10", "aggregate_s = 2")
+    config = config.replace("aggregate_unauthenticated_s = 60", "aggregate_unauthenticated_s = 4")
     device.config.write_text(config)
     daemon = Daemon(device, root / "run")
     daemon.wait_for("READY=1")
@@ -329,3 +330,58 @@ def test_fuzz_100k_frames_beside_good_traffic(site):
     )
     assert {r.request_id for r in rows} >= set(answered)  # no audited request lost
     assert os.path.exists(f"/proc/{daemon.proc.pid}")
+
+
+# round three, 3 ------------------------------------------------------------------------------
+def test_a_fresh_key_flood_costs_at_most_a_row_per_second_and_alice_keeps_her_name(site):
+    """A fresh CURVE key per connection (no key held) is a new party every time; at full speed for 8 s it adds at
+    most one audit row per second — the first offender as it comes, the rest folded into one count row per reason
+    and interval (4 s here, 60 s by default: ≤ 10 MB of audit database a day) — and alice's own refusals during
+    the flood are still recorded as alice."""
+    from appliance.audit.aggregate import UNAUTHENTICATED_PEER
+    from appliance.audit.chain import AuditLog
+    from appliance.config import load_config
+
+    device, _, _ = site
+    audit_db = load_config(device.config).audit_db
+
+    rows_before = len(AuditLog(audit_db).rows())
+    server = DeviceIdentity.load(device.identity).curve_public.encode()
+    ctx = zmq.Context.instance()
+    started = time.monotonic()
+    stop = started + 8
+    attempts = 0
+    with client(site, "alice", retries=1) as a:
+        while time.monotonic() < stop:
+            socks = []
+            for _ in range(20):
+                public, secret = zmq.curve_keypair()
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.curve_secretkey, s.curve_publickey, s.curve_serverkey = secret, public, server
+                s.connect(device.endpoint)
+                s.send(msgpack.packb({"v": 1, "op": "health", "id": "x"}), zmq.NOBLOCK)
+                socks.append(s)
+            attempts += len(socks)
+            time.sleep(0.05)  # let the handshakes fail, then close: each is a fresh party
+            for s in socks:
+                s.close()
+            with pytest.raises(ClientError):
+                a.complete("Return the", max_tokens=2, temperature=-1.0)  # alice's own refusal mid-flood
+    elapsed = time.monotonic() - started
+    time.sleep(4.5)  # one interval: the fold rows are written when it closes (flushed every loop turn)
+    alice = identity_of(site, "alice")
+    rows = AuditLog(audit_db).rows()[rows_before:]
+    unauth = [r for r in rows if r.client.startswith("unknown:") or r.client == UNAUTHENTICATED_PEER]
+    assert attempts > 1000 and sum(r.occurrences or 1 for r in unauth) >= attempts // 2
+    assert len(unauth) <= elapsed + 2, (len(unauth), elapsed)  # ≤ 1 row per second (+ the last interval's fold)
+    assert any(r.client == alice and r.error_code == P.E_BAD_REQUEST for r in rows)
+    assert not any(r.client == "*" for r in rows)
+    import sqlite3
+
+    with sqlite3.connect(audit_db) as db:  # the average stored row: database pages after a checkpoint / rows
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        pages, size = db.execute("PRAGMA page_count").fetchone()[0], db.execute("PRAGMA page_size").fetchone()[0]
+        per_row = pages * size / db.execute("SELECT count(*) FROM audit_log").fetchone()[0]
+    per_day = len(unauth) / elapsed * 86_400 * per_row * 4 / 60  # at the default 60 s interval (4 s here)
+    assert per_day < 10e6, (per_row, per_day)

@@ -83,7 +83,11 @@ class Server:
         self.router.setsockopt(zmq.LINGER, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.writer = AuditWriter(audit)
-        self.aggregator = Aggregator(self.writer.submit, interval_s=config.audit.aggregate_s)
+        self.aggregator = Aggregator(
+            self.writer.submit,
+            interval_s=config.audit.aggregate_s,
+            unauth_interval_s=config.audit.aggregate_unauthenticated_s,
+        )
         self._denied: queue.SimpleQueue[str] = queue.SimpleQueue()  # ZAP thread -> loop
         self.authenticator = None
         self.roles: dict[str, str] = {}  # CURVE User-Id -> role
