@@ -32,6 +32,10 @@ def create_engine(
     if kind == "onnxruntime":
         from .ort_engine import OrtEngine
         from .static_cache import StaticCacheEngine
+        from .weights import check_external_ranges
+
+        if external:
+            check_external_ranges(model, {name: len(buf) for name, buf in external.items()})
 
         settings = dict(num_slots=num_slots, max_seq_len=max_seq_len, threads=threads, external=external, spin=spin)
         if spec.cache == "static":

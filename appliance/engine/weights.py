@@ -135,6 +135,49 @@ class WeightBuffer:
             self._map.close()
 
 
+class ExternalRangeError(EngineError):
+    """An initializer's external-data range is impossible (negative, past the file, overlapping another)."""
+
+
+def check_external_ranges(model: bytes, sizes: dict[str, int]) -> None:
+    """Refuse, naming the tensor, a graph whose external-data ranges a loader could misread: a file the bundle
+    lacks, a negative offset or length, a range past the end of its file, a length that is not the tensor's size,
+    or two tensors sharing bytes (pages released after one piece is built would be zeroes for another; the copy
+    fallback and the borrowed path must never read different weights). Vendor-signed bundles, so a vendor's
+    mistake — caught at load, before any session is built."""
+    import onnx
+
+    spans: dict[str, list[tuple[int, int, str]]] = {name: [] for name in sizes}
+    for tensor in onnx.ModelProto.FromString(model).graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in tensor.external_data}
+        location = where.get("location", "")
+        if location not in sizes:
+            raise ExternalRangeError(f"tensor {tensor.name!r} refers to external file {location!r}, not in the bundle")
+        try:
+            start, length = int(where.get("offset", "0")), int(where.get("length", "-1"))
+        except ValueError:
+            raise ExternalRangeError(f"tensor {tensor.name!r} has a non-numeric external-data range") from None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if start < 0 or length < 0 or start + length > sizes[location]:
+            raise ExternalRangeError(
+                f"tensor {tensor.name!r}: bytes {start}..{start + length} of {location} lie outside its "
+                f"{sizes[location]} bytes"
+            )
+        if length != expected:
+            raise ExternalRangeError(
+                f"tensor {tensor.name!r}: {length} bytes in {location}, its shape needs {expected}"
+            )
+        spans[location].append((start, start + length, tensor.name))
+    for location, ranges in spans.items():
+        ranges.sort()
+        for (_, end, first), (start, _, second) in zip(ranges, ranges[1:], strict=False):
+            if start < end:
+                raise ExternalRangeError(f"tensors {first!r} and {second!r} share bytes of {location}")
+
+
 def extent(model: bytes, name: str) -> int:
     """End of the last byte of external file ``name`` the graph refers to (what must be filled to build it)."""
     import onnx
