@@ -177,6 +177,10 @@ def seal(
     payload for another set of devices); per-file nonce prefixes are always fresh.
     """
     recipients = list(recipients)
+    if not MODEL_ID.fullmatch(model_id):
+        raise BundleFormatError(
+            f"model id {model_id!r}: use 1-128 letters, digits, '.', '_', '+' or '-', starting with a letter or digit"
+        )
     if not recipients:
         raise RecipientError("a bundle needs at least one recipient device (--recipient device-identity.json)")
     if not 1 << 16 <= chunk_size <= 1 << 26:
@@ -352,8 +356,9 @@ def verify_manifest(raw: bytes, sig: bytes, trusted: dict[str, Ed25519PublicKey]
     return manifest
 
 
-_PAYLOAD_PATH = re.compile(r"^payload/[0-9]{3,6}\.enc$")
-_HEX = re.compile(r"^[0-9a-f]*$")
+_PAYLOAD_PATH = re.compile(r"payload/[0-9]{3,6}\.enc")  # fullmatch: "$" would let a trailing newline through
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # printed in logs, health and audit rows: no escapes
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def validate_manifest(manifest: object, root: Path) -> None:
@@ -387,6 +392,10 @@ def validate_manifest(manifest: object, root: Path) -> None:
             raise bad(f"field {name!r} missing or not {kind.__name__}")
     if not _is_hex(manifest["bundle_id"], 16):
         raise bad("bundle_id must be 32 hex digits")
+    if not MODEL_ID.fullmatch(manifest["model_id"]):
+        raise bad("model_id must be 1-128 letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+    if not manifest["architecture"].isprintable() or len(manifest["architecture"]) > 128:
+        raise bad("architecture must be at most 128 printable characters")
     if manifest["version"] < 0:
         raise bad("version must be >= 0")
     seen_ids, seen_paths = set(), set()
@@ -401,7 +410,7 @@ def validate_manifest(manifest: object, root: Path) -> None:
             raise bad("file ids must be unique non-empty strings")
         if (
             not isinstance(entry.get("path"), str)
-            or not _PAYLOAD_PATH.match(entry["path"])
+            or not _PAYLOAD_PATH.fullmatch(entry["path"])
             or entry["path"] in seen_paths
         ):
             raise bad(f"file {entry['id']!r}: path {entry.get('path')!r} is not a unique payload/NNN.enc")
@@ -420,8 +429,8 @@ def validate_manifest(manifest: object, root: Path) -> None:
             raise bad("a recipients[] entry lacks fingerprint/ephemeral/nonce/wrapped_key strings")
 
 
-_CAPABILITY = re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}$")
-_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){0,3}$")
+_CAPABILITY = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}")
+_VERSION = re.compile(r"[0-9]+(\.[0-9]+){0,3}")
 
 
 def _validate_engines(engines: list, file_ids: set[str], bad) -> None:
@@ -438,15 +447,15 @@ def _validate_engines(engines: list, file_ids: set[str], bad) -> None:
             raise bad(f"{entry['kind']} engine lacks a dtype string or its target is not an object")
         if entry["kind"] == "tensorrt" and not (
             isinstance(target.get("compute_capability"), str)
-            and _CAPABILITY.match(target["compute_capability"])
+            and _CAPABILITY.fullmatch(target["compute_capability"])
             and isinstance(target.get("tensorrt"), str)
-            and _VERSION.match(target["tensorrt"])
+            and _VERSION.fullmatch(target["tensorrt"])
         ):
             raise bad('a tensorrt engine needs target {"compute_capability": "8.7", "tensorrt": "10.3.0"}')
 
 
 def _is_hex(value: object, nbytes: int) -> bool:
-    return isinstance(value, str) and len(value) == 2 * nbytes and bool(_HEX.match(value))
+    return isinstance(value, str) and len(value) == 2 * nbytes and bool(_HEX.fullmatch(value))
 
 
 def _verifies(key: Ed25519PublicKey, sig: bytes, data: bytes) -> bool:

@@ -66,3 +66,69 @@ def test_the_untampered_graph_loads(external_build):
         "onnxruntime", graph, spec, num_slots=1, max_seq_len=64, external={"model.onnx.data": data}, load_pieces=2
     )
     assert engine.prefill([(0, [1, 5, 6, 7])]).shape[-1] == spec.vocab_size
+
+
+def test_manifest_paths_and_names_must_match_whole(tmp_path):
+    """A trailing newline passed the payload-path check (``$`` matches before it); a model id with terminal escape
+    codes was printed raw by health, logs and audit listings. Both refused, at seal and at verify."""
+    from provisioning.bundle import BundleFormatError, validate_manifest
+
+    good = {
+        "format": 2,
+        "bundle_id": "0" * 32,
+        "model_id": "r1-distill_1.5b",
+        "version": 1,
+        "architecture": "Qwen2ForCausalLM",
+        "engines": [],
+        "files": [
+            {
+                "id": "model.onnx",
+                "path": "payload/000.enc",
+                "size": 10,
+                "chunk_size": 1 << 16,
+                "chunks": 1,
+                "nonce_prefix": "00" * 7,
+                "ciphertext_sha256": "00" * 32,
+            }
+        ],
+        "recipients": [],
+        "created": 0,
+    }
+    validate_manifest(good, tmp_path)
+    bad_files = [{**good["files"][0], "path": "payload/000.enc\n"}]
+    for field, value in (
+        ("files", bad_files),
+        ("model_id", "tiny\x1b[2J\x1b[31mOK"),
+        ("model_id", "tiny\n"),
+        ("model_id", ""),
+        ("architecture", "Qwen2\x1b]0;pwned\x07"),
+        ("bundle_id", "0" * 32 + "\n"),
+    ):
+        with pytest.raises(BundleFormatError):
+            validate_manifest({**good, field: value}, tmp_path)
+
+
+def test_seal_refuses_an_unprintable_model_id(tiny_build, tmp_path):
+    from tests.conftest import run_cli
+
+    run_cli("edge-provision", "keygen", "--vendor", str(tmp_path / "vendor"))
+    run_cli("edge-provision", "enroll", "--keys", str(tmp_path / "keys"), "--out", str(tmp_path / "id.json"))
+    proc = run_cli(
+        "edge-provision",
+        "seal",
+        "--model",
+        str(tiny_build / "onnx"),
+        "--model-id",
+        "tiny\x1b[31m",
+        "--version",
+        "1",
+        "--signing-key",
+        str(tmp_path / "vendor" / "vendor-ed25519.key"),
+        "--recipient",
+        str(tmp_path / "id.json"),
+        "--out",
+        str(tmp_path / "bundle"),
+        check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "model id" in lines[0], proc.stderr
