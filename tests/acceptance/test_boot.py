@@ -375,6 +375,12 @@ def test_the_gateway_unit_from_the_wheel_serves_revokes_and_comes_back_with_the_
     machine.sh(f"systemctl restart {UNIT}", timeout=300)  # the allow-list is read at start
     machine.wait_unit(UNIT, serving(3), 120, "the daemon did not come back with the gateway allow-listed")
     machine.sh(f"systemctl enable --now {HTTP_UNIT}", timeout=300)  # Type=notify: after the daemon accepted it
+    props = machine.sh(f"systemctl show {HTTP_UNIT} -p PrivateUsers,TasksMax,MemoryMax,PrivateMounts").stdout
+    assert "PrivateUsers=yes" in props and "TasksMax=256" in props and "PrivateMounts=yes" in props, props
+    score = machine.sh(f"systemd-analyze security {HTTP_UNIT} --no-pager", check=False).stdout
+    level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", score).group(1))
+    print(f"systemd-analyze security {HTTP_UNIT}: {level}")
+    assert level <= 1.2  # 1.7 before PrivateUsers, ~@privileged, PrivateMounts, TasksMax, MemoryMax
     assert _openai_in_the_device(machine, kept) == "length"
     assert _openai_in_the_device(machine, revoked) == "length"
 
