@@ -40,6 +40,8 @@ OURS = {  # name: edge-models export flags
     "q4-uncalibrated": ["--quantize", "q4", "--calibration-windows", "0"],
     "q4-rtn": ["--quantize", "q4", "--method", "rtn"],  # symmetric round-to-nearest, 8-bit head
     "q4-previous": ["--quantize", "q4", "--method", "rtn", "--head-bits", "4"],  # the default before this change
+    "q4-sym": ["--quantize", "q4", "--method", "mse-sym"],  # the calibrated search without zero points
+    "q4-head4": ["--quantize", "q4", "--head-bits", "4"],  # the default method with a 4-bit head
 }
 LLAMA = ("F32", "Q8_0", "Q4_K_M", "Q4_0")
 
@@ -96,7 +98,7 @@ def score(model_dir: Path, text: Path, chunks: int, threads: int) -> dict:
     return {"perplexity": math.exp(nll / count), "tokens_scored": count}
 
 
-def speed(model_dir: Path, threads: int, new_tokens: int = 128) -> dict:
+def speed(model_dir: Path, threads: int, new_tokens: int = 256) -> dict:
     import numpy as np
 
     from appliance.engine import create_engine
@@ -156,7 +158,7 @@ def llama_perplexity(bin_dir: Path, model: Path, args) -> dict:
 
 
 def llama_speed(bin_dir: Path, model: Path, args) -> dict:
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-p", "0", "-n", "128", "-t", str(args.threads)]
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-p", "0", "-n", "256", "-t", str(args.threads)]
     cmd += ["-r", "1", "-o", "json"]
     out, _ = run_child(cmd)
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-cpp", help="llama.cpp's build/bin (llama-quantize, llama-perplexity, llama-bench)")
     p.add_argument("--threads", type=int, default=2, help="threads for every runtime (default: 2)")
     p.add_argument("--chunks", type=int, default=40, help="512-token chunks of text scored (default: 40)")
-    p.add_argument("--rounds", type=int, default=3, help="speed rounds, alternating between variants (default: 3)")
+    p.add_argument("--rounds", type=int, default=7, help="speed rounds, alternating between variants (default: 7)")
     p.add_argument("--work", default="build/quality", help="exports and llama.cpp files (default: build/quality)")
     p.add_argument("--out", default="bench/results/quality.json", help="results file")
     p.add_argument("--text", help=argparse.SUPPRESS)
@@ -195,15 +197,21 @@ def main(argv: list[str] | None = None) -> int:
             run_child([str(exe), "export", "--gguf", str(source), "--out", str(out), *flags])
             print(f"exported {name} in {time.monotonic() - started:.0f} s", file=sys.stderr)
         size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
-        rows[f"ours {name}"] = {"runtime": "edge-appliance", "bytes": size, **ours_child("score", out, args)}
+        cached = out / f"score-{args.chunks}.json"  # perplexity is deterministic: a rerun redoes only the speed
+        if not cached.exists():
+            cached.write_text(json.dumps(ours_child("score", out, args)))
+        rows[f"ours {name}"] = {"runtime": "edge-appliance", "bytes": size, **json.loads(cached.read_text())}
         print(f"ours {name}: {rows[f'ours {name}']}", file=sys.stderr)
     llama = {}
     if args.llama_cpp:
         bin_dir = Path(args.llama_cpp)
         llama = llama_files(bin_dir, source, work)
         for kind, path in llama.items():
+            cached = work / f"llama-{kind}-score-{args.chunks}.json"
+            if not cached.exists():
+                cached.write_text(json.dumps(llama_perplexity(bin_dir, path, args)))
             rows[f"llama.cpp {kind}"] = {"runtime": "llama.cpp", "bytes": path.stat().st_size}
-            rows[f"llama.cpp {kind}"].update(llama_perplexity(bin_dir, path, args))
+            rows[f"llama.cpp {kind}"].update(json.loads(cached.read_text()))
             print(f"llama.cpp {kind}: {rows[f'llama.cpp {kind}']}", file=sys.stderr)
     speeds: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(args.rounds):  # rounds alternate: every variant once per round
@@ -214,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = llama_speed(Path(args.llama_cpp), llama[name.removeprefix("llama.cpp ")], args)
             speeds[name].append(result["tokens_per_s"])
     for name, row in rows.items():
+        # this VM's neighbours make single runs vary by ±15 %: the median of the rounds, and the best (what the
+        # machine can do when it is quiet; decode is bandwidth-bound, noise only slows it)
         row["tokens_per_s"] = statistics.median(speeds[name])
+        row["tokens_per_s_best"] = max(speeds[name])
+        row["tokens_per_s_rounds"] = speeds[name]
         base = rows["ours fp32" if name.startswith("ours ") else "llama.cpp F32"]["perplexity"]
         row["drift"] = row["perplexity"] / base - 1
     summary = {}
@@ -227,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             "q4_target_met": ours_q4["drift"] <= q4km["drift"] and ours_q4["bytes"] <= 1.1 * q4km["bytes"],
             "q8_target_met": rows["ours q8"]["drift"] <= rows["llama.cpp Q8_0"]["drift"],
             "q4_speed_vs_previous_default": ours_q4["tokens_per_s"] / rows["ours q4-previous"]["tokens_per_s"],
+            "q4_best_speed_vs_previous_default": ours_q4["tokens_per_s_best"]
+            / rows["ours q4-previous"]["tokens_per_s_best"],
+            "q4_speed_vs_q4_k_m": ours_q4["tokens_per_s"] / q4km["tokens_per_s"],
         }
     result = {
         "checkpoint": source.name,
@@ -239,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"{'variant':24} {'MB':>7} {'ppl':>8} {'drift':>8} {'tok/s':>7} {'RSS MB':>7}")
+    print(f"{'variant':24} {'MB':>7} {'ppl':>8} {'drift':>8} {'tok/s':>7} {'best':>7} {'RSS MB':>7}")
     for name, r in rows.items():
         print(
             f"{name:24} {r['bytes'] / 1e6:7.1f} {r['perplexity']:8.3f} {r['drift']:+8.2%} "
-            f"{r['tokens_per_s']:7.1f} {r['peak_rss_mb']:7.0f}"
+            f"{r['tokens_per_s']:7.1f} {r['tokens_per_s_best']:7.1f} {r['peak_rss_mb']:7.0f}"
         )
     if summary:
         print(json.dumps(summary, indent=2))

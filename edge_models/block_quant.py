@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK_SIZE = 32
-METHODS = ("mse", "rtn")
+METHODS = ("mse", "mse-sym", "rtn")
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ def quantize(weight: np.ndarray, bits: int, method: str = "mse", importance: np.
         importance = None if importance is None else np.pad(importance, (0, pad))
     if method == "rtn":
         return _rtn(weight, bits, k)
-    if method != "mse":
+    if method not in ("mse", "mse-sym"):
         raise ValueError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
-    return _mse(weight, bits, k, importance)
+    return _mse(weight, bits, k, importance, symmetric=method == "mse-sym")
 
 
 def quantize_blocks(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,9 @@ def _rtn(weight: np.ndarray, bits: int, k: int) -> Packed:
     return Packed(bits, k, packed, scales.reshape(n, blocks))
 
 
-def _mse(weight: np.ndarray, bits: int, k: int, importance: np.ndarray | None, chunk: int = 1 << 16) -> Packed:
+def _mse(
+    weight: np.ndarray, bits: int, k: int, importance: np.ndarray | None, symmetric: bool = False, chunk: int = 1 << 16
+) -> Packed:
     n, kp = weight.shape
     blocks = kp // BLOCK_SIZE
     x = weight.reshape(n * blocks, BLOCK_SIZE).astype(np.float32, copy=False)
@@ -106,11 +108,12 @@ def _mse(weight: np.ndarray, bits: int, k: int, importance: np.ndarray | None, c
     zps = np.empty(len(x), np.uint8)
     for start in range(0, len(x), chunk):  # bounded scratch memory on 7B-sized matrices
         sl = slice(start, start + chunk)
-        q[sl], scales[sl], zps[sl] = _search(x[sl], bits, None if imp is None else imp[sl])
+        q[sl], scales[sl], zps[sl] = _search(x[sl], bits, None if imp is None else imp[sl], symmetric)
     q = q.reshape(n, blocks, BLOCK_SIZE)
     packed = (q[..., 0::2] | q[..., 1::2] << 4).astype(np.uint8) if bits == 4 else q
     zps = zps.reshape(n, blocks)
-    return Packed(bits, k, np.ascontiguousarray(packed), scales.reshape(n, blocks), _pack_zero_points(zps, bits))
+    zero_points = None if symmetric else _pack_zero_points(zps, bits)  # symmetric: the implied midpoint
+    return Packed(bits, k, np.ascontiguousarray(packed), scales.reshape(n, blocks), zero_points)
 
 
 def _pack_zero_points(zps: np.ndarray, bits: int) -> np.ndarray:
@@ -123,12 +126,21 @@ def _pack_zero_points(zps: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(zps[:, 0::2] | (zps[:, 1::2] << 4), np.uint8)
 
 
-def _search(x: np.ndarray, bits: int, imp: np.ndarray | None, steps: int = 21) -> tuple[np.ndarray, ...]:
-    """Per row of ``x [R, 32]``: integer codes, scale and integer zero point minimising Σ w (x - s (q - z))²."""
+def _search(
+    x: np.ndarray, bits: int, imp: np.ndarray | None, symmetric: bool = False, steps: int = 21
+) -> tuple[np.ndarray, ...]:
+    """Per row of ``x [R, 32]``: integer codes, scale and integer zero point minimising Σ w (x - s (q - z))²
+    (``symmetric``: the zero point fixed at the midpoint, no zero points stored)."""
     qmax = float((1 << bits) - 1)
     w = np.ones_like(x) if imp is None else imp + 1e-12
+    flip = np.ones(len(x), np.float32)
+    if symmetric:  # the grid [-mid, mid - 1] * s: a negative scale puts the row's extreme on the longer side
+        flip = np.where(x.max(1) > -x.min(1), -1.0, 1.0).astype(np.float32)
+        x = x * flip[:, None]
     lo = np.minimum(x.min(1), 0.0)
     hi = np.maximum(x.max(1), 0.0)
+    if symmetric:
+        hi = -lo * (qmax - 1) / (qmax + 1)  # mid - 1 steps above zero, mid below
     span = np.maximum(hi - lo, 1e-12)
     best_err = np.full(len(x), np.inf, np.float32)
     best_q = np.zeros(x.shape, np.uint8)
@@ -136,7 +148,7 @@ def _search(x: np.ndarray, bits: int, imp: np.ndarray | None, steps: int = 21) -
     best_z = np.zeros(len(x), np.uint8)
     for delta in np.linspace(-1.0, 1.0, steps):  # candidate scales around span / qmax
         s = span / (qmax + delta)
-        z = np.clip(np.rint(-lo / s), 0, qmax)
+        z = np.full(len(x), float(1 << (bits - 1))) if symmetric else np.clip(np.rint(-lo / s), 0, qmax)
         q = np.clip(np.rint(x / s[:, None]) + z[:, None], 0, qmax)
         c = q - z[:, None]
         # least-squares scale for these codes
@@ -148,4 +160,4 @@ def _search(x: np.ndarray, bits: int, imp: np.ndarray | None, steps: int = 21) -
         best_s = np.where(better, s, best_s)
         best_z = np.where(better, z, best_z).astype(np.uint8)
         best_q[better] = q[better].astype(np.uint8)
-    return best_q, best_s.astype(np.float32), best_z
+    return best_q, (best_s * flip).astype(np.float32), best_z

@@ -83,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         weights = fused_graph.Weights.from_safetensors(Path(args.model))
         special = checkpoint_special_ids(Path(args.model))
     importance = None
-    if args.quantize and args.method == "mse" and args.calibration_windows > 0:
+    if args.quantize and args.method.startswith("mse") and args.calibration_windows > 0:
         importance = _calibrate(args, config, weights, special, source if args.gguf else Path(args.model))
     spec = fused_graph.build_fused_decoder(
         config,
@@ -401,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--traced", action="store_true", help="trace through torch.onnx instead of writing the fused graph")
     e.add_argument(
         "--method",
-        choices=("mse", "rtn"),
+        choices=("mse", "mse-sym", "rtn"),
         default="mse",
-        help="mse: asymmetric blocks, error-minimising scales, calibrated (default); rtn: symmetric round-to-nearest",
+        help="mse: asymmetric blocks, error-minimising scales, calibrated (default); mse-sym: the same search on a "
+        "symmetric grid (no zero points); rtn: symmetric round-to-nearest",
     )
     e.add_argument("--head-bits", type=int, choices=(4, 8), help="bits of the LM head and embedding (default: 8)")
     e.add_argument(
