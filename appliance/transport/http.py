@@ -102,6 +102,14 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         path = self.path.split("?", 1)[0]
         try:
+            # Framing only by Content-Length: a Transfer-Encoding (alone or beside a Content-Length) or a GET that
+            # carries a body would leave bytes a proxy and this server read differently (request smuggling).
+            if "Transfer-Encoding" in self.headers:
+                self.close_connection = True
+                raise O.ApiError(400, "Transfer-Encoding is not accepted; send the body with Content-Length")
+            if self.command == "GET" and self.headers.get("Content-Length", "0").strip() not in ("", "0"):
+                self.close_connection = True
+                raise O.ApiError(400, "a GET request carries no body")
             route = routes.get(path)
             if route is None:
                 raise O.ApiError(
@@ -167,6 +175,10 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise O.ApiError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise O.ApiError(400, "the body's JSON is nested too deeply") from None
+        except ValueError as exc:  # an integer past Python's digit limit
+            raise O.ApiError(400, f"the body's JSON has a value out of range: {exc}") from None
 
     def _forward(self, call: O.Call, behalf: dict) -> None:
         rid = self.request_id = uuid.uuid4().hex

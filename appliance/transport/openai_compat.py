@@ -83,6 +83,10 @@ def _typed(body: dict, name: str, kind: type | tuple[type, ...], what: str) -> A
     value = body.get(name)
     if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
         raise _bad(name, f"'{name}' must be {what}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 64:
+        raise _bad(name, f"'{name}' is out of range (a 64-bit integer)")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(name, f"'{name}' must be a finite number")
     return value
 
 
