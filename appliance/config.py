@@ -82,6 +82,7 @@ class AuthConfig:
 class MetricsConfig:
     port: int = 0  # Prometheus scrape port on `address`; 0 = off (the admin-only `metrics` op always works)
     address: str = "127.0.0.1"
+    token_file: str | None = None  # a file holding a bearer token scrapers must send (relative to this config)
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,7 @@ anonymous_role = "infer"    # role of every connection when CURVE is off; only "
 
 [metrics]
 port = 0                    # Prometheus scrape port on 127.0.0.1 (0 = off); the `metrics` op needs role admin
+# token_file = "metrics.token"  # scrapers send `Authorization: Bearer <token>`; at most 8 scrapes at once, 5 s each
 
 [http]                      # `edge-appliance http`: OpenAI-compatible gateway (docs/HTTP.md); needs curve = true
 listen = "127.0.0.1:8080"   # "host:port" or "unix:/run/edge-appliance-http/http.sock"

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from appliance.audit import AuditLog
-from appliance.config import Config
+from appliance.config import Config, ConfigError
 from appliance.engine.ort_engine import map_large_allocations
 from appliance.loader import LoadedModel, load_model
 from appliance.metrics import METRICS
@@ -17,6 +17,21 @@ from appliance.transport.server import BindError, Server
 from provisioning.keys import DEVICE_ED25519, load_ed25519, load_public_x25519, make_undumpable
 
 log = logging.getLogger("appliance.daemon")
+
+
+def metrics_token(config: Config) -> str | None:
+    """The bearer token of ``[metrics] token_file`` (relative to the config file), or None."""
+    if not config.metrics.token_file:
+        return None
+    base = config.source.parent if config.source else Path(".")
+    path = base / config.metrics.token_file
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"[metrics] token_file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"[metrics] token_file {path}: the token must be at least 16 characters")
+    return token
 
 
 def warm_up(model: LoadedModel) -> float:
@@ -75,7 +90,7 @@ def run_daemon(config: Config) -> int:
     if config.metrics.port:
         address = f"{config.metrics.address}:{config.metrics.port}"
         try:
-            METRICS.serve_http(config.metrics.port, config.metrics.address)
+            METRICS.serve_http(config.metrics.port, config.metrics.address, metrics_token(config))
         except OSError as exc:
             raise BindError(f"cannot serve metrics on {address}: {exc.strerror}; change [metrics] port") from None
 

@@ -9,8 +9,12 @@ localhost. Every metric is described in docs/OPERATIONS.md.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import socketserver
+import threading
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +23,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 if TYPE_CHECKING:
@@ -137,9 +141,66 @@ class Metrics:
     def render(self) -> str:
         return generate_latest(self.registry).decode()
 
-    def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", addr, port)
+    def serve_http(self, port: int, addr: str = "127.0.0.1", token: str | None = None) -> ScrapeServer:
+        """prometheus-client's WSGI app behind a bounded server: at most ``ScrapeServer.max_connections`` at once
+        (more are closed at once), each given ``timeout_s`` in all, and with ``token`` a bearer credential."""
+        server = ScrapeServer((addr, port), _Quiet)
+        server.set_app(_with_token(make_wsgi_app(self.registry), token))
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        log.info("metrics on http://%s:%d/metrics%s", addr, port, " (bearer token)" if token else "")
+        return server
+
+
+class ScrapeServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per scrape, never more than ``max_connections`` (an idle connection was a thread with no timeout:
+    307 of them took the daemon past its unit's TasksMax)."""
+
+    daemon_threads = True
+    max_connections = 8
+    timeout_s = 5.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self.refused = 0
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.timeout_s)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
+def _with_token(app, token: str | None):
+    if not token:
+        return app
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ, start_response):
+        presented = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if not hmac.compare_digest(presented, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+            return [b"send Authorization: Bearer <the [metrics] token_file's token>\n"]
+        return app(environ, start_response)
+
+    return guarded
 
 
 METRICS = Metrics()

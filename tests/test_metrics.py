@@ -84,3 +84,59 @@ def test_metrics_op_is_refused_without_the_admin_role(served):
     with Client(device.endpoint) as client, pytest.raises(ClientError) as refused:
         client.call("metrics")
     assert refused.value.code == "forbidden"
+
+
+def test_the_scrape_port_takes_a_token_and_idle_connections_cost_no_threads(tiny_build, tmp_path):
+    """With [metrics] token_file a scrape without the bearer token gets 401; 120 idle connections (no bytes) leave
+    the daemon's thread count where it was (each was a thread with no timeout: 307 took it past TasksMax), and a
+    scrape works again once they time out."""
+    import os
+    import socket
+    import time
+    import urllib.error
+
+    device = provision_device(tiny_build, tmp_path / "site")
+    port = free_port()
+    (device.config.parent / "metrics.token").write_text("s3cret-scrape-token-0123\n")
+    text = device.config.read_text().replace("port = 0 ", f'token_file = "metrics.token"\nport = {port} ')
+    device.config.write_text(text)
+    daemon = Daemon(device, tmp_path / "daemon")
+    try:
+        daemon.wait_for("READY=1")
+        url = f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        auth = {"Authorization": "Bearer s3cret-scrape-token-0123"}
+        assert (
+            b"edge_appliance_model_version"
+            in urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=10).read()
+        )
+        threads = len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(120)]
+
+        def closed_by_server(s: socket.socket) -> bool:
+            s.settimeout(0.05)
+            try:
+                return s.recv(1, socket.MSG_PEEK) == b""
+            except (TimeoutError, BlockingIOError):
+                return False
+            except ConnectionError:
+                return True
+
+        deadline = time.monotonic() + 10
+        while sum(closed_by_server(s) for s in idle) < 120 - 8:  # all accepted: past the cap, closed at once
+            assert time.monotonic() < deadline, "the server never turned the surplus connections away"
+        assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) <= threads + 8
+        deadline = time.monotonic() + 20
+        while True:  # the held connections time out after 5 s; then a scrape gets through
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, headers=auth), timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "the scrape port never recovered"
+                time.sleep(0.5)
+        for s in idle:
+            s.close()
+    finally:
+        daemon.stop()
