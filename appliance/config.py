@@ -31,6 +31,7 @@ class ServerConfig:
     max_message_bytes: int = 1 << 20  # one request frame; up to 4x this is answered too_large, beyond drops the link
     rcvhwm: int = 16  # messages queued per connection before libzmq stops reading from it
     max_per_client: int = 16  # requests one client identity may have running or queued at once
+    max_connections_per_client: int = 4  # connections one CURVE key may hold open (each buffers rcvhwm frames)
     turn_budget_ms: float = 20.0  # time the loop spends reading requests before serving replies and the watchdog
 
 
@@ -275,6 +276,7 @@ endpoints = ["{endpoint}"]
 max_message_bytes = 1048576    # one request frame
 rcvhwm = 16                 # messages queued per connection
 max_per_client = 16         # requests one client may have running or queued
+max_connections_per_client = 4  # connections one CURVE key may hold; more are answered busy
 turn_budget_ms = 20         # loop time spent reading requests before replies and the watchdog
 
 [engine]

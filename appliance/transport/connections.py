@@ -28,6 +28,8 @@ class Connections:
         self._bound: dict[bytes, tuple[int, int]] = {}  # routing id -> (fd, generation)
         self._by_conn: dict[tuple[int, int], set[bytes]] = {}
         self._tokens: dict[bytes, str] = {}  # routing id -> this connection's random name
+        self._owner: dict[bytes, str] = {}  # routing id -> the key identity it was admitted for
+        self._by_identity: dict[str, set[bytes]] = {}
 
     def accepted(self, fd: int) -> None:
         self._generation[fd] = self._generation.get(fd, 0) + 1
@@ -51,7 +53,27 @@ class Connections:
         for route in routes:
             self._bound.pop(route, None)
             self._tokens.pop(route, None)
+            owner = self._owner.pop(route, None)
+            if owner is not None:
+                self._by_identity[owner].discard(route)
+                if not self._by_identity[owner]:
+                    del self._by_identity[owner]
         return routes
+
+    def admit(self, route: bytes, identity: str, limit: int) -> bool:
+        """Whether connection ``route`` may speak for key ``identity``: at most ``limit`` connections per key (a
+        key's connections each buffer up to rcvhwm frames in libzmq, so their number bounds its memory)."""
+        if route in self._owner:
+            return True
+        routes = self._by_identity.setdefault(identity, set())
+        if len(routes) >= limit:
+            return False
+        routes.add(route)
+        self._owner[route] = identity
+        return True
+
+    def connections_of(self, identity: str) -> int:
+        return len(self._by_identity.get(identity, ()))
 
     def token(self, route: bytes) -> str:
         """The random name of the connection ``route`` belongs to."""

@@ -277,7 +277,20 @@ class Server:
             # may have been queued while this turn was reading; attribute those first.
             self._on_monitor()
         self.connections.seen(route, _source_fd(payload))
-        self._handle(envelope, self._peer(route, payload), payload)
+        peer = self._peer(route, payload)
+        limit = self.config.server.max_connections_per_client
+        if not peer.identity.startswith("anonymous:") and not self.connections.admit(route, peer.identity, limit):
+            op, rid = "?", None
+            if len(payload) <= self.config.server.max_message_bytes:  # answer under the request's own id
+                try:
+                    req = P.parse_request(payload.bytes, self.config.engine.max_new_tokens)
+                    op, rid = req.op, req.id
+                except P.ProtocolError:
+                    pass
+            message = f"this key already has {limit} connections open, the per-client limit; send on one of those"
+            self._refuse(envelope, peer, P.ProtocolError(P.E_BUSY, message), op=op, rid=rid)
+            return True
+        self._handle(envelope, peer, payload)
         return True
 
     def _peer(self, route: bytes, frame: zmq.Frame) -> Peer:
