@@ -81,6 +81,20 @@ def test_a_late_disconnect_only_cancels_its_own_generation():
     assert conns.disconnected(12) == {b"new"}
 
 
+def test_a_frame_read_after_its_connection_closed_is_not_bound_or_counted():
+    """libzmq may still hold frames of a connection whose DISCONNECTED was already handled: such a frame must not
+    bind its route again (no disconnect would ever clear it) nor count against its key's connection cap."""
+    conns = Connections()
+    conns.accepted(7)
+    assert conns.seen(b"bob-1", 7) and conns.admit(b"bob-1", "bob", 1)
+    assert conns.disconnected(7) == {b"bob-1"}
+    assert not conns.seen(b"bob-1", 7)  # a late frame of the closed connection
+    assert conns.connections_of("bob") == 0
+    conns.accepted(7)  # a new connection gets the descriptor
+    assert conns.seen(b"bob-2", 7) and conns.admit(b"bob-2", "bob", 1)
+    assert not conns.admit(b"bob-3", "bob", 1)  # the key's cap holds
+
+
 def test_aggregator_writes_a_burst_then_one_row_per_interval_and_loses_no_event():
     written: list[Entry] = []
     agg = Aggregator(written.extend, interval_s=10.0, burst=3, max_keys=2)

@@ -7,9 +7,9 @@ each with its own request id (ordinary refusals stay individually visible); the 
 and written as one row (``occurrences`` = the count) when the interval ends. Nothing is dropped:
 every event is in exactly one row's count.
 
-Parties without a verified identity — a refused CURVE key (``unknown:…``), a failed handshake
-(``unauthenticated``), an HTTP request without a valid API key (``anonymous``/``unknown:…``), an anonymous
-connection (``anonymous:…``, CURVE off) — cost nothing to multiply (a fresh key per connection is a new party),
+Parties that failed to authenticate — a refused CURVE key (``unknown:…``), a failed handshake
+(``unauthenticated``), an HTTP request without a valid API key (``anonymous``/``unknown:…``) — cost nothing to
+multiply (a fresh key per connection is a new party),
 so they share one global budget instead of a bucket each: the first ``unauth_rows`` (1) of their events per
 ``unauth_interval_s`` (60 s) are written as they come (the first offender stays visible, key fingerprint and
 all), every later one is folded into one row per (op, code) for the interval, under ``UNAUTHENTICATED_PEER``. A
@@ -31,7 +31,10 @@ UNAUTHENTICATED_PEER = "*unauthenticated"  # folded events of parties without a 
 
 
 def unauthenticated(client: str) -> bool:
-    return client.startswith(("unknown:", "anonymous")) or client == "unauthenticated"
+    """A party that tried to authenticate and failed: a refused key (``unknown:…``), a failed handshake, an HTTP
+    request with no key (``anonymous``). Connections of a device run without CURVE (``anonymous:…``) keep their
+    own buckets: there every client is anonymous, and its refusals stay individually visible."""
+    return client.startswith("unknown:") or client in ("unauthenticated", "anonymous")
 
 
 @dataclass

@@ -30,6 +30,7 @@ class Connections:
         self._tokens: dict[bytes, str] = {}  # routing id -> this connection's random name
         self._owner: dict[bytes, str] = {}  # routing id -> the key identity it was admitted for
         self._by_identity: dict[str, set[bytes]] = {}
+        self._closed: dict[tuple[int, int], None] = {}  # recently closed (fd, generation), oldest first
 
     def accepted(self, fd: int) -> None:
         self._generation[fd] = self._generation.get(fd, 0) + 1
@@ -37,19 +38,28 @@ class Connections:
     def knows(self, route: bytes) -> bool:
         return route in self._bound
 
-    def seen(self, route: bytes, fd: int | None) -> None:
-        """A message from ``route`` arrived on descriptor ``fd`` (None when libzmq cannot tell)."""
+    def seen(self, route: bytes, fd: int | None) -> bool:
+        """A message from ``route`` arrived on descriptor ``fd`` (None when libzmq cannot tell). False when it is a
+        frame of a connection that already closed (libzmq still held it): nobody can receive its answer, and binding
+        it would resurrect a route no disconnect will ever clear."""
+        if fd is not None and route not in self._bound and (fd, self._generation.get(fd, 0)) in self._closed:
+            return False
         if route not in self._tokens:
             self._tokens[route] = secrets.token_hex(8)
         if fd is None or route in self._bound:
-            return
+            return True
         conn = (fd, self._generation.get(fd, 0))
         self._bound[route] = conn
         self._by_conn.setdefault(conn, set()).add(route)
+        return True
 
     def disconnected(self, fd: int) -> set[bytes]:
         """The routing ids whose connection just closed (forgotten from now on)."""
-        routes = self._by_conn.pop((fd, self._generation.get(fd, 0)), set())
+        conn = (fd, self._generation.get(fd, 0))
+        self._closed[conn] = None
+        while len(self._closed) > 4096:
+            del self._closed[next(iter(self._closed))]
+        routes = self._by_conn.pop(conn, set())
         for route in routes:
             self._bound.pop(route, None)
             self._tokens.pop(route, None)

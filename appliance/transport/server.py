@@ -122,6 +122,7 @@ class Server:
         self._loaded: LoadedModel | Exception | None = None
         self.disconnect_cancels = 0
         self.frames_refused = 0
+        self.late_frames = 0  # frames of connections that had closed before they were read
         self._loaded_in = 0.0  # seconds the last reload's load took
         self.reloads = 0  # generation published to `edge-appliance reload` (appliance.reload)
         METRICS.watch(self)
@@ -276,7 +277,9 @@ class Server:
             # A new connection: its ACCEPTED (and any DISCONNECTED of a previous owner of its descriptor)
             # may have been queued while this turn was reading; attribute those first.
             self._on_monitor()
-        self.connections.seen(route, _source_fd(payload))
+        if not self.connections.seen(route, _source_fd(payload)):
+            self.late_frames += 1  # its connection closed while libzmq still held it: no one to answer
+            return True
         peer = self._peer(route, payload)
         limit = self.config.server.max_connections_per_client
         if not peer.identity.startswith("anonymous:") and not self.connections.admit(route, peer.identity, limit):
