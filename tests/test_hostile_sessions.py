@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 from appliance.client import Client
 from appliance.serving.admission import scoped
 from appliance.serving.sessions import Session, SessionStore
@@ -51,19 +53,23 @@ def test_a_reused_routing_id_inherits_nothing(daemon, device):
     ctx = zmq.Context.instance()
 
     def ask(text: str, rid: str) -> dict:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, b"victim-route")
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(daemon.endpoint)
-        try:
-            sock.send(P.request(P.OP_GENERATE, rid, prompt=text, session="chart", max_tokens=2))
-            while True:
-                assert sock.poll(30_000), "no reply"
-                reply = msgpack.unpackb(sock.recv_multipart()[-1])
-                if reply["type"] in ("done", "error"):
-                    return reply
-        finally:
-            sock.close()
+        """One request on a fresh connection with the chosen routing id. libzmq ignores a connection whose routing
+        id a connection it has not cleaned up yet still holds, so retry (a new connection) until one is heard."""
+        deadline = time.monotonic() + 30
+        while True:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, b"victim-route")
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(daemon.endpoint)
+            try:
+                sock.send(P.request(P.OP_GENERATE, rid, prompt=text, session="chart", max_tokens=2))
+                while sock.poll(2_000):
+                    reply = msgpack.unpackb(sock.recv_multipart()[-1])
+                    if reply["type"] in ("done", "error"):
+                        return reply
+            finally:
+                sock.close()
+            assert time.monotonic() < deadline, "the daemon never heard the reused routing id"
 
     first = ask("The patient", "r1")
     assert first["type"] == "done"
@@ -71,5 +77,5 @@ def test_a_reused_routing_id_inherits_nothing(daemon, device):
     assert second["type"] == "done" and second["usage"]["cached_tokens"] == 0
     device_rows = AuditLog(load_config(device.config).audit_db).rows()
     clients = {r.client for r in device_rows if r.request_id in ("r1", "r2")}
-    assert len(clients) == 2 and all(len(c.removeprefix("anonymous:")) == 16 for c in clients), clients
+    assert len(clients) >= 2 and all(len(c.removeprefix("anonymous:")) == 16 for c in clients), clients
     assert not any(b"victim-route".hex() in c for c in clients)
