@@ -244,6 +244,9 @@ def load_config(path: Path) -> Config:
     http = HttpConfig(**{**http.__dict__, **{k: str(resolve(v)) for k, v in paths_in.items()}})
     if bool(http.tls_cert) != bool(http.tls_key) or (http.tls_client_ca and not http.tls_cert):
         raise ConfigError(f"{path}: [http] TLS needs tls_cert and tls_key (tls_client_ca only with them)")
+    metrics = sections["metrics"]
+    if metrics.token_file:
+        metrics = MetricsConfig(**{**metrics.__dict__, "token_file": str(resolve(metrics.token_file))})
     return Config(
         state_dir=resolve(paths["state_dir"]),
         trust_dir=resolve(paths["trust_dir"]),
@@ -254,7 +257,7 @@ def load_config(path: Path) -> Config:
         audit=audit,
         auth=auth,
         sessions=sections["sessions"],
-        metrics=sections["metrics"],
+        metrics=metrics,
         http=http,
         source=path,
     )

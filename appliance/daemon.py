@@ -20,11 +20,10 @@ log = logging.getLogger("appliance.daemon")
 
 
 def metrics_token(config: Config) -> str | None:
-    """The bearer token of ``[metrics] token_file`` (relative to the config file), or None."""
+    """The bearer token of ``[metrics] token_file`` (resolved against the config file when loaded), or None."""
     if not config.metrics.token_file:
         return None
-    base = config.source.parent if config.source else Path(".")
-    path = base / config.metrics.token_file
+    path = Path(config.metrics.token_file)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -109,22 +109,18 @@ def _exported(spec, out: Path, copied: list[str]) -> None:
 
 def _calibrate(args: argparse.Namespace, config, weights, special: dict, source) -> dict | None:
     """Activation importance from ``--data`` (the user's own corpus) or the standard library's docstrings."""
-    import tempfile
-
     from tokenizers import Tokenizer
 
     from .calibrate import activation_importance, model_from_weights
     from .data import build_dataset
 
-    if isinstance(source, Path) and not (source / "tokenizer.json").is_file():
-        print(f"{source} has no tokenizer.json: quantizing uncalibrated", file=sys.stderr)
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(source, Path):
-            tok = Tokenizer.from_file(str(source / "tokenizer.json"))
-        else:
-            source.save_tokenizer(Path(tmp))
-            tok = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+    if isinstance(source, Path):
+        if not (source / "tokenizer.json").is_file():
+            print(f"{source} has no tokenizer.json: quantizing uncalibrated", file=sys.stderr)
+            return None
+        tok = Tokenizer.from_file(str(source / "tokenizer.json"))
+    else:
+        tok = source.tokenizer()
     ds = build_dataset(
         tok,
         [Path(p) for p in args.data] if args.data else None,

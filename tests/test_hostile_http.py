@@ -4,7 +4,6 @@ behind a proxy that reuses connections), a GET carrying a body. Raw sockets agai
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 
@@ -61,12 +60,10 @@ def test_json_nested_past_the_parser_depth_gets_one_400(site):
 
 
 def test_transfer_encoding_beside_content_length_is_refused_once(site):
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 1}).encode()
     smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     raw = post(site, b"0\r\n\r\n" + smuggled, extra="Transfer-Encoding: chunked\r\n")
     responses = exchange(site, raw)
     assert [code for code, _ in responses] == [400], responses  # the hidden GET is never answered
-    assert body  # (a well-formed request on a fresh connection still works: test_http covers it)
 
 
 def test_a_get_with_a_body_is_refused_once(site):

@@ -35,6 +35,7 @@ from edge_models.tokenizer import checkpoint_special_ids
 
 from .conftest import BIN, Daemon, provision_device
 from .gguf_writer import add_tokenizer, write_gguf
+from .test_fused_graph import SHAPE as FUSED_SHAPE
 
 REAL = Path(os.environ.get("EDGE_REAL_CACHE", Path(__file__).resolve().parents[1] / "build" / "real"))
 VARIED = [
@@ -368,14 +369,8 @@ def test_bos_only_when_the_tokenizer_adds_it(smol, tmp_path):
 
 
 # -- GGUF files written from test checkpoints --
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=256,
-)
+# test_fused_graph's tiny shape, with each test's own vocabulary and special ids
+SHAPE = {k: v for k, v in FUSED_SHAPE.items() if k not in ("vocab_size", "bos_token_id", "eos_token_id")}
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,11 @@ class Connections:
         return len(self._by_identity.get(identity, ()))
 
     def token(self, route: bytes) -> str:
-        """The random name of the connection ``route`` belongs to."""
-        return self._tokens.setdefault(route, secrets.token_hex(8))
+        """The random name of the connection ``route`` belongs to (drawn by ``seen``; here only if it was not)."""
+        token = self._tokens.get(route)
+        if token is None:
+            token = self._tokens[route] = secrets.token_hex(8)
+        return token
 
     def __len__(self) -> int:
         return len(self._bound)
