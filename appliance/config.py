@@ -99,7 +99,12 @@ class HttpConfig:
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates signed by it
     timeout_s: float = 60.0  # longest wait for the daemon's next reply
-    max_connections: int = 64  # concurrent HTTP connections; more are answered 503 at once
+    max_connections: int = 64  # requests in flight at once; more are answered 503 at once
+    max_per_source: int = 16  # requests in flight from one client address; more are answered 429
+    header_timeout_s: float = 10.0  # a request's head must arrive in full within this; also the keep-alive idle limit
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (then 408)
+    keep_alive_requests: int = 1000  # requests on one connection before the server closes it
+    max_header_bytes: int = 16 << 10  # the request line and headers together
     max_body_bytes: int = 1 << 20
 
 
@@ -244,6 +249,11 @@ def load_config(path: Path) -> Config:
     http = HttpConfig(**{**http.__dict__, **{k: str(resolve(v)) for k, v in paths_in.items()}})
     if bool(http.tls_cert) != bool(http.tls_key) or (http.tls_client_ca and not http.tls_cert):
         raise ConfigError(f"{path}: [http] TLS needs tls_cert and tls_key (tls_client_ca only with them)")
+    limits = ("timeout_s", "header_timeout_s", "body_timeout_s", "max_connections", "max_per_source")
+    limits += ("keep_alive_requests", "max_header_bytes", "max_body_bytes")
+    for name in limits:
+        if getattr(http, name) <= 0:
+            raise ConfigError(f"{path}: [http] {name} must be greater than 0 (it is {getattr(http, name)})")
     metrics = sections["metrics"]
     if metrics.token_file:
         metrics = MetricsConfig(**{**metrics.__dict__, "token_file": str(resolve(metrics.token_file))})

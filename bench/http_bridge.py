@@ -6,7 +6,12 @@ project's Python client, CURVE) and over HTTP (a thin `http.client` SSE reader, 
 the bridge's cost, not a client library's), alternating which goes first, at each concurrency
 level. Time to first token is measured on the client, from sending the request to the first text.
 
+With ``--before REV`` a second gateway runs the gateway code of git revision REV (a worktree on
+its own port, the same daemon, the same keys) and takes its turn in every round: the gateway's
+added latency before and after a change, measured side by side in one run.
+
     .venv/bin/python bench/http_bridge.py --config .demo/appliance.toml
+    .venv/bin/python bench/http_bridge.py --config .demo/appliance.toml --before 58d1916
 """
 
 from __future__ import annotations
@@ -142,6 +147,30 @@ def summary(ttfts: list[float]) -> dict:
     }
 
 
+def baseline(rev: str, work: Path) -> Path:
+    """A worktree of the project at ``rev`` (its ``appliance`` package is the gateway measured as "before")."""
+    tree = work / f"before-{rev}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True)
+    return tree
+
+
+def start_gateway(exe: Path, config: Path, log, tree: Path | None = None) -> subprocess.Popen:
+    if tree is None:
+        return subprocess.Popen([str(exe), "--config", str(config), "http"], stdout=log, stderr=log)
+    env = {**os.environ, "PYTHONPATH": str(tree)}  # that revision's package ahead of the installed one
+    code = "import sys; from appliance.cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, "--config", str(config), "http"]
+    return subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=tree)
+
+
+def gateway_health(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn.request("GET", "/health")
+    if conn.getresponse().status != 200:
+        raise RuntimeError("gateway not ready")
+
+
 def wait_ready(proc: subprocess.Popen, what: str, check) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -164,6 +193,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per level (default: 4)")
     p.add_argument("--per-round", type=int, default=10, help="requests per transport per round (default: 10)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per request (default: 16)")
+    p.add_argument("--before", metavar="REV", help="also run the gateway of git revision REV, side by side")
     p.add_argument("--out", default="bench/results/http_bridge.json", help="results file")
     args = p.parse_args()
 
@@ -173,54 +203,55 @@ def main() -> int:
     secret = (work / "client" / "client.key").read_bytes()
     server_key = server_public_key(str((ROOT / args.identity).resolve()))
     curve = {"curve_server_key": server_key, "curve_keypair": (zmq.curve_public(secret), secret)}
-    logs = [open(work / f"{name}.log", "w") for name in ("daemon", "gateway")]  # noqa: SIM115 - closed below
+    logs = [open(work / f"{name}.log", "w") for name in ("daemon", "gateway", "gateway-before")]  # noqa: SIM115
     daemon = subprocess.Popen([str(exe), "--config", str(config), "serve"], stdout=logs[0], stderr=logs[0])
-    gateway = None
+    gateways: list[subprocess.Popen] = []
+    before_config = config.with_name("bench-http-before.toml")
     try:
         with Client(endpoint, timeout_s=2, retries=1, **curve) as probe:
             wait_ready(daemon, "daemon", probe.health)
             info = probe.info()
-        gateway = subprocess.Popen([str(exe), "--config", str(config), "http"], stdout=logs[1], stderr=logs[1])
-
-        def gateway_health() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status != 200:
-                raise RuntimeError("gateway not ready")
-
-        wait_ready(gateway, "gateway", gateway_health)
+        gateways.append(start_gateway(exe, config, logs[1]))
+        wait_ready(gateways[0], "gateway", lambda: gateway_health(port))
         model = info["model_id"]
         runs = {
             "zeromq": (zmq_requests, endpoint, curve),
             "http": (http_requests, port, key, model),
         }
-        load(zmq_requests, 1, 2, endpoint, curve, args.new_tokens)  # warm-ups
-        load(http_requests, 1, 2, port, key, model, args.new_tokens)
+        if args.before:
+            before_port = free_port()
+            before_config.write_text(config.read_text().replace(f"127.0.0.1:{port}", f"127.0.0.1:{before_port}"))
+            gateways.append(start_gateway(exe, before_config, logs[2], baseline(args.before, work)))
+            wait_ready(gateways[1], f"gateway at {args.before}", lambda: gateway_health(before_port))
+            runs["http_before"] = (http_requests, before_port, key, model)
+        for worker, *fixed in runs.values():  # warm-ups
+            load(worker, 1, 2, *fixed, args.new_tokens)
         transcript = openai_transcript(port, key, model)
         levels = {}
+        names = list(runs)
         for clients in args.clients:
             per_client = max(1, args.per_round // clients)
-            samples: dict[str, list[float]] = {"zeromq": [], "http": []}
+            samples: dict[str, list[float]] = {name: [] for name in names}
             for r in range(args.rounds):
-                order = ("zeromq", "http") if r % 2 == 0 else ("http", "zeromq")
-                for name in order:
+                for name in names[r % len(names) :] + names[: r % len(names)]:  # each goes first in turn
                     worker, *fixed = runs[name]
                     samples[name] += load(worker, clients, per_client, *fixed, args.new_tokens)
                 print(f"{clients} client(s), round {r + 1}/{args.rounds}", flush=True)
-            z, h = summary(samples["zeromq"]), summary(samples["http"])
-            levels[str(clients)] = {
-                "zeromq": z,
-                "http": h,
-                "added_ms": {k: round(h[k] - z[k], 2) for k in ("p50_ms", "p99_ms", "mean_ms")},
-            }
+            level = {name: summary(samples[name]) for name in names}
+            z = level["zeromq"]
+            for name in names[1:]:
+                level[f"added_ms{name.removeprefix('http')}"] = {
+                    k: round(level[name][k] - z[k], 2) for k in ("p50_ms", "p99_ms", "mean_ms")
+                }
+            levels[str(clients)] = level
     finally:
-        for proc in (gateway, daemon):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=30)
+        for proc in (*gateways, daemon):
+            proc.terminate()
+            proc.wait(timeout=30)
         for f in logs:
             f.close()
         config.unlink()
+        before_config.unlink(missing_ok=True)
     result = {
         "what": "time to first token, client-measured: HTTP gateway (SSE) vs ZeroMQ, same daemon, same run",
         "command": "python bench/http_bridge.py " + " ".join(sys.argv[1:]),
@@ -234,6 +265,7 @@ def main() -> int:
         "curve": True,
         "audit": "on",
         "response_cache": 0,
+        "before": args.before and {"revision": args.before, "gateway": "the gateway code of that revision"},
         "clients": levels,
         "openai_transcript": transcript,
     }
@@ -244,6 +276,9 @@ def main() -> int:
             f"p99 {level['zeromq']['p99_ms']:.1f} -> {level['http']['p99_ms']:.1f} ms "
             f"(added p50 {level['added_ms']['p50_ms']:+.1f} ms, p99 {level['added_ms']['p99_ms']:+.1f} ms)"
         )
+        if "http_before" in level:
+            b = level["added_ms_before"]
+            print(f"    gateway at {args.before}: added p50 {b['p50_ms']:+.1f} ms, p99 {b['p99_ms']:+.1f} ms")
     return 0
 
 

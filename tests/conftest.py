@@ -288,9 +288,10 @@ def mint_api_key(name: str, role: str, keys_file) -> str:
 
 
 @contextlib.contextmanager
-def http_site(tiny_build: Path, root: Path):
+def http_site(tiny_build: Path, root: Path, http_extra: str = ""):
     """A device with CURVE on, a running daemon and a running `edge-appliance http` gateway in front of it, an
-    allow-listed ZeroMQ client (press4/) and two API keys (infer, admin): the set-up docs/HTTP.md describes."""
+    allow-listed ZeroMQ client (press4/) and two API keys (infer, admin): the set-up docs/HTTP.md describes.
+    ``http_extra``: more ``[http]`` lines (limits a test tightens)."""
     device = provision_device(tiny_build, root / "site")
     allow = []
     for name, role, out in (("press-line-4", "infer", "press4"), ("http-gateway", "gateway", "gateway")):
@@ -306,7 +307,7 @@ def http_site(tiny_build: Path, root: Path):
     text = text.replace(
         'listen = "127.0.0.1:8080"',
         f'listen = "127.0.0.1:{port}"\nkeys = "http-keys.toml"\nclient_key = "{root}/gateway/client.key"\n'
-        f'server_key = "{device.identity}"\ntimeout_s = 30',
+        f'server_key = "{device.identity}"\ntimeout_s = 30\n{http_extra}',
     )
     device.config.write_text(text)
     daemon = Daemon(device, root / "run")

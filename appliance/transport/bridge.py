@@ -1,17 +1,20 @@
-"""The gateway's connection to the daemon: one DEALER socket shared by every HTTP request thread.
+"""The gateway's connection to the daemon: one DEALER socket shared by every HTTP request.
 
-ZeroMQ sockets belong to one thread, so a single I/O thread owns the DEALER: request threads hand
-it frames through an inproc PUSH socket (used under a lock) and read the replies for their request
-id from their own queue. One connection for all requests keeps the gateway a single, allow-listed
-client of the daemon; a request that loses its HTTP client is ended with an explicit ``cancel``.
+ZeroMQ sockets belong to one thread, so a single I/O thread owns the DEALER: requests hand it
+frames through an inproc PUSH socket (used under a lock) and read the replies for their request
+id from their own inbox: a thread's queue, or an asyncio queue fed through the loop
+(``AsyncStream``, what the gateway's ASGI app reads). One connection for all requests keeps the
+gateway a single, allow-listed client of the daemon; a request that loses its HTTP client is
+ended with an explicit ``cancel``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import zmq
@@ -20,6 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from appliance.transport import protocol as P
 
 SUBMIT = "inproc://gateway-submit"
+_R = TypeVar("_R", bound="_Replies")
 
 
 class BridgeError(Exception):
@@ -119,8 +123,8 @@ class Bridge:
                     }
                 )
 
-    def _send(self, rid: str, op: str, fields: dict[str, Any]) -> Stream:
-        stream = Stream(self, rid, fields.get("on_behalf_of"))
+    def _send(self, rid: str, op: str, fields: dict[str, Any], stream: _R | None = None) -> _R:
+        stream = stream or Stream(self, rid, fields.get("on_behalf_of"))  # type: ignore[assignment]
         with self._lock:
             self._waiting[rid] = stream.inbox
         self._submit(P.request(op, rid, **fields))
@@ -151,14 +155,43 @@ class Bridge:
         """Start a generation; read its ``token``/``done``/``error`` replies from the stream."""
         return self._send(rid, P.OP_GENERATE, fields)
 
+    def open(self, op: str, rid: str | None = None, **fields: Any) -> AsyncStream:
+        """Send ``op`` from a coroutine; await its replies with ``AsyncStream.next`` (on the calling loop)."""
+        rid = rid or uuid.uuid4().hex
+        stream = AsyncStream(self, rid, fields.get("on_behalf_of"))
+        return self._send(rid, op, fields, stream)
 
-class Stream:
-    """The replies to one request, in order."""
+    async def acall(self, op: str, timeout_s: float | None = None, **fields: Any) -> dict:
+        """``call`` for a coroutine: a one-reply op, awaited without holding a thread."""
+        stream = self.open(op, **fields)
+        try:
+            return await stream.next(timeout_s or self.timeout_s)
+        finally:
+            stream.close()
+
+
+class _Replies:
+    """One request's id, its end user (cancels name the same), and the inbox the bridge's thread fills."""
+
+    inbox: queue.SimpleQueue[dict] | _LoopInbox
 
     def __init__(self, bridge: Bridge, rid: str, on_behalf_of: dict | None = None):
         self.bridge = bridge
         self.id = rid
         self.on_behalf_of = on_behalf_of
+
+    def cancel(self) -> None:
+        self.bridge.cancel(self.id, self.on_behalf_of)
+
+    def close(self) -> None:
+        self.bridge._forget(self.id)
+
+
+class Stream(_Replies):
+    """The replies to one request, in order, read by a thread."""
+
+    def __init__(self, bridge: Bridge, rid: str, on_behalf_of: dict | None = None):
+        super().__init__(bridge, rid, on_behalf_of)
         self.inbox: queue.SimpleQueue[dict] = queue.SimpleQueue()
 
     def poll(self, timeout_s: float) -> dict | None:
@@ -174,8 +207,33 @@ class Stream:
             raise BridgeError(f"no reply from the daemon at {self.bridge.endpoint} in {timeout_s:g}s")
         return reply
 
-    def cancel(self) -> None:
-        self.bridge.cancel(self.id, self.on_behalf_of)
 
-    def close(self) -> None:
-        self.bridge._forget(self.id)
+class _LoopInbox:
+    """Replies put by the bridge's thread, delivered on the event loop that opened the stream."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+
+    def put(self, reply: dict) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, reply)
+
+
+class AsyncStream(_Replies):
+    """The replies to one request, in order, awaited on the event loop that opened it."""
+
+    def __init__(self, bridge: Bridge, rid: str, on_behalf_of: dict | None = None):
+        super().__init__(bridge, rid, on_behalf_of)
+        self.inbox = _LoopInbox()
+
+    async def poll(self, timeout_s: float) -> dict | None:
+        try:
+            return await asyncio.wait_for(self.inbox.queue.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+    async def next(self, timeout_s: float) -> dict:
+        reply = await self.poll(timeout_s)
+        if reply is None:
+            raise BridgeError(f"no reply from the daemon at {self.bridge.endpoint} in {timeout_s:g}s")
+        return reply
