@@ -101,6 +101,20 @@ class Metrics:
             f"{PREFIX}_audit_available", "1 while the audit store writes, 0 while requests are refused", registry=r
         )
 
+        self.constraint_compile = Histogram(
+            f"{PREFIX}_constraint_compile_seconds",
+            "Building a request's output constraint at admission (grammar cached by digest), by kind",
+            ["kind"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.constraint_mask = Histogram(
+            f"{PREFIX}_constraint_mask_seconds",
+            "Computing and applying one constrained row's token mask",
+            buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
+            registry=r,
+        )
+
     # -- events ---------------------------------------------------------------------------------
     def request(self, op: str, status: str, code: str | None = None) -> None:
         self.requests.labels(op, status).inc()
@@ -120,6 +134,12 @@ class Metrics:
             self.ttft.observe(entry.ttft_ms)
             if entry.completion_tokens > 1 and entry.total_ms > entry.ttft_ms:
                 self.tokens_per_s.observe((entry.completion_tokens - 1) / (entry.total_ms - entry.ttft_ms))
+
+    def constraint_compiled(self, kind: str, seconds: float) -> None:
+        self.constraint_compile.labels(kind).observe(seconds)
+
+    def constraint_masked(self, seconds: float) -> None:
+        self.constraint_mask.observe(seconds)
 
     def model_loaded(self, model_id: str, version: int, seconds: float) -> None:
         self.model_info.clear()

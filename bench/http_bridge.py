@@ -59,6 +59,8 @@ def site(config: Path, identity: Path, work: Path) -> tuple[Path, str, str, int]
     cfg = load_config(config)
     text = config.read_text().replace(cfg.server.endpoints[0], endpoint)
     text = re.sub(r"(?m)^response_cache\s*=.*$", "response_cache = 0", text)  # repeated requests must run
+    # 8 ZeroMQ clients with one key: more connections than the per-key default of 4
+    text = re.sub(r"(?m)^max_connections_per_client\s*=.*$", "max_connections_per_client = 16", text)
     text = text.replace("curve = false", f'curve = true\nclients = "{work}/clients.toml"')
     text = re.sub(
         r'(?m)^listen = ".*"$',
@@ -149,8 +151,9 @@ def summary(ttfts: list[float]) -> dict:
 
 def baseline(rev: str, work: Path) -> Path:
     """A worktree of the project at ``rev`` (its ``appliance`` package is the gateway measured as "before")."""
-    tree = work / f"before-{rev}"
+    tree = work.parent / f"{work.name}-before-{rev}"  # beside the work dir, which each run empties
     if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], check=True)
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True)
     return tree
 

@@ -7,8 +7,11 @@ import http.client
 import json
 import subprocess
 import time
+from typing import Literal
 
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from appliance.audit.chain import sha256_text
@@ -296,3 +299,68 @@ def test_a_gateway_whose_key_the_daemon_refuses_stops_at_once_with_one_line(site
     assert proc.returncode == 1 and "refused this gateway's CURVE key" in proc.stderr, proc.stderr[-2000:]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert time.monotonic() - start < 60
+
+
+class Ticket(pydantic.BaseModel):
+    """What a maintenance integration parses the answer into (the official client's structured-output helper)."""
+
+    machine: Literal["press", "conveyor", "robot"]
+    severity: Literal[1, 2, 3, 4, 5]
+    stopped: bool
+
+
+def test_structured_output_with_the_official_clients_parse_helper(site):
+    completion = site.openai().chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Report the fault on line 4 as a ticket."}],
+        response_format=Ticket,
+        max_tokens=120,
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Ticket), message.content
+    assert completion.choices[0].finish_reason == "stop"
+    row = site.wait_for_row(request_id=completion.id.removeprefix("chatcmpl-"))
+    assert row.constraint_kind == "json_schema" and len(row.constraint_sha256) == 64
+
+
+def test_json_schema_streamed_and_json_object_on_completions(site):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    stream = site.openai().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Is the press ok?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "status", "schema": schema, "strict": True}},
+        max_tokens=40,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), schema)
+    reply = site.openai().completions.create(
+        model=MODEL, prompt="Status:", max_tokens=60, extra_body={"guided_choice": ["ok", "fault"]}
+    )
+    assert reply.choices[0].text in ("ok", "fault") and reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+            "response_format",
+        ),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+        ({"guided_regex": "("}, "guided_regex"),
+    ],
+    ids=["bad-schema", "bad-type", "two-constraints", "bad-regex"],
+)
+def test_a_constraint_that_cannot_be_used_is_a_400_naming_the_field(site, extra, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        site.openai().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, extra_body=extra
+        )
+    assert err.value.body["param"] == param, err.value.body

@@ -32,7 +32,7 @@ from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 POLICIES = ("hash", "encrypted", "none")
 
 
@@ -78,6 +78,9 @@ class AuditRecord(Base):
     cache_hit: Mapped[int | None] = mapped_column(Integer)
     # schema 5: how many identical events this row stands for (NULL = 1; see audit/aggregate.py)
     occurrences: Mapped[int | None] = mapped_column(Integer)
+    # schema 6: the output constraint a generate request carried (kind, sha256 of kind and source); NULL: none
+    constraint_kind: Mapped[str | None] = mapped_column(String(16))
+    constraint_sha256: Mapped[str | None] = mapped_column(String(64))
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
@@ -135,7 +138,15 @@ CHAINED_FIELDS = (
     "error_code",
     "finish_reason",
 )
-OPTIONAL_CHAINED = ("content_key_id", "prompt_sealed", "output_sealed", "cache_hit", "occurrences")
+OPTIONAL_CHAINED = (
+    "content_key_id",
+    "prompt_sealed",
+    "output_sealed",
+    "cache_hit",
+    "occurrences",
+    "constraint_kind",
+    "constraint_sha256",
+)
 ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
 
@@ -178,6 +189,8 @@ class Entry:
     finish_reason: str | None = None
     cache_hit: bool = False  # answered from the response cache, no model run
     occurrences: int = 1  # identical events this row stands for (aggregated refusals)
+    constraint_kind: str | None = None  # json_schema, json, regex, grammar or choice
+    constraint_sha256: str | None = None  # the constraint's digest (protocol.Constraint.digest)
 
 
 @dataclass
@@ -302,6 +315,8 @@ class AuditLog:
             fields["cache_hit"] = 1
         if entry.occurrences != 1:
             fields["occurrences"] = entry.occurrences
+        if entry.constraint_kind is not None:
+            fields["constraint_kind"], fields["constraint_sha256"] = entry.constraint_kind, entry.constraint_sha256
         if self.content != "none":
             fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
         return fields

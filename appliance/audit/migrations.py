@@ -43,7 +43,15 @@ def _v4_to_v5(conn) -> None:
         conn.execute(text("ALTER TABLE audit_log ADD COLUMN occurrences INTEGER"))
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5}
+def _v5_to_v6(conn) -> None:
+    """Output constraints are recorded (NULL on every earlier row: none, hashes unchanged)."""
+    present = {c["name"] for c in inspect(conn).get_columns("audit_log")}
+    for column, kind in (("constraint_kind", "VARCHAR(16)"), ("constraint_sha256", "VARCHAR(64)")):
+        if column not in present:
+            conn.execute(text(f"ALTER TABLE audit_log ADD COLUMN {column} {kind}"))
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
 
 
 def upgrade(engine) -> None:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from appliance.loader import LoadedModel
-from appliance.serving.chat import ChatError, mask_contents, opens_reasoning
+from appliance.serving.chat import THINK_CLOSE, ChatError, mask_contents, opens_reasoning
+from appliance.serving.constraints import Grammars
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import Job
@@ -42,6 +43,16 @@ class Admission:
         self.sessions = sessions
         self.responses = responses
         self.max_per_client = max_per_client
+        self._grammars: dict[tuple[str, object], Grammars] = {}  # per loaded model (a reload brings a new one)
+
+    def grammars(self, model: LoadedModel) -> Grammars:
+        key = (model.bundle_id, model.version)
+        if key not in self._grammars:
+            tokenizer, spec = model.tokenizer, model.spec
+            self._grammars = {  # the previous model's are dropped with it
+                key: Grammars(tokenizer, spec.vocab_size, spec.eos_token_ids, tokenizer.token_to_id(THINK_CLOSE))
+            }
+        return self._grammars[key]
 
     def admit(self, model: LoadedModel, req: P.Request, peer: Peer, in_flight: int) -> Job:
         """A job for ``req``, or ``ProtocolError``. ``in_flight``: the peer's requests already admitted."""
@@ -83,6 +94,12 @@ class Admission:
             raise P.ProtocolError(
                 P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds {engine.max_seq_len}{hint}", req.id
             )
+        try:  # compiled here, on the serving loop: a constraint that cannot be used never takes a slot
+            guide = self.grammars(model).guide(req, opens_reasoning(text))
+        except P.ProtocolError:
+            if session is not None:
+                self.sessions.release(session, restore)
+            raise
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(
             key=scoped(peer.identity, req.id),
@@ -109,6 +126,7 @@ class Admission:
             prompt_text=text,
             chat=chat,
             opens_reasoning=opens_reasoning(text),
+            guide=guide,
         )
 
     def abandon(self, job: Job) -> None:

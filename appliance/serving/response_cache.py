@@ -50,6 +50,8 @@ def cache_key(req: Request, model_version: object, identity: str) -> str | None:
             s.seed,
             list(req.stop),
             req.ignore_eos,
+            req.constraint.digest if req.constraint else None,
+            req.max_reasoning_tokens,
         ],
         use_bin_type=True,
     )

@@ -15,6 +15,7 @@ from appliance.audit.writer import AuditWriter
 from appliance.loader import LoadedModel
 from appliance.metrics import METRICS
 from appliance.serving.chat import THINK_OPEN, ReasoningSplitter, split_reasoning
+from appliance.serving.constraints import Guide
 from appliance.serving.detokenize import Detokenizer
 from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
@@ -25,7 +26,7 @@ from appliance.transport import protocol as P
 log = logging.getLogger("appliance.runner")
 
 _FINISH_ERRORS = {Finish.DEADLINE: P.E_DEADLINE, Finish.CANCELLED: P.E_CANCELLED, Finish.ERROR: P.E_INTERNAL}
-_COMPLETED = (Finish.EOS, Finish.LENGTH, Finish.STOP, Finish.CONTEXT)
+_COMPLETED = (Finish.EOS, Finish.LENGTH, Finish.STOP, Finish.CONTEXT, Finish.GRAMMAR)
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class Job:
     chat: list[dict] | None = None  # the conversation including this turn's messages (chat requests)
     opens_reasoning: bool = False  # the prompt ended with <think>: the output starts inside reasoning
     splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
+    guide: Guide | None = None  # the output constraint (and reasoning budget), applied to this row's logits
 
 
 @dataclass(frozen=True)
@@ -229,13 +231,18 @@ class EngineRunner(threading.Thread):
     def _next_token(self, seq: Sequence, logits, now: float) -> None:
         # Only the repetition penalty needs the history; skip the per-token copy when it is off.
         seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
+        job = self._jobs[seq.key]
+        guide = job.guide
+        if guide is not None:
+            logits = guide.mask(logits)
         token = sample(logits, seq.sampling, seen, seq.rng)
         with self._lock:
             if seq.finish is not None:  # cancelled by the serving loop since the step began
                 return
-            self.scheduler.on_token(seq, token, now)
+            ended = self.scheduler.on_token(seq, token, now)
+            if guide is not None and not ended and guide.advance(token):
+                self.scheduler.complete(seq)
         self.tokens_generated += 1
-        job = self._jobs[seq.key]
         fresh = job.detok.step(seq.output_ids, seq.finish is not None)
         if job.detok.stopped:
             with self._lock:
@@ -319,6 +326,8 @@ class EngineRunner(threading.Thread):
             error_code=error[0] if error else None,
             finish_reason=seq.finish.value if seq.finish else None,
             cache_hit=job.cache_hit,
+            constraint_kind=job.request.constraint.kind if job.request.constraint else None,
+            constraint_sha256=job.request.constraint.digest if job.request.constraint else None,
         )
         if error is not None:
             return entry, P.error_reply(job.request.id, error[0], error[1])

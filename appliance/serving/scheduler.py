@@ -32,6 +32,7 @@ class Finish(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached
     CONTEXT = "context"  # max_seq_len reached
     STOP = "stop"  # a stop sequence appeared
+    GRAMMAR = "grammar"  # the output constraint is complete: nothing else may follow
     DEADLINE = "deadline"
     CANCELLED = "cancelled"
     ERROR = "error"  # this request's own sampling or detokenization failed
@@ -196,6 +197,11 @@ class Scheduler:
         """End a running sequence because its text hit a stop sequence."""
         if seq.state is not State.FINISHED:
             self._finish(seq, Finish.STOP)
+
+    def complete(self, seq: Sequence) -> None:
+        """End a running sequence whose output constraint is complete (nothing else may follow)."""
+        if seq.state is not State.FINISHED:
+            self._finish(seq, Finish.GRAMMAR)
 
     def fail(self, seq: Sequence) -> None:
         """End a sequence whose own processing raised; its batch-mates carry on."""

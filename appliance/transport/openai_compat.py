@@ -31,14 +31,16 @@ _OFF = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, False),
-    "response_format": (None, {"type": "text"}),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
-_EXTENSIONS = {"ignore_eos"}  # vLLM's name; fixed output lengths for benchmarks
+_COMMON |= {"response_format"}
+# vLLM's names: fixed output lengths for benchmarks, and its guided decoding (the daemon's regex/choice/grammar)
+_GUIDED = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_EXTENSIONS = {"ignore_eos", *_GUIDED}
 _CHAT = _COMMON | _EXTENSIONS | {"messages", "max_completion_tokens"}
 _COMPLETION = _COMMON | _EXTENSIONS | {"prompt"}
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+_FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length", "context": "length"}
 
 
 class ApiError(Exception):
@@ -138,7 +140,36 @@ def _common(body: dict, allowed: set[str], model_id: str, chat: bool) -> Call:
         call.fields["stop"] = stop
         call.names["stop"] = "stop"
     _typed(body, "user", str, "a string")
+    _constraint(body, call)
     return call
+
+
+def _constraint(body: dict, call: Call) -> None:
+    """``response_format`` (``text``, ``json_object``, ``json_schema``) or one of vLLM's ``guided_*`` fields."""
+    wanted = [name for name in ("response_format", *_GUIDED) if body.get(name) is not None]
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise _bad("response_format", "'response_format.type' must be text, json_object or json_schema")
+        if fmt["type"] == "text":
+            wanted.remove("response_format")
+    if len(wanted) > 1:
+        raise _bad(wanted[1], f"'{wanted[0]}' and '{wanted[1]}' cannot be combined: one constraint per request")
+    if not wanted:
+        return
+    name = wanted[0]
+    if name in _GUIDED:
+        call.fields[_GUIDED[name]] = body[name]
+        call.names[_GUIDED[name]] = name
+    elif fmt["type"] == "json_object":
+        call.fields["json"], call.names["json"] = True, "response_format"
+    else:
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise _bad("response_format", "'response_format.json_schema' must be {name, schema: {...}, strict?}")
+        if not isinstance(spec.get("name"), str) or not isinstance(spec.get("strict", False), bool | None):
+            raise _bad("response_format", "'response_format.json_schema' needs a 'name' string; 'strict' is a boolean")
+        call.fields["json_schema"], call.names["json_schema"] = spec["schema"], "response_format"
 
 
 def parse_chat(body: dict, model_id: str, daemon_renders_chat: bool) -> Call:

@@ -8,6 +8,8 @@ msgpack map with ``v``, ``id`` and ``type`` (``token``, ``done``, ``result`` or 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,7 +25,9 @@ OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
 OP_AUTH_FAILED = "auth_failed"  # a gateway reports a refused credential, so the daemon audits it
 OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS, OP_AUTH_FAILED)
 # Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
-MINOR = 2
+MINOR = 3
+# Output constraints a generate request may carry (at most one); each is listed in ``info.features``.
+CONSTRAINT_KINDS = ("json_schema", "json", "regex", "grammar", "choice")
 FEATURES = (
     "stream",
     "cancel",
@@ -37,6 +41,9 @@ FEATURES = (
     "gateway",
     "messages",
     "reasoning",
+    *CONSTRAINT_KINDS,
+    "max_reasoning_tokens",
+    "unknown_fields_refused",
 )
 
 # Roles an end user acting through a gateway may have (a gateway cannot delegate its own role).
@@ -91,6 +98,9 @@ MAX_ROLE_CHARS = 32
 # What a reply does with R1-style ``<think>…</think>`` reasoning: stream and return it apart from the
 # answer (``reasoning`` fields), drop it, or leave it in the text as the model wrote it.
 REASONING_MODES = ("separate", "hide", "inline")
+MAX_CONSTRAINT_CHARS = 65_536  # a schema (as compact JSON), regex, grammar, or the choices together
+MAX_SCHEMA_DEPTH = 32  # nesting of maps and lists inside a json_schema
+MAX_CHOICES, MAX_CHOICE_CHARS = 256, 1_024
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 128
@@ -128,6 +138,20 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must match: ``kind`` is one of ``CONSTRAINT_KINDS``; ``source`` its canonical text (a schema
+    as compact JSON with sorted keys, the regex, the Lark grammar, the choices as a JSON list; ``{}`` for json)."""
+
+    kind: str
+    source: str
+
+    @property
+    def digest(self) -> str:
+        """sha256 of kind and source: the compile cache's key and the audit row's record of the constraint."""
+        return hashlib.sha256(f"{self.kind}\n{self.source}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class Request:
     op: str
     id: str
@@ -145,6 +169,8 @@ class Request:
     on_behalf_of: tuple[str, str] | None = None
     messages: tuple[dict, ...] | None = None  # [{role, content}] rendered with the model's chat template
     reasoning: str = "separate"  # one of REASONING_MODES
+    constraint: Constraint | None = None  # the output must match it (generate)
+    max_reasoning_tokens: int | None = None  # R1-style reasoning ends (</think> forced) after this many tokens
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -252,7 +278,23 @@ def _session(msg: dict, rid: str, required: bool = False) -> str | None:
     return session
 
 
+GENERATE_FIELDS = frozenset(
+    {"v", "id", "op", "on_behalf_of", "prompt", "messages", "reasoning", "max_tokens", "temperature", "top_k"}
+    | {"top_p", "repetition_penalty", "seed", "stop", "stream", "ignore_eos", "deadline_ms", "session"}
+    | {*CONSTRAINT_KINDS, "max_reasoning_tokens"}
+)
+
+
 def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
+    # A field this daemon does not know is refused, never ignored: a client asking for a constraint from an older
+    # daemon must not get unconstrained text believing it constrained.
+    unknown = sorted(str(k) for k in msg if k not in GENERATE_FIELDS)
+    _check(
+        not unknown,
+        f"unknown field(s) {', '.join(repr(k) for k in unknown)} in generate (protocol {VERSION}.{MINOR}; "
+        "info.features lists what this daemon supports)",
+        rid,
+    )
     prompt = _get(msg, "prompt", str, None, rid)
     messages = _messages(msg, rid)
     _check(
@@ -295,6 +337,8 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     ignore_eos = _get(msg, "ignore_eos", bool, False, rid)
     deadline = _get(msg, "deadline_ms", int, None, rid)
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
+    max_reasoning = _get(msg, "max_reasoning_tokens", int, None, rid)
+    _check(max_reasoning is None or max_reasoning >= 0, "field 'max_reasoning_tokens' must be >= 0", rid)
     return Request(
         op=OP_GENERATE,
         id=rid,
@@ -308,7 +352,58 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
         ignore_eos=ignore_eos,
         deadline_ms=deadline,
         session=_session(msg, rid),
+        constraint=_constraint(msg, rid),
+        max_reasoning_tokens=max_reasoning,
     )
+
+
+def _constraint(msg: dict, rid: str) -> Constraint | None:
+    """At most one of ``CONSTRAINT_KINDS``, its shape and size checked here; whether it compiles is the engine's."""
+    present = [k for k in CONSTRAINT_KINDS if k in msg]
+    if not present:
+        return None
+    _check(len(present) == 1, f"generate takes at most one of {', '.join(CONSTRAINT_KINDS)}; got {present}", rid)
+    kind, value = present[0], msg[present[0]]
+    if kind == "json_schema":
+        _check(isinstance(value, dict), "field 'json_schema' must be a map (a JSON schema)", rid)
+        _check(_depth(value) <= MAX_SCHEMA_DEPTH, f"field 'json_schema' nests deeper than {MAX_SCHEMA_DEPTH}", rid)
+        try:
+            source = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise ProtocolError(E_BAD_REQUEST, "field 'json_schema' holds a non-finite number", rid) from None
+    elif kind == "json":
+        _check(value is True, "field 'json' must be true (the output is one JSON object)", rid)
+        source = "{}"
+    elif kind == "choice":
+        _check(
+            isinstance(value, list)
+            and 0 < len(value) <= MAX_CHOICES
+            and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in value),
+            f"field 'choice' must be a list of 1..{MAX_CHOICES} non-empty strings of <= {MAX_CHOICE_CHARS} characters",
+            rid,
+        )
+        source = json.dumps(value, ensure_ascii=False)
+    else:  # regex, grammar
+        _check(isinstance(value, str) and len(value) > 0, f"field {kind!r} must be a non-empty string", rid)
+        source = value
+    if len(source) > MAX_CONSTRAINT_CHARS:
+        raise ProtocolError(
+            E_BAD_REQUEST, f"field {kind!r} is {len(source)} characters; the limit is {MAX_CONSTRAINT_CHARS}", rid
+        )
+    return Constraint(kind, source)
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    """Nesting of maps and lists (iterative: a hostile schema cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, level)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, at)
+            if deepest > MAX_SCHEMA_DEPTH:
+                return deepest
+            stack.extend((v, at + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
