@@ -55,7 +55,9 @@ def cmd_client_keygen(args: argparse.Namespace) -> int:
 
     entry = client_keygen(Path(args.out), args.name, args.role)
     print(
-        f"wrote {args.out}/client.key (0600) and client.pub; add to the daemon's allow-list:\n\n"
+        f"wrote {args.out}/client.key (0600) and client.pub; its identity (audit subject, scope of its requests, "
+        f"sessions and cache; what an admin names in cancel/end_session) is {entry.user_id}\n"
+        "add to the daemon's allow-list:\n\n"
         f'[[client]]\nname = "{entry.name}"\nkey = "{entry.key}"\nrole = "{entry.role}"'
     )
     return 0

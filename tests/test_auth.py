@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import zmq
+import zmq.utils.z85
 
 from appliance.audit import AuditLog
 from appliance.config import load_config
@@ -82,3 +85,20 @@ def test_malformed_allow_list_is_an_error(tmp_path):
     (tmp_path / "c.toml").write_text('[[client]]\nname = "x"\nkey = "short"\n')
     with pytest.raises(AuthConfigError, match="40-character"):
         load_clients(tmp_path / "c.toml")
+
+
+def test_a_client_can_form_and_learn_its_identity(secured):
+    """client-keygen prints the identity; info returns the caller's; both match the audit's and the documented
+    derivation (name, ':', the first 16 hex digits of SHA-256 of the 32-byte public key)."""
+    device, root, _ = secured
+    public = (root / "press4" / "client.pub").read_text().strip()
+    expected = "press-line-4:" + hashlib.sha256(zmq.utils.z85.decode(public.encode())).hexdigest()[:16]
+    printed = run_cli("edge-appliance", "client-keygen", "--out", str(root / "other"), "--name", "press-line-5").stdout
+    other = (root / "other" / "client.pub").read_text().strip()
+    assert "press-line-5:" + hashlib.sha256(zmq.utils.z85.decode(other.encode())).hexdigest()[:16] in printed
+    with curve_client(device, root) as client:
+        info = client.info()
+        client.complete("Return the", max_tokens=2, request_id="whoami")
+    assert (info["identity"], info["role"]) == (expected, "infer")
+    row = next(r for r in AuditLog(load_config(device.config).audit_db).rows() if r.request_id == "whoami")
+    assert row.client == expected

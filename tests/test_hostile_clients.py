@@ -252,7 +252,7 @@ def test_protocol_contract_details(site):
         for field in ("response_cache_hits", "sessions", "decode_steps", "audit_failures", "request_failures"):
             assert field in health
         reply = a.send_raw(msgpack.packb({"v": "1", "op": "health", "id": "str-version"}))
-        assert reply["code"] == P.E_VERSION and "integer" in reply["message"]
+        assert reply["code"] == P.E_BAD_REQUEST and "integer" in reply["message"]  # protocol 1.3: a type error
 
 
 # 11 ------------------------------------------------------------------------------------------

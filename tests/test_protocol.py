@@ -77,6 +77,27 @@ def test_invalid_fields_are_named(fields, code, needle):
     assert needle in err.value.message
 
 
+@pytest.mark.parametrize(
+    "msg, code, needle",
+    [
+        ({"op": "health", "id": None}, P.E_BAD_REQUEST, "'id'"),  # nil is not absent
+        ({"op": "health"}, P.E_BAD_REQUEST, "'v' is required"),
+        ({"v": 1.0, "op": "health"}, P.E_BAD_REQUEST, "integer"),
+        ({"v": True, "op": "health"}, P.E_BAD_REQUEST, "integer"),
+        ({"v": 1}, P.E_BAD_REQUEST, "'op' is required"),
+        ({"v": 2, "op": "health"}, P.E_VERSION, "not supported"),
+        ({"v": 1, "op": "generate", "prompt": "x", "json_scheme": {}}, P.E_BAD_REQUEST, "'json_scheme'"),
+    ],
+    ids=["id-nil", "v-missing", "v-float", "v-bool", "op-missing", "v-2", "unknown-field"],
+)
+def test_envelope_fields_are_exact(msg, code, needle):
+    """Protocol 1.3: a missing v or op is bad_request, v must be the integer 1, id nil is not id absent, and an
+    unknown generate field is refused (it could be a constraint this daemon would otherwise ignore)."""
+    with pytest.raises(P.ProtocolError) as err:
+        P.parse_request(msgpack.packb(msg), 256)
+    assert err.value.code == code and needle in err.value.message, err.value.message
+
+
 def test_version_is_checked_and_id_echoed():
     with pytest.raises(P.ProtocolError) as err:
         P.parse_request(msgpack.packb({"v": 2, "op": "health", "id": "abc"}), 256)

@@ -44,8 +44,17 @@ def test_running_sequences_with_tokens_decode():
 
 def test_full_queue_refuses():
     s = Scheduler(num_slots=1, max_queued=2, max_seq_len=64, eos_token_ids=(EOS,))
-    assert s.add(seq("a")) and s.add(seq("b"))
-    assert not s.add(seq("c"))
+    assert s.add(seq("a")) and s.add(seq("b")) and s.add(seq("c"))  # one of them takes the free slot
+    assert not s.add(seq("d"))
+
+
+def test_a_burst_fills_free_slots_before_it_counts_as_waiting():
+    """Six requests in one loop turn to an idle daemon with 4 slots and a queue of 4: none is busy (one was)."""
+    s = Scheduler(num_slots=4, max_queued=4, max_seq_len=64, eos_token_ids=(EOS,))
+    assert all(s.add(seq(f"r{i}")) for i in range(8))
+    assert not s.add(seq("r8"))
+    s.schedule(now=0.0)
+    assert len(s.running) == 4 and len(s.waiting) == 4 and not s.add(seq("r9"))
 
 
 def test_eos_finishes_without_adding_the_token():

@@ -104,7 +104,7 @@ class Admission:
         seq = Sequence(
             key=scoped(peer.identity, req.id),
             prompt_ids=ids,
-            max_tokens=min(req.max_tokens, room),
+            max_tokens=req.max_tokens,  # the context may end it first: finish_reason "context"
             sampling=req.sampling,
             deadline=deadline,
             ignore_eos=req.ignore_eos,

@@ -133,13 +133,28 @@ class Guide:
         self.max_reasoning = max_reasoning
         self.reasoning_tokens = 0
         self._bits = lgn.allocate_token_bitmask(1, vocab_size) if matcher is not None else None
+        self._prepared = False  # _bits holds the mask for the next token
+        self._mask_s = 0.0
 
     @property
     def reasoning(self) -> bool:
         return self.think_close is not None
 
+    @property
+    def constrains_next(self) -> bool:
+        """Whether the next token's mask comes from the matcher (not reasoning, not a bare reasoning budget)."""
+        return self.matcher is not None and not self.reasoning
+
+    def prepare(self) -> None:
+        """Compute the next token's mask now: the runner calls this on its helper thread while the engine runs
+        the step whose logits it will mask (llguidance releases the GIL while it computes)."""
+        start = time.perf_counter()
+        lgn.fill_next_token_bitmask(self.matcher, self._bits, 0)
+        self._prepared = True
+        self._mask_s = time.perf_counter() - start
+
     def mask(self, logits: np.ndarray) -> np.ndarray:
-        """``logits`` with every token the constraint forbids at -inf."""
+        """A copy of ``logits`` with every token the constraint forbids at -inf."""
         if self.reasoning:
             if self.max_reasoning is None or self.reasoning_tokens < self.max_reasoning:
                 return logits
@@ -148,13 +163,16 @@ class Guide:
             return forced
         if self.matcher is None:
             return logits
+        if not self._prepared:
+            self.prepare()
         start = time.perf_counter()
-        lgn.fill_next_token_bitmask(self.matcher, self._bits, 0)
-        allowed = np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
-        out = np.full_like(logits, -np.inf)
-        width = min(len(logits), self.vocab_size)
-        out[:width] = np.where(allowed[:width], logits[:width], -np.inf)
-        METRICS.constraint_masked(time.perf_counter() - start)
+        self._prepared = False
+        allowed = np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")
+        out = np.array(logits, dtype=logits.dtype, copy=True)
+        width = min(len(out), self.vocab_size)
+        out[:width][allowed[:width] == 0] = -np.inf
+        out[width:] = -np.inf  # padding rows past the tokenizer's vocabulary
+        METRICS.constraint_masked(self._mask_s + time.perf_counter() - start)
         return out
 
     def advance(self, token: int) -> bool:
@@ -167,6 +185,7 @@ class Guide:
             return False
         if self.matcher is None:
             return False
+        self._prepared = False
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"the constraint refused token {token}: {_line(self.matcher.get_error())}")
         return self.matcher.is_stopped()

@@ -107,8 +107,10 @@ class Scheduler:
         self._pending_finish: list[Sequence] = []
 
     def add(self, seq: Sequence) -> bool:
-        """Queue a request; False when the waiting queue is full (the caller answers ``busy``)."""
-        if len(self.waiting) >= self.max_queued:
+        """Queue a request; False when the waiting queue is full (the caller answers ``busy``). Requests that free
+        slots will take at the next ``schedule`` do not count as waiting: a burst that arrives in one loop turn
+        fills the idle slots first, and only what exceeds them is held against ``max_queued``."""
+        if len(self.waiting) >= self.max_queued + len(self.free_slots):
             return False
         self.waiting.append(seq)
         return True

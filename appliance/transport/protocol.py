@@ -211,16 +211,24 @@ def parse_request(frame: bytes, max_tokens_limit: int) -> Request:
     if not isinstance(msg, dict):
         raise ProtocolError(E_MALFORMED, f"request must be a msgpack map, got {type(msg).__name__}")
     rid = msg.get("id")
-    if rid is None:
+    if "id" not in msg:
         rid = uuid.uuid4().hex
-    elif not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:
+    elif not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_LEN:  # nil included: absent is not nil
         raise ProtocolError(E_BAD_REQUEST, f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
-    version = msg.get("v")
-    if version != VERSION or isinstance(version, bool):
+    if "v" not in msg:
+        raise ProtocolError(E_BAD_REQUEST, f"field 'v' is required (the integer {VERSION})", rid)
+    version = msg["v"]
+    if type(version) is not int:  # 1.0 and true are not the integer 1
+        raise ProtocolError(
+            E_BAD_REQUEST, f"field 'v' must be the integer {VERSION}, got {type(version).__name__}", rid
+        )
+    if version != VERSION:
         raise ProtocolError(
             E_VERSION, f"protocol version {version!r} not supported; field 'v' must be the integer {VERSION}", rid
         )
-    op = msg.get("op")
+    if "op" not in msg:
+        raise ProtocolError(E_BAD_REQUEST, f"field 'op' is required (one of {', '.join(OPS)})", rid)
+    op = msg["op"]
     if op not in OPS:
         raise ProtocolError(E_UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(OPS)}", rid)
     behalf = _on_behalf_of(msg, rid, required=op == OP_AUTH_FAILED)

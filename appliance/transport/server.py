@@ -327,6 +327,12 @@ class Server:
             return self._refuse(envelope, peer, exc, op=exc.op)
         if req.op == P.OP_GENERATE:
             return self._generate(envelope, peer, req)
+        if scoped(peer.identity, req.id) in self._routes:  # its reply would land inside that request's stream
+            err = P.ProtocolError(
+                P.E_DUPLICATE_ID,
+                f"a generate with id {req.id!r} is in flight for this client; give this {req.op} another id",
+            )
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id)
         if req.op == P.OP_AUTH_FAILED:  # a gateway refused a credential: audit it as that subject
             refused = Peer(req.on_behalf_of[0], "-", peer.route)
             self._audit(refused, req.op, req.id, "rejected", error_code=P.E_UNAUTHORIZED)
@@ -336,7 +342,7 @@ class Server:
         if req.op == P.OP_HEALTH:
             result = self.health()
         elif req.op == P.OP_INFO:
-            result = self.info()
+            result = {**self.info(), "identity": peer.identity, "role": peer.role}  # who the daemon sees: the caller
         elif req.op == P.OP_CANCEL:
             result = self._cancel(peer, req)
         elif req.op == P.OP_METRICS:
@@ -540,13 +546,21 @@ class Server:
             **_engine_stats(self.model.engine),
         }
 
+    def _offers(self, feature: str) -> bool:
+        """Features that depend on the model or the config are listed only where they are on."""
+        if feature == "messages":
+            return self.model.chat is not None
+        if feature == "response_cache":
+            return self.config.engine.response_cache > 0
+        return True
+
     def info(self) -> dict:
         eng, srv = self.config.engine, self.config.server
         return {
             "protocol": P.VERSION,
             "protocol_minor": P.MINOR,
             # 'messages' only where the model has a chat template to render them with
-            "features": [f for f in P.FEATURES if f != "messages" or self.model.chat is not None],
+            "features": [f for f in P.FEATURES if self._offers(f)],
             "software": __version__,
             "model_id": self.model.model_id,
             "version": self.model.version,
