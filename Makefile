@@ -82,6 +82,7 @@ bench: provision
 	$(BIN)/python -m bench.quality --llama-cpp build/llama.cpp/bin
 	$(BIN)/python bench/compression.py --teacher $(BUILD)/teacher
 	$(BIN)/python bench/prune_realistic.py
+	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/scale.py
 
 # Re-resolve every lock to today's newest releases within pyproject.toml's ranges (needs the network and uv,

@@ -288,11 +288,11 @@ def mint_api_key(name: str, role: str, keys_file) -> str:
 
 
 @contextlib.contextmanager
-def http_site(tiny_build: Path, root: Path, http_extra: str = ""):
+def http_site(tiny_build: Path, root: Path, http_extra: str = "", onnx: str = "onnx"):
     """A device with CURVE on, a running daemon and a running `edge-appliance http` gateway in front of it, an
     allow-listed ZeroMQ client (press4/) and two API keys (infer, admin): the set-up docs/HTTP.md describes.
-    ``http_extra``: more ``[http]`` lines (limits a test tightens)."""
-    device = provision_device(tiny_build, root / "site")
+    ``http_extra``: more ``[http]`` lines (limits a test tightens); ``onnx``: the build's model directory."""
+    device = provision_device(tiny_build, root / "site", onnx=onnx)
     allow = []
     for name, role, out in (("press-line-4", "infer", "press4"), ("http-gateway", "gateway", "gateway")):
         text = run_cli(

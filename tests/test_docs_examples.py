@@ -53,6 +53,7 @@ EXPECT = {
 BY_CONTENT = {
     'messages=[{"role": "user", "content": "Which valve is V-12?"}]': ("chat", ()),
     'session="line-7"': ("demo", ("{'ended': True",)),  # and the second turn came from the kept context (below)
+    "json_schema=ticket": ("demo", ('{"machine":"',)),
 }
 SKIP = {
     ("README.md", "edge-models export --gguf DeepSeek-R1-Distill-Qwen-1.5B-Q8_0."): (

@@ -61,7 +61,7 @@ def test_openai_fields_map_to_daemon_fields():
     [
         ({"n": True}, "n"),  # a bool is not the integer 1
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),  # the deprecated role
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
         ({"max_tokens": "5"}, "max_tokens"),
     ],

@@ -10,7 +10,7 @@ continue or end another's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from appliance.loader import LoadedModel
 from appliance.serving.chat import THINK_CLOSE, ChatError, mask_contents, opens_reasoning
@@ -20,6 +20,7 @@ from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import Job
 from appliance.serving.scheduler import Sequence
 from appliance.serving.sessions import Session, SessionBusy, SessionStore
+from appliance.serving.tools import ToolError, check_template, template_messages, template_tools, tool_constraint
 from appliance.transport import protocol as P
 
 
@@ -95,6 +96,8 @@ class Admission:
                 P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds {engine.max_seq_len}{hint}", req.id
             )
         try:  # compiled here, on the serving loop: a constraint that cannot be used never takes a slot
+            if req.tools and req.constraint is None:  # a required or named call: its markup and schema
+                req = replace(req, constraint=tool_constraint(req))
             guide = self.grammars(model).guide(req, opens_reasoning(text))
         except P.ProtocolError:
             if session is not None:
@@ -157,8 +160,26 @@ def prompt_tokens(
     if restore is not None and restore.messages is None:
         raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
 
+    tools = None
+    if req.tools:
+        try:
+            check_template(template.source)
+        except ToolError as exc:
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"field 'tools': {exc}", req.id) from None
+        tools = template_tools(req.tools)
+        literal = model.literal_content
+        for m in new:  # arguments reach the template as JSON, unmasked: markup in them is refused, never rendered
+            for call in m.get("tool_calls", ()):
+                if literal is not None and any(text in call["arguments"] for text in literal.markup):
+                    raise P.ProtocolError(
+                        P.E_BAD_REQUEST, "a tool call's arguments hold the chat template's markup", req.id
+                    )
+
     def render(history: list[dict] | None, added: list[dict]) -> str:
-        return template.render(added) if history is None else template.continuation(history, added)
+        added = template_messages(added)
+        if history is None:
+            return template.render(added, tools=tools)
+        return template.continuation(template_messages(history), added, tools)
 
     history = None if restore is None else restore.messages
     try:

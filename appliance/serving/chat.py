@@ -132,20 +132,20 @@ class ChatTemplate:
         tokens = {name: _token_text(config[name]) for name in TEMPLATE_TOKENS if config.get(name) is not None}
         return cls(source, tokens)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The conversation as the model reads it (what ``apply_chat_template(tokenize=False)`` returns)."""
         template = _compiled(self.source)
         variables = dict(
-            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self.tokens
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **self.tokens
         )
         return bounded_render(template, variables)
 
-    def continuation(self, history: list[dict], new: list[dict]) -> str:
+    def continuation(self, history: list[dict], new: list[dict], tools: list[dict] | None = None) -> str:
         """The text a later turn adds to a conversation whose last message, the model's reply, is
         already in the KV cache: the template's close of that reply, then ``new`` with the prompt
         for the next reply. ``history`` ends with that reply (``role: assistant``)."""
-        closed = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}], False)
-        extended = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}, *new], True)
+        closed = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}], False, tools)
+        extended = self.render([*history[:-1], {"role": "assistant", "content": _REPLY_MARK}, *new], True, tools)
         if _REPLY_MARK not in closed or not extended.startswith(closed):
             raise ChatError(
                 "this model's chat template renders earlier turns differently once a turn is added; "

@@ -52,6 +52,9 @@ def cache_key(req: Request, model_version: object, identity: str) -> str | None:
             req.ignore_eos,
             req.constraint.digest if req.constraint else None,
             req.max_reasoning_tokens,
+            list(req.tools or ()),
+            req.tool_choice,
+            req.tool_name,
         ],
         use_bin_type=True,
     )

@@ -22,6 +22,7 @@ from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
 from appliance.serving.sessions import Session, SessionStore
+from appliance.serving.tools import parse_calls
 from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")
@@ -206,7 +207,7 @@ class EngineRunner(threading.Thread):
                     job.cache_key,
                     CachedResponse(job.detok.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
                 )
-            if job.cache_hit and job.request.stream and job.detok.text:
+            if job.cache_hit and job.request.stream and job.detok.text and not _calls_tools(job.request):
                 self._stream(job, job.detok.text, seq.output_ids[-1], final=True)
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
@@ -259,7 +260,7 @@ class EngineRunner(threading.Thread):
         if job.detok.stopped:
             with self._lock:
                 self.scheduler.stop(seq)
-        if (fresh or seq.finish is not None) and job.request.stream:
+        if (fresh or seq.finish is not None) and job.request.stream and not _calls_tools(job.request):
             self._stream(job, fresh, seq.output_ids[-1] if seq.output_ids else -1, seq.finish is not None)
 
     def _stream(self, job: Job, delta: str, token_id: int, final: bool) -> None:
@@ -357,10 +358,19 @@ class EngineRunner(threading.Thread):
             reasoning, answer = split_reasoning(job.detok.text, job.opens_reasoning)
         if job.request.reasoning == "hide":
             reasoning = None
-        frame = P.done_reply(
-            job.request.id, answer, seq.finish.value, usage, timings, reasoning, cache_hit=job.cache_hit
-        )
+        extra: dict = {"cache_hit": job.cache_hit}
+        finish = seq.finish.value
+        if _calls_tools(job.request):
+            answer, calls = parse_calls(answer, job.request.tools)
+            if calls:
+                extra["tool_calls"], finish = calls, "tool_calls"
+        frame = P.done_reply(job.request.id, answer, finish, usage, timings, reasoning, **extra)
         return entry, frame
+
+
+def _calls_tools(req: P.Request) -> bool:
+    """The reply may hold tool calls: it is parsed whole at the end, so its text is not streamed token by token."""
+    return bool(req.tools) and req.tool_choice != "none"
 
 
 def _prepare(guides: list[Guide]) -> None:

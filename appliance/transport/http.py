@@ -353,10 +353,16 @@ class App:
         await ex.start(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         if call.chat:
             await ex.event(O.chunk(call, rid, "", first=True))
+        streamed = False
         while True:
             if reply["type"] == P.T_TOKEN:
+                streamed = True
                 await ex.event(O.chunk(call, rid, reply["text"]))
             elif reply["type"] == P.T_DONE:
+                if not streamed and reply["text"]:  # a reply that may call tools arrives whole (docs/HTTP.md)
+                    await ex.event(O.chunk(call, rid, reply["text"]))
+                if reply.get("tool_calls"):
+                    await ex.event(O.chunk(call, rid, None, calls=reply["tool_calls"]))
                 await ex.event(O.chunk(call, rid, None if call.chat else "", reply["finish_reason"]))
                 if call.include_usage:
                     await ex.event(O.usage_chunk(call, rid, reply))

@@ -26,21 +26,25 @@ _OFF = {
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
+    "functions": (None, []),  # the deprecated spelling of tools
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False),
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user"}
 _COMMON |= {"response_format"}
 # vLLM's names: fixed output lengths for benchmarks, and its guided decoding (the daemon's regex/choice/grammar)
 _GUIDED = {"guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _EXTENSIONS = {"ignore_eos", *_GUIDED}
-_CHAT = _COMMON | _EXTENSIONS | {"messages", "max_completion_tokens"}
+_CHAT = _COMMON | _EXTENSIONS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"}
 _COMPLETION = _COMMON | _EXTENSIONS | {"prompt"}
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-_FINISH = {"eos": "stop", "stop": "stop", "grammar": "stop", "length": "length", "context": "length"}
+CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+_FINISH = {
+    "eos": "stop",
+    "stop": "stop",
+    "grammar": "stop",
+    "length": "length",
+    "context": "length",
+    "tool_calls": "tool_calls",
+}
 
 
 class ApiError(Exception):
@@ -184,10 +188,19 @@ def parse_chat(body: dict, model_id: str, daemon_renders_chat: bool) -> Call:
         role = msg.get("role") if isinstance(msg, dict) else None
         if role not in CHAT_ROLES:
             raise _bad(f"messages[{i}].role", f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-        extra = set(msg) - {"role", "content", "name"}
+        extra = set(msg) - {"role", "content", "name", "tool_calls", "tool_call_id"}
         if extra:
             raise ApiError(400, f"messages[{i}].{sorted(extra)[0]} is not supported", f"messages[{i}]", "unsupported")
-        plain.append({"role": role, "content": _content(msg.get("content"), i)})
+        content = msg.get("content")
+        entry = {"role": role, "content": "" if content is None and msg.get("tool_calls") else _content(content, i)}
+        if msg.get("tool_calls"):
+            entry["tool_calls"] = _message_calls(msg["tool_calls"], i)
+        if msg.get("tool_call_id") is not None:
+            entry["tool_call_id"] = msg["tool_call_id"]
+        plain.append(entry)
+    _tools(body, call)
+    if call.fields.get("tools") and not daemon_renders_chat:
+        raise _bad("tools", "this model has no chat template to render tools with")
     if daemon_renders_chat:
         call.fields["messages"] = plain
         call.names["messages"] = "messages"
@@ -195,6 +208,47 @@ def parse_chat(body: dict, model_id: str, daemon_renders_chat: bool) -> Call:
         call.fields["prompt"] = render_chat(plain)
         call.names["prompt"] = "messages"
     return call
+
+
+def _message_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's ``tool_calls`` (OpenAI's shape) as the daemon's ``{id, name, arguments}``."""
+    out = []
+    for j, c in enumerate(calls if isinstance(calls, list) else [None]):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(c.get("id"), str) and isinstance(fn.get("name"), str)):
+            raise _bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls[{j}] must be {{id, type, function}}")
+        arguments = fn.get("arguments", "{}")
+        out.append({"id": c["id"], "name": fn["name"], "arguments": arguments if isinstance(arguments, str) else "{}"})
+    return out
+
+
+def _tools(body: dict, call: Call) -> None:
+    """``tools`` (function tools), ``tool_choice``, ``parallel_tool_calls`` as the daemon's fields."""
+    tools = body.get("tools")
+    if not tools:
+        if body.get("tool_choice") not in (None, "none"):
+            raise _bad("tool_choice", "'tool_choice' needs 'tools'")
+        return
+    if not isinstance(tools, list):
+        raise _bad("tools", "'tools' must be a list of function tools")
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(f"tools[{i}]", f'tools[{i}] must be {{"type": "function", "function": {{name, ...}}}}')
+        out.append({k: fn[k] for k in ("name", "description", "parameters") if fn.get(k) is not None})
+    call.fields["tools"], call.names["tools"] = out, "tools"
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _bad(
+                "tool_choice", "'tool_choice' must be auto, none, required or {type: function, function: {name}}"
+            )
+        choice = {"name": fn["name"]}
+    if choice is not None:
+        call.fields["tool_choice"], call.names["tool_choice"] = choice, "tool_choice"
+    _typed(body, "parallel_tool_calls", bool, "true or false")  # one call is constrained; auto may parse several
 
 
 def _content(content: Any, i: int) -> str:
@@ -259,26 +313,43 @@ def _head(call: Call, rid: str, chunk: bool) -> dict:
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": call.created, "model": call.model}
 
 
-def _choice(call: Call, text: str | None, finish: str | None, first: bool, chunk: bool) -> dict:
+def _calls(calls: list[dict] | None, streamed: bool = False) -> dict:
+    """The daemon's ``tool_calls`` in OpenAI's shape (streamed: each with its ``index``)."""
+    if not calls:
+        return {}
+    out = [
+        {**({"index": i} if streamed else {}), "id": c["id"], "type": "function",
+         "function": {"name": c["name"], "arguments": c["arguments"]}}
+        for i, c in enumerate(calls)
+    ]  # fmt: skip
+    return {"tool_calls": out}
+
+
+def _choice(
+    call: Call, text: str | None, finish: str | None, first: bool, chunk: bool, calls: list[dict] | None = None
+) -> dict:
     reason = _FINISH.get(finish) if finish else None
     if not call.chat:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
     if not chunk:
         return {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": {"role": "assistant", "content": text or (None if calls else text), **_calls(calls)},
             "logprobs": None,
             "finish_reason": reason,
         }
-    delta: dict[str, str] = {"role": "assistant"} if first else {}
+    delta: dict = {"role": "assistant"} if first else {}
     if text is not None:
         delta["content"] = text
+    delta.update(_calls(calls, streamed=True))
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
 
 
-def chunk(call: Call, rid: str, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+def chunk(
+    call: Call, rid: str, text: str | None, finish: str | None = None, first: bool = False, calls: list | None = None
+) -> dict:
     """One server-sent event of a streamed answer."""
-    out = {**_head(call, rid, True), "choices": [_choice(call, text, finish, first, True)]}
+    out = {**_head(call, rid, True), "choices": [_choice(call, text, finish, first, True, calls)]}
     if call.include_usage:
         out["usage"] = None  # as OpenAI does: only the extra last chunk carries usage
     return out
@@ -290,5 +361,5 @@ def usage_chunk(call: Call, rid: str, done: dict) -> dict:
 
 def completion(call: Call, rid: str, done: dict) -> dict:
     """The whole answer of a request with ``stream`` false."""
-    choice = _choice(call, done["text"], done["finish_reason"], True, False)
+    choice = _choice(call, done["text"], done["finish_reason"], True, False, done.get("tool_calls"))
     return {**_head(call, rid, False), "choices": [choice], "usage": usage(done)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -101,6 +102,9 @@ REASONING_MODES = ("separate", "hide", "inline")
 MAX_CONSTRAINT_CHARS = 65_536  # a schema (as compact JSON), regex, grammar, or the choices together
 MAX_SCHEMA_DEPTH = 32  # nesting of maps and lists inside a json_schema
 MAX_CHOICES, MAX_CHOICE_CHARS = 256, 1_024
+MAX_TOOLS, MAX_TOOL_DESCRIPTION = 32, 1_024
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_CHOICES = ("auto", "none", "required")  # or {"name": <one of the tools>}
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
 DEFAULT_MAX_TOKENS = 128
@@ -171,6 +175,9 @@ class Request:
     reasoning: str = "separate"  # one of REASONING_MODES
     constraint: Constraint | None = None  # the output must match it (generate)
     max_reasoning_tokens: int | None = None  # R1-style reasoning ends (</think> forced) after this many tokens
+    tools: tuple[dict, ...] | None = None  # [{name, description?, parameters?}] the model may call (chat only)
+    tool_choice: str | None = None  # auto, none, required, or "function" (then ``tool_name``)
+    tool_name: str | None = None
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -289,7 +296,7 @@ def _session(msg: dict, rid: str, required: bool = False) -> str | None:
 GENERATE_FIELDS = frozenset(
     {"v", "id", "op", "on_behalf_of", "prompt", "messages", "reasoning", "max_tokens", "temperature", "top_k"}
     | {"top_p", "repetition_penalty", "seed", "stop", "stream", "ignore_eos", "deadline_ms", "session"}
-    | {*CONSTRAINT_KINDS, "max_reasoning_tokens"}
+    | {*CONSTRAINT_KINDS, "max_reasoning_tokens", "tools", "tool_choice"}
 )
 
 
@@ -345,6 +352,15 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     ignore_eos = _get(msg, "ignore_eos", bool, False, rid)
     deadline = _get(msg, "deadline_ms", int, None, rid)
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
+    tools = _tools(msg, rid)
+    _check(tools is None or messages is not None, "'tools' needs 'messages' (the chat template renders them)", rid)
+    choice, tool_name = _tool_choice(msg, rid, tools)
+    constraint = _constraint(msg, rid)
+    _check(
+        constraint is None or choice in (None, "none"),
+        "a constraint and tools cannot be combined (set tool_choice 'none', or constrain the call through 'tools')",
+        rid,
+    )
     max_reasoning = _get(msg, "max_reasoning_tokens", int, None, rid)
     _check(max_reasoning is None or max_reasoning >= 0, "field 'max_reasoning_tokens' must be >= 0", rid)
     return Request(
@@ -360,9 +376,57 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
         ignore_eos=ignore_eos,
         deadline_ms=deadline,
         session=_session(msg, rid),
-        constraint=_constraint(msg, rid),
+        constraint=constraint,
         max_reasoning_tokens=max_reasoning,
+        tools=tools,
+        tool_choice=choice,
+        tool_name=tool_name,
     )
+
+
+def _tools(msg: dict, rid: str) -> tuple[dict, ...] | None:
+    tools = _get(msg, "tools", list, None, rid)
+    if tools is None:
+        return None
+    _check(0 < len(tools) <= MAX_TOOLS, f"field 'tools' must hold 1..{MAX_TOOLS} tools", rid)
+    for n, tool in enumerate(tools):
+        _check(
+            isinstance(tool, dict)
+            and set(tool) <= {"name", "description", "parameters"}
+            and isinstance(tool.get("name"), str)
+            and TOOL_NAME.fullmatch(tool["name"]) is not None
+            and isinstance(tool.get("description", ""), str)
+            and len(tool.get("description", "")) <= MAX_TOOL_DESCRIPTION
+            and isinstance(tool.get("parameters", {}), dict),
+            f"tools[{n}] must be a map of 'name' (1-64 characters of A-Z a-z 0-9 _ -), an optional 'description' "
+            f"(<= {MAX_TOOL_DESCRIPTION} characters) and optional 'parameters' (a JSON schema map)",
+            rid,
+        )
+        _check(_depth(tool.get("parameters", {})) < MAX_SCHEMA_DEPTH, f"tools[{n}].parameters nests too deep", rid)
+    names = [t["name"] for t in tools]
+    _check(len(set(names)) == len(names), "field 'tools' names a function twice", rid)
+    size = len(json.dumps(tools))
+    _check(
+        size <= MAX_CONSTRAINT_CHARS, f"field 'tools' is {size} characters; the limit is {MAX_CONSTRAINT_CHARS}", rid
+    )
+    return tuple({k: tool[k] for k in ("name", "description", "parameters") if k in tool} for tool in tools)
+
+
+def _tool_choice(msg: dict, rid: str, tools: tuple[dict, ...] | None) -> tuple[str | None, str | None]:
+    choice = msg.get("tool_choice")
+    if choice is None:
+        return ("auto" if tools else None), None
+    _check(tools is not None, "'tool_choice' needs 'tools'", rid)
+    if isinstance(choice, str):
+        _check(choice in TOOL_CHOICES, f"field 'tool_choice' must be one of {', '.join(TOOL_CHOICES)} or {{name}}", rid)
+        return choice, None
+    names = [t["name"] for t in tools]
+    _check(
+        isinstance(choice, dict) and set(choice) == {"name"} and choice["name"] in names,
+        f"field 'tool_choice' as a map must be {{\"name\": one of {names}}}",
+        rid,
+    )
+    return "function", choice["name"]
 
 
 def _constraint(msg: dict, rid: str) -> Constraint | None:
@@ -415,7 +479,8 @@ def _depth(value: Any, level: int = 1) -> int:
 
 
 def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
-    """``messages``: 1..MAX_MESSAGES maps of exactly ``role`` and ``content`` strings."""
+    """``messages``: 1..MAX_MESSAGES maps of ``role`` and ``content`` strings; an assistant's may carry
+    ``tool_calls`` ([{id, name, arguments (a JSON string)}]) and a ``tool`` message ``tool_call_id``."""
     messages = _get(msg, "messages", list, None, rid)
     if messages is None:
         return None
@@ -423,18 +488,41 @@ def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
     for n, m in enumerate(messages):
         _check(
             isinstance(m, dict)
-            and set(m) == {"role", "content"}
+            and {"role", "content"} <= set(m) <= {"role", "content", "tool_calls", "tool_call_id"}
             and isinstance(m["role"], str)
             and 0 < len(m["role"]) <= MAX_ROLE_CHARS
             and isinstance(m["content"], str),
-            f"messages[{n}] must be a map of exactly 'role' (a string of 1..{MAX_ROLE_CHARS} characters) and "
-            "'content' (a string)",
+            f"messages[{n}] must be a map of 'role' (a string of 1..{MAX_ROLE_CHARS} characters) and "
+            "'content' (a string), with 'tool_calls' (assistant) or 'tool_call_id' (tool)",
             rid,
         )
+        if "tool_calls" in m:
+            calls = m["tool_calls"]
+            _check(
+                m["role"] == "assistant"
+                and isinstance(calls, list)
+                and 0 < len(calls) <= MAX_TOOLS
+                and all(
+                    isinstance(c, dict)
+                    and set(c) == {"id", "name", "arguments"}
+                    and all(isinstance(c[k], str) for k in c)
+                    and 0 < len(c["id"]) <= MAX_ID_LEN
+                    and TOOL_NAME.fullmatch(c["name"]) is not None
+                    for c in calls
+                ),
+                f"messages[{n}].tool_calls: an assistant's list of {{id, name, arguments (a JSON string)}}",
+                rid,
+            )
+        if "tool_call_id" in m:
+            _check(
+                m["role"] == "tool" and isinstance(m["tool_call_id"], str) and 0 < len(m["tool_call_id"]) <= MAX_ID_LEN,
+                f"messages[{n}].tool_call_id: a tool message's string of 1..{MAX_ID_LEN} characters",
+                rid,
+            )
     chars = sum(len(m["content"]) for m in messages)
     if chars > MAX_PROMPT_CHARS:
         raise ProtocolError(E_TOO_LARGE, f"messages hold {chars} characters; the limit is {MAX_PROMPT_CHARS}", rid)
-    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    return tuple({k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in messages)
 
 
 def _pack(obj: dict) -> bytes:

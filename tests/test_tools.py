@@ -1,0 +1,190 @@
+"""Tool calls through the daemon (ZeroMQ) and the gateway (the official client), on the demo weights sealed with
+Qwen2.5-Instruct's own chat template (it renders ``tools`` and writes ``<tool_call>`` blocks): tools rendered by the
+template exactly as transformers renders them, a required or named call constrained to the function's schema and
+parsed back into ``tool_calls``, tool results sent back as ``role: tool`` messages, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from appliance.serving.tools import call_grammar, parse_calls
+from appliance.transport import protocol as P
+from appliance.transport.client import Client, ClientError
+from edge_models.reference_tokenizers import QWEN25_TEMPLATE
+from tests.conftest import Daemon, http_site, provision_device, wait_for_rows
+
+# Small schemas: the demo model's context is 512 tokens and Qwen's tool preamble alone takes ~300 of its tokens.
+WEATHER = {
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"site": {"enum": ["north", "south"]}},
+        "required": ["site"],
+        "additionalProperties": False,
+    },
+}
+STOP_LINE = {
+    "name": "stop_line",
+    "parameters": {
+        "type": "object",
+        "properties": {"line": {"enum": [1, 2, 3]}},
+        "required": ["line"],
+        "additionalProperties": False,
+    },
+}
+ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Freezing north?"}]
+
+
+def tools_build(tiny_build):
+    """The demo weights with Qwen2.5's template in tokenizer_config.json (what a Qwen checkpoint ships)."""
+    out = tiny_build / "onnx-tools"
+    if not out.exists():
+        out.mkdir()
+        for f in (tiny_build / "onnx").iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN25_TEMPLATE}))
+    return "onnx-tools"
+
+
+@pytest.fixture(scope="module")
+def tools_device(tiny_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    device = provision_device(tiny_build, root / "site", onnx=tools_build(tiny_build))
+    daemon = Daemon(device, root / "run")
+    daemon.wait_for("READY=1")
+    yield device
+    daemon.stop()
+
+
+def schema_of(tool: dict) -> dict:
+    return tool["parameters"]
+
+
+def test_a_named_call_is_constrained_to_its_schema_and_parsed(tools_device):
+    with Client(tools_device.endpoint, timeout_s=60) as client:
+        done = client.complete(
+            messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice={"name": "get_weather"}, max_tokens=80,
+            request_id="named-call",
+        )  # fmt: skip
+    assert done["finish_reason"] == "tool_calls" and done["text"] == ""
+    (call,) = done["tool_calls"]
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["arguments"]), schema_of(WEATHER))
+    row = wait_for_rows(tools_device, lambda r: r.request_id == "named-call")[0]
+    assert row.constraint_kind == "grammar" and row.status == "ok"
+
+
+def test_required_calls_one_of_the_tools(tools_device):
+    with Client(tools_device.endpoint, timeout_s=60) as client:
+        done = client.complete(messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice="required", max_tokens=80)
+    (call,) = done["tool_calls"]
+    tool = {"get_weather": WEATHER, "stop_line": STOP_LINE}[call["name"]]
+    jsonschema.validate(json.loads(call["arguments"]), schema_of(tool))
+
+
+def test_a_tool_result_is_sent_back_and_answered(tools_device):
+    history = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "name": "get_weather", "arguments": '{"site": "north"}'}]},
+        {"role": "tool", "content": '{"temperature": -3}', "tool_call_id": "call_1"},
+    ]  # fmt: skip
+    with Client(tools_device.endpoint, timeout_s=60) as client:
+        done = client.complete(messages=history, tools=[WEATHER], tool_choice="none", max_tokens=8, ignore_eos=True)
+    assert done["type"] == P.T_DONE and "tool_calls" not in done and done["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"prompt": "x", "tools": [WEATHER]}, "needs 'messages'"),
+        ({"messages": ASK, "tools": [WEATHER], "tool_choice": {"name": "nope"}}, "tool_choice"),
+        ({"messages": ASK, "tools": [WEATHER, WEATHER]}, "twice"),
+        ({"messages": ASK, "tools": [{"name": "bad name"}]}, "tools[0]"),
+        ({"messages": ASK, "tool_choice": "required"}, "needs 'tools'"),
+        ({"messages": ASK, "tools": [WEATHER], "regex": "a"}, "cannot be combined"),
+    ],
+    ids=["no-messages", "unknown-function", "duplicate", "bad-name", "choice-without-tools", "with-constraint"],
+)
+def test_malformed_tools_are_refused(tools_device, fields, named):
+    with Client(tools_device.endpoint, timeout_s=60) as client, pytest.raises(ClientError) as err:
+        client.complete(max_tokens=4, **fields)
+    assert err.value.code == P.E_BAD_REQUEST and named in err.value.message, err.value.message
+
+
+def test_a_template_without_tool_support_is_refused(daemon, device):
+    """The demo device's model has no chat template at all; a template that renders no tools is refused the same way
+    (tests/test_tools.py::test_template_checks)."""
+    with Client(device.endpoint, timeout_s=60) as client, pytest.raises(ClientError) as err:
+        client.complete(messages=ASK, tools=[WEATHER], max_tokens=4)
+    assert err.value.code == P.E_BAD_REQUEST
+
+
+def test_template_checks():
+    from appliance.serving.tools import ToolError, check_template
+    from edge_models.reference_tokenizers import R1_DISTILL_TEMPLATE
+
+    check_template(QWEN25_TEMPLATE)
+    with pytest.raises(ToolError, match="no tool support"):
+        check_template(R1_DISTILL_TEMPLATE)
+
+
+def test_parse_calls_keeps_text_and_skips_what_is_not_a_call():
+    text = (
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"site": "north"}}\n'
+        '</tool_call>\n<tool_call>{"name": "unknown", "arguments": {}}</tool_call>\n<tool_call>not json</tool_call>'
+    )
+    content, calls = parse_calls(text, (WEATHER,))
+    assert [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"site": "north"}
+    assert content.startswith("Checking.") and "unknown" in content and "get_weather" not in content
+    assert parse_calls("no calls here", (WEATHER,)) == ("no calls here", [])
+
+
+def test_the_call_grammar_names_each_tool():
+    grammar = call_grammar((WEATHER, STOP_LINE), None)
+    assert grammar.startswith('start: "<tool_call>\\n" call "\\n</tool_call>"') and "stop_line" in grammar
+
+
+@pytest.fixture(scope="module")
+def tools_site(tiny_build, tmp_path_factory):
+    onnx = tools_build(tiny_build)
+    with http_site(tiny_build, tmp_path_factory.mktemp("tools-http"), onnx=onnx) as site:
+        yield site
+
+
+def test_openai_client_tool_call_round_trip(tools_site):
+    client = tools_site.openai()
+    tools = [{"type": "function", "function": WEATHER}]
+    messages = list(ASK)
+    first = client.chat.completions.create(
+        model="tiny", messages=messages, tools=tools, tool_choice="required", max_tokens=80
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["parameters"])
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id,
+                                                                 "content": '{"temperature": -3}'}]  # fmt: skip
+    second = client.chat.completions.create(model="tiny", messages=messages, tools=tools, max_tokens=8)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_openai_client_streams_tool_call_deltas(tools_site):
+    stream = tools_site.openai().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Stop line 3."}],
+        tools=[{"type": "function", "function": STOP_LINE}],
+        tool_choice={"type": "function", "function": {"name": "stop_line"}},
+        max_tokens=80,
+        stream=True,
+    )
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].index == 0 and deltas[0][0].function.name == "stop_line"
+    jsonschema.validate(json.loads(deltas[0][0].function.arguments), STOP_LINE["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
