@@ -77,6 +77,7 @@ def test_features_list_only_what_is_on(daemon, device):
     assert ("response_cache" in features) == (config.engine.response_cache > 0)
     assert ("messages" in features) == (load_model(config).chat is not None)
     assert {"reasoning", "json_schema", "unknown_fields_refused"} <= set(features)
+    assert "tools" not in features  # the demo model has no chat template
 
 
 def test_info_tells_the_caller_its_identity(daemon, device):

@@ -66,6 +66,7 @@ def schema_of(tool: dict) -> dict:
 
 def test_a_named_call_is_constrained_to_its_schema_and_parsed(tools_device):
     with Client(tools_device.endpoint, timeout_s=60) as client:
+        assert "tools" in client.info()["features"]
         done = client.complete(
             messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice={"name": "get_weather"}, max_tokens=80,
             request_id="named-call",
@@ -120,6 +121,7 @@ def test_a_template_without_tool_support_is_refused(daemon, device):
     """The demo device's model has no chat template at all; a template that renders no tools is refused the same way
     (tests/test_tools.py::test_template_checks)."""
     with Client(device.endpoint, timeout_s=60) as client, pytest.raises(ClientError) as err:
+        assert "tools" not in client.info()["features"]
         client.complete(messages=ASK, tools=[WEATHER], max_tokens=4)
     assert err.value.code == P.E_BAD_REQUEST
 

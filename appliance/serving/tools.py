@@ -26,9 +26,14 @@ class ToolError(ValueError):
     """The request's tools cannot be used with this model (one line, the request's ``bad_request``)."""
 
 
+def tools_supported(source: str) -> bool:
+    """Whether a chat template renders ``tools`` and writes ``<tool_call>`` blocks (what ``tools`` needs)."""
+    return "tools" in source and CALL_OPEN in source
+
+
 def check_template(source: str) -> None:
     """Refuse a chat template that cannot carry tools: it must render ``tools`` and write ``<tool_call>`` blocks."""
-    if "tools" not in source or CALL_OPEN not in source:
+    if not tools_supported(source):
         raise ToolError(
             "this model's chat template has no tool support (it must render 'tools' and <tool_call> blocks); "
             "send the request without 'tools'"

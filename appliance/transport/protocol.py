@@ -44,6 +44,7 @@ FEATURES = (
     "reasoning",
     *CONSTRAINT_KINDS,
     "max_reasoning_tokens",
+    "tools",
     "unknown_fields_refused",
 )
 

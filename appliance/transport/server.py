@@ -39,6 +39,7 @@ from appliance.serving.response_cache import ResponseCache
 from appliance.serving.runner import EngineRunner
 from appliance.serving.scheduler import Scheduler
 from appliance.serving.sessions import SessionStore
+from appliance.serving.tools import tools_supported
 from appliance.transport import protocol as P
 from appliance.transport.connections import Connections
 
@@ -552,6 +553,8 @@ class Server:
             return self.model.chat is not None
         if feature == "response_cache":
             return self.config.engine.response_cache > 0
+        if feature == "tools":
+            return self.model.chat is not None and tools_supported(self.model.chat.source)
         return True
 
     def info(self) -> dict:
