@@ -108,8 +108,20 @@ def test_a_tool_result_is_sent_back_and_answered(tools_device):
         ({"messages": ASK, "tools": [{"name": "bad name"}]}, "tools[0]"),
         ({"messages": ASK, "tool_choice": "required"}, "needs 'tools'"),
         ({"messages": ASK, "tools": [WEATHER], "regex": "a"}, "cannot be combined"),
+        (
+            {"messages": ASK, "tools": [{"name": "f", "parameters": {"type": "frob"}}], "tool_choice": "required"},
+            "field 'tools' (a function's parameters)",
+        ),
     ],
-    ids=["no-messages", "unknown-function", "duplicate", "bad-name", "choice-without-tools", "with-constraint"],
+    ids=[
+        "no-messages",
+        "unknown-function",
+        "duplicate",
+        "bad-name",
+        "choice-without-tools",
+        "with-constraint",
+        "bad-parameters",
+    ],
 )
 def test_malformed_tools_are_refused(tools_device, fields, named):
     with Client(tools_device.endpoint, timeout_s=60) as client, pytest.raises(ClientError) as err:

@@ -95,13 +95,17 @@ class Admission:
             raise P.ProtocolError(
                 P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds {engine.max_seq_len}{hint}", req.id
             )
+        from_tools = bool(req.tools) and req.constraint is None
         try:  # compiled here, on the serving loop: a constraint that cannot be used never takes a slot
-            if req.tools and req.constraint is None:  # a required or named call: its markup and schema
+            if from_tools:  # a required or named call: its markup and the function's parameters
                 req = replace(req, constraint=tool_constraint(req))
             guide = self.grammars(model).guide(req, opens_reasoning(text))
-        except P.ProtocolError:
+        except P.ProtocolError as exc:
             if session is not None:
                 self.sessions.release(session, restore)
+            if from_tools:  # name what the client sent, not the grammar made from it
+                message = exc.message.replace("field 'grammar'", "field 'tools' (a function's parameters)")
+                raise P.ProtocolError(exc.code, message, exc.request_id) from None
             raise
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(
