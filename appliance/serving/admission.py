@@ -20,7 +20,17 @@ from appliance.serving.response_cache import ResponseCache, cache_key
 from appliance.serving.runner import Job
 from appliance.serving.scheduler import Sequence
 from appliance.serving.sessions import Session, SessionBusy, SessionStore
-from appliance.serving.tools import ToolError, check_template, template_messages, template_tools, tool_constraint
+from appliance.serving.tools import (
+    HERMES,
+    ToolError,
+    check_template,
+    renders_tools,
+    template_messages,
+    template_tools,
+    tool_constraint,
+    tool_format,
+    with_tools_block,
+)
 from appliance.transport import protocol as P
 
 
@@ -98,7 +108,8 @@ class Admission:
         from_tools = bool(req.tools) and req.constraint is None
         try:  # compiled here, on the serving loop: a constraint that cannot be used never takes a slot
             if from_tools:  # a required or named call: its markup and the function's parameters
-                req = replace(req, constraint=tool_constraint(req))
+                form = tool_format(model.chat.source) or HERMES
+                req = replace(req, constraint=tool_constraint(req, form, model.tokenizer.token_to_id))
             guide = self.grammars(model).guide(req, opens_reasoning(text))
         except P.ProtocolError as exc:
             if session is not None:
@@ -164,13 +175,16 @@ def prompt_tokens(
     if restore is not None and restore.messages is None:
         raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
 
-    tools = None
+    tools, form, block = None, HERMES, False
     if req.tools:
         try:
-            check_template(template.source)
+            form = check_template(template.source)
         except ToolError as exc:
             raise P.ProtocolError(P.E_BAD_REQUEST, f"field 'tools': {exc}", req.id) from None
-        tools = template_tools(req.tools)
+        if renders_tools(template.source):
+            tools = template_tools(req.tools)
+        else:  # a DeepSeek template without tool definitions (R1-Distill's): the daemon writes them
+            block = True
         literal = model.literal_content
         for m in new:  # arguments reach the template as JSON, unmasked: markup in them is refused, never rendered
             for call in m.get("tool_calls", ()):
@@ -180,10 +194,14 @@ def prompt_tokens(
                     )
 
     def render(history: list[dict] | None, added: list[dict]) -> str:
-        added = template_messages(added)
+        if block and history is None:
+            added = with_tools_block(added, req.tools)
+        elif block:
+            history = with_tools_block(history, req.tools)
+        added = template_messages(added, form)
         if history is None:
             return template.render(added, tools=tools)
-        return template.continuation(template_messages(history), added, tools)
+        return template.continuation(template_messages(history, form), added, tools)
 
     history = None if restore is None else restore.messages
     try:

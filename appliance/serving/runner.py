@@ -22,7 +22,7 @@ from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
 from appliance.serving.sessions import Session, SessionStore
-from appliance.serving.tools import parse_calls
+from appliance.serving.tools import HERMES, parse_calls, tool_format
 from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")
@@ -361,7 +361,7 @@ class EngineRunner(threading.Thread):
         extra: dict = {"cache_hit": job.cache_hit}
         finish = seq.finish.value
         if _calls_tools(job.request):
-            answer, calls = parse_calls(answer, job.request.tools)
+            answer, calls = parse_calls(answer, job.request.tools, tool_format(self.model.chat.source) or HERMES)
             if calls:
                 extra["tool_calls"], finish = calls, "tool_calls"
         frame = P.done_reply(job.request.id, answer, finish, usage, timings, reasoning, **extra)

@@ -1,13 +1,18 @@
 """Tool calls: tools rendered through the checkpoint's own chat template, the call constrained to the function's JSON
 schema, and the reply's tool-call markup parsed back into ``tool_calls``.
 
-The markup is the template's: a template that writes Hermes-style ``<tool_call>{"name": ..., "arguments": ...}
-</tool_call>`` blocks (Qwen2.5, Qwen3, Hermes, SmolLM3 and most instruction-tuned checkpoints since) and renders
-the ``tools`` variable is supported; any other template is refused with one line (DeepSeek-R1-Distill's renders no
-tool definitions, and DeepSeek-V3's markers are special tokens the detokenizer does not return as text). With
-``tool_choice`` ``required`` or a named function the output is constrained (llguidance's Lark with ``%json``) to
-exactly one call whose arguments are valid against that function's ``parameters``; with ``auto`` the model decides
-and any complete call blocks in its output are parsed.
+The markup is the template's. Two families are supported, told apart by the template's source:
+- **Hermes** (Qwen2.5, Qwen3, Hermes, most tool-tuned checkpoints): the template renders the ``tools`` variable and
+  calls are ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks; arguments reach it as objects.
+- **DeepSeek** (R1 and its distills, V3): calls are ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>
+  NAME\n```json\nARGS\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>`` (the markers are added, non-special tokens, so
+  they survive detokenization); arguments reach the template as JSON strings and an assistant turn that only calls
+  has ``content`` none, as its template expects. A template that renders no tool definitions (R1-Distill's) gets
+  them from the daemon, appended to the system prompt in the block ``deepseek_tools_block`` writes (the wording of
+  DeepSeek-V3.1's own template).
+Any other template is refused with one line. With ``tool_choice`` ``required`` or a named function the output is
+constrained (llguidance's Lark with ``%json``) to exactly one call whose arguments are valid against that function's
+``parameters``; with ``auto`` the model decides and complete calls in its output are parsed.
 """
 
 from __future__ import annotations
@@ -15,29 +20,52 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 
 from appliance.transport import protocol as P
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.S)
+DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+_DS_BLOCK = re.compile(
+    re.escape(DS_CALL) + r"(?:function)?" + re.escape(DS_SEP) + r"([^\n]+)\n```(?:json)?\n(.*?)\n```\s*"
+    + re.escape(DS_CALL_END), re.S
+)  # fmt: skip
+_DS_SECTION = re.compile(re.escape(DS_CALLS) + r".*?(?:" + re.escape(DS_CALLS_END) + r"|$)", re.S)
+HERMES, DEEPSEEK = "hermes", "deepseek"
 
 
 class ToolError(ValueError):
     """The request's tools cannot be used with this model (one line, the request's ``bad_request``)."""
 
 
+def tool_format(source: str) -> str | None:
+    """``HERMES``, ``DEEPSEEK`` or None (the template cannot carry tool calls)."""
+    if DS_CALLS in source:
+        return DEEPSEEK
+    if CALL_OPEN in source and renders_tools(source):
+        return HERMES
+    return None
+
+
+def renders_tools(source: str) -> bool:
+    return re.search(r"\btools\b", source) is not None
+
+
 def tools_supported(source: str) -> bool:
-    """Whether a chat template renders ``tools`` and writes ``<tool_call>`` blocks (what ``tools`` needs)."""
-    return "tools" in source and CALL_OPEN in source
+    return tool_format(source) is not None
 
 
-def check_template(source: str) -> None:
-    """Refuse a chat template that cannot carry tools: it must render ``tools`` and write ``<tool_call>`` blocks."""
-    if not tools_supported(source):
+def check_template(source: str) -> str:
+    """The template's tool format; ``ToolError`` for a template that cannot carry tool calls."""
+    form = tool_format(source)
+    if form is None:
         raise ToolError(
-            "this model's chat template has no tool support (it must render 'tools' and <tool_call> blocks); "
-            "send the request without 'tools'"
+            "this model's chat template has no tool support (it writes neither <tool_call> blocks with a 'tools' "
+            "variable nor DeepSeek's tool-call markers); send the request without 'tools'"
         )
+    return form
 
 
 def template_tools(tools: tuple[dict, ...]) -> list[dict]:
@@ -55,18 +83,51 @@ def template_tools(tools: tuple[dict, ...]) -> list[dict]:
     ]
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as templates read them: an assistant's ``tool_calls`` as function objects with parsed arguments."""
+def template_messages(messages: list[dict], form: str = HERMES) -> list[dict]:
+    """Messages as templates read them: an assistant's ``tool_calls`` as function objects, arguments parsed (Hermes)
+    or as the JSON string (DeepSeek, whose template also wants ``content`` none on a turn that only calls)."""
     out = []
     for m in messages:
         if "tool_calls" in m:
             calls = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": _args(c["arguments"])}}
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {
+                        "name": c["name"],
+                        "arguments": c["arguments"] if form == DEEPSEEK else _args(c["arguments"]),
+                    },
+                }
                 for c in m["tool_calls"]
             ]
             m = {**m, "tool_calls": calls}
+            if form == DEEPSEEK and not m["content"]:
+                m["content"] = None
         out.append(m)
     return out
+
+
+def deepseek_tools_block(tools: tuple[dict, ...]) -> str:
+    """Tool definitions for a DeepSeek template that renders none (R1-Distill's), in DeepSeek-V3.1's wording."""
+    parts = ["## Tools\nYou have access to the following tools:\n"]
+    for t in tools:
+        parts.append(f"\n### {t['name']}\nDescription: {t.get('description', '')}\n\n")
+        parts.append(f"Parameters: {json.dumps(t.get('parameters', {}), ensure_ascii=False)}\n")
+    parts.append(
+        "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+        f"{DS_CALLS}{DS_CALL}function{DS_SEP}tool_call_name\n```json\ntool_call_arguments\n```{DS_CALL_END}"
+        f"{DS_CALLS_END}\n\nWhere:\n- `tool_call_name` must be an exact match to one of the available tools\n"
+        "- `tool_call_arguments` must be valid JSON strictly following the tool's Parameters specification\n"
+    )
+    return "".join(parts)
+
+
+def with_tools_block(messages: list[dict], tools: tuple[dict, ...]) -> list[dict]:
+    """``messages`` with the tool definitions appended to the system message (one is added if there is none)."""
+    block = deepseek_tools_block(tools)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + block}, *messages[1:]]
+    return [{"role": "system", "content": block}, *messages]
 
 
 def _args(text: str):
@@ -76,37 +137,60 @@ def _args(text: str):
         return text
 
 
-def call_grammar(tools: tuple[dict, ...], name: str | None) -> str:
-    """A Lark grammar (llguidance's dialect) for exactly one call block: of function ``name``, or of any tool."""
+def call_grammar(
+    tools: tuple[dict, ...], name: str | None, form: str = HERMES, token_id: Callable[[str], int | None] | None = None
+) -> str:
+    """A Lark grammar (llguidance's dialect) for exactly one call block: of function ``name``, or of any tool. A marker
+    the tokenizer holds as one token (``token_id``) is written as that token (``<[id]>``): llguidance treats added
+    tokens as special, so their text would not match them."""
+
+    def lit(text: str) -> str:
+        found = token_id(text) if token_id is not None else None
+        return f"<[{found}]>" if found is not None else json.dumps(text, ensure_ascii=False)
+
     chosen = [t for t in tools if name is None or t["name"] == name]
-    variants = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": t["name"]},
-                "arguments": t.get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in chosen
-    ]
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
-    return f'start: "{CALL_OPEN}\\n" call "\\n{CALL_CLOSE}"\ncall: %json {json.dumps(schema)}\n'
+    rules, heads = [], []
+    for n, t in enumerate(chosen):
+        schema = {**(t.get("parameters") or {"type": "object"}), "x-guidance": {"whitespace_flexible": False}}
+        heads.append(f"c{n}")
+        if form == DEEPSEEK:
+            rules.append(f"c{n}: {json.dumps(t['name'] + chr(10) + '```json' + chr(10), ensure_ascii=False)} a{n}")
+        else:
+            head = "{" + json.dumps("name") + ":" + json.dumps(t["name"]) + "," + json.dumps("arguments") + ":"
+            rules.append(f'c{n}: {json.dumps(head)} a{n} "}}"')
+        rules.append(f"a{n}: %json {json.dumps(schema)}")
+    if form == DEEPSEEK:
+        opening = f'{lit(DS_CALLS)} {lit(DS_CALL)} "function" {lit(DS_SEP)}'
+        closing = f'"\\n```" {lit(DS_CALL_END)} {lit(DS_CALLS_END)}'
+    else:
+        opening, closing = f'{lit(CALL_OPEN)} "\\n"', f'"\\n" {lit(CALL_CLOSE)}'
+    return f"start: {opening} call {closing}\ncall: {' | '.join(heads)}\n" + "\n".join(rules) + "\n"
 
 
-def tool_constraint(req: P.Request) -> P.Constraint | None:
+def tool_constraint(
+    req: P.Request, form: str = HERMES, token_id: Callable[[str], int | None] | None = None
+) -> P.Constraint | None:
     """The constraint that ``tool_choice`` ``required`` or a named function puts on the reply (None for auto/none)."""
     if not req.tools or req.tool_choice not in ("required", "function"):
         return None
-    return P.Constraint("grammar", call_grammar(req.tools, req.tool_name))
+    return P.Constraint("grammar", call_grammar(req.tools, req.tool_name, form, token_id))
 
 
-def parse_calls(text: str, tools: tuple[dict, ...]) -> tuple[str, list[dict]]:
+def parse_calls(text: str, tools: tuple[dict, ...], form: str = HERMES) -> tuple[str, list[dict]]:
     """The reply's text outside call blocks, and the calls: ``{id, name, arguments}`` with ``arguments`` a JSON string
     (OpenAI's shape). A block that is not a JSON object naming one of ``tools`` stays in the text."""
     names = {t["name"] for t in tools}
+    if form == DEEPSEEK:
+        calls = []
+        for match in _DS_BLOCK.finditer(text):
+            name, arguments = match.group(1).strip(), match.group(2)
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                continue
+            if name in names and isinstance(parsed, dict):
+                calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": name, "arguments": arguments})
+        return (_DS_SECTION.sub("", text).strip() if calls else text), calls
     calls, kept, at = [], [], 0
     for match in _BLOCK.finditer(text):
         try:
