@@ -104,6 +104,8 @@ class HttpConfig:
     header_timeout_s: float = 10.0  # a request's head must arrive in full within this; also the keep-alive idle limit
     body_timeout_s: float = 30.0  # the whole body must arrive within this (then 408)
     keep_alive_requests: int = 1000  # requests on one connection before the server closes it
+    max_open_connections: int = 256  # TCP connections open at once, idle included; more are closed unread
+    max_open_per_source: int = 32  # of them from one client address
     max_header_bytes: int = 16 << 10  # the request line and headers together
     max_body_bytes: int = 1 << 20
 
@@ -250,7 +252,13 @@ def load_config(path: Path) -> Config:
     if bool(http.tls_cert) != bool(http.tls_key) or (http.tls_client_ca and not http.tls_cert):
         raise ConfigError(f"{path}: [http] TLS needs tls_cert and tls_key (tls_client_ca only with them)")
     limits = ("timeout_s", "header_timeout_s", "body_timeout_s", "max_connections", "max_per_source")
-    limits += ("keep_alive_requests", "max_header_bytes", "max_body_bytes")
+    limits += (
+        "keep_alive_requests",
+        "max_header_bytes",
+        "max_body_bytes",
+        "max_open_connections",
+        "max_open_per_source",
+    )
     for name in limits:
         if getattr(http, name) <= 0:
             raise ConfigError(f"{path}: [http] {name} must be greater than 0 (it is {getattr(http, name)})")

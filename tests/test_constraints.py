@@ -198,3 +198,12 @@ def test_a_guide_without_a_constraint_exists_only_for_a_reasoning_budget(model):
     assert grammars.guide(plain, opens_reasoning=True) is None
     assert isinstance(grammars.guide(budget, opens_reasoning=True), Guide)
     assert grammars.guide(budget, opens_reasoning=False) is None
+
+
+def test_a_schema_keeps_its_property_order(model):
+    """Properties come out in the order the schema lists them (a "reasoning before answer" schema relies on it);
+    the canonical form used to sort them."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}  # fmt: skip
+    matcher = replay(model, "json_schema", schema, "")
+    assert matcher.consume_tokens(model.tokenizer.encode('{"zeta":', add_special_tokens=False).ids)

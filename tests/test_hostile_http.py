@@ -29,7 +29,7 @@ HEADER_S, BODY_S = 2, 4  # the site's deadlines, short so that the tests waiting
 @pytest.fixture(scope="module")
 def site(tiny_build, tmp_path_factory):
     limits = f"header_timeout_s = {HEADER_S}\nbody_timeout_s = {BODY_S}\nmax_connections = 3\nmax_per_source = 2"
-    limits += "\nkeep_alive_requests = 3"
+    limits += "\nkeep_alive_requests = 3\nmax_open_per_source = 6\nmax_open_connections = 64"
     with http_site(tiny_build, tmp_path_factory.mktemp("hostile-http"), http_extra=limits) as started:
         yield started
 
@@ -119,13 +119,15 @@ def test_a_get_with_a_body_is_refused_once(site):
 
 def test_idle_connections_and_trickling_heads_do_not_starve_anyone(site):
     """The hand-written gateway gave 64 idle connections every slot (others got 503); now an idle connection
-    holds no slot and is closed at the header deadline."""
+    holds no slot and is closed at the header deadline, and one address holds at most max_open_per_source (6)
+    connections (the rest are closed unread)."""
     idle = [connect(site) for _ in range(80)]
     trickle = [connect(site) for _ in range(10)]
     try:
         for sock in trickle:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        assert get_status(site) == 200
+            with contextlib.suppress(OSError):  # most were closed unread: over the per-source cap
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        assert get_status(site, source="127.0.0.2") == 200
     finally:
         for sock in idle + trickle:
             sock.close()
@@ -210,3 +212,19 @@ def test_a_connection_is_closed_after_keep_alive_requests_answers(site):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
         data, elapsed = read_until_closed(sock, HEADER_S + 10)
     assert re.findall(rb"HTTP/1\.1 (\d{3})", data) == [b"200"] * 3 and elapsed < HEADER_S, data
+    assert data.lower().count(b"connection: close") == 1  # the third answer says the connection ends
+
+
+def test_connections_per_source_are_capped_idle_ones_included(site):
+    """max_open_per_source = 6: the seventh connection from one address is closed unread; another address is not."""
+    held = [connect(site) for _ in range(6)]
+    try:
+        extra = connect(site)
+        data, _ = read_until_closed(extra, HEADER_S + 5)
+        assert data == b""  # closed before anything was read or answered
+        extra.close()
+        assert get_status(site, source="127.0.0.2") == 200
+    finally:
+        for sock in held:
+            sock.close()
+    assert until_status(site, 200) == 200

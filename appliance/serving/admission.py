@@ -24,6 +24,7 @@ from appliance.serving.tools import (
     HERMES,
     ToolError,
     check_template,
+    markup_in,
     renders_tools,
     template_messages,
     template_tools,
@@ -88,7 +89,7 @@ class Admission:
                 ) from None
         try:
             text, ids, chat = prompt_tokens(model, req, restore)
-        except P.ProtocolError:
+        except Exception:  # a refusal, or a bug: the conversation is released either way
             if session is not None:
                 self.sessions.release(session, restore)
             raise
@@ -111,10 +112,10 @@ class Admission:
                 form = tool_format(model.chat.source) or HERMES
                 req = replace(req, constraint=tool_constraint(req, form, model.tokenizer.token_to_id))
             guide = self.grammars(model).guide(req, opens_reasoning(text))
-        except P.ProtocolError as exc:
+        except Exception as exc:
             if session is not None:
                 self.sessions.release(session, restore)
-            if from_tools:  # name what the client sent, not the grammar made from it
+            if from_tools and isinstance(exc, P.ProtocolError):  # name what the client sent, not its grammar
                 message = exc.message.replace("field 'grammar'", "field 'tools' (a function's parameters)")
                 raise P.ProtocolError(exc.code, message, exc.request_id) from None
             raise
@@ -175,6 +176,12 @@ def prompt_tokens(
     if restore is not None and restore.messages is None:
         raise P.ProtocolError(P.E_BAD_REQUEST, f"session {req.session!r} was started with 'prompt'")
 
+    literal = model.literal_content
+    # Tool definitions and calls reach the template as JSON, which does not escape markup: refused, never rendered
+    # (message contents are masked instead, below).
+    where = markup_in(req, literal.markup) if literal is not None else None
+    if where is not None:
+        raise P.ProtocolError(P.E_BAD_REQUEST, f"field '{where}' holds the chat template's markup", req.id)
     tools, form, block = None, HERMES, False
     if req.tools:
         try:
@@ -185,13 +192,6 @@ def prompt_tokens(
             tools = template_tools(req.tools)
         else:  # a DeepSeek template without tool definitions (R1-Distill's): the daemon writes them
             block = True
-        literal = model.literal_content
-        for m in new:  # arguments reach the template as JSON, unmasked: markup in them is refused, never rendered
-            for call in m.get("tool_calls", ()):
-                if literal is not None and any(text in call["arguments"] for text in literal.markup):
-                    raise P.ProtocolError(
-                        P.E_BAD_REQUEST, "a tool call's arguments hold the chat template's markup", req.id
-                    )
 
     def render(history: list[dict] | None, added: list[dict]) -> str:
         if block and history is None:

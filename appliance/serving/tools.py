@@ -25,14 +25,8 @@ from collections.abc import Callable
 from appliance.transport import protocol as P
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.S)
 DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 DS_CALL, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
-_DS_BLOCK = re.compile(
-    re.escape(DS_CALL) + r"(?:function)?" + re.escape(DS_SEP) + r"([^\n]+)\n```(?:json)?\n(.*?)\n```\s*"
-    + re.escape(DS_CALL_END), re.S
-)  # fmt: skip
-_DS_SECTION = re.compile(re.escape(DS_CALLS) + r".*?(?:" + re.escape(DS_CALLS_END) + r"|$)", re.S)
 HERMES, DEEPSEEK = "hermes", "deepseek"
 
 
@@ -131,10 +125,8 @@ def with_tools_block(messages: list[dict], tools: tuple[dict, ...]) -> list[dict
 
 
 def _args(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+    parsed = _loads(text)
+    return text if parsed is None else parsed
 
 
 def call_grammar(
@@ -176,32 +168,62 @@ def tool_constraint(
     return P.Constraint("grammar", call_grammar(req.tools, req.tool_name, form, token_id))
 
 
+def _blocks(text: str, opening: str, closing: str):
+    """Each ``(start, end, inner)`` of ``opening``…``closing`` in ``text``, by plain search: linear in the text (a
+    regex with lazy groups took seconds on a reply of many openers or much whitespace)."""
+    at = 0
+    while (start := text.find(opening, at)) != -1:
+        end = text.find(closing, start + len(opening))
+        if end == -1:
+            return
+        yield start, end + len(closing), text[start + len(opening) : end]
+        at = end + len(closing)
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _deepseek_call(inner: str) -> tuple[str, str] | None:
+    """``function<｜tool▁sep｜>NAME\n```json\nARGS\n```\n`` (the inside of one DeepSeek call) as (name, args)."""
+    head, sep, body = inner.partition(DS_SEP)
+    if not sep or head.strip() not in ("", "function"):
+        return None
+    name, _, body = body.partition("\n")
+    body = body.strip()
+    for fence in ("```json", "```"):
+        if body.startswith(fence) and body.endswith("```") and len(body) >= len(fence) + 3:
+            return name.strip(), body[len(fence) : -3].strip()
+    return None
+
+
 def parse_calls(text: str, tools: tuple[dict, ...], form: str = HERMES) -> tuple[str, list[dict]]:
     """The reply's text outside call blocks, and the calls: ``{id, name, arguments}`` with ``arguments`` a JSON string
     (OpenAI's shape). A block that is not a JSON object naming one of ``tools`` stays in the text."""
     names = {t["name"] for t in tools}
-    if form == DEEPSEEK:
-        calls = []
-        for match in _DS_BLOCK.finditer(text):
-            name, arguments = match.group(1).strip(), match.group(2)
-            try:
-                parsed = json.loads(arguments)
-            except ValueError:
-                continue
-            if name in names and isinstance(parsed, dict):
-                calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": name, "arguments": arguments})
-        return (_DS_SECTION.sub("", text).strip() if calls else text), calls
     calls, kept, at = [], [], 0
-    for match in _BLOCK.finditer(text):
-        try:
-            call = json.loads(match.group(1))
-        except ValueError:
-            continue
+    if form == DEEPSEEK:
+        for _start, _end, inner in _blocks(text, DS_CALL, DS_CALL_END):
+            found = _deepseek_call(inner)
+            if found is None or found[0] not in names or not isinstance(_loads(found[1]), dict):
+                continue
+            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": found[0], "arguments": found[1]})
+        if not calls:
+            return text, []
+        section = text.find(DS_CALLS)
+        closing = text.find(DS_CALLS_END, max(section, 0))
+        tail = "" if closing == -1 else text[closing + len(DS_CALLS_END) :]
+        return (text[: max(section, 0)] + tail).strip(), calls
+    for start, end, inner in _blocks(text, CALL_OPEN, CALL_CLOSE):
+        call = _loads(inner.strip())
         if not isinstance(call, dict) or call.get("name") not in names:
             continue
         arguments = call.get("arguments", call.get("parameters", {}))
-        kept.append(text[at : match.start()])
-        at = match.end()
+        kept.append(text[at:start])
+        at = end
         calls.append(
             {
                 "id": "call_" + uuid.uuid4().hex[:24],
@@ -211,3 +233,18 @@ def parse_calls(text: str, tools: tuple[dict, ...], form: str = HERMES) -> tuple
         )
     kept.append(text[at:])
     return ("".join(kept).strip() if calls else text), calls
+
+
+def markup_in(req: P.Request, markup: tuple[str, ...]) -> str | None:
+    """Where the request carries chat-template markup outside message contents (those are masked): tool
+    definitions and tool calls reach the template as JSON, which does not escape it. None when nowhere."""
+    places = [("tools", json.dumps(req.tools or (), ensure_ascii=False))]
+    for n, m in enumerate(req.messages or ()):
+        for c in m.get("tool_calls", ()):
+            rendered = json.dumps(_loads(c["arguments"]), ensure_ascii=False)
+            places.append((f"messages[{n}].tool_calls", c["arguments"] + rendered + c["id"]))
+        places.append((f"messages[{n}].tool_call_id", m.get("tool_call_id", "")))
+    for where, text in places:
+        if any(mark in text for mark in markup):
+            return where
+    return None

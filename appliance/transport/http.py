@@ -207,7 +207,14 @@ class Exchange:
         )
 
     async def write(self, data: bytes, more: bool = True) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        """One piece of the body; a client that stops reading for ``timeout_s`` is treated as gone (its slot and
+        its request at the daemon are freed), never waited on forever."""
+        message = {"type": "http.response.body", "body": data, "more_body": more}
+        try:
+            await asyncio.wait_for(self._send(message), self.gateway.config.timeout_s)
+        except asyncio.TimeoutError:
+            self.gone.set()
+            raise ClientGone from None
 
     async def send_json(self, status: int, obj: dict, retry_after_s: int | None = None) -> None:
         body = json.dumps(obj).encode()
@@ -362,7 +369,7 @@ class App:
                 if not streamed and reply["text"]:  # a reply that may call tools arrives whole (docs/HTTP.md)
                     await ex.event(O.chunk(call, rid, reply["text"]))
                 if reply.get("tool_calls"):
-                    await ex.event(O.chunk(call, rid, None, calls=reply["tool_calls"]))
+                    await ex.event(O.chunk(call, rid, None, calls=O.tool_calls(call, reply)))
                 await ex.event(O.chunk(call, rid, None if call.chat else "", reply["finish_reason"]))
                 if call.include_usage:
                     await ex.event(O.usage_chunk(call, rid, reply))
@@ -431,11 +438,29 @@ class HeadDeadline(H11Protocol):
 
     head_timeout_s = 10.0
     max_requests = 1000
+    max_open = 256  # connections open at once, idle ones included (each costs a descriptor)
+    max_open_per_source = 32  # of them from one client address (not applied to a Unix socket: one proxy)
+    open_by_source: Counter[str]  # set per server (Server makes the subclass)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._answered = 0
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_overdue)
+        self._source = self.client[0] if self.client and self.client[0] else UNIX_SOURCE
+        counts = self.open_by_source
+        over_source = self._source != UNIX_SOURCE and counts[self._source] >= self.max_open_per_source
+        self._counted = not (over_source or sum(counts.values()) >= self.max_open)
+        if not self._counted:
+            transport.close()  # refused before a byte is read, and never counted
+            return
+        counts[self._source] += 1
+
+    def handle_events(self) -> None:  # where uvicorn starts each request, arriving or pipelined
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete and self._answered + 1 >= self.max_requests:
+            self.cycle.keep_alive = False  # closed after this answer, which says so (uvicorn echoes the header)
+            if (b"connection", b"close") not in self.scope["headers"]:
+                self.scope["headers"].append((b"connection", b"close"))
 
     def _head_overdue(self) -> None:
         if self.cycle is None or self.cycle.response_complete:  # no request since the connection or the last answer
@@ -453,6 +478,11 @@ class HeadDeadline(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_timer.cancel()
+        if self._counted:
+            counts = self.open_by_source
+            counts[self._source] -= 1
+            if counts[self._source] <= 0:
+                del counts[self._source]
         super().connection_lost(exc)
 
 
@@ -465,9 +495,14 @@ class Server:
         self.tls = tls_context(gateway.config)
         self.sock = bind(gateway.config.listen)
         http = gateway.config
-        protocol = type(
-            "Http", (HeadDeadline,), {"head_timeout_s": http.header_timeout_s, "max_requests": http.keep_alive_requests}
-        )
+        limits = {
+            "head_timeout_s": http.header_timeout_s,
+            "max_requests": http.keep_alive_requests,
+            "max_open": http.max_open_connections,
+            "max_open_per_source": http.max_open_per_source,
+            "open_by_source": Counter(),
+        }
+        protocol = type("Http", (HeadDeadline,), limits)
         config = uvicorn.Config(
             App(gateway),
             http=protocol,

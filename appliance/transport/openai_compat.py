@@ -79,6 +79,7 @@ class Call:
     # daemon field -> the OpenAI parameter it came from, so the daemon's range errors name the client's field
     names: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    single_call: bool = False  # parallel_tool_calls false
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -218,7 +219,11 @@ def _message_calls(calls: Any, i: int) -> list[dict]:
         if not (isinstance(fn, dict) and isinstance(c.get("id"), str) and isinstance(fn.get("name"), str)):
             raise _bad(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls[{j}] must be {{id, type, function}}")
         arguments = fn.get("arguments", "{}")
-        out.append({"id": c["id"], "name": fn["name"], "arguments": arguments if isinstance(arguments, str) else "{}"})
+        if not isinstance(arguments, str):
+            raise _bad(
+                f"messages[{i}].tool_calls", f"messages[{i}].tool_calls[{j}].function.arguments must be a string"
+            )
+        out.append({"id": c["id"], "name": fn["name"], "arguments": arguments})
     return out
 
 
@@ -248,7 +253,8 @@ def _tools(body: dict, call: Call) -> None:
         choice = {"name": fn["name"]}
     if choice is not None:
         call.fields["tool_choice"], call.names["tool_choice"] = choice, "tool_choice"
-    _typed(body, "parallel_tool_calls", bool, "true or false")  # one call is constrained; auto may parse several
+    if _typed(body, "parallel_tool_calls", bool, "true or false") is False:
+        call.single_call = True  # only the first call of an auto reply is returned
 
 
 def _content(content: Any, i: int) -> str:
@@ -299,6 +305,12 @@ def daemon_error(reply: dict, call: Call) -> ApiError:
     if code == P.E_DEADLINE:
         return ApiError(504, message, None, code, "server_error")
     return ApiError(500, f"{code}: {message}", None, code, "server_error")
+
+
+def tool_calls(call: Call, done: dict) -> list[dict] | None:
+    """The reply's tool calls, only the first with ``parallel_tool_calls`` false."""
+    calls = done.get("tool_calls")
+    return calls[:1] if calls and call.single_call else calls
 
 
 def usage(done: dict) -> dict:
@@ -361,5 +373,5 @@ def usage_chunk(call: Call, rid: str, done: dict) -> dict:
 
 def completion(call: Call, rid: str, done: dict) -> dict:
     """The whole answer of a request with ``stream`` false."""
-    choice = _choice(call, done["text"], done["finish_reason"], True, False, done.get("tool_calls"))
+    choice = _choice(call, done["text"], done["finish_reason"], True, False, tool_calls(call, done))
     return {**_head(call, rid, False), "choices": [choice], "usage": usage(done)}

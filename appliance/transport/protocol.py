@@ -145,7 +145,8 @@ class Sampling:
 @dataclass(frozen=True)
 class Constraint:
     """What the output must match: ``kind`` is one of ``CONSTRAINT_KINDS``; ``source`` its canonical text (a schema
-    as compact JSON with sorted keys, the regex, the Lark grammar, the choices as a JSON list; ``{}`` for json)."""
+    as compact JSON in the order sent — llguidance emits properties in schema order —, the regex, the Lark grammar,
+    the choices as a JSON list; ``{}`` for json)."""
 
     kind: str
     source: str
@@ -441,7 +442,7 @@ def _constraint(msg: dict, rid: str) -> Constraint | None:
         _check(isinstance(value, dict), "field 'json_schema' must be a map (a JSON schema)", rid)
         _check(_depth(value) <= MAX_SCHEMA_DEPTH, f"field 'json_schema' nests deeper than {MAX_SCHEMA_DEPTH}", rid)
         try:
-            source = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+            source = json.dumps(value, separators=(",", ":"), allow_nan=False)  # key order kept: it is output order
         except ValueError:
             raise ProtocolError(E_BAD_REQUEST, "field 'json_schema' holds a non-finite number", rid) from None
     elif kind == "json":
@@ -499,6 +500,18 @@ def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
         )
         if "tool_calls" in m:
             calls = m["tool_calls"]
+            for c in calls if isinstance(calls, list) else ():
+                arguments = c.get("arguments") if isinstance(c, dict) else None
+                try:
+                    parsed = json.loads(arguments) if isinstance(arguments, str) else None
+                except (ValueError, RecursionError):
+                    parsed = None
+                _check(
+                    isinstance(parsed, dict) and _depth(parsed) <= MAX_SCHEMA_DEPTH,
+                    f"messages[{n}].tool_calls: 'arguments' must be a JSON object (as a string) nested at most "
+                    f"{MAX_SCHEMA_DEPTH} deep",
+                    rid,
+                )
             _check(
                 m["role"] == "assistant"
                 and isinstance(calls, list)
@@ -520,7 +533,7 @@ def _messages(msg: dict, rid: str) -> tuple[dict, ...] | None:
                 f"messages[{n}].tool_call_id: a tool message's string of 1..{MAX_ID_LEN} characters",
                 rid,
             )
-    chars = sum(len(m["content"]) for m in messages)
+    chars = sum(len(m["content"]) + sum(len(c["arguments"]) for c in m.get("tool_calls", ())) for m in messages)
     if chars > MAX_PROMPT_CHARS:
         raise ProtocolError(E_TOO_LARGE, f"messages hold {chars} characters; the limit is {MAX_PROMPT_CHARS}", rid)
     return tuple({k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in messages)

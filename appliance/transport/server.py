@@ -399,6 +399,10 @@ class Server:
             job = self.admission.admit(self.model, req, peer, self._in_flight.get(peer.identity, 0))
         except P.ProtocolError as exc:
             return self._refuse(envelope, peer, exc, op=req.op, rid=req.id)
+        except Exception as exc:  # a bug admitting one request must cost that request, never the serving loop
+            log.exception("admitting request %s failed", req.id)
+            err = P.ProtocolError(P.E_INTERNAL, f"the request could not be admitted: {type(exc).__name__}")
+            return self._refuse(envelope, peer, err, op=req.op, rid=req.id)
         if not self.runner.submit(job):
             self.admission.abandon(job)
             err = P.ProtocolError(P.E_BUSY, "the waiting queue is full")
