@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -98,6 +99,19 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def templated_build(tiny_build: Path, name: str, template: str) -> str:
+    """The demo weights with ``template`` as the chat template in tokenizer_config.json (what a checkpoint that
+    ships one carries), made once as ``tiny_build / name``; returns ``name`` for ``provision_device(onnx=...)``."""
+    out = tiny_build / name
+    if not out.exists():
+        out.mkdir()
+        for f in (tiny_build / "onnx").iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return name
 
 
 def provision_device(

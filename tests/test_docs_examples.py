@@ -12,7 +12,6 @@ gateway's addresses (the tests' own free ports, not 5555/8080), the placeholder 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, Daemon, http_site, provision_device, wait_for_rows
+from edge_models.reference_tokenizers import R1_DISTILL_TEMPLATE
+from tests.conftest import BIN, Daemon, http_site, provision_device, templated_build, wait_for_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/HTTP.md", "docs/PROTOCOL.md")
@@ -136,17 +136,10 @@ def test_every_block_is_classified():
 def sites(tiny_build, tmp_path_factory):
     """The three devices the examples run on, each with its daemon (and the gateway) running."""
     root = tmp_path_factory.mktemp("docs")
-    chat_onnx = tiny_build / "onnx-chat"
-    if not chat_onnx.exists():
-        from edge_models.reference_tokenizers import R1_DISTILL_TEMPLATE
-
-        chat_onnx.mkdir()
-        for f in (tiny_build / "onnx").iterdir():
-            (chat_onnx / f.name).write_bytes(f.read_bytes())
-        config = json.loads((chat_onnx / "tokenizer_config.json").read_text())
-        (chat_onnx / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": R1_DISTILL_TEMPLATE}))
     demo = provision_device(tiny_build, root / "demo")
-    chat = provision_device(tiny_build, root / "chat", onnx="onnx-chat")
+    chat = provision_device(
+        tiny_build, root / "chat", onnx=templated_build(tiny_build, "onnx-chat", R1_DISTILL_TEMPLATE)
+    )
     daemons = [Daemon(demo, root / "demo-run"), Daemon(chat, root / "chat-run")]
     try:
         for d in daemons:

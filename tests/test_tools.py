@@ -28,7 +28,7 @@ from appliance.serving.tools import (
 from appliance.transport import protocol as P
 from appliance.transport.client import Client, ClientError
 from edge_models.reference_tokenizers import QWEN25_TEMPLATE, R1_DISTILL_TOOLS_TEMPLATE
-from tests.conftest import Daemon, http_site, provision_device, wait_for_rows
+from tests.conftest import Daemon, http_site, provision_device, templated_build, wait_for_rows
 
 # Small schemas: the demo model's context is 512 tokens and Qwen's tool preamble alone takes ~300 of its tokens.
 WEATHER = {
@@ -54,14 +54,7 @@ ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "
 
 def tools_build(tiny_build):
     """The demo weights with Qwen2.5's template in tokenizer_config.json (what a Qwen checkpoint ships)."""
-    out = tiny_build / "onnx-tools"
-    if not out.exists():
-        out.mkdir()
-        for f in (tiny_build / "onnx").iterdir():
-            (out / f.name).write_bytes(f.read_bytes())
-        config = json.loads((out / "tokenizer_config.json").read_text())
-        (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": QWEN25_TEMPLATE}))
-    return "onnx-tools"
+    return templated_build(tiny_build, "onnx-tools", QWEN25_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

@@ -106,18 +106,15 @@ class Admission:
             raise P.ProtocolError(
                 P.E_TOO_LARGE, f"{what} is {context} tokens; the context holds {engine.max_seq_len}{hint}", req.id
             )
-        from_tools = bool(req.tools) and req.constraint is None
+        form = tool_format(model.chat.source) if req.tools else None  # prompt_tokens refused a template without one
+        reasoning = opens_reasoning(text)
         try:  # compiled here, on the serving loop: a constraint that cannot be used never takes a slot
-            if from_tools:  # a required or named call: its markup and the function's parameters
-                form = tool_format(model.chat.source) or HERMES
+            if form is not None and req.constraint is None:  # a required or named call: markup and parameters
                 req = replace(req, constraint=tool_constraint(req, form, model.tokenizer.token_to_id))
-            guide = self.grammars(model).guide(req, opens_reasoning(text))
-        except Exception as exc:
+            guide = self.grammars(model).guide(req, reasoning)
+        except Exception:
             if session is not None:
                 self.sessions.release(session, restore)
-            if from_tools and isinstance(exc, P.ProtocolError):  # name what the client sent, not its grammar
-                message = exc.message.replace("field 'grammar'", "field 'tools' (a function's parameters)")
-                raise P.ProtocolError(exc.code, message, exc.request_id) from None
             raise
         deadline = time.monotonic() + req.deadline_ms / 1000.0 if req.deadline_ms else None
         seq = Sequence(
@@ -144,8 +141,9 @@ class Admission:
             cache_key=key,
             prompt_text=text,
             chat=chat,
-            opens_reasoning=opens_reasoning(text),
+            opens_reasoning=reasoning,
             guide=guide,
+            tool_form=form if req.tool_choice != "none" else None,
         )
 
     def abandon(self, job: Job) -> None:

@@ -92,7 +92,7 @@ class Grammars:
         grammar = self._validated(constraint, req.id)
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=_limits())
         if matcher.is_error():
-            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.kind!r}: {_line(matcher.get_error())}", req.id)
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.named}: {_line(matcher.get_error())}", req.id)
         METRICS.constraint_compiled(constraint.kind, time.perf_counter() - start)
         deferred = self.think_close if opens_reasoning else None
         return Guide(matcher, self.vocab_size, deferred, req.max_reasoning_tokens)
@@ -106,10 +106,10 @@ class Grammars:
         try:
             grammar = grammar_of(constraint)
         except (ValueError, TypeError) as exc:
-            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.kind!r}: {_line(str(exc))}", rid) from None
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.named}: {_line(str(exc))}", rid) from None
         error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer, limits=_limits())
         if error:
-            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.kind!r} does not compile: {_line(error)}", rid)
+            raise P.ProtocolError(P.E_BAD_REQUEST, f"field {constraint.named} does not compile: {_line(error)}", rid)
         with self._lock:
             self._valid[digest] = grammar
             while len(self._valid) > CACHED_GRAMMARS:

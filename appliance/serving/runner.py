@@ -22,7 +22,7 @@ from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
 from appliance.serving.sessions import Session, SessionStore
-from appliance.serving.tools import HERMES, parse_calls, tool_format
+from appliance.serving.tools import parse_calls
 from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")
@@ -51,6 +51,7 @@ class Job:
     opens_reasoning: bool = False  # the prompt ended with <think>: the output starts inside reasoning
     splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
     guide: Guide | None = None  # the output constraint (and reasoning budget), applied to this row's logits
+    tool_form: str | None = None  # the template's tool-call family when the reply may call tools (parsed whole)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class EngineRunner(threading.Thread):
                     job.cache_key,
                     CachedResponse(job.detok.text, tuple(seq.output_ids), seq.finish.value, len(seq.prompt_ids)),
                 )
-            if job.cache_hit and job.request.stream and job.detok.text and not _calls_tools(job.request):
+            if job.cache_hit and job.request.stream and job.detok.text and job.tool_form is None:
                 self._stream(job, job.detok.text, seq.output_ids[-1], final=True)
             if seq.slot is not None and not job.cache_hit:
                 engine.release(seq.slot)
@@ -260,7 +261,7 @@ class EngineRunner(threading.Thread):
         if job.detok.stopped:
             with self._lock:
                 self.scheduler.stop(seq)
-        if (fresh or seq.finish is not None) and job.request.stream and not _calls_tools(job.request):
+        if (fresh or seq.finish is not None) and job.request.stream and job.tool_form is None:
             self._stream(job, fresh, seq.output_ids[-1] if seq.output_ids else -1, seq.finish is not None)
 
     def _stream(self, job: Job, delta: str, token_id: int, final: bool) -> None:
@@ -360,17 +361,12 @@ class EngineRunner(threading.Thread):
             reasoning = None
         extra: dict = {"cache_hit": job.cache_hit}
         finish = seq.finish.value
-        if _calls_tools(job.request):
-            answer, calls = parse_calls(answer, job.request.tools, tool_format(self.model.chat.source) or HERMES)
+        if job.tool_form is not None:  # the reply may call tools: it was held back to be parsed whole
+            answer, calls = parse_calls(answer, job.request.tools, job.tool_form)
             if calls:
                 extra["tool_calls"], finish = calls, "tool_calls"
         frame = P.done_reply(job.request.id, answer, finish, usage, timings, reasoning, **extra)
         return entry, frame
-
-
-def _calls_tools(req: P.Request) -> bool:
-    """The reply may hold tool calls: it is parsed whole at the end, so its text is not streamed token by token."""
-    return bool(req.tools) and req.tool_choice != "none"
 
 
 def _prepare(guides: list[Guide]) -> None:

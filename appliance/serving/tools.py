@@ -17,6 +17,7 @@ constrained (llguidance's Lark with ``%json``) to exactly one call whose argumen
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -34,6 +35,7 @@ class ToolError(ValueError):
     """The request's tools cannot be used with this model (one line, the request's ``bad_request``)."""
 
 
+@functools.lru_cache(maxsize=8)  # a property of the loaded model's template: decided once, not per request
 def tool_format(source: str) -> str | None:
     """``HERMES``, ``DEEPSEEK`` or None (the template cannot carry tool calls)."""
     if DS_CALLS in source:
@@ -43,6 +45,7 @@ def tool_format(source: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def renders_tools(source: str) -> bool:
     return re.search(r"\btools\b", source) is not None
 
@@ -165,7 +168,8 @@ def tool_constraint(
     """The constraint that ``tool_choice`` ``required`` or a named function puts on the reply (None for auto/none)."""
     if not req.tools or req.tool_choice not in ("required", "function"):
         return None
-    return P.Constraint("grammar", call_grammar(req.tools, req.tool_name, form, token_id))
+    grammar = call_grammar(req.tools, req.tool_name, form, token_id)
+    return P.Constraint("grammar", grammar, field="'tools' (a function's parameters)")
 
 
 def _blocks(text: str, opening: str, closing: str):

@@ -150,6 +150,11 @@ class Constraint:
 
     kind: str
     source: str
+    field: str = ""  # how error messages name the request field it came from (default: ``kind``); not in the digest
+
+    @property
+    def named(self) -> str:
+        return self.field or repr(self.kind)
 
     @property
     def digest(self) -> str:
