@@ -19,6 +19,7 @@ DEFAULT_CONFIG = Path("/etc/edge-appliance/appliance.toml")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 ENGINE_KINDS = ("auto", "onnxruntime", "torch", "tensorrt")
+SPECULATIVE_MODES = ("off", "ngram", "draft", "auto")
 
 
 class ConfigError(ApplianceError):
@@ -52,6 +53,11 @@ class EngineConfig:
     # literal: special-token texts inside chat message contents are tokenized as text (no forged turns);
     # parse: as the tokenizer reads any text (transformers' apply_chat_template default)
     content_special_tokens: str = "literal"
+    # Speculative decoding (docs/INFERENCE.md): off | ngram (prompt lookup) | draft (the bundle's draft model) |
+    # auto (draft when the bundle carries one, else ngram). Tokens are identical either way.
+    speculative: str = "auto"
+    draft_tokens: int = 4  # most tokens drafted per step (adaptive below it)
+    speculative_max_batch: int = 1  # speculate only while at most this many requests decode
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,10 @@ def load_config(path: Path) -> Config:
         return None if p is None else (base / p).resolve()
 
     engine = sections["engine"]
+    if engine.speculative not in SPECULATIVE_MODES:
+        raise ConfigError(f"{path}: [engine] speculative must be {'|'.join(SPECULATIVE_MODES)}")
+    if not 1 <= engine.draft_tokens <= 16 or engine.speculative_max_batch < 0:
+        raise ConfigError(f"{path}: [engine] draft_tokens must be 1..16 and speculative_max_batch >= 0")
     if engine.content_special_tokens not in ("literal", "parse"):
         raise ConfigError(f"{path}: [engine] content_special_tokens must be literal or parse")
     if engine.kind not in ENGINE_KINDS or engine.quantize not in ("none", "int8", "int4"):
@@ -304,6 +314,9 @@ turn_budget_ms = 20         # loop time spent reading requests before replies an
 kind = "auto"               # auto: TensorRT plan for this GPU > torch on CUDA > onnxruntime (CPU); or name one
 # quantize = "int8"         # torch engine only: weight-only int8 | int4 at load (default none)
 # content_special_tokens = "literal"  # chat contents never become special tokens; "parse" reads them as markup
+speculative = "auto"        # speculative decoding: auto (the bundle's draft model, else n-gram) | draft | ngram | off
+draft_tokens = 4            # most tokens drafted per step; speculation only while <= speculative_max_batch decode
+speculative_max_batch = 1
 threads = 0                 # 0 = automatic: one per 16 MB of weights read per token, at most the cores
 max_batch = {max_batch}     # sequences decoded together
 max_queued = 64             # waiting requests before answering 'busy'

@@ -22,6 +22,7 @@ from appliance.engine.weights import WeightBuffer, WeightsStillReadError
 from appliance.errors import ApplianceError
 from appliance.serving.chat import ChatTemplate, LiteralContent
 from provisioning.bundle import Bundle, EngineEntry
+from provisioning.draft import DRAFT_PREFIX, check_vocabularies
 from provisioning.install import current_bundle
 from provisioning.keys import DEVICE_X25519, load_trusted_vendors, load_x25519, wipe
 
@@ -48,6 +49,7 @@ class LoadedModel:
     chat: ChatTemplate | None = None  # the checkpoint's chat template; None: ``messages`` are refused
     # message contents tokenized with special-token texts as text ([engine] content_special_tokens = "literal")
     literal_content: LiteralContent | None = None
+    draft: Engine | None = None  # the bundle's speculative-decoding draft model ([engine] speculative)
 
 
 def installed_bundle(config: Config) -> Bundle:
@@ -108,6 +110,8 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
         for buf in files.values():
             if isinstance(buf, WeightBuffer):
                 buf.join()  # its decryption's outcome (a chunk failing authentication raises here)
+        wants_draft = config.engine.speculative in ("draft", "auto")
+        draft = _load_draft(bundle, data_key, config, tokenizer) if wants_draft else None
     except BaseException:
         engine = None
         raise
@@ -131,7 +135,42 @@ def load_model(config: Config, kind: str | None = None, caps: DeviceCaps | None 
         spec=spec,
         chat=chat,
         literal_content=LiteralContent(tokenizer) if config.engine.content_special_tokens == "literal" else None,
+        draft=draft,
     )
+
+
+def _load_draft(bundle: Bundle, data_key: bytearray, config: Config, tokenizer: Tokenizer) -> Engine | None:
+    """The bundle's speculative-decoding draft model on its own ONNX Runtime engine (one slot per target slot),
+    or None when the bundle carries none. A draft with another tokenizer is refused (``DraftMismatchError``)."""
+    ids = {f.id for f in bundle.files()}
+    if f"{DRAFT_PREFIX}{MODEL_FILE}" not in ids:
+        return None
+    spec = DecoderSpec.from_json(bytes(bundle.decrypt_into(DRAFT_PREFIX + SPEC_FILE, data_key)))
+    vocab = Tokenizer.from_str(bundle.decrypt_into(DRAFT_PREFIX + TOKENIZER_FILE, data_key).decode("utf-8"))
+    check_vocabularies(tokenizer.get_vocab(with_added_tokens=True), vocab.get_vocab(with_added_tokens=True))
+    files = {f: bundle.decrypt_into(DRAFT_PREFIX + f, data_key) for f in (MODEL_FILE, EXTERNAL_DATA_FILE)
+             if DRAFT_PREFIX + f in ids}  # fmt: skip
+    graph = files.pop(MODEL_FILE)
+    model = bytes(graph)
+    wipe(graph)
+    try:
+        engine = create_engine(
+            "onnxruntime",
+            model,
+            spec,
+            num_slots=config.engine.max_batch,
+            max_seq_len=config.engine.max_seq_len,
+            threads=config.engine.threads,
+            external=files,  # copied into ONNX Runtime's own buffers, then wiped below
+            spin=config.engine.spin,
+            affinity=config.engine.affinity,
+        )
+    finally:
+        wipe(model)
+        for buf in files.values():
+            wipe(buf)
+    log.info("speculative decoding draft: %s, %d layers", spec.architecture, spec.num_layers)
+    return engine
 
 
 def _decrypt(bundle: Bundle, file_id: str, data_key: bytearray, borrow: bool) -> bytearray | WeightBuffer:

@@ -115,6 +115,23 @@ class Metrics:
             registry=r,
         )
 
+        self.drafted = Counter(
+            f"{PREFIX}_speculative_drafted_tokens", "Tokens drafted for speculative decoding, by drafter", ["drafter"],
+            registry=r,
+        )  # fmt: skip
+        self.accepted = Counter(
+            f"{PREFIX}_speculative_accepted_tokens",
+            "Drafted tokens the model accepted (acceptance rate: accepted / drafted), by drafter",
+            ["drafter"],
+            registry=r,
+        )
+        self.acceptance = Histogram(
+            f"{PREFIX}_speculative_acceptance_ratio",
+            "Per-request share of drafted tokens accepted (requests that drafted)",
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+
     # -- events ---------------------------------------------------------------------------------
     def request(self, op: str, status: str, code: str | None = None) -> None:
         self.requests.labels(op, status).inc()
@@ -134,6 +151,12 @@ class Metrics:
             self.ttft.observe(entry.ttft_ms)
             if entry.completion_tokens > 1 and entry.total_ms > entry.ttft_ms:
                 self.tokens_per_s.observe((entry.completion_tokens - 1) / (entry.total_ms - entry.ttft_ms))
+
+    def speculated(self, drafter: str, drafted: int, accepted: int) -> None:
+        """A request that drafted ended."""
+        self.drafted.labels(drafter).inc(drafted)
+        self.accepted.labels(drafter).inc(accepted)
+        self.acceptance.observe(accepted / drafted)
 
     def constraint_compiled(self, kind: str, seconds: float) -> None:
         self.constraint_compile.labels(kind).observe(seconds)

@@ -12,6 +12,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .bundle import TORCH_FILES, EngineEntry, infer_engines, open_bundle, seal
+from .draft import DRAFT_PREFIX, DraftMismatchError, check_vocabularies
 from .errors import ProvisioningError, run_command
 from .install import INSTALL_LOG, current_bundle, current_manifest_unverified, install, rollback, verify_fully
 from .keys import (
@@ -75,6 +76,8 @@ def cmd_seal(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-seal-") as staging:
         if "model.onnx.data" not in files:  # one weight layout for every size (provisioning/layout.py)
             files["model.onnx"], files["model.onnx.data"] = externalize(files["model.onnx"], Path(staging))
+        if args.draft:
+            files.update(_draft_files(Path(args.draft), model_dir, Path(staging) / "draft"))
         engines = infer_engines(files) + [_plan_entry(spec_text, files) for spec_text in args.tensorrt_plan or []]
         manifest = seal(
             files,
@@ -93,6 +96,30 @@ def cmd_seal(args: argparse.Namespace) -> int:
         f"{len(recipients)} recipient(s); engines: {kinds})"
     )
     return 0
+
+
+def _draft_files(draft: Path, model_dir: Path, staging: Path) -> dict[str, Path]:
+    """The speculative-decoding draft model's payload (``draft/…``): an ONNX export whose tokenizer is the
+    target's, token for token (checked here and again on the device)."""
+    from tokenizers import Tokenizer
+
+    missing = [f for f in MODEL_FILES if not (draft / f).is_file()]
+    if missing:
+        raise ProvisioningError(f"draft {draft} lacks {', '.join(missing)}; export it with 'edge-models export'")
+    try:
+        check_vocabularies(
+            Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True),
+            Tokenizer.from_file(str(draft / "tokenizer.json")).get_vocab(with_added_tokens=True),
+        )
+    except DraftMismatchError as exc:
+        raise ProvisioningError(f"--draft {draft}: {exc}") from None
+    files = {f"{DRAFT_PREFIX}{f}": draft / f for f in MODEL_FILES}
+    data = f"{DRAFT_PREFIX}model.onnx.data"
+    if (draft / "model.onnx.data").is_file():
+        files[data] = draft / "model.onnx.data"
+    else:
+        files[f"{DRAFT_PREFIX}model.onnx"], files[data] = externalize(draft / "model.onnx", staging)
+    return files
 
 
 def _plan_entry(value: str, files: dict[str, Path]) -> EngineEntry:
@@ -232,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--torch",
         help="transformers checkpoint directory (model.safetensors, config.json) to carry for the torch engine",
+    )
+    s.add_argument(
+        "--draft",
+        help="exported ONNX directory of a smaller model with the same tokenizer, sealed as the speculative-decoding "
+        "draft (e.g. the distilled student of --model)",
     )
     s.add_argument(
         "--tensorrt-plan",

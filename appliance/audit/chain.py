@@ -32,7 +32,7 @@ from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 POLICIES = ("hash", "encrypted", "none")
 
 
@@ -81,6 +81,8 @@ class AuditRecord(Base):
     # schema 6: the output constraint a generate request carried (kind, sha256 of kind and source); NULL: none
     constraint_kind: Mapped[str | None] = mapped_column(String(16))
     constraint_sha256: Mapped[str | None] = mapped_column(String(64))
+    # schema 7: the drafter when the request used speculative decoding (ngram, draft); NULL: it did not
+    speculative: Mapped[str | None] = mapped_column(String(16))
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
 
@@ -146,6 +148,7 @@ OPTIONAL_CHAINED = (
     "occurrences",
     "constraint_kind",
     "constraint_sha256",
+    "speculative",
 )
 ROW_FIELDS = CHAINED_FIELDS + OPTIONAL_CHAINED + ("prev_hash", "row_hash")
 
@@ -191,6 +194,7 @@ class Entry:
     occurrences: int = 1  # identical events this row stands for (aggregated refusals)
     constraint_kind: str | None = None  # json_schema, json, regex, grammar or choice
     constraint_sha256: str | None = None  # the constraint's digest (protocol.Constraint.digest)
+    speculative: str | None = None  # the drafter, when speculative decoding drafted for the request
 
 
 @dataclass
@@ -317,6 +321,8 @@ class AuditLog:
             fields["occurrences"] = entry.occurrences
         if entry.constraint_kind is not None:
             fields["constraint_kind"], fields["constraint_sha256"] = entry.constraint_kind, entry.constraint_sha256
+        if entry.speculative is not None:
+            fields["speculative"] = entry.speculative
         if self.content != "none":
             fields["prompt_sha256"], fields["output_sha256"] = sha256_text(entry.prompt), sha256_text(entry.output)
         return fields

@@ -51,7 +51,13 @@ def _v5_to_v6(conn) -> None:
             conn.execute(text(f"ALTER TABLE audit_log ADD COLUMN {column} {kind}"))
 
 
-STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6}
+def _v6_to_v7(conn) -> None:
+    """Speculative decoding is recorded (NULL on every earlier row: not used, hashes unchanged)."""
+    if "speculative" not in {c["name"] for c in inspect(conn).get_columns("audit_log")}:
+        conn.execute(text("ALTER TABLE audit_log ADD COLUMN speculative VARCHAR(16)"))
+
+
+STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6, 6: _v6_to_v7}
 
 
 def upgrade(engine) -> None:

@@ -19,6 +19,12 @@ class EngineError(ApplianceError):
     """The engine cannot be created or cannot run a step."""
 
 
+def check_rewind(length: int, keep: int) -> None:
+    """``rewind(slot, keep)`` may only drop tokens, and must keep at least one (an empty slot is ``release``)."""
+    if not 0 < keep <= length:
+        raise EngineError(f"rewind to {keep} tokens of a slot holding {length}; it must keep 1..{length}")
+
+
 class Engine(Protocol):
     kind: str
     spec: DecoderSpec
@@ -32,6 +38,17 @@ class Engine(Protocol):
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
         """Append one ``(slot, token_id)`` per row; returns next-token logits ``[len(batch), vocab]``."""
+        ...
+
+    def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
+        """Append each ``(slot, ids)`` like ``prefill`` but return the logits at *every* new position, one
+        ``[len(ids), vocab]`` array per row: row ``i`` predicts the token after ``ids[: i + 1]``. Speculative
+        decoding feeds the last token and the drafted ones, then ``rewind``s what the target rejects."""
+        ...
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep only the first ``length`` cached tokens of ``slot`` (``0 < length <= self.length(slot)``); what
+        follows is never read again and the next append writes over it. Costs no copy."""
         ...
 
     def length(self, slot: int) -> int:

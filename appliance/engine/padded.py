@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import EngineError
+from .base import EngineError, check_rewind
 from .spec import DecoderSpec
 
 
@@ -149,6 +149,28 @@ class PaddedKVEngine:
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each row's tokens to its slot (a whole prompt or the next chunk of one); returns the
         logits after each row's last new token ``[len(batch), vocab]``."""
+        logits, sizes = self._append(batch)
+        rows = np.arange(len(batch))
+        if isinstance(logits, np.ndarray):
+            return self._host(logits[rows, np.array(sizes) - 1])
+        return self._host(logits[rows, [s - 1 for s in sizes]])
+
+    def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
+        """Append each row's tokens; the logits at every new position, ``[len(ids), vocab]`` per row."""
+        logits, sizes = self._append(batch)
+        return [self._host(logits[row, :size]) for row, size in enumerate(sizes)]
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions: the slot's view just ends earlier (no copy). A resident decode
+        batch requires every row to end at the arena's width, so a rewound row makes the next step gather."""
+        check_rewind(self.length(slot), length)
+        s = self._slots[slot]
+        s.end = s.start + length
+        if slot in self._batch:
+            self._batch = ()
+
+    def _append(self, batch: list[tuple[int, list[int]]]) -> tuple[Any, list[int]]:
+        """Run each row's new tokens behind its cache; returns the logits ``[B, S, V]`` and each row's size."""
         lengths = [self.length(slot) for slot, _ in batch]
         sizes = [len(ids) for _, ids in batch]
         if min(sizes) == 0:
@@ -173,12 +195,7 @@ class PaddedKVEngine:
         if set(self._batch) & {slot for slot, _ in batch}:
             self._batch = ()
         self.stats.prefill_tokens += sum(sizes)
-        rows = np.arange(n)
-        return self._host(
-            logits[rows, np.array(sizes) - 1]
-            if isinstance(logits, np.ndarray)
-            else logits[rows, [s - 1 for s in sizes]]
-        )
+        return logits, sizes
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
         """Append one ``(slot, token)`` per row; returns next-token logits ``[len(batch), vocab]``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineError
+from .base import EngineError, check_rewind
 from .ort_engine import ort_session, trim_heap
 from .padded import EngineStats
 from .spec import DecoderSpec, output_names, static_input_names
@@ -98,6 +98,21 @@ class StaticCacheEngine:
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each row's tokens to its slot (a whole prompt or the next chunk of one); returns the
         logits after each row's last new token ``[len(batch), vocab]``."""
+        rows = self._append(batch)
+        trim_heap()  # a prefill's activations (all-position logits) are the largest buffers a step frees
+        return np.stack([logits[-1] for logits in rows])
+
+    def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
+        """Append each row's tokens; the logits at every new position, ``[len(ids), vocab]`` per row."""
+        return self._append(batch)
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions: the graph attends only below a row's length and the next append
+        writes its keys and values over the rest, so nothing is copied or cleared."""
+        check_rewind(self._lengths[slot], length)
+        self._lengths[slot] = length
+
+    def _append(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
         for slot, tokens in batch:
             if not tokens:
                 raise EngineError("prefill of an empty token list")
@@ -111,9 +126,8 @@ class StaticCacheEngine:
             logits = self._run(slot, np.array([tokens], np.int64), np.array([total - 1], np.int32), total)
             self._lengths[slot] = total
             self.stats.prefill_tokens += len(tokens)
-            rows.append(logits[0, -1])
-        trim_heap()  # a prefill's activations (all-position logits) are the largest buffers a step frees
-        return np.stack(rows)
+            rows.append(logits[0])
+        return rows
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:
         """Append one ``(slot, token)`` per row; returns next-token logits ``[len(batch), vocab]``."""

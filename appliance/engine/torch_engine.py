@@ -24,7 +24,7 @@ import json
 import numpy as np
 import torch
 
-from .base import EngineError
+from .base import EngineError, check_rewind
 from .ort_engine import auto_threads
 from .spec import DecoderSpec
 from .torch_model import ModelConfig, Transformer, active_weight_bytes
@@ -133,6 +133,20 @@ class TorchEngine:
     @torch.inference_mode()
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each row's tokens to its slot; returns the logits after each row's last token."""
+        return self._append(batch, last=True)[:, 0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
+        """Append each row's tokens; the logits at every new position, ``[len(ids), vocab]`` per row."""
+        logits = self._append(batch, last=False).float().cpu().numpy()
+        return [logits[row, : len(ids)] for row, (_, ids) in enumerate(batch)]
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions; attention masks by length, the next append overwrites the rest."""
+        check_rewind(self._lengths[slot], length)
+        self._lengths[slot] = length
+
+    def _append(self, batch: list[tuple[int, list[int]]], last: bool) -> torch.Tensor:
         sizes = [len(ids) for _, ids in batch]
         lengths = [self._lengths[slot] for slot, _ in batch]
         if min(sizes) == 0:
@@ -154,11 +168,11 @@ class TorchEngine:
             self._tensor(write),
             max(length + size for length, size in zip(lengths, sizes, strict=True)),
             self.caches,
-            last=self._tensor(np.array(sizes) - 1),
+            last=self._tensor(np.array(sizes) - 1) if last else None,
         )
         for (slot, _), size in zip(batch, sizes, strict=True):
             self._lengths[slot] += size
-        return logits[:, 0].float().cpu().numpy()
+        return logits
 
     @torch.inference_mode()
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:

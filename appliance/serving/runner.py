@@ -22,6 +22,7 @@ from appliance.serving.response_cache import CachedResponse, ResponseCache
 from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
 from appliance.serving.sessions import Session, SessionStore
+from appliance.serving.speculative import DraftState, Speculator
 from appliance.serving.tools import parse_calls
 from appliance.transport import protocol as P
 
@@ -52,6 +53,7 @@ class Job:
     splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
     guide: Guide | None = None  # the output constraint (and reasoning budget), applied to this row's logits
     tool_form: str | None = None  # the template's tool-call family when the reply may call tools (parsed whole)
+    drafts: DraftState | None = None  # its speculative decoding counts, once it ended
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,13 @@ class EngineRunner(threading.Thread):
         wake: Callable[[], None],
         sessions: SessionStore | None = None,
         responses: ResponseCache | None = None,
+        speculator: Speculator | None = None,
     ):
         super().__init__(name="engine", daemon=True)
         self.model = model
         self.sessions = sessions
         self.responses = responses
+        self.speculator = speculator
         self.scheduler = scheduler
         self.writer = writer
         self._unpublished = 0
@@ -165,20 +169,71 @@ class EngineRunner(threading.Thread):
             if done:
                 self._advance([plan.prefill[row] for row in done], logits[done])
         if plan.decode:
-            # Several constrained rows: their masks are computed on the helper thread while the engine runs the
-            # step. One is computed inline after it (tens of µs; a thread hand-off and a third busy thread on a
-            # small device cost the step more than that).
-            guides = [g for s in plan.decode if (g := self._jobs[s.key].guide) is not None and g.constrains_next]
-            ahead = self._masker.submit(_prepare, guides) if len(guides) > 1 else None
-            try:
-                logits = engine.decode([(s.slot, s.output_ids[-1]) for s in plan.decode])
-            finally:
-                if ahead is not None:
-                    ahead.result()  # joined even when the step failed: no guide is ever used by two threads
-            self._advance(plan.decode, logits)
+            drafts = self._drafts(plan.decode)
+            plain = [s for s, d in zip(plan.decode, drafts, strict=True) if not d]
+            if plain:
+                self._decode(plain)
+            checked = [(s, d) for s, d in zip(plan.decode, drafts, strict=True) if d]
+            if checked:
+                self._verify(checked)
         with self._lock:
             finished = self.scheduler.take_finished()
         self._retire(finished)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        # Several constrained rows: their masks are computed on the helper thread while the engine runs the
+        # step. One is computed inline after it (tens of µs; a thread hand-off and a third busy thread on a
+        # small device cost the step more than that).
+        guides = [g for s in seqs if (g := self._jobs[s.key].guide) is not None and g.constrains_next]
+        ahead = self._masker.submit(_prepare, guides) if len(guides) > 1 else None
+        try:
+            logits = self.model.engine.decode([(s.slot, s.output_ids[-1]) for s in seqs])
+        finally:
+            if ahead is not None:
+                ahead.result()  # joined even when the step failed: no guide is ever used by two threads
+        self._advance(seqs, logits)
+
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Each decoding row's drafted tokens (empty: it decodes normally). Constrained rows and requests that
+        opted out never draft; a draft never runs past the request's max_tokens or the context."""
+        if self.speculator is None:
+            return [[] for _ in seqs]
+        rows, where = [], []
+        for i, seq in enumerate(seqs):
+            job = self._jobs[seq.key]
+            if job.guide is None and job.request.speculative and seq.finish is None:
+                room = min(seq.max_tokens - len(seq.output_ids), self.scheduler.max_seq_len - seq.context_len)
+                rows.append((seq.key, seq.slot, job.history + seq.feed_ids + seq.output_ids, room))
+                where.append(i)
+        out: list[list[int]] = [[] for _ in seqs]
+        if rows and len(seqs) <= self.speculator.config.max_rows:
+            for i, draft in zip(where, self.speculator.plan(rows), strict=True):
+                out[i] = draft
+        return out
+
+    def _verify(self, rows: list[tuple[Sequence, list[int]]]) -> None:
+        """Run each row's last token and its draft through the target at once; keep the drafted tokens the target
+        picks itself, then its own token at the first disagreement, and rewind the cache to what was kept."""
+        engine = self.model.engine
+        base = [engine.length(seq.slot) for seq, _ in rows]
+        logits = engine.verify([(seq.slot, [seq.output_ids[-1], *draft]) for seq, draft in rows])
+        now = time.monotonic()
+        for (seq, draft), at, row in zip(rows, base, logits, strict=True):
+            used, accepted = 1, 0
+            try:
+                for i in range(len(draft) + 1):
+                    if seq.finish is not None:  # ended (or cancelled) at the previous token: the rest is dropped
+                        break
+                    used = i + 1
+                    token = self._choose(seq, row[i])
+                    self._emit(seq, token, now)
+                    if i == len(draft) or token != draft[i]:
+                        break
+                    accepted += 1
+            except Exception as exc:  # this request's fault ends this request only, never its batch-mates
+                self._failed(seq, exc)
+            self.speculator.record(seq.key, len(draft), accepted)
+            engine.rewind(seq.slot, at + used)
 
     def _begin(self, seq: Sequence) -> None:
         """First chunk of a request: restore its conversation's cache into the slot."""
@@ -200,6 +255,10 @@ class EngineRunner(threading.Thread):
                 continue
             seen.add(seq.key)
             live.append(seq)
+            if self.speculator is not None:
+                job.drafts = self.speculator.end(seq.key, seq.slot if not job.cache_hit else None)
+                if job.drafts is not None and job.drafts.drafted:
+                    METRICS.speculated(self.speculator.name, job.drafts.drafted, job.drafts.accepted)
             completed = error is None and seq.finish in _COMPLETED and seq.prefill_done
             if seq.session is not None and self.sessions is not None:
                 self.sessions.release(seq.session, self._saved_session(seq, job) if completed else job.restore)
@@ -234,22 +293,30 @@ class EngineRunner(threading.Thread):
             if seq.finish is not None:  # cancelled while the step ran
                 continue
             try:
-                self._next_token(seq, logits[row], now)
+                self._emit(seq, self._choose(seq, logits[row]), now)
             except Exception as exc:  # this request's fault ends this request only, never its batch-mates
-                log.exception("request %s failed while sampling or detokenizing", seq.key)
-                self.request_failures += 1
-                self._jobs[seq.key].error = (P.E_INTERNAL, f"generation failed: {type(exc).__name__}")
-                with self._lock:
-                    self.scheduler.fail(seq)
+                self._failed(seq, exc)
 
-    def _next_token(self, seq: Sequence, logits, now: float) -> None:
+    def _failed(self, seq: Sequence, exc: Exception) -> None:
+        log.error("request %s failed while sampling or detokenizing", seq.key, exc_info=exc)
+        self.request_failures += 1
+        self._jobs[seq.key].error = (P.E_INTERNAL, f"generation failed: {type(exc).__name__}")
+        with self._lock:
+            self.scheduler.fail(seq)
+
+    def _choose(self, seq: Sequence, logits) -> int:
+        """The request's next token from its logits (its constraint's mask applied)."""
         # Only the repetition penalty needs the history; skip the per-token copy when it is off.
         seen = seq.prompt_ids + seq.output_ids if seq.sampling.repetition_penalty != 1.0 else []
-        job = self._jobs[seq.key]
-        guide = job.guide
+        guide = self._jobs[seq.key].guide
         if guide is not None:
             logits = guide.mask(logits)
-        token = sample(logits, seq.sampling, seen, seq.rng)
+        return sample(logits, seq.sampling, seen, seq.rng)
+
+    def _emit(self, seq: Sequence, token: int, now: float) -> None:
+        """Record a chosen token: end conditions, the constraint, detokenization, the streamed frame."""
+        job = self._jobs[seq.key]
+        guide = job.guide
         with self._lock:
             if seq.finish is not None:  # cancelled by the serving loop since the step began
                 return
@@ -342,6 +409,7 @@ class EngineRunner(threading.Thread):
             cache_hit=job.cache_hit,
             constraint_kind=job.request.constraint.kind if job.request.constraint else None,
             constraint_sha256=job.request.constraint.digest if job.request.constraint else None,
+            speculative=self.speculator.name if job.drafts is not None and job.drafts.drafted else None,
         )
         if error is not None:
             return entry, P.error_reply(job.request.id, error[0], error[1])
@@ -360,6 +428,9 @@ class EngineRunner(threading.Thread):
         if job.request.reasoning == "hide":
             reasoning = None
         extra: dict = {"cache_hit": job.cache_hit}
+        if entry.speculative is not None:
+            d = job.drafts
+            extra["speculative"] = {"drafter": entry.speculative, "drafted": d.drafted, "accepted": d.accepted}
         finish = seq.finish.value
         if job.tool_form is not None:  # the reply may call tools: it was held back to be parsed whole
             answer, calls = parse_calls(answer, job.request.tools, job.tool_form)

@@ -44,4 +44,7 @@ def sample(logits: np.ndarray, params: Sampling, seen: list[int], rng: np.random
         return int(np.argmax(logits))
     probs = logits_to_probs(logits, params)
     generator = rng if rng is not None else np.random.default_rng()
-    return int(generator.choice(probs.shape[-1], p=probs))
+    # Inverse CDF with exactly one uniform draw per token: the position's token depends only on its logits and the
+    # request's n-th draw, so speculative decoding (which checks drafts with the same draws) yields the same tokens.
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, generator.random() * cdf[-1], side="right")), probs.shape[-1] - 1)

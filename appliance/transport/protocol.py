@@ -26,7 +26,7 @@ OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
 OP_AUTH_FAILED = "auth_failed"  # a gateway reports a refused credential, so the daemon audits it
 OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS, OP_AUTH_FAILED)
 # Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
-MINOR = 3
+MINOR = 4
 # Output constraints a generate request may carry (at most one); each is listed in ``info.features``.
 CONSTRAINT_KINDS = ("json_schema", "json", "regex", "grammar", "choice")
 FEATURES = (
@@ -46,6 +46,7 @@ FEATURES = (
     "max_reasoning_tokens",
     "tools",
     "unknown_fields_refused",
+    "speculative",
 )
 
 # Roles an end user acting through a gateway may have (a gateway cannot delegate its own role).
@@ -185,6 +186,7 @@ class Request:
     tools: tuple[dict, ...] | None = None  # [{name, description?, parameters?}] the model may call (chat only)
     tool_choice: str | None = None  # auto, none, required, or "function" (then ``tool_name``)
     tool_name: str | None = None
+    speculative: bool = True  # False: this request never uses speculative decoding (its tokens are the same)
 
 
 def _get(msg: dict, name: str, kind: type | tuple[type, ...], default: Any, rid: str | None) -> Any:
@@ -303,7 +305,7 @@ def _session(msg: dict, rid: str, required: bool = False) -> str | None:
 GENERATE_FIELDS = frozenset(
     {"v", "id", "op", "on_behalf_of", "prompt", "messages", "reasoning", "max_tokens", "temperature", "top_k"}
     | {"top_p", "repetition_penalty", "seed", "stop", "stream", "ignore_eos", "deadline_ms", "session"}
-    | {*CONSTRAINT_KINDS, "max_reasoning_tokens", "tools", "tool_choice"}
+    | {*CONSTRAINT_KINDS, "max_reasoning_tokens", "tools", "tool_choice", "speculative"}
 )
 
 
@@ -357,6 +359,7 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
     )
     stream = _get(msg, "stream", bool, True, rid)
     ignore_eos = _get(msg, "ignore_eos", bool, False, rid)
+    speculative = _get(msg, "speculative", bool, True, rid)
     deadline = _get(msg, "deadline_ms", int, None, rid)
     _check(deadline is None or deadline > 0, "field 'deadline_ms' must be > 0", rid)
     tools = _tools(msg, rid)
@@ -388,6 +391,7 @@ def _parse_generate(msg: dict, rid: str, max_tokens_limit: int) -> Request:
         tools=tools,
         tool_choice=choice,
         tool_name=tool_name,
+        speculative=speculative,
     )
 
 

@@ -39,6 +39,7 @@ from appliance.serving.response_cache import ResponseCache
 from appliance.serving.runner import EngineRunner
 from appliance.serving.scheduler import Scheduler
 from appliance.serving.sessions import SessionStore
+from appliance.serving.speculative import SpeculationConfig, build_speculator
 from appliance.serving.tools import tools_supported
 from appliance.transport import protocol as P
 from appliance.transport.connections import Connections
@@ -161,8 +162,16 @@ class Server:
             eos_token_ids=model.spec.eos_token_ids,
             prefill_chunk=self.config.engine.prefill_chunk,
         )
+        eng = self.config.engine
+        speculation = SpeculationConfig(eng.speculative, eng.draft_tokens, eng.speculative_max_batch)
         return EngineRunner(
-            model, scheduler, self.writer, wake=self._wake, sessions=self.sessions, responses=self.responses
+            model,
+            scheduler,
+            self.writer,
+            wake=self._wake,
+            sessions=self.sessions,
+            responses=self.responses,
+            speculator=build_speculator(speculation, model.draft),
         )
 
     # -- reload (SIGHUP): load beside the serving model, then swap between requests --------------
@@ -559,6 +568,8 @@ class Server:
             return self.config.engine.response_cache > 0
         if feature == "tools":
             return self.model.chat is not None and tools_supported(self.model.chat.source)
+        if feature == "speculative":
+            return self.runner.speculator is not None
         return True
 
     def info(self) -> dict:
@@ -575,6 +586,8 @@ class Server:
             "architecture": self.model.spec.architecture,
             "chat_template": self.model.chat is not None,  # whether generate accepts 'messages'
             "engine": self.model.engine.kind,
+            # the drafter speculative decoding uses (ngram, draft), or null when off
+            "speculative": None if self.runner.speculator is None else self.runner.speculator.name,
             "limits": {
                 "max_batch": self.model.engine.num_slots,
                 "max_queued": eng.max_queued,
