@@ -58,6 +58,8 @@ def cmd_seal(args: argparse.Namespace) -> int:
     missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
     if missing:
         raise ProvisioningError(f"{model_dir} lacks {', '.join(missing)}; export the model with 'edge-models export'")
+    if args.draft:
+        _check_draft(Path(args.draft), model_dir)
     key_path = Path(args.signing_key)
     signing = (
         load_ed25519(key_path.name, key_path.parent) if key_path.is_file() else load_ed25519(VENDOR_SIGNING, key_path)
@@ -77,7 +79,7 @@ def cmd_seal(args: argparse.Namespace) -> int:
         if "model.onnx.data" not in files:  # one weight layout for every size (provisioning/layout.py)
             files["model.onnx"], files["model.onnx.data"] = externalize(files["model.onnx"], Path(staging))
         if args.draft:
-            files.update(_draft_files(Path(args.draft), model_dir, Path(staging) / "draft"))
+            files.update(_draft_files(Path(args.draft), Path(staging) / "draft"))
         engines = infer_engines(files) + [_plan_entry(spec_text, files) for spec_text in args.tensorrt_plan or []]
         manifest = seal(
             files,
@@ -98,9 +100,9 @@ def cmd_seal(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draft_files(draft: Path, model_dir: Path, staging: Path) -> dict[str, Path]:
-    """The speculative-decoding draft model's payload (``draft/…``): an ONNX export whose tokenizer is the
-    target's, token for token (checked here and again on the device)."""
+def _check_draft(draft: Path, model_dir: Path) -> None:
+    """The speculative-decoding draft must be an ONNX export whose tokenizer is the target's, token for token
+    (checked here and again on the device)."""
     from tokenizers import Tokenizer
 
     missing = [f for f in MODEL_FILES if not (draft / f).is_file()]
@@ -113,6 +115,10 @@ def _draft_files(draft: Path, model_dir: Path, staging: Path) -> dict[str, Path]
         )
     except DraftMismatchError as exc:
         raise ProvisioningError(f"--draft {draft}: {exc}") from None
+
+
+def _draft_files(draft: Path, staging: Path) -> dict[str, Path]:
+    """The draft model's payload files (``draft/…``), its weights in ``model.onnx.data`` like the target's."""
     files = {f"{DRAFT_PREFIX}{f}": draft / f for f in MODEL_FILES}
     data = f"{DRAFT_PREFIX}model.onnx.data"
     if (draft / "model.onnx.data").is_file():

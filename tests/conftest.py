@@ -115,10 +115,17 @@ def templated_build(tiny_build: Path, name: str, template: str) -> str:
 
 
 def provision_device(
-    tiny_build: Path, root: Path, version: int = 1, onnx: str = "onnx", torch: bool = False, kind: str = "auto"
+    tiny_build: Path,
+    root: Path,
+    version: int = 1,
+    onnx: str = "onnx",
+    torch: bool = False,
+    kind: str = "auto",
+    draft: str | None = None,
 ) -> Device:
     """Vendor keygen, device enroll, seal, install: the same commands `make run` uses. ``torch`` also
-    seals the student's safetensors checkpoint (for the torch engine); ``kind`` is ``[engine] kind``."""
+    seals the student's safetensors checkpoint (for the torch engine); ``kind`` is ``[engine] kind``; ``draft``
+    names a directory of ``tiny_build`` sealed as the speculative-decoding draft."""
     vendor, keys, trust, state = (
         root / "vendor",
         root / "device" / "credentials",
@@ -148,6 +155,7 @@ def provision_device(
         "--chunk-size",
         str(1 << 16),
         *(["--torch", str(tiny_build / "student" / "student")] if torch else []),
+        *(["--draft", str(tiny_build / draft)] if draft else []),
     )
     run_cli("edge-provision", "install", str(bundle), "--state", str(state), "--trust", str(trust), "--keys", str(keys))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
