@@ -350,8 +350,28 @@ def test_chat_through_the_daemon_answers_like_the_model(smol_builds, tmp_path):
             raw = client.complete("The capital of France is", max_tokens=4)
             tok = Tokenizer.from_file(str(smol_builds / "q4" / "tokenizer.json"))
             assert raw["usage"]["prompt_tokens"] == len(tok.encode("The capital of France is").ids)
+            # speculative decoding is on by default (n-gram, no draft in this bundle): an answer that copies spans
+            # of its prompt is drafted for and accepted, and its tokens are those of plain decoding
+            extract = [{"role": "user", "content": f"{EXTRACTION_LOG}\nList every line with an error code."}]
+            plain = client.complete(messages=extract, max_tokens=64, speculative=False)
+            fast = client.complete(messages=extract, max_tokens=80)  # another max_tokens: not the cached answer
+            assert not fast["cache_hit"] and fast["text"].startswith(plain["text"]) and "E-" in plain["text"]
+            assert fast["speculative"]["accepted"] > 10 and "speculative" not in plain, fast["speculative"]
     finally:
         daemon.stop()
+
+
+EXTRACTION_LOG = "\n".join(
+    f"2026-12-0{d} 0{h}:1{h}:00 {kind}"
+    for d, h, kind in (
+        (1, 3, "INFO conveyor 3 started"),
+        (1, 4, "ERROR E-1042 conveyor 3 motor overcurrent"),
+        (2, 5, "INFO pump 7 pressure nominal"),
+        (2, 6, "ERROR E-2210 pump 7 seal leak detected"),
+        (3, 7, "WARN valve 2 slow to close"),
+        (3, 8, "ERROR E-3001 valve 2 position sensor fault"),
+    )
+)
 
 
 # -- BOS exactly as the tokenizer adds it --
