@@ -6,7 +6,8 @@ the KV cache of every slot, so callers pass only token ids.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,17 +20,32 @@ class EngineError(ApplianceError):
     """The engine cannot be created or cannot run a step."""
 
 
+@dataclass
+class EngineStats:
+    """What an engine did since it was built (the ``health`` reply's engine counters)."""
+
+    decode_steps: int = 0
+    resident_steps: int = 0  # decode steps that reused the previous step's output in place
+    regathers: int = 0  # decode steps that had to gather the batch (it changed)
+    copied_bytes: int = 0  # cache bytes copied on the host (gathers, chunk assembly, session save/load)
+    prefill_tokens: int = 0
+
+
 def check_rewind(length: int, keep: int) -> None:
     """``rewind(slot, keep)`` may only drop tokens, and must keep at least one (an empty slot is ``release``)."""
     if not 0 < keep <= length:
         raise EngineError(f"rewind to {keep} tokens of a slot holding {length}; it must keep 1..{length}")
 
 
+@runtime_checkable
 class Engine(Protocol):
+    """Every backend declares this (``tests/test_engine_protocol.py`` checks each structurally)."""
+
     kind: str
     spec: DecoderSpec
     num_slots: int
     max_seq_len: int
+    stats: EngineStats
 
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each ``(slot, ids)`` to its slot (a whole prompt, or the next chunk of one); returns the logits
@@ -69,4 +85,9 @@ class Engine(Protocol):
 
     def cache_bytes(self) -> int:
         """KV cache memory the engine holds (read by the metrics scrape)."""
+        ...
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` ``[len(tokens), vocab]`` in a private cache (perplexity, probes);
+        no slot is touched."""
         ...

@@ -207,14 +207,6 @@ class OrtEngine(PaddedKVEngine):
         self._outputs = output_names(spec.num_layers)
         self.released_bytes = release_borrowed(self.session, model, lambda: self.score(PROBE_TOKENS))
 
-    def score(self, tokens: list[int]) -> np.ndarray:
-        """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity); no slot is touched."""
-        ids = np.array([tokens], np.int64)
-        feeds = dict(
-            zip(self._names, [ids, np.ones_like(ids), np.arange(len(tokens))[None], *self.empty_cache(1)], strict=True)
-        )
-        return self.session.run(["logits"], feeds)[0][0]
-
     def _empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, np.float32)
 

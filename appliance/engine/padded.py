@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import EngineError, check_rewind
+from .base import EngineError, EngineStats, check_rewind
 from .spec import DecoderSpec
 
 
@@ -37,15 +37,6 @@ class _Slot:
 
     def views(self) -> list[Any]:
         return [t[self.row, :, self.start : self.end] for t in self.tensors]
-
-
-@dataclass
-class EngineStats:
-    decode_steps: int = 0
-    resident_steps: int = 0  # decode steps that reused the previous step's output in place
-    regathers: int = 0  # decode steps that had to gather the batch (it changed)
-    copied_bytes: int = 0  # cache bytes copied on the host (gathers, chunk assembly, session save/load)
-    prefill_tokens: int = 0
 
 
 class PaddedKVEngine:
@@ -230,6 +221,12 @@ class PaddedKVEngine:
         self._batch = slots
         self.stats.decode_steps += 1
         return self._host(logits[:, -1])
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` ``[S, vocab]`` (for perplexity); no slot is touched."""
+        ids = np.array([tokens], np.int64)
+        logits, _ = self._run(ids, np.ones_like(ids), np.arange(len(tokens))[None], self.empty_cache(1))
+        return self._host(logits[0])
 
     # -- helpers -------------------------------------------------------------------------------
     def _gather(self, slots: list[int], width: int, into: list[Any]) -> list[Any]:

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import EngineError, check_rewind
+from .base import EngineError, EngineStats, check_rewind
 from .ort_engine import ort_session, trim_heap
-from .padded import EngineStats
 from .spec import DecoderSpec, output_names, static_input_names
 from .weights import WeightBuffer
 

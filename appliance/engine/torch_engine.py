@@ -24,7 +24,7 @@ import json
 import numpy as np
 import torch
 
-from .base import EngineError, check_rewind
+from .base import EngineError, EngineStats, check_rewind
 from .ort_engine import auto_threads
 from .spec import DecoderSpec
 from .torch_model import ModelConfig, Transformer, active_weight_bytes
@@ -94,6 +94,7 @@ class TorchEngine:
             for _ in range(cfg.num_layers)
         ]
         self._lengths = [0] * num_slots
+        self.stats = EngineStats()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
@@ -172,6 +173,7 @@ class TorchEngine:
         )
         for (slot, _), size in zip(batch, sizes, strict=True):
             self._lengths[slot] += size
+        self.stats.prefill_tokens += sum(sizes)
         return logits
 
     @torch.inference_mode()
@@ -195,7 +197,20 @@ class TorchEngine:
             )[:, 0]
         for slot, _ in batch:
             self._lengths[slot] += 1
+        self.stats.decode_steps += 1
         return logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` ``[S, vocab]`` in a private cache (for perplexity)."""
+        n = len(tokens)
+        if n > self.max_seq_len:
+            raise EngineError(f"score of {n} tokens exceeds max_seq_len {self.max_seq_len}")
+        scratch = [tuple(torch.zeros(1, *t.shape[1:], device=self.device, dtype=self.dtype) for t in layer)
+                   for layer in self.caches]  # fmt: skip
+        at = self._tensor(np.arange(n)[None])
+        logits = self.model(self._tensor(np.array([tokens])), self._tensor(np.array([0])), at, at, n, scratch)
+        return logits[0].float().cpu().numpy()
 
     # -- CUDA graphs -------------------------------------------------------------------------------
     def _replay(self, ids: np.ndarray, rows: np.ndarray, positions: np.ndarray) -> torch.Tensor:

@@ -670,13 +670,10 @@ class Server:
 
 
 _RESPONSE_FIELDS = ("response_cache_entries", "response_cache_hits", "response_cache_misses")
-_ENGINE_FIELDS = ("decode_steps", "resident_steps", "regathers", "cache_bytes_copied", "prefill_tokens")
 
 
 def _engine_stats(engine) -> dict:
-    stats = getattr(engine, "stats", None)
-    if stats is None:
-        return dict.fromkeys(_ENGINE_FIELDS, 0)
+    stats = engine.stats
     return {
         "decode_steps": stats.decode_steps,
         "resident_steps": stats.resident_steps,

@@ -1,0 +1,322 @@
+"""Speculative decoding through the daemon: drafts from the distilled student and from n-gram lookup, side by side.
+
+Configurations, each a real device (sealed, installed) served by its own daemon process with the same explicit
+``[engine] threads``, rounds alternating (A B C … A B C …), medians reported:
+
+- **demo**: the demo *teacher* (build/demo/teacher-onnx, DeepSeek-V3) alone, with its distilled student sealed as
+  its draft (``--draft``), with n-gram lookup; and the *student* alone (what `make run` served before). Prompts from
+  the demo's domain, greedy, ``NEW`` tokens (end of sequence ignored, so every row decodes the same count).
+- **real**: SmolLM2-135M-Instruct (the registry's GGUF, exported q4) without and with n-gram on an *extraction*
+  workload (a maintenance log in the prompt, "list the error lines": answers copy spans of the prompt) and on a
+  *free* workload where drafts fail (short creative answers).
+- each at batch 1 (requests one after another) and 8 concurrent clients (aggregate tokens/s).
+
+Every speculative configuration's greedy answers are compared with the plain one's (``identical``); tokens/s is
+the daemon's own decode rate after the first token (``timings.tokens_per_s``), TTFT its ``ttft_ms``; acceptance
+is accepted / drafted over the run; peak RSS is the daemon's ``VmHWM``.
+
+Peers (optional, ``--llama-cpp BIN_DIR``): ``llama-server`` on the same GGUF, plain and with its n-gram speculation,
+same threads, same prompts, its own process.
+
+    .venv/bin/python bench/speculative.py --threads 2 --rounds 3     # results: bench/results/speculative.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance.transport.client import Client  # noqa: E402
+from bench.common import free_port  # noqa: E402
+from edge_models.registry_models import fetch  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NEW = 128
+CLIENTS = 8
+DEMO_PROMPTS = [
+    "Return the number of",
+    "To reset the conveyor, first",
+    "The pump pressure sensor reports",
+    "def read(self, size):",
+]
+LOG = "\n".join(
+    f"2026-11-{10 + i % 19:02d} {i % 24:02d}:{(7 * i) % 60:02d}:00 "
+    + (f"ERROR E-{1000 + 37 * i} {unit} {fault}" if i % 3 == 1 else f"INFO {unit} {'started' if i % 2 else 'nominal'}")
+    for i, (unit, fault) in enumerate(
+        [
+            (f"{kind} {n}", fault)
+            for n, (kind, fault) in enumerate(
+                [
+                    ("conveyor", "motor overcurrent"),
+                    ("pump", "seal leak detected"),
+                    ("valve", "position sensor fault"),
+                    ("press", "hydraulic pressure low"),
+                    ("robot", "joint 3 torque limit"),
+                    ("oven", "thermocouple open circuit"),
+                ]
+                * 4
+            )
+        ]
+    )
+)
+EXTRACT = [
+    [{"role": "user", "content": f"{LOG}\n\nList every ERROR line of this log exactly as written."}],
+    [{"role": "user", "content": f"{LOG}\n\nCopy the lines about pumps, unchanged."}],
+]
+FREE = [
+    [{"role": "user", "content": "Write a four-line poem about the sea."}],
+    [{"role": "user", "content": "Give three tips for a job interview."}],
+]
+
+
+def run_cli(*argv: str) -> None:
+    subprocess.run([str(BIN / argv[0]), *argv[1:]], check=True, stdout=subprocess.DEVNULL)
+
+
+def device(name: str, model: Path, work: Path, threads: int, draft: Path | None = None) -> Path:
+    """A device with ``model`` (and ``draft``) sealed and installed; returns its config (8 slots, no cache)."""
+    site = work / name
+    if (site / "appliance.toml").exists():
+        return site / "appliance.toml"
+    shutil.rmtree(site, ignore_errors=True)
+    (site / "trust").mkdir(parents=True)
+    run_cli("edge-provision", "keygen", "--vendor", str(site / "vendor"))
+    run_cli("edge-provision", "enroll", "--keys", str(site / "keys"), "--out", str(site / "id.json"))
+    shutil.copy(site / "vendor" / "vendor-ed25519.pub", site / "trust" / "vendor.pub")
+    config = site / "appliance.toml"
+    run_cli("edge-appliance", "init", "--out", str(config), "--state-dir", "state", "--trust-dir", "trust",
+            "--key-dir", "keys", "--audit-db", "audit.db", "--endpoint", "tcp://127.0.0.1:5555")  # fmt: skip
+    text = config.read_text()
+    for key, value in (("max_batch", CLIENTS), ("threads", threads), ("max_connections_per_client", 16),
+                       ("response_cache", 0), ("max_seq_len", 1024)):  # fmt: skip
+        text = re.sub(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+    config.write_text(text)
+    run_cli("edge-provision", "seal", "--model", str(model), "--model-id", name, "--version", "1",
+            "--signing-key", str(site / "vendor"), "--recipient", str(site / "id.json"), "--out", str(site / "bundle"),
+            *(["--draft", str(draft)] if draft else []))  # fmt: skip
+    run_cli("edge-provision", "install", str(site / "bundle"), "--state", str(site / "state"), "--trust",
+            str(site / "trust"), "--keys", str(site / "keys"))  # fmt: skip
+    return config
+
+
+class Served:
+    """One daemon process of one configuration (``speculative`` mode written into a copy of the config)."""
+
+    def __init__(self, config: Path, mode: str):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        text = re.sub(r"(?m)^endpoints\s*=.*$", f'endpoints = ["{self.endpoint}"]', config.read_text())
+        text = re.sub(r"(?m)^speculative\s*=.*$", f'speculative = "{mode}"', text)
+        self.config = config.with_name(f"bench-{mode}.toml")
+        self.config.write_text(text)
+        self.log = open(config.with_name(f"daemon-{mode}.log"), "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(self.config), "serve"],
+                                     stdout=self.log, stderr=self.log)  # fmt: skip
+        with Client(self.endpoint, timeout_s=2, retries=300) as probe:
+            probe.health()
+
+    def peak_rss_mb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return round(int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def ask(endpoint: str, request: dict, out: list) -> None:
+    with Client(endpoint, timeout_s=600) as client:
+        out.append(client.complete(stream=False, **request))
+
+
+def measure(endpoint: str, requests: list[dict], clients: int) -> dict:
+    """Batch 1: the requests one after another. ``clients`` > 1: that many copies of each request at once."""
+    done: list[dict] = []
+    start = time.perf_counter()
+    if clients == 1:
+        for request in requests:
+            ask(endpoint, request, done)
+    else:
+        for request in requests:
+            threads = [threading.Thread(target=ask, args=(endpoint, request, done)) for _ in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(d["usage"]["completion_tokens"] for d in done)
+    spec = [d["speculative"] for d in done if "speculative" in d]
+    return {
+        "tokens_per_s": [d["timings"].get("tokens_per_s") for d in done],
+        "ttft_ms": [d["timings"]["ttft_ms"] for d in done],
+        "total_ms": [d["timings"]["total_ms"] for d in done],
+        "aggregate_tokens_per_s": tokens / wall,
+        "drafted": sum(s["drafted"] for s in spec),
+        "accepted": sum(s["accepted"] for s in spec),
+        "texts": [d["text"] for d in done] if clients == 1 else [],
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 2)
+
+
+def summarize(runs: list[dict], rss: list[int]) -> dict:
+    rates = [r for run in runs for r in run["tokens_per_s"] if r]
+    drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+    return {
+        "decode_tokens_per_s_median": round(statistics.median(rates), 1),
+        "aggregate_tokens_per_s_median": round(statistics.median(r["aggregate_tokens_per_s"] for r in runs), 1),
+        "ttft_ms_p50": pct([t for r in runs for t in r["ttft_ms"]], 50),
+        "latency_ms_p50": pct([t for r in runs for t in r["total_ms"]], 50),
+        "latency_ms_p90": pct([t for r in runs for t in r["total_ms"]], 90),
+        "acceptance": round(accepted / drafted, 3) if drafted else None,
+        "drafted": drafted,
+        "accepted": accepted,
+        "peak_rss_mb": max(rss),
+    }
+
+
+def llama_server(bin_dir: Path, gguf: Path, threads: int, extra: list[str], requests: list[dict]) -> dict:
+    """llama-server on ``gguf`` (its own process, ``threads``), the chat requests one after another."""
+    port = free_port()
+    log = open(gguf.with_name(f"llama-server-{port}.log"), "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", str(port), "-t", str(threads),
+                             "-tb", str(threads), "-c", "4096", "--parallel", "1", *extra],
+                            stdout=log, stderr=log)  # fmt: skip
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        rates, texts = [], []
+        for request in requests:
+            body = {"messages": request["messages"], "max_tokens": request["max_tokens"], "temperature": 0,
+                    "cache_prompt": False}  # fmt: skip
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+            reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
+            rates.append(reply["timings"]["predicted_per_second"])
+            texts.append(reply["choices"][0]["message"]["content"])
+        return {"tokens_per_s": rates, "texts": texts}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="[engine] threads of every daemon and peer (default: 2)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, configurations alternating (default: 3)")
+    p.add_argument("--work", default=str(ROOT / "build" / "bench-speculative"), help="devices and exports")
+    p.add_argument("--demo", default=str(ROOT / "build" / "demo"), help="the demo build (make demo)")
+    p.add_argument("--llama-cpp", help="llama.cpp bin directory (llama-server): the peer rows")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
+    args = p.parse_args()
+    work, demo = Path(args.work), Path(args.demo)
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = fetch("smollm2")
+    smol = work / "smollm2-q4"
+    if not (smol / "model.onnx").exists():
+        run_cli("edge-models", "export", "--gguf", str(gguf), "--out", str(smol), "--quantize", "q4")
+
+    devices = {
+        "demo-teacher": device("demo-teacher", demo / "teacher-onnx", work, args.threads),
+        "demo-teacher+draft": device("demo-teacher-draft", demo / "teacher-onnx", work, args.threads, demo / "onnx"),
+        "demo-student": device("demo-student", demo / "onnx", work, args.threads),
+        "smollm2": device("smollm2", smol, work, args.threads),
+    }
+    demo_reqs = [{"prompt": t, "max_tokens": NEW, "ignore_eos": True} for t in DEMO_PROMPTS]
+    workloads = {
+        "demo": [
+            ("teacher", "demo-teacher", "off"),
+            ("teacher+student-draft", "demo-teacher+draft", "draft"),
+            ("teacher+ngram", "demo-teacher", "ngram"),
+            ("student", "demo-student", "off"),
+        ],
+        "extraction": [("smollm2", "smollm2", "off"), ("smollm2+ngram", "smollm2", "ngram")],
+        "free": [("smollm2", "smollm2", "off"), ("smollm2+ngram", "smollm2", "ngram")],
+    }
+    requests = {
+        "demo": demo_reqs,
+        "extraction": [{"messages": m, "max_tokens": 200} for m in EXTRACT],
+        "free": [{"messages": m, "max_tokens": 96} for m in FREE],
+    }
+    runs: dict = {w: {name: {1: [], CLIENTS: []} for name, _, _ in rows} for w, rows in workloads.items()}
+    rss: dict = {w: {name: [] for name, _, _ in rows} for w, rows in workloads.items()}
+    steps = args.rounds * sum(len(rows) for rows in workloads.values())
+    with tqdm(total=steps, desc="speculative rounds", unit="daemon") as bar:
+        for _ in range(args.rounds):
+            for workload, rows in workloads.items():
+                for name, dev, mode in rows:
+                    served = Served(devices[dev], mode)
+                    try:
+                        for clients in (1, CLIENTS):
+                            runs[workload][name][clients].append(measure(served.endpoint, requests[workload], clients))
+                        rss[workload][name].append(served.peak_rss_mb())
+                    finally:
+                        served.stop()
+                    bar.update()
+
+    results: dict = {}
+    for workload, rows in workloads.items():
+        anchor = rows[0][0]
+        table = {}
+        for name, _, mode in rows:
+            one, many = runs[workload][name][1], runs[workload][name][CLIENTS]
+            row = {"speculative": mode, "batch_1": summarize(one, rss[workload][name]),
+                   f"clients_{CLIENTS}": summarize(many, rss[workload][name])}  # fmt: skip
+            # greedy answers equal to the anchor's (the plain configuration of the same model)?
+            if name != "student":
+                row["identical_to_plain"] = all(
+                    a["texts"] == b["texts"] for a, b in zip(one, runs[workload][anchor][1], strict=True)
+                )
+            table[name] = row
+        for row in table.values():
+            for key in ("batch_1", f"clients_{CLIENTS}"):
+                metric = "decode_tokens_per_s_median" if key == "batch_1" else "aggregate_tokens_per_s_median"
+                row[key]["vs_" + anchor] = round(row[key][metric] / table[anchor][key][metric], 3)
+        results[workload] = table
+    if args.llama_cpp:
+        reqs = [{"messages": m, "max_tokens": 200} for m in EXTRACT]
+        peers = {}
+        for name, extra in (("llama-server", []), ("llama-server ngram", ["--spec-type", "ngram-simple"])):
+            got = [llama_server(Path(args.llama_cpp), gguf, args.threads, extra, reqs) for _ in range(args.rounds)]
+            peers[name] = {
+                "decode_tokens_per_s_median": round(statistics.median(r for g in got for r in g["tokens_per_s"]), 1)
+            }
+        results["extraction_peers"] = peers
+    out = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform()},
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "new_tokens_demo": NEW,
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
