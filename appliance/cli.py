@@ -8,17 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from appliance.config import DEFAULT_CONFIG, DEFAULT_ENDPOINT, ConfigError, load_config, render_config
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config or os.environ.get("EDGE_APPLIANCE_CONFIG") or DEFAULT_CONFIG)
+from appliance.config import DEFAULT_CONFIG, DEFAULT_ENDPOINT, ConfigError, config_path, load_config, render_config
 
 
 def _endpoint(args: argparse.Namespace) -> str:
     if args.endpoint:
         return args.endpoint
-    path = _config_path(args)
+    path = config_path(args)
     if args.config or path.exists():
         return load_config(path).server.endpoints[0]
     return DEFAULT_ENDPOINT
@@ -77,7 +73,7 @@ def cmd_http(args: argparse.Namespace) -> int:
     from appliance.transport.http import run_gateway
 
     setup_logging(args.log_level, args.log_format)
-    return run_gateway(load_config(_config_path(args)))
+    return run_gateway(load_config(config_path(args)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.logs import setup_logging
 
     setup_logging(args.log_level, args.log_format)
-    return run_daemon(load_config(_config_path(args)))
+    return run_daemon(load_config(config_path(args)))
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -144,7 +140,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     pid = args.pid or os.environ.get("MAINPID")
     if not pid or not str(pid).isdigit():
         raise ConfigError("no daemon pid: pass --pid (systemd sets $MAINPID for ExecReload=)")
-    status = reload.request(load_config(_config_path(args)).state_dir, int(pid), args.timeout)
+    status = reload.request(load_config(config_path(args)).state_dir, int(pid), args.timeout)
     if not status.ok:
         from appliance.logs import error_prefix
 
@@ -178,7 +174,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_selftest(args: argparse.Namespace) -> int:
     from appliance.selftest import as_dicts, format_table, run_selftest
 
-    rows = run_selftest(load_config(_config_path(args)), tokens=args.tokens)
+    rows = run_selftest(load_config(config_path(args)), tokens=args.tokens)
     print(json.dumps(as_dicts(rows), indent=2) if args.json else format_table(rows))
     return 1 if any(r.verdict == "DIFFERS" for r in rows) else 0
 

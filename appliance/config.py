@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -188,6 +190,11 @@ def _typed_section(path: Path, name: str, cls: type, values: dict) -> object:
     if "endpoints" in values:
         values["endpoints"] = tuple(values["endpoints"])
     return cls(**values)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    """The config file a command line names: ``--config``, else ``$EDGE_APPLIANCE_CONFIG``, else the default."""
+    return Path(args.config or os.environ.get("EDGE_APPLIANCE_CONFIG") or DEFAULT_CONFIG)
 
 
 def load_config(path: Path) -> Config:

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.audit import GENESIS, AuditLog, Entry, Filters, row_hash
-from appliance.audit.chain import SCHEMA_VERSION
 from appliance.audit.export import ExportError, check_against_exports, export, prune, reveal, verify_export
+from appliance.audit.schema import SCHEMA_VERSION
 
 DEVICE = Ed25519PrivateKey.generate()
 PUBLIC = DEVICE.public_key()

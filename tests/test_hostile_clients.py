@@ -339,7 +339,7 @@ def test_a_fresh_key_flood_costs_at_most_a_row_per_second_and_alice_keeps_her_na
     and interval (4 s here, 60 s by default: ≤ 10 MB of audit database a day) — and alice's own refusals during
     the flood are still recorded as alice."""
     from appliance.audit.aggregate import UNAUTHENTICATED_PEER
-    from appliance.audit.chain import AuditLog
+    from appliance.audit.store import AuditLog
     from appliance.config import load_config
 
     device, _, _ = site

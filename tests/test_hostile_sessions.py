@@ -46,7 +46,7 @@ def test_a_reused_routing_id_inherits_nothing(daemon, device):
     import msgpack
     import zmq
 
-    from appliance.audit.chain import AuditLog
+    from appliance.audit.store import AuditLog
     from appliance.config import load_config
     from appliance.transport import protocol as P
 

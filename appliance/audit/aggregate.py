@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from appliance.audit.chain import Entry
+from appliance.audit.store import Entry
 
 OVERFLOW_PEER = "*"  # where events go when too many distinct peers flood at once
 UNAUTHENTICATED_PEER = "*unauthenticated"  # folded events of parties without a verified identity

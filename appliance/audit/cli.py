@@ -9,8 +9,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from appliance.audit.chain import CHAINED_FIELDS, AuditLog, Filters
-from appliance.config import ConfigError
+from appliance.audit.schema import CHAINED_FIELDS
+from appliance.audit.store import AuditLog, Filters
+from appliance.config import ConfigError, config_path, load_config
 from provisioning.keys import (
     DEVICE_ED25519,
     IDENTITY_FILE,
@@ -209,9 +210,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from appliance.cli import _config_path
-    from appliance.config import load_config
-
     needs_config = args.audit_command not in ("verify-export", "reveal")
-    config = load_config(_config_path(args)) if needs_config else None
+    config = load_config(config_path(args)) if needs_config else None
     return COMMANDS[args.audit_command](args, config)

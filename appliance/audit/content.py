@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.orm import Session
 
+from appliance.audit.schema import ContentKey
 from provisioning import keywrap
 from provisioning.keys import fingerprint, public_bytes, wipe
 
@@ -38,8 +39,6 @@ class ContentSealer:
 
     @classmethod
     def start(cls, engine, recipient: X25519PublicKey) -> ContentSealer:
-        from appliance.audit.chain import ContentKey
-
         key = bytearray(AESGCM.generate_key(256))
         try:
             with Session(engine) as s, s.begin():

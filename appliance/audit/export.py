@@ -30,20 +30,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from appliance.audit.chain import (
-    ROW_FIELDS,
-    AuditError,
-    AuditLog,
-    AuditRecord,
-    Checkpoint,
-    ContentKey,
-    Export,
-    VerifyResult,
-    checkpoint_dict,
-    verify_rows,
-)
+from appliance.audit.chain import VerifyResult, checkpoint_dict, verify_rows
 from appliance.audit.checkpoints import GENESIS, Anchor, checkpoint_hash
 from appliance.audit.content import open_sealed, unwrap_content_key
+from appliance.audit.schema import ROW_FIELDS, AuditError, AuditRecord, Checkpoint, ContentKey, Export
+from appliance.audit.store import AuditLog
 from provisioning.install import fsync_path
 from provisioning.keys import fingerprint, public_bytes, wipe
 

@@ -11,6 +11,8 @@ import logging
 
 from sqlalchemy import inspect, text
 
+from appliance.audit.schema import SCHEMA_VERSION, AuditError, Base
+
 log = logging.getLogger("appliance.audit")
 
 
@@ -62,8 +64,6 @@ STEPS = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4, 4: _v4_to_v5, 5: _v5_to_v6, 6
 
 def upgrade(engine) -> None:
     """Create a new database at the current version, or upgrade an existing one step by step."""
-    from appliance.audit.chain import SCHEMA_VERSION, AuditError, Base, Meta  # noqa: F401 - Meta registers the table
-
     with engine.begin() as conn:
         tables = set(inspect(conn).get_table_names())
         if "audit_log" not in tables:

@@ -18,7 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from appliance.audit.chain import AuditError, AuditLog, Entry
+from appliance.audit.schema import AuditError
+from appliance.audit.store import AuditLog, Entry
 from appliance.metrics import METRICS
 
 log = logging.getLogger("appliance.audit")
