@@ -80,6 +80,7 @@ bench: provision
 	cp build/quant/quantize-report.json bench/results/quantize_demo.json
 	sh bench/build_llama_cpp.sh build/llama.cpp
 	$(BIN)/python -m bench.quality --llama-cpp build/llama.cpp/bin
+	$(BIN)/python bench/speculative.py --llama-cpp build/llama.cpp/bin
 	$(BIN)/python bench/compression.py --teacher $(BUILD)/teacher
 	$(BIN)/python bench/prune_realistic.py
 	$(BIN)/python bench/structured.py

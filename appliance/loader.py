@@ -160,7 +160,9 @@ def _load_draft(bundle: Bundle, data_key: bytearray, config: Config, tokenizer: 
             spec,
             num_slots=config.engine.max_batch,
             max_seq_len=config.engine.max_seq_len,
-            threads=config.engine.threads,
+            # its own thread count (one per 16 MB read per token): a small draft runs best on the engine thread
+            # alone, with no worker pool spinning against the model's between their runs
+            threads=0,
             external=files,  # copied into ONNX Runtime's own buffers, then wiped below
             spin=config.engine.spin,
             affinity=config.engine.affinity,

@@ -33,9 +33,8 @@ import importlib
 
 import numpy as np
 
-from .fused_graph import UnsupportedModel, Weights, _Graph, _norm, mlp
-from .fused_moe import _family as _moe_family
-from .fused_moe import routed_experts
+from .fused_moe import routed_experts, routing_family
+from .graph_builder import Graph, UnsupportedModel, Weights, mlp, norm
 
 
 def check_latent_supported(config) -> None:
@@ -47,10 +46,10 @@ def check_latent_supported(config) -> None:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"activation {config.hidden_act!r} has no fused graph (SwiGLU only)")
     if any(_is_moe(config, i) for i in range(config.num_hidden_layers)):
-        _moe_family(config)  # refuses routing methods the MoE operators do not express
+        routing_family(config)  # refuses routing methods the MoE operators do not express
 
 
-def latent_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str, dict]:
+def latent_layers(g: Graph, x: str, config, weights: Weights) -> tuple[str, str, dict]:
     """Every decoder layer of a DeepSeek-V2/V3 checkpoint; returns the last layer's output, the residual
     stream and the cache description for ``DecoderSpec``."""
     w, eps = weights.get, float(config.rms_norm_eps)
@@ -58,15 +57,15 @@ def latent_layers(g: _Graph, x: str, config, weights: Weights) -> tuple[str, str
     residual = None
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        h, residual = _norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
+        h, residual = norm(g, x, residual, w(p + "input_layernorm.weight"), f"layer{i}.attn_norm", eps)
         a = latent_attention(g, h, weights, config, i, positions)
-        h, residual = _norm(g, a, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
+        h, residual = norm(g, a, residual, w(p + "post_attention_layernorm.weight"), f"layer{i}.mlp_norm", eps)
         x = _moe(g, h, weights, config, i) if _is_moe(config, i) else mlp(g, h, weights, p + "mlp.", f"layer{i}")
     width = config.qk_rope_head_dim + config.kv_lora_rank
     return x, residual, dict(key_shape=(1, width), value_shape=(1, width), value_is_key=True)
 
 
-def latent_attention(g: _Graph, h: str, weights: Weights, config, i: int, positions: str) -> str:
+def latent_attention(g: Graph, h: str, weights: Weights, config, i: int, positions: str) -> str:
     """Absorbed MLA of layer ``i`` over the normalized hidden states ``h``; returns the ``o_proj`` output."""
     w, eps = weights.get, float(config.rms_norm_eps)
     heads, rank = config.num_attention_heads, config.kv_lora_rank
@@ -89,12 +88,12 @@ def latent_attention(g: _Graph, h: str, weights: Weights, config, i: int, positi
     sizes = g.init.add(f"{name}.qkv_a.split", np.array([first.shape[0], rope, rank], np.int64))
     q, k_pe, c_kv = g.node("Split", [packed, sizes], [f"{name}.q_a", f"{name}.k_pe", f"{name}.c_kv"], axis=-1)
     if config.q_lora_rank is not None:
-        q, _ = _norm(g, q, None, w(a + "q_a_layernorm.weight"), f"{name}.q_a_norm", eps)
+        q, _ = norm(g, q, None, w(a + "q_a_layernorm.weight"), f"{name}.q_a_norm", eps)
         q = g.linear(q, query_w.astype(np.float32), f"{name}.q_b")
     del first, query_w, key_w
     q = _rotary(g, q, positions, heads, rope, f"{name}.q_rot")
     k_pe = _rotary(g, k_pe, positions, 1, rope, f"{name}.k_rot")
-    c_kv, _ = _norm(g, c_kv, None, w(a + "kv_a_layernorm.weight"), f"{name}.kv_a_norm", eps)
+    c_kv, _ = norm(g, c_kv, None, w(a + "kv_a_layernorm.weight"), f"{name}.kv_a_norm", eps)
     (key,) = g.node("Concat", [k_pe, c_kv], f"{name}.key", axis=-1)
     (out, _, _) = g.node(
         "GroupQueryAttention",
@@ -121,7 +120,7 @@ def latent_attention(g: _Graph, h: str, weights: Weights, config, i: int, positi
     return g.linear(out, o_absorbed, f"{name}.o")
 
 
-def _moe(g: _Graph, h: str, weights: Weights, config, i: int) -> str:
+def _moe(g: Graph, h: str, weights: Weights, config, i: int) -> str:
     """Layer ``i``'s routed experts (one MoE/QMoE node) plus its shared experts (one packed SwiGLU MLP)."""
     p, name = f"model.layers.{i}.mlp.", f"layer{i}"
     routed = routed_experts(g, h, weights, p, config, f"{name}.moe")
@@ -150,7 +149,7 @@ def _softmax_scale(config) -> float:
     return float(module.yarn_apply_mscale(rope, (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5))
 
 
-def _positions(g: _Graph) -> str:
+def _positions(g: Graph) -> str:
     """``positions [B,S]`` int64 of the new tokens: row b's first is ``seqlens_k[b] - S + 1``."""
     (shape,) = g.node("Shape", ["input_ids"], "ids_shape")
     one = g.init.add("one_i64", np.array(1, np.int64))
@@ -163,7 +162,7 @@ def _positions(g: _Graph) -> str:
     return pos
 
 
-def _rotary(g: _Graph, x: str, positions: str, heads: int, rope: int, name: str) -> str:
+def _rotary(g: Graph, x: str, positions: str, heads: int, rope: int, name: str) -> str:
     """Rotate the first ``rope`` columns of each of ``heads`` heads of ``x [B,S,heads*D]`` (half-split pairs)."""
     (y,) = g.node(
         "RotaryEmbedding",

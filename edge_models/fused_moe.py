@@ -41,7 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .block_quant import BLOCK_SIZE, quantize_blocks
-from .fused_graph import UnsupportedModel, Weights, _Graph, _Initializers
+from .graph_builder import Graph, Initializers, UnsupportedModel, Weights
 
 # A router_probs entry that can never win top-k against log(weight) >= log(smallest float), and
 # whose softmax weight underflows to exactly 0.
@@ -50,11 +50,11 @@ _NOT_CHOSEN = -1e4
 _EXCLUDED_GROUP = -1e30
 
 
-def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, name: str) -> str:
+def routed_experts(g: Graph, x: str, weights: Weights, prefix: str, config, name: str) -> str:
     """Routed experts of one DeepSeek MoE layer (prefix "model.layers.{i}.mlp."): x is the normalized
     hidden state [B,S,hidden] (graph value name); returns the graph value name of the routed output
     [B,S,hidden] = routed_scaling_factor-scaled weighted sum of the selected experts, WITHOUT shared experts."""
-    family = _family(config)
+    family = routing_family(config)
     # The operators' router inputs are [tokens, experts]: route token rows.
     row_shape = g.init.add(f"{name}.row_shape", np.array([-1, config.hidden_size], np.int64))
     (rows,) = g.node("Reshape", [x, row_shape], f"{name}.rows")
@@ -86,7 +86,7 @@ def routed_experts(g: _Graph, x: str, weights: Weights, prefix: str, config, nam
 
 
 def _moe(
-    g: _Graph,
+    g: Graph,
     x: str,
     rows: str,
     scores: str,
@@ -123,7 +123,7 @@ def _moe(
 def routed_experts_model(config, weights: Weights, prefix: str, bits: int | None = None) -> onnx.ModelProto:
     """One layer's routed experts as a standalone graph ``x [B,S,hidden]`` → ``routed``: for tests and
     benchmarks of the operator on its own (the decoder builders call ``routed_experts`` instead)."""
-    g = _Graph(_Initializers(Path("."), external=False), bits)
+    g = Graph(Initializers(Path("."), external=False), bits)
     y = routed_experts(g, "x", weights, prefix, config, "moe")
     value = ["batch", "sequence", config.hidden_size]
     graph = helper.make_graph(
@@ -142,7 +142,9 @@ class _Operand:
         self.weight, self.scales = weight, scales
 
 
-def _family(config) -> str:
+def routing_family(config) -> str:
+    """``config``'s model type (``deepseek_v2``/``deepseek_v3``), after checking that its routing is one the
+    MoE operators express; raises ``UnsupportedModel`` otherwise."""
     family = getattr(config, "model_type", "")
     if family not in ("deepseek_v2", "deepseek_v3"):
         raise UnsupportedModel(f"routed experts are built for deepseek_v2/deepseek_v3, not {family!r}")
@@ -171,7 +173,7 @@ def _normalizes(config, family: str) -> bool:
     return family == "deepseek_v3" and bool(config.norm_topk_prob)
 
 
-def _scores(g: _Graph, rows: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[str, str]:
+def _scores(g: Graph, rows: str, weights: Weights, prefix: str, config, family: str, name: str) -> tuple[str, str]:
     """The router on token rows [T,hidden]: (scores the weights come from, choice scores the top-k picks
     from), both [T,experts]."""
     # The router stays fp32 at q4/q8: it is a few KB, and a flipped expert choice costs more than its reads.
@@ -189,7 +191,7 @@ def _scores(g: _Graph, rows: str, weights: Weights, prefix: str, config, family:
     return scores, choice
 
 
-def _keep_best_groups(g: _Graph, choice: str, config, family: str, name: str) -> str:
+def _keep_best_groups(g: Graph, choice: str, config, family: str, name: str) -> str:
     """``choice`` with the experts outside each token's best ``topk_group`` groups pushed out of reach."""
     groups, per_group = config.n_group, config.n_routed_experts // config.n_group
     grouped_shape = g.init.add(f"{name}.grouped_shape", np.array([0, groups, per_group], np.int64))
@@ -236,7 +238,7 @@ def _expert_weights(weights: Weights, prefix: str, experts: int):
         )
 
 
-def _stacked_operands(g: _Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand, bool]:
+def _stacked_operands(g: Graph, weights: Weights, prefix: str, config, name: str) -> tuple[_Operand, _Operand, bool]:
     """fc1 (interleaved gate/up) and fc2 (down × routed_scaling_factor), filled one expert at a time, and
     whether they are quantized in blocks along the input dimension (else per output channel)."""
     experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size

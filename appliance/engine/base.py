@@ -29,6 +29,15 @@ class EngineStats:
     regathers: int = 0  # decode steps that had to gather the batch (it changed)
     copied_bytes: int = 0  # cache bytes copied on the host (gathers, chunk assembly, session save/load)
     prefill_tokens: int = 0
+    verify_steps: int = 0  # speculative decoding: rows checked with their drafted tokens
+    verified_tokens: int = 0  # tokens those steps appended (the last token and the drafts)
+
+    def appended(self, sizes: list[int], verify: bool) -> None:
+        if verify:
+            self.verify_steps += len(sizes)
+            self.verified_tokens += sum(sizes)
+        else:
+            self.prefill_tokens += sum(sizes)
 
 
 def check_rewind(length: int, keep: int) -> None:

@@ -140,7 +140,7 @@ class PaddedKVEngine:
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each row's tokens to its slot (a whole prompt or the next chunk of one); returns the
         logits after each row's last new token ``[len(batch), vocab]``."""
-        logits, sizes = self._append(batch)
+        logits, sizes = self._append(batch, verify=False)
         rows = np.arange(len(batch))
         if isinstance(logits, np.ndarray):
             return self._host(logits[rows, np.array(sizes) - 1])
@@ -148,7 +148,7 @@ class PaddedKVEngine:
 
     def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
         """Append each row's tokens; the logits at every new position, ``[len(ids), vocab]`` per row."""
-        logits, sizes = self._append(batch)
+        logits, sizes = self._append(batch, verify=True)
         return [self._host(logits[row, :size]) for row, size in enumerate(sizes)]
 
     def rewind(self, slot: int, length: int) -> None:
@@ -160,7 +160,7 @@ class PaddedKVEngine:
         if slot in self._batch:
             self._batch = ()
 
-    def _append(self, batch: list[tuple[int, list[int]]]) -> tuple[Any, list[int]]:
+    def _append(self, batch: list[tuple[int, list[int]]], verify: bool) -> tuple[Any, list[int]]:
         """Run each row's new tokens behind its cache; returns the logits ``[B, S, V]`` and each row's size."""
         lengths = [self.length(slot) for slot, _ in batch]
         sizes = [len(ids) for _, ids in batch]
@@ -185,7 +185,7 @@ class PaddedKVEngine:
             self._slots[slot] = _Slot(present, row, width - length, width + size)
         if set(self._batch) & {slot for slot, _ in batch}:
             self._batch = ()
-        self.stats.prefill_tokens += sum(sizes)
+        self.stats.appended(sizes, verify)
         return logits, sizes
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:

@@ -97,13 +97,13 @@ class StaticCacheEngine:
     def prefill(self, batch: list[tuple[int, list[int]]]) -> np.ndarray:
         """Append each row's tokens to its slot (a whole prompt or the next chunk of one); returns the
         logits after each row's last new token ``[len(batch), vocab]``."""
-        rows = self._append(batch)
+        rows = self._append(batch, verify=False)
         trim_heap()  # a prefill's activations (all-position logits) are the largest buffers a step frees
         return np.stack([logits[-1] for logits in rows])
 
     def verify(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
         """Append each row's tokens; the logits at every new position, ``[len(ids), vocab]`` per row."""
-        return self._append(batch)
+        return self._append(batch, verify=True)
 
     def rewind(self, slot: int, length: int) -> None:
         """Keep the first ``length`` positions: the graph attends only below a row's length and the next append
@@ -111,7 +111,7 @@ class StaticCacheEngine:
         check_rewind(self._lengths[slot], length)
         self._lengths[slot] = length
 
-    def _append(self, batch: list[tuple[int, list[int]]]) -> list[np.ndarray]:
+    def _append(self, batch: list[tuple[int, list[int]]], verify: bool) -> list[np.ndarray]:
         for slot, tokens in batch:
             if not tokens:
                 raise EngineError("prefill of an empty token list")
@@ -124,8 +124,8 @@ class StaticCacheEngine:
             total = self._lengths[slot] + len(tokens)
             logits = self._run(slot, np.array([tokens], np.int64), np.array([total - 1], np.int32), total)
             self._lengths[slot] = total
-            self.stats.prefill_tokens += len(tokens)
             rows.append(logits[0])
+        self.stats.appended([len(tokens) for _, tokens in batch], verify)
         return rows
 
     def decode(self, batch: list[tuple[int, int]]) -> np.ndarray:

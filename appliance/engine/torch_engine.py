@@ -173,7 +173,7 @@ class TorchEngine:
         )
         for (slot, _), size in zip(batch, sizes, strict=True):
             self._lengths[slot] += size
-        self.stats.prefill_tokens += sum(sizes)
+        self.stats.appended(sizes, verify=not last)
         return logits
 
     @torch.inference_mode()

@@ -47,4 +47,6 @@ def sample(logits: np.ndarray, params: Sampling, seen: list[int], rng: np.random
     # Inverse CDF with exactly one uniform draw per token: the position's token depends only on its logits and the
     # request's n-th draw, so speculative decoding (which checks drafts with the same draws) yields the same tokens.
     cdf = np.cumsum(probs)
+    if not (np.isfinite(cdf[-1]) and cdf[-1] > 0):
+        raise ValueError("sampling produced no valid probabilities (non-finite logits or temperature)")
     return min(int(np.searchsorted(cdf, generator.random() * cdf[-1], side="right")), probs.shape[-1] - 1)

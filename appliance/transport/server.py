@@ -680,6 +680,8 @@ def _engine_stats(engine) -> dict:
         "regathers": stats.regathers,
         "cache_bytes_copied": stats.copied_bytes,
         "prefill_tokens": stats.prefill_tokens,
+        "verify_steps": stats.verify_steps,
+        "verified_tokens": stats.verified_tokens,
     }
 
 
