@@ -18,3 +18,6 @@ cmake -S "$SRC" -B "$OUT/cmake" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLL
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$(pwd)/$OUT/bin" \
     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$(pwd)/$OUT/bin" > "$OUT/cmake.log"
 cmake --build "$OUT/cmake" -j"$(nproc)" --target llama-perplexity llama-quantize llama-bench llama-tokenize llama-server >> "$OUT/cmake.log"
+# Newer vendored trees set their own output directory (cmake/bin): collect what was built into $OUT/bin.
+mkdir -p "$OUT/bin"
+for f in "$OUT"/cmake/bin/*; do [ -e "$OUT/bin/$(basename "$f")" ] || cp -a "$f" "$OUT/bin/"; done
