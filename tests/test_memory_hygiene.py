@@ -157,7 +157,7 @@ def test_external_weights_are_borrowed_and_the_prepacked_ones_released(tiny_buil
     cache = sum(t.nbytes for t in loaded.engine.cache)  # the engine's KV cache, allocated by numpy
     # a copy of the weights on the Python side would be >= 1x; the probe and graph parsing are small
     assert peak < cache + 0.25 * weights, (peak, weights, cache)
-    (buffer,) = loaded.engine.session._borrowed_weights.values()
+    (buffer,) = loaded.engine.built.borrowed.values()
     released = loaded.engine.released_bytes
     assert 0.5 * weights < released < weights  # the projections and LM head; the embedding stays
     assert mapping_rss(buffer.address()) <= weights - released + 4096
@@ -221,7 +221,7 @@ def test_loader_falls_back_to_a_copy_when_released_weights_are_still_read(tiny_b
     with caplog.at_level("WARNING", logger="appliance.loader"):
         loaded = load_model(load_config(device.config))
     assert "keeps a full copy" in caplog.text
-    assert loaded.engine.released_bytes == 0 and loaded.engine.session._borrowed_weights == {}
+    assert loaded.engine.released_bytes == 0 and loaded.engine.built.borrowed == {}
     tokens = [5, 6, 7]
     got = loaded.engine.prefill([(0, tokens)])[0]
     np.testing.assert_allclose(got, reference_logits(onnx_dir, tokens), rtol=1e-4, atol=1e-4)

@@ -214,10 +214,11 @@ class PipelineBinding:
 
 
 def build_pieces(
-    model: bytes, pieces: int, create: Callable[[bytes], object], release: Callable[[set[str], Callable], int]
+    model: bytes, pieces: int, create: Callable[[bytes], object], release: Callable[[Callable, set[str]], int]
 ) -> tuple[PipelineSession | object, int]:
     """Create each piece's session and, before the next is created, release the weights no later piece reads
-    (``release(names, probe)``); returns the session (a plain one for a single piece) and the bytes released."""
+    (``release(probe, names)``, as ``weights.release_prepacked`` takes them after its ranges and buffers); returns
+    the session (a plain one for a single piece) and the bytes released."""
     import onnx
 
     graph = onnx.ModelProto.FromString(model).graph
@@ -242,7 +243,7 @@ def build_pieces(
                 raise WeightsStillReadError(f"the probe of piece {k + 1} fails ({exc})") from None
             return list(last)
 
-        released += release(readers[k] - set().union(*readers[k + 1 :]), probe)
+        released += release(probe, readers[k] - set().union(*readers[k + 1 :]))
         carried.update(zip(names, last or probe(), strict=True))
     if len(sessions) == 1:
         return sessions[0], released

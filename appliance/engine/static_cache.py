@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from .base import EngineError, EngineStats, check_rewind
-from .ort_engine import ort_session, trim_heap
+from .ort_engine import trim_heap
+from .ort_session import BuiltSession, build_session, ort_errors
 from .spec import DecoderSpec, output_names, static_input_names
 from .weights import WeightBuffer
 
@@ -49,9 +50,17 @@ class StaticCacheEngine:
         self.num_slots = num_slots
         self.max_seq_len = min(max_seq_len, spec.max_positions)
         self.stats = EngineStats()
-        self.session, self.threads, self.released_bytes = ort_session(
-            model, spec, threads, external, spin, affinity, pieces=pieces, positions=self.max_seq_len + 2
+        self.built: BuiltSession = build_session(
+            model,
+            spec,
+            threads=threads,
+            external=external,
+            spin=spin,
+            affinity=affinity,
+            pieces=pieces,
+            positions=self.max_seq_len + 2,
         )
+        self.threads, self.released_bytes = self.built.threads, self.built.released_bytes
         self._inputs = static_input_names(spec.num_layers)
         got = [i.name for i in self.session.get_inputs()]
         if got != self._inputs:
@@ -61,6 +70,12 @@ class StaticCacheEngine:
         self._lengths = [0] * num_slots
         self._logits = np.zeros((num_slots, 1, spec.vocab_size), np.float32)
         self._bound = None  # the last decode step's I/O binding, reused while its rows stay the same
+
+    @property
+    def session(self):
+        """The ONNX Runtime session (a ``PipelineSession`` when built in pieces); held only by ``built``, with the
+        borrowed weights it reads."""
+        return self.built.session
 
     def cache_bytes(self) -> int:
         """KV cache memory held in the preallocated buffers (read by the metrics scrape)."""
@@ -144,10 +159,8 @@ class StaticCacheEngine:
         # token past the end (overwritten later, never attended) for the others.
         seqlens[:] = self._lengths[lo:hi]
         total[...] = seqlens.max() + 1
-        try:
+        with ort_errors("failed to run a step"):
             self.session.run_with_iobinding(io)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
         logits = self._logits[: hi - lo]
         for slot in slots:
             self._lengths[slot] += 1
@@ -215,8 +228,6 @@ class StaticCacheEngine:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("seqlens_k", seqlens)
         io.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        try:
+        with ort_errors("failed to run a step"):
             self.session.run_with_iobinding(io)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise EngineError(f"ONNX Runtime failed to run a step: {exc}") from None
         return io.get_outputs()[0].numpy()

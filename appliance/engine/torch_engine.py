@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .base import EngineError, EngineStats, check_rewind
-from .ort_engine import auto_threads
+from .ort_session import auto_threads
 from .spec import DecoderSpec
 from .torch_model import ModelConfig, Transformer, active_weight_bytes
 
