@@ -140,3 +140,34 @@ def test_the_scrape_port_takes_a_token_and_idle_connections_cost_no_threads(tiny
             s.close()
     finally:
         daemon.stop()
+
+
+def test_speculative_decoding_is_reported_in_the_reply_the_scrape_and_the_audit_row(served):
+    """The default ``speculative = "auto"`` drafts by n-gram on this bundle (no draft model): a repetitive answer's
+    drafted and accepted tokens appear in its ``done`` reply, in the Prometheus counters, and its audit row names
+    the drafter; a request that opts out is not counted."""
+    from appliance.audit.store import AuditLog
+    from appliance.config import load_config
+
+    device, port = served
+
+    def counted(families: dict, name: str) -> float:
+        try:
+            return value(families, f"edge_appliance_speculative_{name}_tokens_total", drafter="ngram")
+        except (AssertionError, KeyError):
+            return 0.0
+
+    before = scrape(port)
+    with Client(device.endpoint) as client:
+        assert client.info()["speculative"] == "ngram" and "speculative" in client.info()["features"]
+        done = client.complete("Return the", max_tokens=48, ignore_eos=True, request_id="spec-1")
+        # one token fewer: not the response cache's copy of the first answer
+        plain = client.complete("Return the", max_tokens=47, ignore_eos=True, speculative=False, request_id="spec-0")
+    spec = done["speculative"]
+    assert spec["drafter"] == "ngram" and spec["drafted"] >= spec["accepted"] > 0, spec
+    assert "speculative" not in plain and not plain["cache_hit"] and done["text"].startswith(plain["text"])
+    after = scrape(port)
+    assert counted(after, "drafted") - counted(before, "drafted") == spec["drafted"]
+    assert counted(after, "accepted") - counted(before, "accepted") == spec["accepted"]
+    rows = {r.request_id: r for r in AuditLog(load_config(device.config).audit_db).rows()}
+    assert rows["spec-1"].speculative == "ngram" and rows["spec-0"].speculative is None
