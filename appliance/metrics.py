@@ -143,14 +143,14 @@ class Metrics:
         self.request(entry.op, entry.status, entry.error_code)
         self.prompt_tokens.inc(entry.prompt_tokens)
         self.completion_tokens.inc(entry.completion_tokens)
-        if entry.total_ms is not None:
-            self.latency.observe(entry.total_ms)
-        if entry.queue_ms is not None:
-            self.queue_wait.observe(entry.queue_ms)
-        if entry.ttft_ms is not None:
-            self.ttft.observe(entry.ttft_ms)
-            if entry.completion_tokens > 1 and entry.total_ms > entry.ttft_ms:
-                self.tokens_per_s.observe((entry.completion_tokens - 1) / (entry.total_ms - entry.ttft_ms))
+        if entry.total_s is not None:
+            self.latency.observe(entry.total_s)
+        if entry.queue_s is not None:
+            self.queue_wait.observe(entry.queue_s)
+        if entry.ttft_s is not None:
+            self.ttft.observe(entry.ttft_s)
+            if entry.completion_tokens > 1 and entry.total_s > entry.ttft_s:
+                self.tokens_per_s.observe((entry.completion_tokens - 1) / (entry.total_s - entry.ttft_s))
 
     def speculated(self, drafter: str, drafted: int, accepted: int) -> None:
         """A request that drafted ended."""

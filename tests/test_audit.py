@@ -32,7 +32,7 @@ def fill(path, n=10, **kwargs) -> AuditLog:
                 output=f"o{i}",
                 prompt_tokens=i,
                 completion_tokens=2 * i,
-                total_ms=0.01 * i,
+                total_s=0.01 * i,
                 client=f"c{i % 2}",
                 model_version=1 + i // 5,
             )

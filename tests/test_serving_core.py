@@ -147,8 +147,8 @@ def test_a_request_whose_sampling_fails_ends_alone(device):
     assert runner.request_failures == 1
 
 
-def test_a_sequence_retired_twice_in_one_batch_is_answered_once(device):
-    """A request cancelled in the step it finishes can appear twice in one retire batch (seen once in 620 tests
+def test_a_sequence_ended_twice_in_one_batch_is_answered_once(device):
+    """A request cancelled in the step it finishes can appear twice in one batch that ends (seen once in 620 tests
     under the 100k-frame fuzz): the engine thread must answer it once and live on, not die on the second."""
     model = load_model(load_config(device.config))
     sessions = SessionStore(1 << 20, 60, 8)
@@ -159,7 +159,7 @@ def test_a_sequence_retired_twice_in_one_batch_is_answered_once(device):
         model, P.Request(op=P.OP_GENERATE, id="twice", prompt="Return the"), Peer("t", "infer", b"r"), 0
     )
     assert runner.submit(job)
-    runner._retire([job.seq, job.seq], (P.E_CANCELLED, "cancelled"))  # the engine thread's own call, not started
+    runner.output.end([job.seq, job.seq], (P.E_CANCELLED, "cancelled"))  # the engine thread's own call, not started
     finals = []
     while not runner.outbox.empty():
         out = runner.outbox.get()

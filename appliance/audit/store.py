@@ -54,9 +54,9 @@ class Entry:
     output: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    queue_ms: float | None = None
-    ttft_ms: float | None = None
-    total_ms: float | None = None
+    queue_s: float | None = None  # seconds (the database columns hold milliseconds)
+    ttft_s: float | None = None
+    total_s: float | None = None
     error_code: str | None = None
     finish_reason: str | None = None
     cache_hit: bool = False  # answered from the response cache, no model run
@@ -163,9 +163,9 @@ class AuditLog:
             "model_version": entry.model_version,
             "prompt_tokens": entry.prompt_tokens,
             "completion_tokens": entry.completion_tokens,
-            "queue_ms": _ms(entry.queue_ms),
-            "ttft_ms": _ms(entry.ttft_ms),
-            "total_ms": _ms(entry.total_ms),
+            "queue_ms": _ms(entry.queue_s),
+            "ttft_ms": _ms(entry.ttft_s),
+            "total_ms": _ms(entry.total_s),
             "status": entry.status,
             "error_code": entry.error_code,
             "finish_reason": entry.finish_reason,

@@ -16,8 +16,8 @@ from appliance.loader import LoadedModel
 from appliance.serving.chat import THINK_CLOSE, ChatError, mask_contents, opens_reasoning
 from appliance.serving.constraints import Grammars
 from appliance.serving.detokenize import Detokenizer
+from appliance.serving.output import Job
 from appliance.serving.response_cache import ResponseCache, cache_key
-from appliance.serving.runner import Job
 from appliance.serving.scheduler import Sequence
 from appliance.serving.sessions import Session, SessionBusy, SessionStore
 from appliance.serving.tools import (

@@ -195,7 +195,7 @@ class Scheduler:
         """End a request that never needs the engine (a response-cache hit); it leaves at ``schedule``."""
         self._finish(seq, reason)
 
-    def stop(self, seq: Sequence) -> None:
+    def stop_string(self, seq: Sequence) -> None:
         """End a running sequence because its text hit a stop sequence."""
         if seq.state is not State.FINISHED:
             self._finish(seq, Finish.STOP)
