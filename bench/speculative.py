@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -118,15 +119,23 @@ def device(name: str, model: Path, work: Path, threads: int, draft: Path | None 
 class Served:
     """One daemon process of one configuration (``speculative`` mode written into a copy of the config)."""
 
-    def __init__(self, config: Path, mode: str):
+    def __init__(self, config: Path, mode: str, before: Path | None = None):
+        """``before``: a worktree of an earlier revision to run instead (``--before``), which predates speculative
+        decoding: its config lacks those keys and it keeps its own audit database (an older schema)."""
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
         text = re.sub(r"(?m)^endpoints\s*=.*$", f'endpoints = ["{self.endpoint}"]', config.read_text())
         text = re.sub(r"(?m)^speculative\s*=.*$", f'speculative = "{mode}"', text)
+        env = None
+        if before is not None:
+            text = re.sub(r"(?m)^(speculative|draft_tokens|speculative_max_batch)\s*=.*\n", "", text)
+            text = re.sub(r"(?m)^audit_db\s*=.*$", 'audit_db = "audit-before.db"', text)
+            env = {**os.environ, "PYTHONPATH": str(before)}
+            mode = f"{mode}-before"
         self.config = config.with_name(f"bench-{mode}.toml")
         self.config.write_text(text)
         self.log = open(config.with_name(f"daemon-{mode}.log"), "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(BIN / "edge-appliance"), "--config", str(self.config), "serve"],
-                                     stdout=self.log, stderr=self.log)  # fmt: skip
+                                     stdout=self.log, stderr=self.log, env=env)  # fmt: skip
         with Client(self.endpoint, timeout_s=2, retries=300) as probe:
             probe.health()
 
@@ -253,6 +262,8 @@ def main() -> int:
     p.add_argument("--llama-cpp", help="llama.cpp bin directory (llama-server): the peer rows")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
     p.add_argument("--peers-only", action="store_true", help="rerun only the llama-server rows into --out")
+    p.add_argument("--before", metavar="REV", help="also serve SmolLM2 (plain) from this git revision: the daemon's "
+                   "decode speed before and after a change, in the same run")  # fmt: skip
     args = p.parse_args()
     work, demo = Path(args.work), Path(args.demo)
     work.mkdir(parents=True, exist_ok=True)
@@ -293,6 +304,14 @@ def main() -> int:
         # answers are still comparable between configurations)
         "sampled": [{"messages": m, "max_tokens": 96, "temperature": 1.0, "seed": 7} for m in FREE],
     }
+    before = None
+    if args.before:
+        before = work / f"before-{args.before}"
+        if not before.exists():
+            git = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before]
+            subprocess.run(git, check=True, stdout=subprocess.DEVNULL)
+        for workload in ("extraction", "free"):
+            workloads[workload].append((f"smollm2 ({args.before})", "smollm2", "off"))
     runs: dict = {w: {name: {1: [], CLIENTS: []} for name, _, _ in rows} for w, rows in workloads.items()}
     rss: dict = {w: {name: [] for name, _, _ in rows} for w, rows in workloads.items()}
     steps = args.rounds * sum(len(rows) for rows in workloads.values())
@@ -300,7 +319,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for workload, rows in workloads.items():
                 for name, dev, mode in rows:
-                    served = Served(devices[dev], mode)
+                    served = Served(devices[dev], mode, before if name.endswith(f"({args.before})") else None)
                     try:
                         for clients in (1, CLIENTS):
                             runs[workload][name][clients].append(measure(served.endpoint, requests[workload], clients))
