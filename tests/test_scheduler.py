@@ -17,7 +17,7 @@ def test_waiting_requests_fill_free_slots_in_arrival_order():
     for x in (a, b, c):
         assert s.add(x)
     plan = s.schedule(now=1.0)
-    assert plan.prefill == [a, b] and plan.decode == []
+    assert [r.key for r in plan.prefill] == ["a", "b"] and plan.decode == []
     assert (a.slot, b.slot, c.state) == (0, 1, State.WAITING)
 
 
@@ -30,7 +30,7 @@ def test_request_joins_as_soon_as_another_leaves():
     assert s.on_token(a, 7, now=1.1) and a.finish is Finish.LENGTH
     assert s.take_finished() == [a]
     plan = s.schedule(now=1.2)
-    assert plan.prefill == [b] and b.slot == 0
+    assert [r.key for r in plan.prefill] == ["b"] and b.slot == 0
 
 
 def test_running_sequences_with_tokens_decode():
@@ -39,7 +39,8 @@ def test_running_sequences_with_tokens_decode():
     s.add(a)
     s.schedule(now=0.0)
     s.on_token(a, 9, now=0.1)
-    assert s.schedule(now=0.2).decode == [a]
+    # the decode row carries the last token at the end of the context (prompt 3 + 1 output token)
+    assert [(r.key, r.slot, r.tokens, r.start, r.end) for r in s.schedule(now=0.2).decode] == [("a", 0, (9,), 3, 4)]
 
 
 def test_full_queue_refuses():
@@ -104,7 +105,7 @@ def test_cancel_frees_the_slot_for_the_next_request():
     s.schedule(now=0.0)
     assert s.cancel("a") is a and a.finish is Finish.CANCELLED
     plan = s.schedule(now=0.1)
-    assert plan.finished == [a] and plan.prefill == [b]
+    assert plan.finished == [a] and [r.key for r in plan.prefill] == ["b"]
     assert s.cancel("unknown") is None
 
 
@@ -119,10 +120,11 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding
     chunks = []
     for step in range(4):
         plan = s.schedule(now=1.0 + step)
-        assert plan.decode == [short]  # the running request advances at every step
+        assert [r.key for r in plan.decode] == ["short"]  # the running request advances at every step
         if plan.prefill:
-            assert plan.prefill == [long]
-            chunks.append(long.chunk)
+            (row,) = plan.prefill
+            assert row.key == "long" and row.tokens == tuple(long.feed_ids[row.start : row.end])
+            chunks.append((row.start, row.end))
         s.on_token(short, 7, now=1.0 + step)
     assert chunks == [(0, 64), (64, 128), (128, 150)]
     assert long.prefill_done and not long.output_ids
@@ -134,11 +136,12 @@ def test_prefill_budget_is_shared_oldest_first_and_admission_waits_for_budget():
     for x in (a, b, c):
         s.add(x)
     plan = s.schedule(now=0.0)
-    assert plan.prefill == [a] and a.chunk == (0, 100)  # the budget is spent: b and c wait for the next step
+    assert [(r.key, r.start, r.end) for r in plan.prefill] == [("a", 0, 100)]  # the budget is spent: b and c wait
     assert (b.state, c.state) == (State.WAITING, State.WAITING)
     plan = s.schedule(now=1.0)
     # a finishes its prompt first (oldest), then b and c are admitted in arrival order with what is left
-    assert plan.prefill == [a, b, c] and (a.chunk, b.chunk, c.chunk) == ((100, 130), (0, 50), (0, 10))
+    assert [(r.key, r.start, r.end, r.first, r.last) for r in plan.prefill] == [
+        ("a", 100, 130, False, True), ("b", 0, 50, True, True), ("c", 0, 10, True, True)]  # fmt: skip
 
 
 def test_context_limit_counts_restored_session_tokens():

@@ -55,7 +55,7 @@ def test_admission_picks_the_client_with_fewest_running():
         sched.add(Sequence(key=f"a{i}", prompt_ids=[1, 2], max_tokens=4, owner="a"))
     sched.add(Sequence(key="b0", prompt_ids=[1, 2], max_tokens=4, owner="b"))
     plan = sched.schedule()
-    assert sorted(s.key for s in plan.prefill) == ["a0", "b0"]  # b jumps a's backlog
+    assert sorted(r.key for r in plan.prefill) == ["a0", "b0"]  # b jumps a's backlog
 
 
 def test_a_cancel_racing_the_last_token_finishes_the_request_once():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from appliance.loader import LoadedModel
 from appliance.serving.constraints import Guide
-from appliance.serving.scheduler import Scheduler, Sequence, StepPlan
+from appliance.serving.scheduler import Row, Scheduler, Sequence, StepPlan
 from appliance.serving.speculative import Speculator
 
 if TYPE_CHECKING:
@@ -48,48 +48,50 @@ class EngineCore:
     def step(self, plan: StepPlan) -> None:
         """Run the plan's prefill chunks and decode rows (the plan's finished requests are the runner's)."""
         engine = self.model.engine
+        jobs = self.output.jobs
         if plan.prefill:
-            for seq in plan.prefill:
-                if seq.chunk[0] == 0:
-                    self._begin(seq)
-            logits = engine.prefill([(s.slot, s.feed_ids[s.chunk[0] : s.chunk[1]]) for s in plan.prefill])
-            done = [row for row, s in enumerate(plan.prefill) if s.prefill_done]  # the rest wait for more chunks
+            for row in plan.prefill:
+                if row.first:
+                    self._begin(row)
+            logits = engine.prefill([(row.slot, list(row.tokens)) for row in plan.prefill])
+            done = [i for i, row in enumerate(plan.prefill) if row.last]  # the rest wait for more chunks
             if done:
-                self.output.tokens([plan.prefill[row] for row in done], logits[done])
+                self.output.tokens([jobs[plan.prefill[i].key].seq for i in done], logits[done])
         if plan.decode:
-            drafts = self._drafts(plan.decode)
-            plain = [s for s, d in zip(plan.decode, drafts, strict=True) if not d]
+            seqs = [jobs[row.key].seq for row in plan.decode]
+            drafts = self._drafts(seqs)
+            plain = [(s, r) for s, r, d in zip(seqs, plan.decode, drafts, strict=True) if not d]
             if plain:
                 self._decode(plain)
-            checked = [(s, d) for s, d in zip(plan.decode, drafts, strict=True) if d]
+            checked = [(s, r, d) for s, r, d in zip(seqs, plan.decode, drafts, strict=True) if d]
             if checked:
                 self._verify(checked)
 
-    def _begin(self, seq: Sequence) -> None:
+    def _begin(self, row: Row) -> None:
         """First chunk of a request: restore its conversation's cache into the slot."""
-        job = self.output.jobs[seq.key]
+        job = self.output.jobs[row.key]
         if job.restore is not None:
-            self.model.engine.load(seq.slot, job.restore.cache)
+            self.model.engine.load(row.slot, job.restore.cache)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
+    def _decode(self, rows: list[tuple[Sequence, Row]]) -> None:
         # Several constrained rows: their masks are computed on the helper thread while the engine runs the
         # step. One is computed inline after it (tens of µs; a thread hand-off and a third busy thread on a
         # small device cost the step more than that).
         jobs = self.output.jobs
-        guides = [g for s in seqs if (g := jobs[s.key].guide) is not None and g.constrains_next]
+        guides = [g for s, _ in rows if (g := jobs[s.key].guide) is not None and g.constrains_next]
         ahead = self._masker.submit(_prepare, guides) if len(guides) > 1 else None
         try:
-            logits = self.model.engine.decode([(s.slot, s.output_ids[-1]) for s in seqs])
+            logits = self.model.engine.decode([(row.slot, row.tokens[0]) for _, row in rows])
         finally:
             if ahead is not None:
                 ahead.result()  # joined even when the step failed: no guide is ever used by two threads
-        self.output.tokens(seqs, logits)
+        self.output.tokens([s for s, _ in rows], logits)
 
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
         """Each decoding row's drafted tokens (empty: it decodes normally). Constrained rows and requests that
         opted out never draft; a draft never runs past the request's max_tokens or the context."""
-        if self.speculator is None:
-            return [[] for _ in seqs]
+        if self.speculator is None or len(seqs) > self.speculator.config.max_rows:
+            return [[] for _ in seqs]  # a batch this large is served better by one batched decode step
         rows, where = [], []
         for i, seq in enumerate(seqs):
             job = self.output.jobs[seq.key]
@@ -98,23 +100,23 @@ class EngineCore:
                 rows.append((seq.key, seq.slot, job.history + seq.feed_ids + seq.output_ids, room))
                 where.append(i)
         out: list[list[int]] = [[] for _ in seqs]
-        if rows and len(seqs) <= self.speculator.config.max_rows:
+        if rows:
             for i, draft in zip(where, self.speculator.plan(rows), strict=True):
                 out[i] = draft
         return out
 
-    def _verify(self, rows: list[tuple[Sequence, list[int]]]) -> None:
+    def _verify(self, rows: list[tuple[Sequence, Row, list[int]]]) -> None:
         """Run each row's last token and its draft through the target at once; the output processor keeps the
         drafted tokens the target picks itself, then its own token at the first disagreement, and the cache is
         rewound to what was kept."""
         engine = self.model.engine
-        base = [engine.length(seq.slot) for seq, _ in rows]
-        logits = engine.verify([(seq.slot, [seq.output_ids[-1], *draft]) for seq, draft in rows])
+        base = [engine.length(row.slot) for _, row, _ in rows]
+        logits = engine.verify([(row.slot, [*row.tokens, *draft]) for _, row, draft in rows])
         now = time.monotonic()
-        for (seq, draft), at, row in zip(rows, base, logits, strict=True):
-            used, accepted = self.output.verified(seq, draft, row, now)
+        for (seq, row, draft), at, out in zip(rows, base, logits, strict=True):
+            used, accepted = self.output.verified(seq, draft, out, now)
             self.speculator.record(seq.key, len(draft), accepted)
-            engine.rewind(seq.slot, at + used)
+            engine.rewind(row.slot, at + used)
 
 
 def _prepare(guides: list[Guide]) -> None:

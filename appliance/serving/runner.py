@@ -105,8 +105,8 @@ class EngineRunner(threading.Thread):
             except Exception as exc:  # an engine fault must not kill the daemon: fail the requests in the step
                 log.exception("engine step failed")
                 with self._work:
-                    for seq in plan.prefill + plan.decode:
-                        self.scheduler.cancel(seq.key)
+                    for key in plan.keys:
+                        self.scheduler.cancel(key)
                     failed = self.scheduler.take_finished()
                 self.output.end(failed, (P.E_INTERNAL, f"engine step failed: {exc}"))
             if self.outbox.qsize():

@@ -1,8 +1,9 @@
 """Iteration-level scheduler: decides which sequences prefill and decode at each step.
 
-Pure Python, no tensors: it emits a plain ``StepPlan`` that the engine runner executes, then is
-told each new token (``on_token``). Requests join between steps when a slot is free and leave as
-soon as they finish, so no request waits for another to complete.
+Pure Python, no tensors: it emits a plain ``StepPlan`` — immutable rows of ``(key, slot, tokens, start, end)``, a
+snapshot the engine core runs without reading the live sequences — then is told each new token (``on_token``).
+Requests join between steps when a slot is free and leave as soon as they finish, so no request waits for another
+to complete.
 
 Prefill is chunked: each step feeds at most ``prefill_chunk`` prompt tokens in total (oldest
 request first), so a long prompt is spread over several steps and the running decodes advance at
@@ -61,7 +62,6 @@ class Sequence:
     feed_ids: list[int] = field(default_factory=list)  # tokens to prefill (default: the prompt)
     base_len: int = 0  # tokens already in the slot's cache before the first chunk (a restored session)
     prefilled: int = 0  # tokens of ``feed_ids`` planned so far
-    chunk: tuple[int, int] = (0, 0)  # the slice of ``feed_ids`` this step feeds
     owner: str = ""  # the client identity, for fair admission across clients
 
     def __post_init__(self) -> None:
@@ -79,11 +79,30 @@ class Sequence:
         return self.base_len + len(self.feed_ids) + len(self.output_ids)
 
 
+@dataclass(frozen=True)
+class Row:
+    """One slot's work in a step: append ``tokens`` at context positions ``start .. end``. A prefill row is a chunk
+    of what the request feeds (``first``: its first chunk, when a restored conversation's cache is loaded;
+    ``last``: the prompt is complete, so its logits give the first token); a decode row is the last token."""
+
+    key: str
+    slot: int
+    tokens: tuple[int, ...]
+    start: int
+    end: int
+    first: bool = False
+    last: bool = True
+
+
 @dataclass
 class StepPlan:
-    prefill: list[Sequence] = field(default_factory=list)
-    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[Row] = field(default_factory=list)
+    decode: list[Row] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # ended without running (deadline, cancel)
+
+    @property
+    def keys(self) -> list[str]:
+        return [row.key for row in self.prefill + self.decode]
 
 
 class Scheduler:
@@ -145,7 +164,7 @@ class Scheduler:
         for seq in [*self.waiting, *self.running]:
             if seq.deadline is not None and now >= seq.deadline:
                 self._finish(seq, Finish.DEADLINE)
-        plan = StepPlan(decode=[s for s in self.running if s.output_ids])
+        plan = StepPlan(decode=[_decode_row(s) for s in self.running if s.output_ids])
         budget = self.prefill_chunk
         for seq in self.running:  # prompts part-way through prefill go first, oldest first
             if budget and not seq.prefill_done:
@@ -170,8 +189,10 @@ class Scheduler:
     def _plan_chunk(seq: Sequence, budget: int, plan: StepPlan) -> int:
         start = seq.prefilled
         end = min(len(seq.feed_ids), start + budget)
-        seq.chunk, seq.prefilled = (start, end), end
-        plan.prefill.append(seq)
+        seq.prefilled = end
+        tokens = tuple(seq.feed_ids[start:end])
+        at = seq.base_len + start
+        plan.prefill.append(Row(seq.key, seq.slot, tokens, at, at + len(tokens), start == 0, end == len(seq.feed_ids)))
         return end - start
 
     def on_token(self, seq: Sequence, token: int, now: float | None = None) -> bool:
@@ -217,3 +238,9 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not (self.waiting or self.running or self._pending_finish)
+
+
+def _decode_row(seq: Sequence) -> Row:
+    """The decode row of a running request: its last token, at the end of its context."""
+    end = seq.context_len
+    return Row(seq.key, seq.slot, (seq.output_ids[-1],), end - 1, end)
