@@ -341,3 +341,43 @@ def http_site(tiny_build: Path, root: Path, http_extra: str = "", onnx: str = "o
     finally:
         gateway.stop()
         daemon.stop()
+
+
+def serve_in_process(model, requests: list, *, slots: int = 4, eos=None, speculator=None, sessions=None, after=None):
+    """Serve ``requests`` (``protocol.Request``s of one client) on a real engine thread, no sockets; returns
+    ({id: final reply}, the stopped runner). ``after``: (id, request) submitted once request ``id`` has been
+    answered (a request joining mid-flight). Synchronised on the runner's wake-ups, never on sleeps."""
+    from appliance.audit.writer import AuditWriter
+    from appliance.serving.admission import Admission, Peer
+    from appliance.serving.runner import EngineRunner
+    from appliance.serving.scheduler import Scheduler
+    from appliance.serving.sessions import SessionStore
+    from appliance.transport import protocol as P
+
+    sessions = sessions or SessionStore(8 << 20, 60, 8)
+    admission = Admission(sessions, None, max_per_client=16)
+    eos = eos if eos is not None else model.spec.eos_token_ids
+    sched = Scheduler(num_slots=slots, max_queued=8, max_seq_len=model.engine.max_seq_len, eos_token_ids=eos)
+    woke = threading.Event()
+    runner = EngineRunner(model, sched, AuditWriter(None), wake=woke.set, sessions=sessions, speculator=speculator)
+    peer = Peer("tester", "infer", b"r")
+    runner.start()
+    finals: dict[str, dict] = {}
+    try:
+        for n, req in enumerate(requests):
+            assert runner.submit(admission.admit(model, req, peer, n))
+        want = len(requests) + (after is not None)
+        while len(finals) < want:
+            assert woke.wait(60)
+            woke.clear()
+            while not runner.outbox.empty():
+                out = runner.outbox.get()
+                if out.final:
+                    reply = P.decode_reply(out.frame)
+                    finals[reply["id"]] = reply
+                    if after is not None and reply["id"] == after[0]:
+                        assert runner.submit(admission.admit(model, after[1], peer, 0))
+    finally:
+        runner.stop()
+        runner.join(timeout=10)
+    return finals, runner

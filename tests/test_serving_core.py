@@ -3,8 +3,6 @@ audit aggregator, and per-request isolation on the real engine thread with a rea
 
 from __future__ import annotations
 
-import threading
-
 from appliance.audit import Entry
 from appliance.audit.aggregate import OVERFLOW_PEER, Aggregator
 from appliance.audit.writer import AuditWriter
@@ -17,6 +15,7 @@ from appliance.serving.scheduler import Scheduler, Sequence
 from appliance.serving.sessions import SessionStore
 from appliance.transport import protocol as P
 from appliance.transport.connections import Connections
+from tests.conftest import serve_in_process
 
 CHARS = {1: "he", 2: "llo", 3: " wor", 4: "ld", 5: "\xe2", 6: "\x82\xac"}
 
@@ -115,33 +114,11 @@ def test_a_request_whose_sampling_fails_ends_alone(device):
     """A NaN-producing temperature (bypassing protocol validation) fails its own request; the
     request decoding beside it in the same batch finishes normally."""
     model = load_model(load_config(device.config))
-    writer = AuditWriter(None)
-    sessions = SessionStore(1 << 20, 60, 8)
-    admission = Admission(sessions, None, max_per_client=8)
-    woke = threading.Event()
-    sched = Scheduler(num_slots=2, max_queued=4, max_seq_len=model.engine.max_seq_len, eos_token_ids=(-1,))
-    runner = EngineRunner(model, sched, writer, wake=woke.set, sessions=sessions)
-    peer = Peer("tester", "infer", b"r")
     good = P.Request(op=P.OP_GENERATE, id="good", prompt="Return the", max_tokens=12)
     bad = P.Request(
         op=P.OP_GENERATE, id="bad", prompt="Return the", max_tokens=12, sampling=P.Sampling(temperature=1e-320)
     )
-    runner.start()
-    try:
-        assert runner.submit(admission.admit(model, good, peer, 0))
-        assert runner.submit(admission.admit(model, bad, peer, 1))
-        finals: dict[str, dict] = {}
-        while len(finals) < 2:
-            assert woke.wait(60)
-            woke.clear()
-            while not runner.outbox.empty():
-                out = runner.outbox.get()
-                if out.final:
-                    reply = P.decode_reply(out.frame)
-                    finals[reply["id"]] = reply
-    finally:
-        runner.stop()
-        runner.join(timeout=10)
+    finals, runner = serve_in_process(model, [good, bad], slots=2, eos=(-1,))
     assert finals["bad"]["code"] == P.E_INTERNAL
     assert finals["good"]["type"] == "done" and finals["good"]["usage"]["completion_tokens"] == 12
     assert runner.request_failures == 1

@@ -8,26 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from appliance.audit.writer import AuditWriter
 from appliance.config import load_config
 from appliance.loader import load_model
-from appliance.serving.admission import Admission, Peer
-from appliance.serving.runner import EngineRunner
 from appliance.serving.sampling import sample
-from appliance.serving.scheduler import Scheduler
 from appliance.serving.sessions import SessionStore
 from appliance.serving.speculative import SpeculationConfig, build_speculator
 from appliance.transport import protocol as P
 from provisioning.bundle import infer_engines, seal
 from provisioning.draft import DraftMismatchError
 from provisioning.keys import DeviceIdentity, load_ed25519
-from tests.conftest import provision_device, run_cli
+from tests.conftest import provision_device, run_cli, serve_in_process
 
 # The demo corpus repeats maintenance phrases: the tiny model's answers copy spans of their prompts.
 PROMPTS = [
@@ -38,36 +33,9 @@ PROMPTS = [
 
 
 def run(model, requests: list[P.Request], mode: str, *, eos=None, max_rows: int = 4, sessions=None, after=None):
-    """Serve ``requests`` on a real engine thread; returns {id: done reply}. ``after``: (id, request) sent once the
-    request ``id`` has been answered (a request joining mid-flight)."""
-    sessions = sessions or SessionStore(8 << 20, 60, 8)
-    admission = Admission(sessions, None, max_per_client=16)
-    eos = eos if eos is not None else model.spec.eos_token_ids
-    sched = Scheduler(num_slots=4, max_queued=8, max_seq_len=model.engine.max_seq_len, eos_token_ids=eos)
-    woke = threading.Event()
+    """Serve ``requests`` on a real engine thread with speculation ``mode``; returns {id: done reply}."""
     speculator = build_speculator(SpeculationConfig(mode, draft_tokens=4, max_rows=max_rows), model.draft)
-    runner = EngineRunner(model, sched, AuditWriter(None), wake=woke.set, sessions=sessions, speculator=speculator)
-    peer = Peer("tester", "infer", b"r")
-    runner.start()
-    finals: dict[str, dict] = {}
-    try:
-        for n, req in enumerate(requests):
-            assert runner.submit(admission.admit(model, req, peer, n))
-        want = len(requests) + (after is not None)
-        while len(finals) < want:
-            assert woke.wait(60)
-            woke.clear()
-            while not runner.outbox.empty():
-                out = runner.outbox.get()
-                if out.final:
-                    reply = P.decode_reply(out.frame)
-                    finals[reply["id"]] = reply
-                    if after is not None and reply["id"] == after[0]:
-                        assert runner.submit(admission.admit(model, after[1], peer, 0))
-    finally:
-        runner.stop()
-        runner.join(timeout=10)
-    return finals
+    return serve_in_process(model, requests, eos=eos, speculator=speculator, sessions=sessions, after=after)[0]
 
 
 def gen(rid: str, prompt: str, max_tokens: int = 40, **kw) -> P.Request:

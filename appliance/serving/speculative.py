@@ -202,9 +202,7 @@ class Speculator:
 
     def plan(self, rows: list[tuple[str, int, list[int], int]]) -> list[list[int]]:
         """Drafts for ``(key, slot, context, room)`` rows (``room``: tokens the request may still take); an empty
-        draft means the row decodes normally. Nothing is drafted while more rows decode than ``max_rows``."""
-        if len(rows) > self.config.max_rows:
-            return [[] for _ in rows]
+        draft means the row decodes normally. The engine core asks only while at most ``max_rows`` rows decode."""
         asks, where = [], []
         for i, (key, slot, context, room) in enumerate(rows):
             st = self.state(key)
