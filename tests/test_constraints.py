@@ -170,7 +170,7 @@ def test_the_audit_row_records_kind_and_digest(daemon, device):
 def test_info_lists_every_constraint_kind(daemon, device):
     with Client(device.endpoint, timeout_s=60) as client:
         info = client.info()
-    assert info["protocol_minor"] == P.MINOR == 4
+    assert info["protocol_minor"] == P.MINOR == 5
     assert set(P.CONSTRAINT_KINDS) <= set(info["features"]) and "unknown_fields_refused" in info["features"]
 
 

@@ -17,6 +17,7 @@ from appliance.serving.chat import ChatTemplate
 from appliance.serving.constraints import Grammars, grammar_of
 from appliance.serving.tools import (
     DEEPSEEK,
+    ToolStream,
     call_grammar,
     parse_calls,
     renders_tools,
@@ -94,6 +95,24 @@ def test_required_calls_one_of_the_tools(tools_device):
     jsonschema.validate(json.loads(call["arguments"]), schema_of(tool))
 
 
+def test_a_streamed_call_arrives_as_deltas_token_by_token(tools_device):
+    """Over ZeroMQ a streamed reply that calls a tool sends the call as it is generated: its id and name first, then
+    argument pieces in later token replies; together they are the done reply's call."""
+    with Client(tools_device.endpoint, timeout_s=60) as client:
+        replies = list(client.generate(messages=ASK, tools=[WEATHER, STOP_LINE], tool_choice={"name": "stop_line"},
+                                       max_tokens=80, stream=True))  # fmt: skip
+    done = replies[-1]
+    assert done["type"] == P.T_DONE and done["finish_reason"] == "tool_calls", done
+    deltas = [d for r in replies[:-1] for d in r.get("tool_calls", ())]
+    carrying = [r for r in replies[:-1] if r.get("tool_calls")]
+    assert len(carrying) >= 3, "the call must stream over several token replies, not arrive whole"
+    (call,) = done["tool_calls"]
+    assert (deltas[0]["id"], deltas[0]["name"]) == (call["id"], "stop_line")
+    assert all(d["index"] == 0 and "name" not in d for d in deltas[1:])
+    assert "".join(d["arguments"] for d in deltas) == call["arguments"]
+    jsonschema.validate(json.loads(call["arguments"]), schema_of(STOP_LINE))
+
+
 def test_a_tool_result_is_sent_back_and_answered(tools_device):
     history = [
         *ASK,
@@ -166,6 +185,65 @@ def test_parse_calls_keeps_text_and_skips_what_is_not_a_call():
     assert parse_calls("no calls here", (WEATHER,)) == ("no calls here", [])
 
 
+STREAMED = [
+    (
+        "hermes",
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"site": "no<r}th", "x": [1, {"a": "\\"}"}]}}\n'
+        '</tool_call>\n<tool_call>{"name": "unknown", "arguments": {}}</tool_call>\n<tool_call>not json</tool_call>'
+        " <tool",
+    ),
+    (
+        "hermes",
+        '<tool_call>{"arguments": {"line": 2}, "name": "stop_line"}</tool_call><tool_call>{"name":"stop_line",'
+        '"arguments":{"line":3}}</tool_call>',
+    ),  # fmt: skip
+    ("hermes", '<tool_call>{"name":"stop_line","arguments":{"line":3'),  # cut off by max_tokens: a truncated call
+    (
+        DEEPSEEK,
+        "Let me check.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"site":"north"}\n```<｜tool▁call▁end｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>bogus\n```json\n{}\n```'
+        '<｜tool▁call▁end｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>stop_line\n```json\n{"line":1}\n```'
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜> done",
+    ),
+    (
+        DEEPSEEK,
+        "x<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>bogus\n```json\n{}\n```"
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>y",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("form,text", STREAMED, ids=["hermes", "hermes-args-first", "truncated", "deepseek", "no-call"])
+def test_tool_calls_stream_as_deltas_that_add_up_to_the_whole_parse(form, text):
+    """Fed in pieces of any size, the streaming parser releases the same text and calls as parsing the whole reply;
+    each call's deltas start with its id and name and their arguments concatenate to the call's."""
+    whole = parse_calls(text, (WEATHER, STOP_LINE), form)
+    for size in (1, 2, 5, len(text)):
+        stream, content, deltas = ToolStream((WEATHER, STOP_LINE), form), "", []
+        for at in range(0, len(text) + 1, size):
+            released, new = stream.feed(text[at : at + size], final=at + size > len(text))
+            content, deltas = content + released, deltas + new
+        got, calls = stream.result()
+        assert got == whole[0] and [(c["name"], c["arguments"]) for c in calls] == [
+            (c["name"], c["arguments"]) for c in whole[1]
+        ]
+        assert (content.strip() if calls else content) == got
+        for i, call in enumerate(calls):
+            mine = [d for d in deltas if d["index"] == i]
+            assert (mine[0]["id"], mine[0]["name"]) == (call["id"], call["name"])
+            assert "".join(d["arguments"] for d in mine) == call["arguments"]
+
+
+def test_a_call_streams_its_arguments_before_it_ends():
+    stream = ToolStream((WEATHER,))
+    released, deltas = stream.feed('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"si')
+    assert released == "Checking.\n"
+    assert deltas == [{"index": 0, "id": deltas[0]["id"], "name": "get_weather", "arguments": ""},
+                      {"index": 0, "arguments": '{"si'}]  # fmt: skip
+    assert stream.feed('te": "north"}}\n</tool') == ("", [{"index": 0, "arguments": 'te": "north"}'}])
+    assert stream.feed("_call>", final=True) == ("", []) and stream.result()[1][0]["arguments"] == '{"site": "north"}'
+
+
 def test_the_call_grammar_names_each_tool():
     grammar = call_grammar((WEATHER, STOP_LINE), None)
     assert grammar.startswith('start: "<tool_call>" "\\n" call "\\n" "</tool_call>"') and "stop_line" in grammar
@@ -196,19 +274,27 @@ def test_openai_client_tool_call_round_trip(tools_site):
 
 
 def test_openai_client_streams_tool_call_deltas(tools_site):
-    stream = tools_site.openai().chat.completions.create(
+    """The official client reads the call as OpenAI streams one: the first delta with the call's index, id, type and
+    name, then argument pieces under the same index; its stream helper accumulates them into the call."""
+    request = dict(
         model="tiny",
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Stop line 3."}],
         tools=[{"type": "function", "function": STOP_LINE}],
         tool_choice={"type": "function", "function": {"name": "stop_line"}},
         max_tokens=80,
-        stream=True,
     )
-    chunks = list(stream)
-    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    assert len(deltas) == 1 and deltas[0][0].index == 0 and deltas[0][0].function.name == "stop_line"
-    jsonschema.validate(json.loads(deltas[0][0].function.arguments), STOP_LINE["parameters"])
+    chunks = list(tools_site.openai().chat.completions.create(**request, stream=True))
+    deltas = [d for c in chunks if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls]
+    assert len(deltas) >= 3 and {d.index for d in deltas} == {0}
+    assert deltas[0].id.startswith("call_") and deltas[0].type == "function" and deltas[0].function.name == "stop_line"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), STOP_LINE["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    with tools_site.openai().chat.completions.stream(**request) as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert call.function.name == "stop_line" and json.loads(call.function.arguments) == json.loads(arguments)
 
 
 # -- DeepSeek's markup, on the real DeepSeek-V3/R1 tokenizer (128 k vocabulary, the package registry's) ---------------

@@ -61,7 +61,7 @@ class AuditRecord(Base):
     # schema 6: the output constraint a generate request carried (kind, sha256 of kind and source); NULL: none
     constraint_kind: Mapped[str | None] = mapped_column(String(16))
     constraint_sha256: Mapped[str | None] = mapped_column(String(64))
-    # schema 7: the drafter when the request used speculative decoding (ngram, draft); NULL: it did not
+    # schema 7: what drafted for the request (ngram, draft, grammar, ngram+grammar…); NULL: it was not speculative
     speculative: Mapped[str | None] = mapped_column(String(16))
     prev_hash: Mapped[str] = mapped_column(String(64))
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)

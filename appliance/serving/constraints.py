@@ -145,6 +145,15 @@ class Guide:
         """Whether the next token's mask comes from the matcher (not reasoning, not a bare reasoning budget)."""
         return self.matcher is not None and not self.reasoning
 
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar forces next (llguidance's fast-forward tokens: the canonical tokenization of the
+        bytes nothing else may follow with), at most ``limit``. The engine core drafts them for speculative
+        verification, so a token is kept only where the model's own (masked) choice agrees: the output is the
+        same as decoding them one by one."""
+        if not self.constrains_next or limit < 1:
+            return []
+        return self.matcher.compute_ff_tokens()[:limit]
+
     def prepare(self) -> None:
         """Compute the next token's mask now: the runner calls this on its helper thread while the engine runs
         the step whose logits it will mask (llguidance releases the GIL while it computes)."""

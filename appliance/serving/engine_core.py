@@ -2,9 +2,9 @@
 
 Prefill chunks (a request's first chunk restores its conversation's cache into its slot), batched decode (with
 the constraint-masks helper thread that prepares several guides' masks while the engine runs), and speculative
-decoding: the drafter proposes tokens, the engine verifies them in one pass and the cache is rewound to what the
-request kept. Every row of logits goes to the output processor (``Output``: ``serving/output.py``, wired by
-``runner.EngineRunner``); this module never imports it.
+decoding: the drafter proposes tokens (a constrained row: the tokens its grammar forces next), the engine verifies
+them in one pass and the cache is rewound to what the request kept. Every row of logits goes to the output processor
+(``Output``: ``serving/output.py``, wired by ``runner.EngineRunner``); this module never imports it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from appliance.loader import LoadedModel
 from appliance.serving.constraints import Guide
 from appliance.serving.scheduler import Row, Scheduler, Sequence, StepPlan
 from appliance.serving.speculative import Speculator
+
+FORCED_MAX = 16  # most grammar-forced tokens verified in one step
 
 if TYPE_CHECKING:
     from appliance.serving.output import Job
@@ -88,18 +90,23 @@ class EngineCore:
         self.output.tokens([s for s, _ in rows], logits)
 
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Each decoding row's drafted tokens (empty: it decodes normally). Constrained rows and requests that
-        opted out never draft; a draft never runs past the request's max_tokens or the context."""
+        """Each decoding row's drafted tokens (empty: it decodes normally): a constrained row drafts the tokens its
+        grammar forces next, the others ask the speculator; requests that opted out never draft, and a draft never
+        runs past the request's max_tokens or the context."""
         if self.speculator is None or len(seqs) > self.speculator.config.max_rows:
             return [[] for _ in seqs]  # a batch this large is served better by one batched decode step
+        out: list[list[int]] = [[] for _ in seqs]
         rows, where = [], []
         for i, seq in enumerate(seqs):
             job = self.output.jobs[seq.key]
-            if job.guide is None and job.request.speculative and seq.finish is None:
-                room = min(seq.max_tokens - len(seq.output_ids), self.scheduler.max_seq_len - seq.context_len)
+            if not job.request.speculative or seq.finish is not None:
+                continue
+            room = min(seq.max_tokens - len(seq.output_ids), self.scheduler.max_seq_len - seq.context_len)
+            if job.guide is not None:
+                out[i] = job.guide.forced(min(FORCED_MAX, room - 1))
+            else:
                 rows.append((seq.key, seq.slot, job.history + seq.feed_ids + seq.output_ids, room))
                 where.append(i)
-        out: list[list[int]] = [[] for _ in seqs]
         if rows:
             for i, draft in zip(where, self.speculator.plan(rows), strict=True):
                 out[i] = draft
@@ -114,8 +121,9 @@ class EngineCore:
         logits = engine.verify([(row.slot, [*row.tokens, *draft]) for _, row, draft in rows])
         now = time.monotonic()
         for (seq, row, draft), at, out in zip(rows, base, logits, strict=True):
+            grammar = self.output.jobs[seq.key].guide is not None  # a constrained row drafts its forced tokens
             used, accepted = self.output.verified(seq, draft, out, now)
-            self.speculator.record(seq.key, len(draft), accepted)
+            self.speculator.record(seq.key, len(draft), accepted, grammar)
             engine.rewind(row.slot, at + used)
 
 

@@ -28,7 +28,7 @@ from appliance.serving.sampling import sample
 from appliance.serving.scheduler import Finish, Scheduler, Sequence
 from appliance.serving.sessions import Session, SessionStore
 from appliance.serving.speculative import DraftState, Speculator
-from appliance.serving.tools import parse_calls
+from appliance.serving.tools import ToolStream, parse_calls
 from appliance.transport import protocol as P
 
 log = logging.getLogger("appliance.runner")  # one logger for the engine thread, whichever module logs
@@ -57,7 +57,8 @@ class Job:
     opens_reasoning: bool = False  # the prompt ended with <think>: the output starts inside reasoning
     splitter: ReasoningSplitter | None = None  # streams reasoning apart from the answer (not ``inline``)
     guide: Guide | None = None  # the output constraint (and reasoning budget), applied to this row's logits
-    tool_form: str | None = None  # the template's tool-call family when the reply may call tools (parsed whole)
+    tool_form: str | None = None  # the template's tool-call family when the reply may call tools
+    tools: ToolStream | None = None  # a streamed reply that may call tools: its calls parsed as they are written
     drafts: DraftState | None = None  # its speculative decoding counts, once it ended
 
 
@@ -109,6 +110,8 @@ class OutputProcessor:
         hit = self.responses.get(job.cache_key) if self.responses is not None and job.cache_key else None
         if job.request.reasoning != "inline" and self.reasons:
             job.splitter = ReasoningSplitter(job.opens_reasoning)
+        if job.tool_form is not None and job.request.stream:
+            job.tools = ToolStream(job.request.tools, job.tool_form)
         return hit
 
     @staticmethod
@@ -183,11 +186,12 @@ class OutputProcessor:
         if job.detok.stopped:
             with self._lock:
                 self.scheduler.stop_string(seq)
-        if (fresh or seq.finish is not None) and job.request.stream and job.tool_form is None:
+        if (fresh or seq.finish is not None) and job.request.stream:
             self._stream(job, fresh, seq.output_ids[-1] if seq.output_ids else -1, seq.finish is not None)
 
     def _stream(self, job: Job, delta: str, token_id: int, final: bool) -> None:
-        """Queue a token frame for ``delta``, its reasoning split off (or dropped, for ``hide``)."""
+        """Queue a token frame for ``delta``, its reasoning split off (or dropped, for ``hide``) and, in a reply that
+        may call tools, its call markup turned into call deltas."""
         reasoning = None
         if job.splitter is not None:
             reasoning, delta = job.splitter.feed(delta)
@@ -196,9 +200,12 @@ class OutputProcessor:
                 reasoning, delta = reasoning + held_reasoning, delta + held_answer
             if job.request.reasoning == "hide":
                 reasoning = None
-        if not delta and not reasoning:
+        calls = None
+        if job.tools is not None:
+            delta, calls = job.tools.feed(delta, final)
+        if not delta and not reasoning and not calls:
             return
-        frame = P.token_reply(job.request.id, job.index, delta, token_id, reasoning or None)
+        frame = P.token_reply(job.request.id, job.index, delta, token_id, reasoning or None, calls or None)
         self.outbox.put(Outgoing(job.seq.key, frame, False))
         job.index += 1
 
@@ -224,7 +231,7 @@ class OutputProcessor:
                 self.sessions.release(seq.session, self._save_session(seq, job) if completed else job.restore)
             if completed and job.cache_key and not job.cache_hit and self.responses is not None:
                 self._cache_response(seq, job)
-            if job.cache_hit and job.request.stream and job.detok.text and job.tool_form is None:
+            if job.cache_hit and job.request.stream and job.detok.text:
                 self._stream(job, job.detok.text, seq.output_ids[-1], final=True)
             if seq.slot is not None and not job.cache_hit:
                 self.model.engine.release(seq.slot)
@@ -233,8 +240,9 @@ class OutputProcessor:
     def _count_drafts(self, seq: Sequence, job: Job) -> None:
         """End the request's speculation (its draft slot too) and count what it drafted."""
         job.drafts = self.speculator.end(seq.key, seq.slot if not job.cache_hit else None)
-        if job.drafts is not None and job.drafts.drafted:
-            METRICS.speculated(self.speculator.name, job.drafts.drafted, job.drafts.accepted)
+        if job.drafts is not None:
+            for source, drafted, accepted in job.drafts.by_source(self.speculator.name):
+                METRICS.speculated(source, drafted, accepted)
 
     def _save_session(self, seq: Sequence, job: Job) -> Session | None:
         """The conversation after this turn, its cache copied out of the slot (the restored state when the slot
@@ -301,8 +309,10 @@ class OutputProcessor:
         return error
 
     def _drafter(self, job: Job) -> str | None:
-        """The drafter's name when the request drafted."""
-        return self.speculator.name if job.drafts is not None and job.drafts.drafted else None
+        """What drafted for the request (``ngram``, ``draft``, ``grammar``, or two joined by ``+``); None: nothing."""
+        if job.drafts is None:
+            return None
+        return "+".join(source for source, _, _ in job.drafts.by_source(self.speculator.name)) or None
 
     def _audit_entry(self, seq: Sequence, job: Job, error: tuple[str, str] | None, end: float) -> Entry:
         """The audit entry of a sequence that ended at ``end`` (monotonic seconds)."""
@@ -358,8 +368,13 @@ class OutputProcessor:
             d = job.drafts
             extra["speculative"] = {"drafter": drafter, "drafted": d.drafted, "accepted": d.accepted}
         finish = seq.finish.value
-        if job.tool_form is not None:  # the reply may call tools: it was held back to be parsed whole
-            answer, calls = parse_calls(answer, job.request.tools, job.tool_form)
+        if job.tool_form is not None:  # the reply may call tools: parsed as it streamed, or now
+            if job.tools is not None:
+                if not job.tools.ended:
+                    job.tools.feed("", final=True)
+                answer, calls = job.tools.result()
+            else:
+                answer, calls = parse_calls(answer, job.request.tools, job.tool_form)
             if calls:
                 extra["tool_calls"], finish = calls, "tool_calls"
         return P.done_reply(job.request.id, answer, finish, usage, timings, reasoning, **extra)

@@ -22,6 +22,11 @@ Drafters (``[engine] speculative``):
 - ``draft``: a second, smaller model with the same tokenizer sealed in the bundle (the compression pipeline's
   student drafting for its teacher), run greedily on its own engine and slots.
 
+A constrained row (``json_schema``, ``regex``, tools, ...) drafts neither way: it drafts the tokens its grammar
+forces next (llguidance's fast-forward tokens: a JSON object's keys, punctuation, an enum's only continuation),
+verified like any draft, so only those the model itself would pick under the mask are kept and its output is
+unchanged ("jump-forward" decoding without its change of tokenization).
+
 ``Speculator`` keeps each request's draft length adaptive: it grows while drafts are accepted, shrinks to what
 was accepted, and after drafts fail outright drafting pauses for a number of steps that doubles with each failure.
 The runner speculates only while at most ``max_rows`` rows decode: a verify runs one row at a time (ONNX Runtime's
@@ -55,12 +60,18 @@ class DraftState:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0  # verify steps this request ran
+    grammar: int = 0  # of ``drafted``: tokens its output constraint forced (drafted by the grammar, not the drafter)
+    grammar_accepted: int = 0
     ngrams: NgramIndex | None = None
 
-    def record(self, drafted: int, accepted: int, k_max: int) -> None:
+    def record(self, drafted: int, accepted: int, k_max: int, grammar: bool = False) -> None:
         self.drafted += drafted
         self.accepted += accepted
         self.steps += 1
+        if grammar:  # forced tokens: their count does not steer the drafter's length or pauses
+            self.grammar += drafted
+            self.grammar_accepted += accepted
+            return
         if accepted == 0:
             self.failures += 1
             self.pause = min(1 << (self.failures - 1), MAX_PAUSE)
@@ -68,6 +79,11 @@ class DraftState:
         else:
             self.failures = 0
             self.k = min(k_max, self.k + 1) if accepted == drafted else max(1, accepted)
+
+    def by_source(self, drafter: str) -> list[tuple[str, int, int]]:
+        """``(source, drafted, accepted)`` for each source that drafted: the drafter, ``grammar``."""
+        own = (drafter, self.drafted - self.grammar, self.accepted - self.grammar_accepted)
+        return [s for s in (own, ("grammar", self.grammar, self.grammar_accepted)) if s[1]]
 
     def tick(self) -> bool:
         """Whether to draft at this step (a paused request counts down instead)."""
@@ -216,8 +232,8 @@ class Speculator:
                 out[i] = d
         return out
 
-    def record(self, key: str, drafted: int, accepted: int) -> None:
-        self.state(key).record(drafted, accepted, self.config.draft_tokens)
+    def record(self, key: str, drafted: int, accepted: int, grammar: bool = False) -> None:
+        self.state(key).record(drafted, accepted, self.config.draft_tokens, grammar)
 
     def end(self, key: str, slot: int | None) -> DraftState | None:
         """A request left: its counts, and its draft slot forgotten."""

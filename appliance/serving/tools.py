@@ -22,6 +22,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from appliance.transport import protocol as P
 
@@ -172,18 +173,6 @@ def tool_constraint(
     return P.Constraint("grammar", grammar, field="'tools' (a function's parameters)")
 
 
-def _blocks(text: str, opening: str, closing: str):
-    """Each ``(start, end, inner)`` of ``opening``…``closing`` in ``text``, by plain search: linear in the text (a
-    regex with lazy groups took seconds on a reply of many openers or much whitespace)."""
-    at = 0
-    while (start := text.find(opening, at)) != -1:
-        end = text.find(closing, start + len(opening))
-        if end == -1:
-            return
-        yield start, end + len(closing), text[start + len(opening) : end]
-        at = end + len(closing)
-
-
 def _loads(text: str):
     try:
         return json.loads(text)
@@ -191,8 +180,18 @@ def _loads(text: str):
         return None
 
 
+def _hermes_call(inner: str) -> tuple[str, str] | None:
+    """A complete ``<tool_call>`` block's inside as (name, arguments as a JSON string); None: not a call."""
+    call = _loads(inner.strip())
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    return call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+
+
 def _deepseek_call(inner: str) -> tuple[str, str] | None:
-    """``function<｜tool▁sep｜>NAME\n```json\nARGS\n```\n`` (the inside of one DeepSeek call) as (name, args)."""
+    """``function<｜tool▁sep｜>NAME\n```json\nARGS\n```\n`` (the inside of one DeepSeek call) as (name, args), the
+    arguments a JSON object."""
     head, sep, body = inner.partition(DS_SEP)
     if not sep or head.strip() not in ("", "function"):
         return None
@@ -200,43 +199,223 @@ def _deepseek_call(inner: str) -> tuple[str, str] | None:
     body = body.strip()
     for fence in ("```json", "```"):
         if body.startswith(fence) and body.endswith("```") and len(body) >= len(fence) + 3:
-            return name.strip(), body[len(fence) : -3].strip()
+            args = body[len(fence) : -3].strip()
+            return (name.strip(), args) if isinstance(_loads(args), dict) else None
     return None
 
 
+@dataclass(frozen=True)
+class _Markup:
+    """How a template family writes calls: a section opens (``section``), holds one call (Hermes) or several each
+    opened by ``call`` (DeepSeek), each call ends with ``call_end``, the section with ``section_end``. ``head``
+    matches a call's start up to its arguments (group 1 the name); ``whole`` parses a complete call's inside."""
+
+    section: str
+    call: str | None
+    call_end: str
+    section_end: str | None
+    head: re.Pattern
+    whole: Callable[[str], tuple[str, str] | None]
+
+
+_MARKUP = {
+    HERMES: _Markup(
+        CALL_OPEN, None, CALL_CLOSE, None,
+        re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*'), _hermes_call,
+    ),
+    DEEPSEEK: _Markup(
+        DS_CALLS, DS_CALL, DS_CALL_END, DS_CALLS_END,
+        re.compile(r"\s*(?:function)?" + re.escape(DS_SEP) + r"([A-Za-z0-9_-]{1,64})[ \t]*\n```(?:json)?[ \t]*\n?\s*"),
+        _deepseek_call,
+    ),
+}  # fmt: skip
+HEAD_WINDOW = 512  # a call whose arguments have not begun within this many characters is parsed whole at its end
+
+
+def _partial(text: str, *markers: str) -> int:
+    """The length of the longest end of ``text`` that begins one of ``markers`` (it may complete with more text)."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if marker.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+class ToolStream:
+    """A reply that may call tools, parsed as it is generated: text outside the call markup streams as it comes
+    (the start of a marker held back until it is known), and each call as OpenAI streams one — its ``id`` and
+    ``name`` once the name is written, then its ``arguments`` piece by piece, ended by the JSON value closing. A
+    call whose head is not in the usual form (``name`` before ``arguments``, the arguments an object) is parsed
+    whole at its end. What is not a call (an unknown function, a block that is not JSON) is given back as text:
+    a Hermes block at its end, a DeepSeek section that held no call at the section's end. Linear in the reply."""
+
+    def __init__(self, tools: tuple[dict, ...], form: str = HERMES):
+        self._names = {t["name"] for t in tools}
+        self._m = _MARKUP[form]
+        self._state = "text"  # text | section | call | args | tail
+        self._buf = ""  # received, not yet consumed
+        self._raw = ""  # the open section's markup so far: text again if it holds no call
+        self._section_calls = 0
+        self._looked = 0  # of _buf: searched for the call's end already (no re-scan of a long undecided call)
+        self._depth, self._in_string, self._escaped = 0, False, False  # the arguments' JSON, while streaming
+        self.content = ""
+        self.calls: list[dict] = []  # {id, name, arguments}
+        self.ended = False
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
+        """Add generated ``text``; returns the content it releases and the call deltas ``[{index, id?, name?,
+        arguments}]`` (``id`` and ``name`` on a call's first delta). ``final``: the reply is complete."""
+        self._buf += text
+        out: list[str] = []
+        deltas: list[dict] = []
+        while getattr(self, "_" + self._state)(out, deltas, final):
+            pass
+        if final:
+            self.ended = True
+        released = "".join(out)
+        self.content += released
+        return released, deltas
+
+    def result(self) -> tuple[str, list[dict]]:
+        """The reply outside call markup (trimmed when it called something) and its calls."""
+        return (self.content.strip() if self.calls else self.content), self.calls
+
+    # -- states: each consumes what it can of _buf; True to run the next state on the rest ----------------------
+    def _text(self, out: list[str], deltas: list[dict], final: bool) -> bool:
+        at = self._buf.find(self._m.section)
+        if at == -1:
+            keep = 0 if final else _partial(self._buf, self._m.section)
+            out.append(self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
+            return False
+        out.append(self._buf[:at])
+        self._raw, self._section_calls = self._m.section, 0
+        self._buf = self._buf[at + len(self._m.section) :]
+        self._enter("section" if self._m.call else "call")
+        return True
+
+    def _section(self, out: list[str], deltas: list[dict], final: bool) -> bool:
+        m = self._m
+        opens, ends = self._buf.find(m.call), self._buf.find(m.section_end)
+        if opens != -1 and (ends == -1 or opens < ends):
+            self._raw += self._buf[: opens + len(m.call)]
+            self._buf = self._buf[opens + len(m.call) :]
+            self._enter("call")
+            return True
+        if ends != -1:
+            self._raw += self._buf[: ends + len(m.section_end)]
+            self._buf = self._buf[ends + len(m.section_end) :]
+            self._close_section(out)
+            return True
+        keep = 0 if final else _partial(self._buf, m.call, m.section_end)
+        self._raw += self._buf[: len(self._buf) - keep]
+        self._buf = self._buf[len(self._buf) - keep :]
+        if final:
+            self._close_section(out)
+        return False
+
+    def _call(self, out: list[str], deltas: list[dict], final: bool) -> bool:
+        m, buf = self._m, self._buf
+        if len(buf) <= HEAD_WINDOW:
+            head = m.head.match(buf)
+            if head is not None and head.end() < len(buf) and buf[head.end()] == "{" and head[1] in self._names:
+                self._raw += buf[: head.end()]
+                self._buf = buf[head.end() :]
+                self._start(head[1], "", deltas)
+                self._depth, self._in_string, self._escaped = 0, False, False
+                self._state = "args"
+                return True
+        ends = buf.find(m.call_end, max(0, self._looked - len(m.call_end)))
+        if ends == -1:
+            self._looked = len(buf)
+            if final:
+                self._raw += buf
+                self._buf = ""
+                self._close_section(out)
+            return False
+        found = m.whole(buf[:ends])
+        self._raw += buf[: ends + len(m.call_end)]
+        self._buf = buf[ends + len(m.call_end) :]
+        if found is not None and found[0] in self._names:
+            self._start(*found, deltas)
+        self._after_call(out)
+        return True
+
+    def _args(self, out: list[str], deltas: list[dict], final: bool) -> bool:
+        buf, n = self._buf, 0
+        depth, in_string, escaped = self._depth, self._in_string, self._escaped
+        done = False
+        for n, ch in enumerate(buf, 1):  # noqa: B007 - n is used after the loop
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    done = True
+                    break
+            elif ch == "<":  # never outside a string in JSON: malformed arguments, the call's markup follows
+                n -= 1
+                done = True
+                break
+        self._depth, self._in_string, self._escaped = depth, in_string, escaped
+        piece = buf[:n]
+        if piece:
+            self.calls[-1]["arguments"] += piece
+            deltas.append({"index": len(self.calls) - 1, "arguments": piece})
+        self._buf = buf[n:]
+        if done:
+            self._enter("tail")
+        return done
+
+    def _tail(self, out: list[str], deltas: list[dict], final: bool) -> bool:
+        ends = self._buf.find(self._m.call_end)
+        if ends == -1:
+            self._buf = self._buf[-(len(self._m.call_end) - 1) :]  # what is between the arguments and the end goes
+            return False
+        self._buf = self._buf[ends + len(self._m.call_end) :]
+        self._after_call(out)
+        return True
+
+    # -- transitions -------------------------------------------------------------------------------------------
+    def _enter(self, state: str) -> None:
+        self._state, self._looked = state, 0
+
+    def _start(self, name: str, arguments: str, deltas: list[dict]) -> None:
+        call = {"id": "call_" + uuid.uuid4().hex[:24], "name": name, "arguments": arguments}
+        deltas.append({"index": len(self.calls), "id": call["id"], "name": name, "arguments": arguments})
+        self.calls.append(call)
+        self._section_calls += 1
+
+    def _after_call(self, out: list[str]) -> None:
+        if self._m.call is None:  # a Hermes block is its own section
+            self._close_section(out)
+        else:
+            self._enter("section")
+
+    def _close_section(self, out: list[str]) -> None:
+        if not self._section_calls:
+            out.append(self._raw)  # no call in it: it was text
+        self._raw = ""
+        self._enter("text")
+
+
 def parse_calls(text: str, tools: tuple[dict, ...], form: str = HERMES) -> tuple[str, list[dict]]:
-    """The reply's text outside call blocks, and the calls: ``{id, name, arguments}`` with ``arguments`` a JSON string
-    (OpenAI's shape). A block that is not a JSON object naming one of ``tools`` stays in the text."""
-    names = {t["name"] for t in tools}
-    calls, kept, at = [], [], 0
-    if form == DEEPSEEK:
-        for _start, _end, inner in _blocks(text, DS_CALL, DS_CALL_END):
-            found = _deepseek_call(inner)
-            if found is None or found[0] not in names or not isinstance(_loads(found[1]), dict):
-                continue
-            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": found[0], "arguments": found[1]})
-        if not calls:
-            return text, []
-        section = text.find(DS_CALLS)
-        closing = text.find(DS_CALLS_END, max(section, 0))
-        tail = "" if closing == -1 else text[closing + len(DS_CALLS_END) :]
-        return (text[: max(section, 0)] + tail).strip(), calls
-    for start, end, inner in _blocks(text, CALL_OPEN, CALL_CLOSE):
-        call = _loads(inner.strip())
-        if not isinstance(call, dict) or call.get("name") not in names:
-            continue
-        arguments = call.get("arguments", call.get("parameters", {}))
-        kept.append(text[at:start])
-        at = end
-        calls.append(
-            {
-                "id": "call_" + uuid.uuid4().hex[:24],
-                "name": call["name"],
-                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
-            }
-        )
-    kept.append(text[at:])
-    return ("".join(kept).strip() if calls else text), calls
+    """The reply's text outside call markup, and the calls: ``{id, name, arguments}`` with ``arguments`` a JSON
+    string (OpenAI's shape). Markup that is not a call naming one of ``tools`` stays in the text."""
+    stream = ToolStream(tools, form)
+    stream.feed(text, final=True)
+    return stream.result()
 
 
 def markup_in(req: P.Request, markup: tuple[str, ...]) -> str | None:

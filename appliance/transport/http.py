@@ -360,16 +360,21 @@ class App:
         await ex.start(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         if call.chat:
             await ex.event(O.chunk(call, rid, "", first=True))
-        streamed = False
+        streamed = calls_streamed = False
         while True:
             if reply["type"] == P.T_TOKEN:
                 streamed = True
-                await ex.event(O.chunk(call, rid, reply["text"]))
-            elif reply["type"] == P.T_DONE:
-                if not streamed and reply["text"]:  # a reply that may call tools arrives whole (docs/HTTP.md)
+                deltas = O.call_deltas(call, reply.get("tool_calls", []))
+                if reply["text"] or not deltas:
                     await ex.event(O.chunk(call, rid, reply["text"]))
-                if reply.get("tool_calls"):
-                    await ex.event(O.chunk(call, rid, None, calls=O.tool_calls(call, reply)))
+                if deltas:
+                    calls_streamed = True
+                    await ex.event(O.chunk(call, rid, None, calls=deltas))
+            elif reply["type"] == P.T_DONE:
+                if not streamed and reply["text"]:  # nothing was streamed (docs/HTTP.md)
+                    await ex.event(O.chunk(call, rid, reply["text"]))
+                if reply.get("tool_calls") and not calls_streamed:
+                    await ex.event(O.chunk(call, rid, None, calls=O.whole_calls(call, reply)))
                 await ex.event(O.chunk(call, rid, None if call.chat else "", reply["finish_reason"]))
                 if call.include_usage:
                     await ex.event(O.usage_chunk(call, rid, reply))

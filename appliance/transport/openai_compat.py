@@ -326,15 +326,32 @@ def _head(call: Call, rid: str, chunk: bool) -> dict:
 
 
 def _calls(calls: list[dict] | None, streamed: bool = False) -> dict:
-    """The daemon's ``tool_calls`` in OpenAI's shape (streamed: each with its ``index``)."""
+    """The daemon's ``tool_calls`` in OpenAI's shape; streamed: the daemon's call deltas ``{index, id?, name?,
+    arguments}``, ``id``, ``type`` and ``name`` on a call's first delta only, as OpenAI streams them."""
     if not calls:
         return {}
-    out = [
-        {**({"index": i} if streamed else {}), "id": c["id"], "type": "function",
-         "function": {"name": c["name"], "arguments": c["arguments"]}}
-        for i, c in enumerate(calls)
-    ]  # fmt: skip
+    if not streamed:
+        return {"tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls
+        ]}  # fmt: skip
+    out = []
+    for c in calls:
+        head = {"id": c["id"], "type": "function"} if "id" in c else {}
+        name = {"name": c["name"]} if "name" in c else {}
+        out.append({"index": c["index"], **head, "function": {**name, "arguments": c["arguments"]}})
     return {"tool_calls": out}
+
+
+def call_deltas(call: Call, deltas: list[dict]) -> list[dict]:
+    """A token reply's call deltas the client gets: only the first call's with ``parallel_tool_calls`` false."""
+    return [d for d in deltas if d["index"] == 0] if call.single_call else deltas
+
+
+def whole_calls(call: Call, done: dict) -> list[dict] | None:
+    """A reply's calls as deltas, each whole (a reply whose calls were not streamed: a cached answer)."""
+    calls = tool_calls(call, done)
+    return [{**c, "index": i} for i, c in enumerate(calls)] if calls else None
 
 
 def _choice(

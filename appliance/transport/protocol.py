@@ -26,7 +26,7 @@ OP_METRICS = "metrics"  # Prometheus text exposition; role "admin" only
 OP_AUTH_FAILED = "auth_failed"  # a gateway reports a refused credential, so the daemon audits it
 OPS = (OP_GENERATE, OP_HEALTH, OP_INFO, OP_CANCEL, OP_END_SESSION, OP_METRICS, OP_AUTH_FAILED)
 # Minor revision of v1: raised whenever a backward-compatible feature is added (listed in ``info``).
-MINOR = 4
+MINOR = 5
 # Output constraints a generate request may carry (at most one); each is listed in ``info.features``.
 CONSTRAINT_KINDS = ("json_schema", "json", "regex", "grammar", "choice")
 FEATURES = (
@@ -552,11 +552,16 @@ def _pack(obj: dict) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def token_reply(rid: str, index: int, text: str, token_id: int, reasoning: str | None = None) -> bytes:
-    """A streamed piece: answer ``text`` and, with ``reasoning: separate``, the ``reasoning`` it adds."""
+def token_reply(
+    rid: str, index: int, text: str, token_id: int, reasoning: str | None = None, tool_calls: list[dict] | None = None
+) -> bytes:
+    """A streamed piece: answer ``text``, with ``reasoning: separate`` the ``reasoning`` it adds, and in a reply that
+    may call tools the ``tool_calls`` deltas it adds (``{index, id?, name?, arguments}``)."""
     reply = {"v": VERSION, "id": rid, "type": T_TOKEN, "index": index, "text": text, "token": token_id}
     if reasoning is not None:
         reply["reasoning"] = reasoning
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
     return _pack(reply)
 
 
