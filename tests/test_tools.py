@@ -401,3 +401,55 @@ def test_parsing_is_linear_on_hostile_replies():
         for form in ("hermes", DEEPSEEK):
             assert parse_calls(text, (WEATHER,), form) == (text, [])
         assert time.perf_counter() - start < 5  # a bound, not a benchmark: quadratic took minutes here
+
+
+# -- DeepSeek's markup through a live daemon: the demo weights sealed with R1-Distill's tool-calling template --------
+@pytest.fixture(scope="module")
+def r1_device(tiny_build, tmp_path_factory):
+    root = tmp_path_factory.mktemp("r1-tools")
+    onnx = templated_build(tiny_build, "onnx-r1-tools", R1_DISTILL_TOOLS_TEMPLATE)
+    device = provision_device(tiny_build, root / "site", onnx=onnx)
+    daemon = Daemon(device, root / "run")
+    daemon.wait_for("READY=1")
+    yield device
+    daemon.stop()
+
+
+def test_a_deepseek_template_calls_tools_through_the_daemon(r1_device):
+    """R1-Distill's template (no tool definitions of its own: the daemon writes them into the system prompt) on a
+    live daemon: a named call constrained to DeepSeek's markup and the function's schema, parsed into ``tool_calls``,
+    streamed as deltas; the result sent back as a ``tool`` message (without ``tools``, as OpenAI allows) renders the
+    call the template's way and is answered."""
+    ask = [{"role": "user", "content": "Stop line 2."}]
+    with Client(r1_device.endpoint, timeout_s=120) as client:
+        assert "tools" in client.info()["features"]
+        done = client.complete(messages=ask, tools=[STOP_LINE], tool_choice={"name": "stop_line"}, max_tokens=150)
+        replies = list(client.generate(messages=ask, tools=[STOP_LINE], tool_choice="required", max_tokens=150,
+                                       stream=True))  # fmt: skip
+        assert "tool_calls" in done, (done["text"], done["finish_reason"], done["usage"])
+        (call,) = done["tool_calls"]
+        history = [*ask, {"role": "assistant", "content": "", "tool_calls": [call]},
+                   {"role": "tool", "content": '{"stopped": true}', "tool_call_id": call["id"]}]  # fmt: skip
+        answer = client.complete(messages=history, max_tokens=4, ignore_eos=True)  # the result, without the tools
+        alone = client.complete(messages=ask, max_tokens=1)
+    assert done["finish_reason"] == "tool_calls" and done["text"] == "", done
+    assert call["name"] == "stop_line"
+    jsonschema.validate(json.loads(call["arguments"]), schema_of(STOP_LINE))
+    streamed = replies[-1]
+    assert streamed["finish_reason"] == "tool_calls", streamed
+    deltas = [d for r in replies[:-1] for d in r.get("tool_calls", ())]
+    assert deltas[0]["name"] == "stop_line" and deltas[0]["id"] == streamed["tool_calls"][0]["id"]
+    assert "".join(d["arguments"] for d in deltas) == streamed["tool_calls"][0]["arguments"]
+    assert answer["type"] == P.T_DONE and answer["usage"]["completion_tokens"] == 4 and "tool_calls" not in answer
+    rendered = answer["usage"]["prompt_tokens"] - alone["usage"]["prompt_tokens"]
+    assert rendered > done["usage"]["completion_tokens"]  # the call (its markup) and its result were rendered
+
+
+def test_a_constraint_on_a_template_that_opens_reasoning_without_a_think_token(r1_device):
+    """R1's template ends the prompt with <think>, but this tokenizer has no </think> token to wait for: the constraint
+    holds from the first token, so the constrained output is the answer, not reasoning."""
+    schema = schema_of(STOP_LINE)
+    with Client(r1_device.endpoint, timeout_s=120) as client:
+        done = client.complete(messages=[{"role": "user", "content": "Line?"}], json_schema=schema, max_tokens=40)
+    assert done["finish_reason"] == "grammar" and not done.get("reasoning"), done
+    jsonschema.validate(json.loads(done["text"]), schema)

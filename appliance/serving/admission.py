@@ -112,6 +112,8 @@ class Admission:
             if form is not None and req.constraint is None:  # a required or named call: markup and parameters
                 req = replace(req, constraint=tool_constraint(req, form, model.tokenizer.token_to_id))
             guide = self.grammars(model).guide(req, reasoning)
+            if reasoning and guide is not None and guide.constrains_next:
+                reasoning = False  # no </think> token to wait for: the constraint holds at once, the output is answer
         except Exception:
             if session is not None:
                 self.sessions.release(session, restore)
@@ -180,7 +182,8 @@ def prompt_tokens(
     where = markup_in(req, literal.markup) if literal is not None else None
     if where is not None:
         raise P.ProtocolError(P.E_BAD_REQUEST, f"field '{where}' holds the chat template's markup", req.id)
-    tools, form, block = None, HERMES, False
+    # A message's tool calls are written the template's way even without ``tools`` (a result sent back without them)
+    tools, form, block = None, tool_format(template.source) or HERMES, False
     if req.tools:
         try:
             form = check_template(template.source)
