@@ -276,7 +276,7 @@ class ToolStream:
             self.ended = True
         released = "".join(out)
         self.content += released
-        return released, deltas
+        return released, _merged(deltas)
 
     def result(self) -> tuple[str, list[dict]]:
         """The reply outside call markup (trimmed when it called something) and its calls."""
@@ -408,6 +408,17 @@ class ToolStream:
             out.append(self._raw)  # no call in it: it was text
         self._raw = ""
         self._enter("text")
+
+
+def _merged(deltas: list[dict]) -> list[dict]:
+    """Consecutive deltas of one call as one (a call's head and its first argument piece in the same reply)."""
+    out: list[dict] = []
+    for d in deltas:
+        if out and out[-1]["index"] == d["index"]:
+            out[-1] = {**out[-1], "arguments": out[-1]["arguments"] + d["arguments"]}
+        else:
+            out.append(d)
+    return out
 
 
 def parse_calls(text: str, tools: tuple[dict, ...], form: str = HERMES) -> tuple[str, list[dict]]:
