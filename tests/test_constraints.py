@@ -12,8 +12,10 @@ import threading
 
 import jsonschema
 import llguidance
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
 from appliance.config import load_config
 from appliance.loader import load_model
@@ -157,6 +159,31 @@ def test_a_deadline_ends_a_constrained_request(daemon, device):
     with Client(device.endpoint, timeout_s=60) as client, pytest.raises(ClientError) as err:
         run(client, json=True, max_tokens=256, ignore_eos=True, deadline_ms=1)
     assert err.value.code == P.E_DEADLINE
+
+
+def test_a_constrained_request_is_cancelled_mid_stream_and_its_slot_serves_the_next(daemon, device):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(device.endpoint)
+    try:
+        sock.send(P.request(P.OP_GENERATE, "long", prompt="Report:", regex="[a-z ]{250}", max_tokens=250))
+        replies: dict[str, dict] = {}
+        sent = False
+        while len(replies) < 2:
+            assert sock.poll(30_000), "no reply"
+            reply = msgpack.unpackb(sock.recv_multipart()[-1])
+            if reply["type"] != P.T_TOKEN:
+                replies[reply["id"]] = reply
+            elif not sent:  # it is running: cancel it
+                sock.send(P.request(P.OP_CANCEL, "stop-it", target="long"))
+                sent = True
+        assert replies["stop-it"]["result"] == {"cancelled": True, "target": "long"}, replies
+        assert replies["long"]["type"] == P.T_ERROR and replies["long"]["code"] == P.E_CANCELLED, replies
+    finally:
+        sock.close()
+    with Client(device.endpoint, timeout_s=60) as client:
+        final, _ = run(client, regex=REGEX, max_tokens=40)
+    assert final["type"] == P.T_DONE and re.fullmatch(REGEX, final["text"]), final
 
 
 def test_the_audit_row_records_kind_and_digest(daemon, device):
