@@ -17,7 +17,12 @@ the daemon's own decode rate after the first token (``timings.tokens_per_s``), T
 is accepted / drafted over the run; peak RSS is the daemon's ``VmHWM``.
 
 Peers (optional, ``--llama-cpp BIN_DIR``): ``llama-server`` on the same GGUF, plain and with its n-gram speculation,
-same threads, same prompts, its own process.
+same threads, same prompts, its own process. onnxruntime-genai (when installed, ``pip install '.[bench]'``): its own
+builder's int4 export of the same weights (the GGUF dequantized to a Hugging Face checkpoint), plain and with its
+n-gram speculative decoder (``set_speculative_options(ngram_size=3, max_draft_tokens=4)``), each round in a fresh
+process with the same threads, alternating with our daemon with n-gram in the same run. Its draft-model decoder
+needs a builder-supported architecture: the demo's DeepSeek-V3 teacher is not one, and SmolLM2-135M has no smaller
+draft with its tokenizer.
 
     .venv/bin/python bench/speculative.py --threads 2 --rounds 3     # results: bench/results/speculative.json
 """
@@ -253,6 +258,106 @@ def peers(args, gguf: Path, results: dict) -> dict:
     }  # fmt: skip
 
 
+def genai_export(gguf: Path, work: Path, threads: int) -> Path:
+    """onnxruntime-genai's own int4 build of the GGUF's weights (dequantized to a Hugging Face checkpoint first: its
+    builder reads only float GGUFs), our thread count overlaid in its config."""
+    target = work / "smollm2-genai-int4"
+    if not (target / "genai_config.json").exists():
+        import torch
+        from safetensors.torch import save_file
+
+        from edge_models.gguf_import import GgufCheckpoint
+
+        source, hf = GgufCheckpoint(gguf), work / "smollm2-hf"
+        hf.mkdir(parents=True, exist_ok=True)
+        source.config.save_pretrained(hf)
+        names = sorted(set(source.tensors) - {"rope_freqs.weight"})
+        save_file({n: torch.from_numpy(source.get(n)) for n in names}, str(hf / "model.safetensors"))
+        source.save_tokenizer(hf)
+        builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(target)]
+        subprocess.run(builder + ["-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    config_path = target / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    config_path.write_text(json.dumps(config, indent=4))
+    return target
+
+
+def genai_worker(path: Path, mode: str, prompts: list[list[int]], new: int) -> dict:
+    """In a fresh process: onnxruntime-genai greedy on each prompt (a warm-up first), plain or n-gram speculative;
+    decode tokens/s after the first token, as the daemon reports it."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(path))
+    tokenizer = og.Tokenizer(model)
+    rates, texts, drafted, accepted = [], [], 0, 0
+    for i, ids in enumerate([prompts[0], *prompts]):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new, do_sample=False)
+        if mode == "ngram":
+            params.set_speculative_options(ngram_size=3, max_draft_tokens=4)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array(ids, np.int32))
+        gen.generate_next_token()
+        first = time.perf_counter()
+        while not gen.is_done():
+            gen.generate_next_token()
+        elapsed = time.perf_counter() - first
+        out = list(gen.get_sequence(0))[len(ids) :]
+        if i == 0:
+            continue  # warm-up
+        rates.append((len(out) - 1) / max(elapsed, 1e-9))
+        texts.append(tokenizer.decode(np.array([t for t in out if t != 2], np.int32)))
+        if mode == "ngram":
+            stats = gen.get_speculative_stats()
+            drafted += int(stats["draft_tokens_evaluated"])
+            accepted += int(stats["draft_tokens_accepted"])
+    return {"tokens_per_s": rates, "texts": texts, "drafted": drafted, "accepted": accepted}
+
+
+def genai_peers(args, gguf: Path, work: Path, config: Path) -> dict:
+    """onnxruntime-genai plain and n-gram (each round a fresh process) alternating with our daemon with n-gram, on
+    the extraction workload at batch 1, the same prompt tokens (SmolLM2's own chat template) and threads."""
+    from transformers import AutoTokenizer
+
+    target = genai_export(gguf, work, args.threads)
+    template = AutoTokenizer.from_pretrained(work / "smollm2-hf")
+    prompts = [list(template.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for m in EXTRACT]  # fmt: skip
+    spec = work / "genai-prompts.json"
+    spec.write_text(json.dumps({"prompts": prompts, "new": 200}))
+    rows: dict[str, list[dict]] = {}
+    for _ in tqdm(range(args.rounds), desc="onnxruntime-genai rounds"):
+        served = Served(config, "ngram")
+        try:
+            rows.setdefault("ours smollm2+ngram", []).append(
+                measure(served.endpoint, [{"messages": m, "max_tokens": 200} for m in EXTRACT], 1)
+            )
+        finally:
+            served.stop()
+        for mode in ("plain", "ngram"):
+            cmd = [sys.executable, __file__, "--genai-worker", str(target), "--genai-mode", mode, "--genai-prompts",
+                   str(spec), "--threads", str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            rows.setdefault(f"onnxruntime-genai {mode}", []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ours = statistics.median(r for run in rows["ours smollm2+ngram"] for r in run["tokens_per_s"] if r)
+    out: dict = {"ours smollm2+ngram": {"decode_tokens_per_s_median": round(ours, 1)}}
+    for name, runs in rows.items():
+        if name.startswith("ours"):
+            continue
+        rate = statistics.median(r for run in runs for r in run["tokens_per_s"])
+        drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+        plain = [t for r in rows["onnxruntime-genai plain"] for t in r["texts"]]
+        pairs = list(zip([t for r in runs for t in r["texts"]], plain, strict=True))
+        out[name] = {"decode_tokens_per_s_median": round(rate, 1), "acceptance": round(accepted / drafted, 3)
+                     if drafted else None, "identical_answers_vs_its_plain": f"{sum(a == b for a, b in pairs)}/"
+                     f"{len(pairs)}", "ours_smollm2+ngram_vs_this": round(ours / rate, 3)}  # fmt: skip
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="[engine] threads of every daemon and peer (default: 2)")
@@ -262,9 +367,18 @@ def main() -> int:
     p.add_argument("--llama-cpp", help="llama.cpp bin directory (llama-server): the peer rows")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "speculative.json"))
     p.add_argument("--peers-only", action="store_true", help="rerun only the llama-server rows into --out")
+    p.add_argument("--genai-only", action="store_true", help="rerun only the onnxruntime-genai rows (and ours with "
+                   "n-gram beside them) into --out")  # fmt: skip
+    p.add_argument("--genai-worker", help=argparse.SUPPRESS)
+    p.add_argument("--genai-mode", help=argparse.SUPPRESS)
+    p.add_argument("--genai-prompts", help=argparse.SUPPRESS)
     p.add_argument("--before", metavar="REV", help="also serve SmolLM2 (plain) from this git revision: the daemon's "
                    "decode speed before and after a change, in the same run")  # fmt: skip
     args = p.parse_args()
+    if args.genai_worker:
+        spec = json.loads(Path(args.genai_prompts).read_text())
+        print(json.dumps(genai_worker(Path(args.genai_worker), args.genai_mode, spec["prompts"], spec["new"])))
+        return 0
     work, demo = Path(args.work), Path(args.demo)
     work.mkdir(parents=True, exist_ok=True)
     gguf = fetch("smollm2")
@@ -277,6 +391,20 @@ def main() -> int:
     smol = work / "smollm2-q4"
     if not (smol / "model.onnx").exists():
         run_cli("edge-models", "export", "--gguf", str(gguf), "--out", str(smol), "--quantize", "q4")
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        with_genai = True
+    except ImportError:
+        print("onnxruntime-genai is not installed (pip install '.[bench]'); its rows are skipped")
+        with_genai = False
+    if args.genai_only:
+        saved = json.loads(Path(args.out).read_text())
+        smol_device = device("smollm2", smol, work, args.threads)
+        saved["results"]["extraction_genai"] = genai_peers(args, gguf, work, smol_device)
+        Path(args.out).write_text(json.dumps(saved, indent=2) + "\n")
+        print(json.dumps(saved["results"]["extraction_genai"], indent=2))
+        return 0
 
     devices = {
         "demo-teacher": device("demo-teacher", demo / "teacher-onnx", work, args.threads),
@@ -349,6 +477,8 @@ def main() -> int:
         results[workload] = table
     if args.llama_cpp:
         results["extraction_peers"] = peers(args, gguf, results)
+    if with_genai:
+        results["extraction_genai"] = genai_peers(args, gguf, work, devices["smollm2"])
     out = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform()},
