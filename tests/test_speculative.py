@@ -17,7 +17,7 @@ from appliance.config import load_config
 from appliance.loader import load_model
 from appliance.serving.sampling import sample
 from appliance.serving.sessions import SessionStore
-from appliance.serving.speculative import SpeculationConfig, build_speculator
+from appliance.serving.speculative import DraftState, SpeculationConfig, build_speculator
 from appliance.transport import protocol as P
 from provisioning.bundle import infer_engines, seal
 from provisioning.draft import DraftMismatchError
@@ -236,3 +236,24 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_build, draft_device, tmp
     with pytest.raises(DraftMismatchError, match="tokenizer differs"):
         load_model(load_config(dev.config))
     run_cli("edge-provision", "rollback", "--state", str(dev.state))
+
+
+def test_the_draft_length_keeps_after_a_partial_accept_and_drafting_pauses_only_after_repeated_misses():
+    st = DraftState(k=4)
+    st.record(4, 4, k_max=4)
+    st.record(4, 2, k_max=4)  # partial: the next draft starts where this one went wrong, same length
+    assert (st.k, st.pause) == (4, 0)
+    st.record(4, 0, k_max=4)  # one miss (a changed digit in copied text): shorter, no pause
+    assert (st.k, st.pause) == (3, 0)
+    st.record(3, 0, k_max=4)  # two in a row: drafting pauses a step
+    assert (st.k, st.pause) == (2, 1)
+    assert not st.tick() and st.tick()
+    st.record(2, 0, k_max=4)  # acceptance now 6/17: below 0.4, every miss pauses, doubling
+    assert st.pause == 4
+    st.record(1, 1, k_max=4)  # a whole draft accepted: the count resets, the length grows
+    assert (st.k, st.failures) == (2, 0)
+
+    low = DraftState(k=4)
+    low.record(8, 1, k_max=4)  # acceptance 1/8 over 8 drafted tokens: drafts rarely pay, one miss pauses
+    low.record(4, 0, k_max=4)
+    assert low.pause == 1 and low.rate() < 0.4

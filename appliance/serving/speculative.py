@@ -28,8 +28,9 @@ verified like any draft, so only those the model itself would pick under the mas
 unchanged ("jump-forward" decoding without its change of tokenization).
 
 ``Speculator`` keeps each request's draft length adaptive: it grows while drafts are accepted whole, stays after a
-partial accept, shrinks by one when a draft's first token is rejected, and after two such failures in a row
-drafting pauses for a number of steps that doubles with each further failure.
+partial accept, shrinks by one when a draft's first token is rejected, and after two such failures in a row (one,
+once the request's acceptance is below 0.4) drafting pauses for a number of steps that doubles with each further
+failure.
 The runner speculates only while at most ``max_rows`` rows decode: a verify runs one row at a time (ONNX Runtime's
 attention takes several multi-token rows only without a past), so a larger batch is better served by one batched
 decode step, where the weights are already read once for many tokens.
@@ -46,6 +47,7 @@ from appliance.errors import ApplianceError
 
 MAX_PAUSE = 32  # steps drafting pauses at most after repeated failures
 PAUSE_AFTER = 2  # consecutive drafts whose first token is rejected before drafting pauses
+LOW_ACCEPTANCE, LOW_AFTER = 0.4, 8  # below this acceptance (after that many drafted tokens) one rejection pauses
 
 
 class DraftError(ApplianceError):
@@ -76,9 +78,11 @@ class DraftState:
             return
         if accepted == 0:
             # one miss is a line break or a changed digit in copied text; two in a row, text that does not repeat
+            # (a request whose drafts mostly fail pauses at the first miss: a draft is then rarely worth a verify)
             self.failures += 1
-            if self.failures >= PAUSE_AFTER:
-                self.pause = min(1 << (self.failures - PAUSE_AFTER), MAX_PAUSE)
+            after = 1 if self.drafted - self.grammar >= LOW_AFTER and self.rate() < LOW_ACCEPTANCE else PAUSE_AFTER
+            if self.failures >= after:
+                self.pause = min(1 << (self.failures - after), MAX_PAUSE)
             self.k = max(1, self.k - 1)
         else:
             # a partial accept keeps the length: the next draft starts where this one went wrong, and shrinking
@@ -86,6 +90,11 @@ class DraftState:
             self.failures = 0
             if accepted == drafted:
                 self.k = min(k_max, self.k + 1)
+
+    def rate(self) -> float:
+        """Acceptance of the drafter's own tokens so far (grammar drafts excluded)."""
+        drafted = self.drafted - self.grammar
+        return (self.accepted - self.grammar_accepted) / drafted if drafted else 1.0
 
     def by_source(self, drafter: str) -> list[tuple[str, int, int]]:
         """``(source, drafted, accepted)`` for each source that drafted: the drafter, ``grammar``."""
