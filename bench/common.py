@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -71,3 +72,18 @@ def genai_generate(model, ids: list[int], new: int) -> tuple[float, float]:
     for _ in range(new - 1):
         gen.generate_next_token()
     return t1 - t0, (new - 1) / max(time.perf_counter() - t1, 1e-9)
+
+
+def genai_build(hf: Path, target: Path, precision: str, threads: int, cache: Path) -> Path:
+    """onnxruntime-genai's own builder on the Hugging Face checkpoint ``hf`` (once), with our thread count overlaid
+    in its ``genai_config.json``."""
+    if not (target / "genai_config.json").exists():
+        builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(target)]
+        subprocess.run(builder + ["-p", precision, "-e", "cpu", "-c", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    config_path = target / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
+    config_path.write_text(json.dumps(config, indent=4))
+    return target

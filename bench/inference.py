@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from appliance.config import render_config  # noqa: E402
 from appliance.engine import DecoderSpec, create_engine  # noqa: E402
 from appliance.transport.client import Client  # noqa: E402
-from bench.common import daemon, genai_generate  # noqa: E402
+from bench.common import daemon, genai_build, genai_generate  # noqa: E402
 
 TEXT = (
     "Return the number of bytes in the buffer. Raise ValueError if the socket is closed or the "
@@ -129,24 +129,7 @@ def onnx_variants(hf: Path, root: Path) -> dict[str, Path]:
 
 def genai_variants(hf: Path, root: Path, threads: int) -> dict[str, Path]:
     """onnxruntime-genai's own builder at fp32 and int4, with our thread count overlaid in its config."""
-    out = {}
-    for precision in ("fp32", "int4"):
-        target = root / f"genai-{precision}"
-        if not (target / "genai_config.json").exists():
-            subprocess.run(
-                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(target)]
-                + ["-p", precision, "-e", "cpu", "-c", str(root / "genai-cache")],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        config_path = target / "genai_config.json"
-        config = json.loads(config_path.read_text())
-        options = config["model"]["decoder"].setdefault("session_options", {})
-        options["intra_op_num_threads"] = threads
-        options["inter_op_num_threads"] = 1
-        config_path.write_text(json.dumps(config, indent=4))
-        out[precision] = target
-    return out
+    return {p: genai_build(hf, root / f"genai-{p}", p, threads, root / "genai-cache") for p in ("fp32", "int4")}
 
 
 def node_counts(paths: dict[str, Path]) -> dict[str, dict]:

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from appliance.transport.client import Client  # noqa: E402
-from bench.common import free_port  # noqa: E402
+from bench.common import free_port, genai_build  # noqa: E402
 from edge_models.registry_models import fetch  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -261,28 +261,20 @@ def peers(args, gguf: Path, results: dict) -> dict:
 def genai_export(gguf: Path, work: Path, threads: int) -> Path:
     """onnxruntime-genai's own int4 build of the GGUF's weights (dequantized to a Hugging Face checkpoint first: its
     builder reads only float GGUFs), our thread count overlaid in its config."""
-    target = work / "smollm2-genai-int4"
+    target, hf = work / "smollm2-genai-int4", work / "smollm2-hf"
     if not (target / "genai_config.json").exists():
         import torch
         from safetensors.torch import save_file
 
         from edge_models.gguf_import import GgufCheckpoint
 
-        source, hf = GgufCheckpoint(gguf), work / "smollm2-hf"
+        source = GgufCheckpoint(gguf)
         hf.mkdir(parents=True, exist_ok=True)
         source.config.save_pretrained(hf)
         names = sorted(set(source.tensors) - {"rope_freqs.weight"})
         save_file({n: torch.from_numpy(source.get(n)) for n in names}, str(hf / "model.safetensors"))
         source.save_tokenizer(hf)
-        builder = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(target)]
-        subprocess.run(builder + ["-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    config_path = target / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options.update(intra_op_num_threads=threads, inter_op_num_threads=1)
-    config_path.write_text(json.dumps(config, indent=4))
-    return target
+    return genai_build(hf, target, "int4", threads, work / "genai-cache")
 
 
 def genai_worker(path: Path, mode: str, prompts: list[list[int]], new: int) -> dict:
@@ -293,6 +285,8 @@ def genai_worker(path: Path, mode: str, prompts: list[list[int]], new: int) -> d
 
     model = og.Model(str(path))
     tokenizer = og.Tokenizer(model)
+    eos = json.loads((path / "genai_config.json").read_text())["model"]["eos_token_id"]
+    eos = set(eos if isinstance(eos, list) else [eos])
     rates, texts, drafted, accepted = [], [], 0, 0
     for i, ids in enumerate([prompts[0], *prompts]):
         params = og.GeneratorParams(model)
@@ -310,7 +304,7 @@ def genai_worker(path: Path, mode: str, prompts: list[list[int]], new: int) -> d
         if i == 0:
             continue  # warm-up
         rates.append((len(out) - 1) / max(elapsed, 1e-9))
-        texts.append(tokenizer.decode(np.array([t for t in out if t != 2], np.int32)))
+        texts.append(tokenizer.decode(np.array([t for t in out if t not in eos], np.int32)))
         if mode == "ngram":
             stats = gen.get_speculative_stats()
             drafted += int(stats["draft_tokens_evaluated"])
@@ -345,12 +339,12 @@ def genai_peers(args, gguf: Path, work: Path, config: Path) -> dict:
             rows.setdefault(f"onnxruntime-genai {mode}", []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
     ours = statistics.median(r for run in rows["ours smollm2+ngram"] for r in run["tokens_per_s"] if r)
     out: dict = {"ours smollm2+ngram": {"decode_tokens_per_s_median": round(ours, 1)}}
+    plain = [t for r in rows["onnxruntime-genai plain"] for t in r["texts"]]
     for name, runs in rows.items():
         if name.startswith("ours"):
             continue
         rate = statistics.median(r for run in runs for r in run["tokens_per_s"])
         drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
-        plain = [t for r in rows["onnxruntime-genai plain"] for t in r["texts"]]
         pairs = list(zip([t for r in runs for t in r["texts"]], plain, strict=True))
         out[name] = {"decode_tokens_per_s_median": round(rate, 1), "acceptance": round(accepted / drafted, 3)
                      if drafted else None, "identical_answers_vs_its_plain": f"{sum(a == b for a, b in pairs)}/"

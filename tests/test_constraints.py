@@ -12,10 +12,8 @@ import threading
 
 import jsonschema
 import llguidance
-import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from appliance.config import load_config
 from appliance.loader import load_model
@@ -23,6 +21,7 @@ from appliance.serving.constraints import Grammars, Guide, grammar_of
 from appliance.transport import protocol as P
 from appliance.transport.client import Client, ClientError
 from tests.conftest import wait_for_rows
+from tests.test_scheduling_daemon import dealer, recv
 
 TICKET = {
     "type": "object",
@@ -162,16 +161,13 @@ def test_a_deadline_ends_a_constrained_request(daemon, device):
 
 
 def test_a_constrained_request_is_cancelled_mid_stream_and_its_slot_serves_the_next(daemon, device):
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(device.endpoint)
+    sock = dealer(device.endpoint)
     try:
         sock.send(P.request(P.OP_GENERATE, "long", prompt="Report:", regex="[a-z ]{250}", max_tokens=250))
         replies: dict[str, dict] = {}
         sent = False
         while len(replies) < 2:
-            assert sock.poll(30_000), "no reply"
-            reply = msgpack.unpackb(sock.recv_multipart()[-1])
+            reply = recv(sock, 30_000)
             if reply["type"] != P.T_TOKEN:
                 replies[reply["id"]] = reply
             elif not sent:  # it is running: cancel it

@@ -80,7 +80,8 @@ class DraftState:
             # one miss is a line break or a changed digit in copied text; two in a row, text that does not repeat
             # (a request whose drafts mostly fail pauses at the first miss: a draft is then rarely worth a verify)
             self.failures += 1
-            after = 1 if self.drafted - self.grammar >= LOW_AFTER and self.rate() < LOW_ACCEPTANCE else PAUSE_AFTER
+            own, kept = self.own()
+            after = 1 if own >= LOW_AFTER and kept < LOW_ACCEPTANCE * own else PAUSE_AFTER
             if self.failures >= after:
                 self.pause = min(1 << (self.failures - after), MAX_PAUSE)
             self.k = max(1, self.k - 1)
@@ -91,15 +92,13 @@ class DraftState:
             if accepted == drafted:
                 self.k = min(k_max, self.k + 1)
 
-    def rate(self) -> float:
-        """Acceptance of the drafter's own tokens so far (grammar drafts excluded)."""
-        drafted = self.drafted - self.grammar
-        return (self.accepted - self.grammar_accepted) / drafted if drafted else 1.0
+    def own(self) -> tuple[int, int]:
+        """``(drafted, accepted)`` of the drafter's own tokens (grammar drafts excluded)."""
+        return self.drafted - self.grammar, self.accepted - self.grammar_accepted
 
     def by_source(self, drafter: str) -> list[tuple[str, int, int]]:
         """``(source, drafted, accepted)`` for each source that drafted: the drafter, ``grammar``."""
-        own = (drafter, self.drafted - self.grammar, self.accepted - self.grammar_accepted)
-        return [s for s in (own, ("grammar", self.grammar, self.grammar_accepted)) if s[1]]
+        return [s for s in ((drafter, *self.own()), ("grammar", self.grammar, self.grammar_accepted)) if s[1]]
 
     def tick(self) -> bool:
         """Whether to draft at this step (a paused request counts down instead)."""
